@@ -1,0 +1,73 @@
+"""Exceptions raised by hessfast.
+
+Every error is a subclass of :class:`HessfastError` and of the builtin exception a user
+would catch for that kind of problem (``ValueError`` for bad input, ``TypeError`` for a
+wrong kind of object, ``RuntimeError`` for a failure found while running). Messages name
+the cause and the fix.
+"""
+
+from __future__ import annotations
+
+
+class HessfastError(Exception):
+    """Base class of every error raised by hessfast."""
+
+
+class ConfigurationError(HessfastError, ValueError):
+    """An argument has a value hessfast cannot use (unknown mode, bad combination)."""
+
+
+class EmptyDataError(HessfastError, ValueError):
+    """The data yielded no samples, so the operator is undefined."""
+
+
+class NotReiterableError(HessfastError, TypeError):
+    """The data can be iterated only once (an iterator or generator)."""
+
+
+class DataChangedError(HessfastError, RuntimeError):
+    """The batches differ between two passes over the data (shuffling, augmentation)."""
+
+
+class NonDeterministicError(HessfastError, RuntimeError):
+    """Two products with the same vector differ: the operator is random."""
+
+
+class AsymmetricOperatorError(HessfastError, RuntimeError):
+    """u.(Av) and v.(Au) differ by more than rounding: the operator is not symmetric."""
+
+
+class NonFiniteError(HessfastError, FloatingPointError):
+    """A loss or a curvature product contains NaN or Inf."""
+
+
+class LossError(HessfastError, ValueError):
+    """The loss is not a differentiable floating-point scalar of the selected parameters."""
+
+
+class NoParametersError(HessfastError, ValueError):
+    """No trainable parameter was selected."""
+
+
+class UnsupportedModelError(HessfastError, RuntimeError):
+    """The model cannot be differentiated twice by any available path."""
+
+
+class BackendUnavailableError(HessfastError, RuntimeError):
+    """A forced kernel backend cannot run here (not compiled, no device)."""
+
+
+__all__ = [
+    "AsymmetricOperatorError",
+    "BackendUnavailableError",
+    "ConfigurationError",
+    "DataChangedError",
+    "EmptyDataError",
+    "HessfastError",
+    "LossError",
+    "NoParametersError",
+    "NonDeterministicError",
+    "NonFiniteError",
+    "NotReiterableError",
+    "UnsupportedModelError",
+]
