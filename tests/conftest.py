@@ -1,0 +1,73 @@
+"""Shared fixtures for the curvature tests (tiny float64 models and cached dense references)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+try:  # the package may not be installed in the venv yet
+    import hessfast  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the environment
+    sys.path.insert(0, _ROOT)
+
+import models  # noqa: E402
+from models import HVP_MODES  # noqa: E402,F401  (re-exported)
+
+
+@pytest.fixture
+def float64_default():
+    """Set torch's default dtype to float64 for one test only."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def no_leaking_global_state():
+    """The test must leave the default dtype and grad mode as it found them (opt-in per
+    module with ``pytestmark = pytest.mark.usefixtures("no_leaking_global_state")``)."""
+    dtype = torch.get_default_dtype()
+    grad = torch.is_grad_enabled()
+    yield
+    assert torch.get_default_dtype() == dtype, "test leaked a default dtype change"
+    assert torch.is_grad_enabled() == grad, "test leaked a grad-mode change"
+
+
+class RefCache:
+    """Dense references, computed once per session per (kind, curvature, bn_mode, data)."""
+
+    def __init__(self) -> None:
+        self._cache: dict = {}
+
+    def hessian(self, kind: str, bn_mode: str = "eval", single: bool = False) -> torch.Tensor:
+        key = ("H", kind, bn_mode, single)
+        if key not in self._cache:
+            model, loss_fn, batches = models.BUILDERS[kind]()
+            data = batches[0] if single else batches
+            self._cache[key] = models.dense_hessian_reference(
+                model, loss_fn, data, bn_mode=bn_mode
+            )
+        return self._cache[key]
+
+    def ggn(self, kind: str, task: str | None = None) -> torch.Tensor:
+        key = ("G", kind, task)
+        if key not in self._cache:
+            kwargs = {"task": task} if task else {}
+            model, loss_fn, batches = models.BUILDERS[kind](**kwargs)
+            self._cache[key] = models.dense_ggn_reference(model, loss_fn, batches)
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def refs() -> RefCache:
+    return RefCache()
