@@ -1,0 +1,26 @@
+"""hessfast: fast, honest curvature of PyTorch models.
+
+    import hessfast as hf
+    H = hf.hessian(model, loss_fn, data)      # symmetric operator over the parameters
+    H.matmat(V)                                # V: [k, n] -> [k, n], one data pass
+
+See README.md for the quickstart and DESIGN.md for the architecture.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from .curvature import GGNOperator, HessianOperator, ggn, hessian
+from .linop import LinearOperator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GGNOperator",
+    "HessianOperator",
+    "LinearOperator",
+    "__version__",
+    "errors",
+    "ggn",
+    "hessian",
+]

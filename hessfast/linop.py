@@ -1,0 +1,172 @@
+"""The symmetric linear operator every hessfast algorithm consumes.
+
+An operator maps a block of row vectors ``V: [k, n]`` to ``A V^T`` written back as rows,
+``[k, n]``. Feeding whole blocks is the point: a model operator multiplies all k rows in
+one pass over its data, so algorithms ask for blocks, never for one vector at a time.
+
+This module imports nothing from torch.func and nothing from the kernel layers, so the
+eigensolvers can depend on it alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .errors import AsymmetricOperatorError, ConfigurationError
+
+__all__ = ["LinearOperator"]
+
+
+class LinearOperator:
+    """A symmetric ``n x n`` operator applied to blocks of row vectors.
+
+    Subclasses implement :meth:`_matmat`. The public :meth:`matmat` validates the block,
+    casts it to the operator's dtype and device, and keeps the counters that explain the
+    cost of a computation: ``num_matvecs`` (vectors multiplied) and ``num_passes`` (calls
+    of ``matmat``: for a model operator, passes over the data).
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        if int(n) < 0:
+            raise ConfigurationError(f"operator size n must be >= 0, got {n}")
+        self.shape: tuple[int, int] = (int(n), int(n))
+        self.dtype: torch.dtype = dtype
+        self.device: torch.device = torch.device(device)
+        self.num_matvecs: int = 0
+        self.num_passes: int = 0
+
+    # -- to implement -------------------------------------------------------------
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Return the products for a validated block ``V: [k, n]`` as ``[k, n]``."""
+        raise NotImplementedError
+
+    # -- public -------------------------------------------------------------------
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Multiply a block of row vectors.
+
+        Args:
+            V: ``[k, n]`` block; each row is one vector.
+
+        Returns:
+            ``[k, n]`` tensor whose row i is ``A @ V[i]``, in ``self.dtype`` on
+            ``self.device``.
+        """
+        if not isinstance(V, torch.Tensor):
+            raise TypeError(f"matmat expects a torch.Tensor [k, n], got {type(V).__name__}")
+        n = self.shape[0]
+        if V.dim() != 2 or V.shape[1] != n:
+            raise ValueError(
+                f"matmat expects a block of row vectors [k, {n}], got shape {tuple(V.shape)}; "
+                "for a single vector use matvec or `op @ v`"
+            )
+        if not (V.is_floating_point() or V.is_complex()):
+            raise TypeError(f"matmat expects floating-point vectors, got dtype {V.dtype}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        k = V.shape[0]
+        if k == 0:
+            return V.new_zeros((0, n))
+        out = self._matmat(V)
+        if tuple(out.shape) != (k, n):
+            raise RuntimeError(
+                f"{type(self).__name__} returned shape {tuple(out.shape)} for a block "
+                f"[{k}, {n}]; an operator must map [k, n] to [k, n]"
+            )
+        self.num_matvecs += k
+        self.num_passes += 1
+        return out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Multiply one vector ``v: [n]`` and return ``[n]``."""
+        if not isinstance(v, torch.Tensor) or v.dim() != 1:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"matvec expects a vector [n], got {shape}")
+        return self.matmat(v.unsqueeze(0))[0]
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        """``A @ v`` for ``v: [n]``; ``A @ X`` for ``X: [n, k]`` (matrix convention)."""
+        if isinstance(x, torch.Tensor) and x.dim() == 2:
+            return self.matmat(x.T).T
+        return self.matvec(x)
+
+    def to_dense(self, block_size: int = 64) -> torch.Tensor:
+        """The operator as a dense ``[n, n]`` matrix (small n only: n products)."""
+        n = self.shape[0]
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
+        cols = [self.matmat(eye[i : i + block_size]) for i in range(0, n, block_size)]
+        if not cols:
+            return eye
+        return torch.cat(cols, dim=0).T.contiguous()
+
+    def __repr__(self) -> str:
+        n = self.shape[0]
+        return f"{type(self).__name__}(n={n}, dtype={self.dtype}, device={self.device})"
+
+    # -- constructors -------------------------------------------------------------
+    @staticmethod
+    def from_matrix(M: torch.Tensor, *, check_symmetric: bool = True) -> LinearOperator:
+        """Wrap a dense symmetric matrix ``M: [n, n]``.
+
+        Raises:
+            AsymmetricOperatorError: ``M`` differs from ``M.T`` by more than rounding.
+        """
+        return _MatrixOperator(M, check_symmetric=check_symmetric)
+
+    @staticmethod
+    def from_function(
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        n: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> LinearOperator:
+        """Wrap ``fn: [k, n] -> [k, n]``, a symmetric operator given by its block product."""
+        if not callable(fn):
+            raise TypeError(f"from_function expects a callable [k, n] -> [k, n], got {fn!r}")
+        return _FunctionOperator(fn, n, dtype, device)
+
+
+class _MatrixOperator(LinearOperator):
+    def __init__(self, M: torch.Tensor, *, check_symmetric: bool) -> None:
+        if not isinstance(M, torch.Tensor) or M.dim() != 2 or M.shape[0] != M.shape[1]:
+            shape = tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__
+            raise ValueError(f"from_matrix expects a square matrix [n, n], got {shape}")
+        if not M.is_floating_point():
+            raise TypeError(f"from_matrix expects a floating-point matrix, got {M.dtype}")
+        if check_symmetric and M.numel():
+            asym = (M - M.T).abs().max().item()
+            scale = M.abs().max().item()
+            # Rounding in a product computed symmetrically is a few ulps of the entries.
+            if asym > 64 * torch.finfo(M.dtype).eps * scale:
+                raise AsymmetricOperatorError(
+                    f"from_matrix: max|M - M.T| = {asym:.3g} against max|M| = {scale:.3g}; "
+                    "hessfast's algorithms need a symmetric matrix: pass (M + M.T) / 2 or "
+                    "check_symmetric=False if the asymmetry is intended rounding"
+                )
+        super().__init__(M.shape[0], M.dtype, M.device)
+        self.matrix = M
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return V @ self.matrix.T
+
+
+class _FunctionOperator(LinearOperator):
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        n: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__(n, dtype, device)
+        self.fn = fn
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = self.fn(V)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"the operator function returned {type(out).__name__}; it must return a "
+                f"tensor [k, n] for a block [k, n]"
+            )
+        return out.to(dtype=self.dtype, device=self.device)
