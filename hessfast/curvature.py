@@ -455,6 +455,10 @@ class CurvatureOperator(LinearOperator):
         self._offsets = [0]
         for m in self._numels:
             self._offsets.append(self._offsets[-1] + m)
+        self._layout = list(
+            zip(self.param_names, self._offsets[:-1], self._offsets[1:], self.param_shapes,
+                strict=True)
+        )
         device = devices.pop()
         # Products and their sums over batches in at least fp32 (bf16/fp16 models).
         super().__init__(self._offsets[-1], torch.promote_types(pdtype, torch.float32), device)
@@ -507,10 +511,7 @@ class CurvatureOperator(LinearOperator):
         """Split a flat vector ``[n]`` (or block ``[k, n]``) into parameter-shaped pieces."""
         lead = tuple(v.shape[:-1])
         return {
-            name: v[..., a:b].reshape(*lead, *shape)
-            for name, a, b, shape in zip(
-                self.param_names, self._offsets[:-1], self._offsets[1:], self.param_shapes, strict=False
-            )
+            name: v[..., a:b].reshape(*lead, *shape) for name, a, b, shape in self._layout
         }
 
     def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -522,8 +523,7 @@ class CurvatureOperator(LinearOperator):
     def _split(self, V: torch.Tensor) -> list[torch.Tensor]:
         k = V.shape[0]
         return [
-            V[:, a:b].reshape(k, *shape)
-            for a, b, shape in zip(self._offsets[:-1], self._offsets[1:], self.param_shapes, strict=False)
+            V[:, a:b].reshape(k, *shape) for _, a, b, shape in self._layout
         ]
 
     def _cat(self, pieces: Sequence[torch.Tensor | None], k: int) -> torch.Tensor:
