@@ -1,0 +1,108 @@
+"""Plain-PyTorch twins of the native basis ops: the test oracle and the last-resort backend.
+
+Same signatures and semantics as :mod:`hessfast.ops` (which validates arguments before calling
+here). Arithmetic happens in the accumulation dtype ``acc_dtype``: the basis is converted to it
+on the fly, exactly like the kernels do. This module imports nothing from hessfast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["basis_dot", "basis_update", "reorthogonalize", "lanczos_step", "DGKS_ETA"]
+
+#: DGKS threshold: a row gets a second Gram-Schmidt pass when the first one removed more than
+#: 1 - 1/sqrt(2) of its length (||w_after|| < eta ||w_before||).
+DGKS_ETA = 1.0 / math.sqrt(2.0)
+
+
+def _default_acc(storage: torch.dtype) -> torch.dtype:
+    return torch.float64 if storage == torch.float64 else torch.float32
+
+
+def basis_dot(
+    V: torch.Tensor, W: torch.Tensor, *, acc_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``C[m, k] = V[m, n] @ W[k, n]^T`` in ``acc_dtype`` (default: float64 for a float64 basis,
+    else float32)."""
+    acc = acc_dtype or _default_acc(V.dtype)
+    return V.to(acc) @ W.to(acc).T
+
+
+def basis_update(V: torch.Tensor, C: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``W[k, n] -= C[m, k]^T @ V[m, n]`` in place, computed in ``C.dtype``; returns ``W``."""
+    acc = C.dtype
+    Wa = W.to(acc)
+    Wa -= C.T @ V.to(acc)
+    if Wa.data_ptr() != W.data_ptr():
+        W.copy_(Wa)
+    return W
+
+
+def reorthogonalize(
+    V: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    acc_dtype: torch.dtype | None = None,
+    eta: float = DGKS_ETA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classical Gram-Schmidt of the rows of ``W[k, n]`` against the rows of ``V[m, n]``, in place,
+    with a second pass per row when the DGKS test fires (CGS2).
+
+    Pass 1: ``C1 = V W^T``; ``W -= C1^T V``. Row ``j`` gets pass 2 (``C2 = V w_j``;
+    ``w_j -= C2^T V``) iff ``||w_j||_after1 < eta * ||w_j||_before``; ``eta = 0`` disables it.
+    The decision is per row: rows that kept most of their length are not touched again.
+
+    Returns ``C[m, k] = C1 + C2`` (``C2 = 0`` on rows without a second pass) and
+    ``norms[3, k]``: ``||w_j||`` before, after pass 1, and final — all in ``acc_dtype``.
+    """
+    acc = acc_dtype or _default_acc(V.dtype)
+    Va = V.to(acc)
+    Wa = W.to(acc)
+    before = torch.linalg.vector_norm(Wa, dim=1)
+    C = Va @ Wa.T
+    Wa -= C.T @ Va
+    after1 = torch.linalg.vector_norm(Wa, dim=1)
+    final = after1.clone()
+    redo = (after1 < eta * before).nonzero().flatten()
+    if redo.numel() > 0:
+        Ws = Wa[redo]
+        C2 = Va @ Ws.T
+        Ws -= C2.T @ Va
+        Wa[redo] = Ws
+        C[:, redo] += C2
+        final[redo] = torch.linalg.vector_norm(Ws, dim=1)
+    W.copy_(Wa)
+    return C, torch.stack([before, after1, final])
+
+
+def lanczos_step(
+    W: torch.Tensor,
+    Q: torch.Tensor,
+    Qprev: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    *,
+    acc_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused block Lanczos three-term recurrence (rows are vectors), ``W`` updated in place.
+
+    With ``W[k, n] = Q H`` (the operator applied to the current block ``Q[k, n]``)::
+
+        A = Q W^T                      [k, k]   (= Q H Q^T, symmetric up to rounding)
+        W <- W - A^T Q - B Qprev       (B [k, k], Qprev [k, n]; both None on the first step)
+        G = W W^T                      [k, k]   (Gram of the updated block, for Cholesky-QR)
+
+    Returns ``(A, G)`` in ``acc_dtype`` (default from ``Q.dtype``).
+    """
+    acc = acc_dtype or _default_acc(Q.dtype)
+    Qa = Q.to(acc)
+    Wa = W.to(acc)
+    A = Qa @ Wa.T
+    Wa -= A.T @ Qa
+    if Qprev is not None:
+        Wa -= B.to(acc) @ Qprev.to(acc)
+    G = Wa @ Wa.T
+    W.copy_(Wa)
+    return A, G

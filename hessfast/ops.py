@@ -1,0 +1,344 @@
+"""Basis ops for Krylov methods — the only module that knows which backends exist.
+
+Every op has one name in C++ (``csrc/cpu``), CUDA (``csrc/cuda``), :mod:`hessfast._reference`
+and here. Dispatch, per call:
+
+1. native CUDA — tensors on a CUDA device and ``hessfast._C`` built with CUDA kernels;
+2. native CPU — tensors on the CPU and ``hessfast._C`` importable;
+3. reference — plain PyTorch, runs everywhere.
+
+``HESSFAST_BACKEND=native|reference|auto`` (default ``auto``) forces a choice; a forced
+``native`` that cannot run raises :class:`hessfast.errors.BackendUnavailableError` with the
+reason. :func:`backend_report` says, per op and device, what would run and why the others cannot.
+
+Validation happens here, once: dtypes, devices, shapes, aliasing and layout, with ValueError /
+TypeError naming the argument and its value. Inputs whose rows are not unit-stride are copied
+to a contiguous layout first (correct, at the cost of a copy); a strided-row basis (row stride
+> n) is read in place. These ops are not differentiable: they work on ``.detach()``ed data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from hessfast import _native, _reference
+from hessfast._reference import DGKS_ETA
+from hessfast.errors import BackendUnavailableError
+
+__all__ = [
+    "basis_dot",
+    "basis_update",
+    "reorthogonalize",
+    "lanczos_step",
+    "backend_report",
+    "DGKS_ETA",
+    "OPS",
+]
+
+OPS = ("basis_dot", "basis_update", "reorthogonalize", "lanczos_step")
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+WORK_DTYPES = (torch.float32, torch.float64)
+_BACKENDS = ("auto", "native", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------------
+
+
+def _forced() -> str:
+    value = os.environ.get("HESSFAST_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise ValueError(f"HESSFAST_BACKEND must be one of {_BACKENDS}, got {value!r}")
+    return value
+
+
+def _native_reasons(device_type: str) -> list[str]:
+    """Why the native backend cannot run on this device type (empty: it can)."""
+    if not _native.available():
+        return [f"hessfast._C failed to import ({_native.IMPORT_ERROR})"]
+    if device_type == "cuda" and not _native.cuda_compiled():
+        return ["hessfast._C was built without CUDA kernels (no nvcc at build time, or "
+                "HESSFAST_CUDA=OFF)"]
+    if device_type not in ("cpu", "cuda"):
+        return [f"no native kernels for device type {device_type!r}"]
+    return []
+
+
+def _pick(op: str, device: torch.device) -> str:
+    forced = _forced()
+    if forced == "reference":
+        return "reference"
+    reasons = _native_reasons(device.type)
+    if not reasons:
+        return "native"
+    if forced == "native":
+        raise BackendUnavailableError(
+            f"HESSFAST_BACKEND=native but the native {op} cannot run on {device.type}: "
+            f"{'; '.join(reasons)}. Unset HESSFAST_BACKEND (or set it to 'auto') to fall back "
+            "to the PyTorch reference."
+        )
+    return "reference"
+
+
+def backend_report() -> dict[str, dict[str, Any]]:
+    """For each op and device type: the backend a call would use now, and the reasons each
+    backend cannot run (``not_supported_reasons``; empty list = it can)::
+
+        {"basis_dot": {"cpu": {"selected": "native",
+                               "not_supported_reasons": {"native": [], "reference": []}},
+                       "cuda": {...}}, ...}
+    """
+    forced = os.environ.get("HESSFAST_BACKEND", "auto")
+    out: dict[str, dict[str, Any]] = {}
+    for op in OPS:
+        per_dev: dict[str, Any] = {}
+        for dev in ("cpu", "cuda"):
+            reasons = {"native": _native_reasons(dev), "reference": []}
+            if dev == "cuda" and not torch.cuda.is_available():
+                reasons["native"] = reasons["native"] + ["no CUDA device visible to torch"]
+                reasons["reference"] = ["no CUDA device visible to torch"]
+            try:
+                selected = _pick(op, torch.device(dev))
+            except BackendUnavailableError as exc:
+                selected = f"error: {exc}"
+            per_dev[dev] = {"selected": selected, "not_supported_reasons": reasons}
+        out[op] = per_dev
+    out["_build"] = {"forced": forced, "native": _native.build_info()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t: Any, dtypes: tuple[torch.dtype, ...], ndim: int = 2) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_acc(acc_dtype: torch.dtype | None, storage: torch.dtype) -> torch.dtype:
+    if acc_dtype is None:
+        return torch.float64 if storage == torch.float64 else torch.float32
+    if acc_dtype not in WORK_DTYPES:
+        raise TypeError(f"acc_dtype must be torch.float32 or torch.float64, got {acc_dtype}")
+    return acc_dtype
+
+
+def _check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        if dev != first:
+            desc = ", ".join(f"{n}={d}" for n, d in devices.items())
+            raise ValueError(f"all tensors must be on one device, got {desc} ({name} differs)")
+    return first
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range [lo, hi) a tensor's elements may touch."""
+    if t.numel() == 0:
+        return (0, 0)
+    lo = t.data_ptr()
+    hi = lo + (sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    return lo, hi
+
+
+def _check_no_alias(out_name: str, out: torch.Tensor, **inputs: torch.Tensor | None) -> None:
+    a0, a1 = _span(out)
+    for name, t in inputs.items():
+        if t is None or t.numel() == 0 or out.numel() == 0:
+            continue
+        b0, b1 = _span(t)
+        if a0 < b1 and b0 < a1:
+            raise ValueError(
+                f"{out_name} must not alias {name}: {out_name} is updated in place while {name} "
+                f"is read (overlapping memory at {a0:#x}..{a1:#x} and {b0:#x}..{b1:#x})"
+            )
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """True when the native kernels can read t in place: unit inner stride, rows not overlapping."""
+    rows, n = t.shape
+    return (n <= 1 or t.stride(1) == 1) and (rows <= 1 or t.stride(0) >= n)
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    return t if _rows_ok(t) else t.contiguous()
+
+
+def _writable(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The in-place operand: must not overlap itself; other layouts go through a contiguous copy
+    (the caller copies the result back)."""
+    rows, n = t.shape
+    if rows > 1 and n > 0 and t.stride(0) == 0 or (n > 1 and t.stride(1) == 0):
+        raise ValueError(
+            f"{name} has overlapping elements (stride {t.stride()}), so it cannot be updated in "
+            "place; pass a tensor that owns its memory (e.g. .clone())"
+        )
+    return t if _rows_ok(t) else t.contiguous()
+
+
+def _writeback(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if src.data_ptr() != dst.data_ptr() or src.stride() != dst.stride():
+        dst.copy_(src)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def basis_dot(
+    V: torch.Tensor, W: torch.Tensor, *, acc_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Coefficients of a block against a basis: ``C[m, k] = V[m, n] @ W[k, n]^T``.
+
+    V: basis in storage dtype (float32, bfloat16, float16, float64). W: float32/float64.
+    acc_dtype: float32 or float64 (default: float64 for a float64 basis, else float32); the
+    result has this dtype. The native kernels read V exactly once.
+    """
+    _check_tensor("V", V, STORAGE_DTYPES)
+    _check_tensor("W", W, WORK_DTYPES)
+    acc = _check_acc(acc_dtype, V.dtype)
+    device = _check_same_device(V=V, W=W)
+    if W.shape[1] != V.shape[1]:
+        raise ValueError(f"W must have n={V.shape[1]} columns like V, got shape {tuple(W.shape)}")
+    m, n = V.shape
+    k = W.shape[0]
+    if m == 0 or k == 0 or n == 0:
+        return torch.zeros((m, k), dtype=acc, device=device)
+    if _pick("basis_dot", device) == "reference":
+        return _reference.basis_dot(V, W, acc_dtype=acc)
+    return _native.basis_dot(_readable(V.detach()), _readable(W.detach()), acc)
+
+
+@torch.no_grad()
+def basis_update(V: torch.Tensor, C: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Remove basis components from a block, in place: ``W[k, n] -= C[m, k]^T @ V[m, n]``.
+
+    V: storage dtype; C: float32/float64, the arithmetic dtype; W: float32/float64, must not
+    alias V. Returns ``W``. The native kernels read V exactly once.
+    """
+    _check_tensor("V", V, STORAGE_DTYPES)
+    _check_tensor("C", C, WORK_DTYPES)
+    _check_tensor("W", W, WORK_DTYPES)
+    device = _check_same_device(V=V, C=C, W=W)
+    m, n = V.shape
+    k = W.shape[0]
+    if W.shape[1] != n:
+        raise ValueError(f"W must have n={n} columns like V, got shape {tuple(W.shape)}")
+    if tuple(C.shape) != (m, k):
+        raise ValueError(f"C must have shape (m, k) = ({m}, {k}), got {tuple(C.shape)}")
+    _check_no_alias("W", W, V=V, C=C)
+    if m == 0 or k == 0 or n == 0:
+        return W
+    if _pick("basis_update", device) == "reference":
+        return _reference.basis_update(V, C, W)
+    Wn = _writable("W", W.detach())
+    _native.basis_update(_readable(V.detach()), C.detach().contiguous(), Wn)
+    _writeback(W, Wn)
+    return W
+
+
+@torch.no_grad()
+def reorthogonalize(
+    V: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    acc_dtype: torch.dtype | None = None,
+    eta: float = DGKS_ETA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonalise the rows of ``W[k, n]`` against the basis ``V[m, n]`` in place (CGS2).
+
+    Pass 1: ``C1 = V W^T; W -= C1^T V``. A row ``w_j`` gets a second pass
+    (``c2 = V w_j; w_j -= c2^T V``) iff ``||w_j||_after < eta ||w_j||_before`` (DGKS,
+    ``eta = 1/sqrt(2)``; ``eta = 0`` never, ``eta = inf`` always). The test is **per row**: a
+    second pass costs one more read of V whatever the number of rows, and rows that kept
+    most of their length are left untouched. Norms are fused into the kernels' passes.
+
+    Returns ``(C, norms)``: ``C[m, k] = C1 + C2`` (the total coefficients, ``C2 = 0`` on rows
+    without a second pass) and ``norms[3, k]`` = ``||w_j||`` before, after pass 1, and final,
+    both in ``acc_dtype``. A row had a second pass iff ``norms[1] < eta * norms[0]``.
+    """
+    _check_tensor("V", V, STORAGE_DTYPES)
+    _check_tensor("W", W, WORK_DTYPES)
+    acc = _check_acc(acc_dtype, V.dtype)
+    device = _check_same_device(V=V, W=W)
+    if not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    m, n = V.shape
+    k = W.shape[0]
+    if W.shape[1] != n:
+        raise ValueError(f"W must have n={n} columns like V, got shape {tuple(W.shape)}")
+    _check_no_alias("W", W, V=V)
+    if k == 0 or m == 0 or n == 0:
+        nrm = torch.linalg.vector_norm(W.to(acc), dim=1) if n > 0 else W.new_zeros(k, dtype=acc)
+        return torch.zeros((m, k), dtype=acc, device=device), nrm.expand(3, k).clone()
+    if _pick("reorthogonalize", device) == "reference":
+        return _reference.reorthogonalize(V, W, acc_dtype=acc, eta=eta)
+    Wn = _writable("W", W.detach())
+    out = _native.reorthogonalize(_readable(V.detach()), Wn, acc, float(eta))
+    _writeback(W, Wn)
+    return out
+
+
+@torch.no_grad()
+def lanczos_step(
+    W: torch.Tensor,
+    Q: torch.Tensor,
+    Qprev: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    *,
+    acc_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused block Lanczos three-term recurrence, ``W[k, n]`` updated in place.
+
+    With ``W = Q H`` (the operator applied to the current orthonormal block ``Q[k, n]``)::
+
+        A = Q W^T                      [k, k]
+        W <- W - A^T Q - B Qprev       B [k, k], Qprev [k, n]; both None on the first step
+        G = W W^T                      [k, k]   (Cholesky-QR of the next block: G = R^T R)
+
+    Q, Qprev: storage dtype; W: float32/float64 (must not alias Q or Qprev); B: float32/float64.
+    Returns ``(A, G)`` in ``acc_dtype`` (default: float64 for a float64 Q, else float32).
+    The native kernels make two passes over n: A, then the update with G on the updated chunk.
+    """
+    _check_tensor("W", W, WORK_DTYPES)
+    _check_tensor("Q", Q, STORAGE_DTYPES)
+    if (Qprev is None) != (B is None):
+        raise ValueError("Qprev and B must be given together (both None on the first step)")
+    acc = _check_acc(acc_dtype, Q.dtype)
+    k, n = W.shape
+    if tuple(Q.shape) != (k, n):
+        raise ValueError(f"Q must have the shape of W ({k}, {n}), got {tuple(Q.shape)}")
+    if Qprev is not None:
+        _check_tensor("Qprev", Qprev, STORAGE_DTYPES)
+        _check_tensor("B", B, WORK_DTYPES)
+        if tuple(Qprev.shape) != (k, n):
+            raise ValueError(f"Qprev must have the shape of W ({k}, {n}), got {tuple(Qprev.shape)}")
+        if tuple(B.shape) != (k, k):
+            raise ValueError(f"B must have shape ({k}, {k}), got {tuple(B.shape)}")
+    device = _check_same_device(W=W, Q=Q, Qprev=Qprev, B=B)
+    _check_no_alias("W", W, Q=Q, Qprev=Qprev, B=B)
+    if k == 0 or n == 0:
+        z = torch.zeros((k, k), dtype=acc, device=device)
+        return z, z.clone()
+    if _pick("lanczos_step", device) == "reference":
+        return _reference.lanczos_step(W, Q, Qprev, B, acc_dtype=acc)
+    Wn = _writable("W", W.detach())
+    qp = None if Qprev is None else _readable(Qprev.detach())
+    bb = None if B is None else B.detach()
+    out = _native.lanczos_step(Wn, _readable(Q.detach()), qp, bb, acc)
+    _writeback(W, Wn)
+    return out
