@@ -41,6 +41,7 @@ def _in_op_order(ref: torch.Tensor, model: nn.Module, op) -> torch.Tensor:
 
 
 def _check_mode(op, requested: str) -> None:
+    """After a product: the path actually used (auto may decide lazily on first product)."""
     if requested == "auto":
         assert op.hvp_mode in PATHS, op.hvp_mode
     else:
@@ -62,10 +63,10 @@ def test_hessian_to_dense_matches_reference(kind, hvp_mode, refs):
     assert H.shape == (n, n)
     assert H.dtype == torch.float64
     assert torch.device(H.device).type == "cpu"
-    _check_mode(H, hvp_mode)
     assert H.num_samples == sum(default_batch_size(b) for b in batches)
     assert H.num_batches == len(batches)
     D = H.to_dense()
+    _check_mode(H, hvp_mode)
     assert D.shape == (n, n) and D.dtype == torch.float64
     ref = _in_op_order(refs.hessian(kind), model, H)
     err = rel_err(D, ref)
@@ -108,8 +109,8 @@ def test_hessian_single_batch_passed_directly(kind, hvp_mode, refs):
 def test_cnn_bn_train_mode_matches_batch_statistics_reference(hvp_mode, refs):
     model, loss_fn, batches = make_cnn()
     H = hf.hessian(model, loss_fn, batches, bn_mode="train", hvp_mode=hvp_mode)
-    _check_mode(H, hvp_mode)
     D = H.to_dense()
+    _check_mode(H, hvp_mode)
     ref_train = _in_op_order(refs.hessian("cnn", "train"), model, H)
     ref_eval = _in_op_order(refs.hessian("cnn", "eval"), model, H)
     assert rel_err(ref_train, ref_eval) > 1e-2, "test is vacuous: train == eval reference"

@@ -55,8 +55,7 @@ def test_existing_grads_unchanged(hvp_mode):
     """An existing .grad keeps its object and value; a None .grad stays None."""
     model, loss_fn, batches = make_cnn()
     g = torch.Generator().manual_seed(7)
-    model.conv.weight.grad = torch.randn(model.conv.weight.shape, generator=g,
-                                         dtype=torch.float64)
+    model.conv.weight.grad = torch.randn(model.conv.weight.shape, generator=g, dtype=torch.float64)
     model.fc.bias.grad = torch.zeros_like(model.fc.bias)
     before = snapshot(model)
     H = hf.hessian(model, loss_fn, batches, hvp_mode=hvp_mode)
@@ -119,7 +118,8 @@ def test_state_restored_after_nonfinite_error():
 
 
 def test_rng_untouched_by_shuffled_loader_with_check_false():
-    """A shuffle=True loader draws from the global RNG; the operator must restore it."""
+    """A shuffle=True loader draws its seed from the global RNG on every pass; the operator
+    must restore the RNG (and may still refuse the changed batches at product time)."""
     model, loss_fn, batches = make_mlp()
     X = torch.cat([b[0] for b in batches])
     Y = torch.cat([b[1] for b in batches])
@@ -128,7 +128,11 @@ def test_rng_untouched_by_shuffled_loader_with_check_false():
     )
     before = snapshot(model)
     H = hf.hessian(model, loss_fn, loader, check=False)
-    H.matmat(_V(H.shape[0]))
+    assert_same_state(model, before)
+    try:
+        H.matmat(_V(H.shape[0]))
+    except errors.DataChangedError:
+        pass
     assert_same_state(model, before)
 
 
