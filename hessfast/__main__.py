@@ -1,0 +1,7 @@
+"""``python -m hessfast info | demo``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
