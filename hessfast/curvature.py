@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -481,6 +482,7 @@ class CurvatureOperator(LinearOperator):
         self._reuse_request = reuse_graph
         self._graph_cache: dict[int, Any] | None = None
         self._plans: dict[int, HVPPlan] = {}
+        self._fits: tuple[bool, str] | None = None
         self._unavailable: dict[str, str] = {}
         self.hvp_mode: str = hvp_mode
         self.hvp_mode_reason: str = "not decided yet: decided on the first product"
@@ -681,7 +683,9 @@ class CurvatureOperator(LinearOperator):
         return plan
 
     def _auto_plan(self, k: int) -> HVPPlan:
-        fits, why_fits = self._reuse_fits()
+        if self._fits is None:
+            self._fits = self._reuse_fits()
+        fits, why_fits = self._fits
         graph_mode = "reuse_graph" if fits else "double_backward"
         index, batch = self._data.first()
         batch = _to_device(batch, self.device)
@@ -693,41 +697,43 @@ class CurvatureOperator(LinearOperator):
         )
         timings: dict[str, float] = {}
         best: tuple[float, str, int] | None = None
-        for c in chunks:
-            V = torch.randn(c, self.shape[0], generator=gen, dtype=self.dtype).to(self.device)
-            Vs = self._split(V)
-            for mode in (graph_mode, "fwd_rev"):
-                if mode in self._unavailable:
-                    continue
-                try:
-                    with self._guard():
+        for mode in (graph_mode, "fwd_rev"):
+            if mode in self._unavailable:
+                continue
+            mode_best = math.inf
+            try:
+                with self._guard():
+                    state = None if mode == "fwd_rev" else self._graph(batch, index)
+                    for j, c in enumerate(chunks):
+                        V = torch.randn(c, self.shape[0], generator=gen, dtype=self.dtype)
+                        Vs = self._split(V.to(self.device))
                         if mode == "fwd_rev":
-                            self._fwd_rev_product(batch, Vs)  # warm-up (compilation, caches)
-                            t0 = time.perf_counter()
-                            self._fwd_rev_product(batch, Vs)
-                            self._sync()
-                            dt = time.perf_counter() - t0
+                            run = partial(self._fwd_rev_product, batch, Vs)
                         else:
+                            run = partial(self._graph_product, state, Vs, True)
+                        if j == 0:
+                            run()  # warm-up: allocator caches, lazy initialisation
+                        t0 = time.perf_counter()
+                        run()
+                        self._sync()
+                        dt = time.perf_counter() - t0
+                        if mode == "double_backward":
+                            # rebuilding the graph is part of every product on this path
+                            t1 = time.perf_counter()
                             state = self._graph(batch, index)
-                            self._graph_product(state, Vs, True)
-                            t0 = time.perf_counter()
-                            self._graph_product(state, Vs, True)
                             self._sync()
-                            dt = time.perf_counter() - t0
-                            if mode == "double_backward":
-                                # rebuilding the graph is part of every product on this path
-                                t1 = time.perf_counter()
-                                self._graph(batch, index)
-                                self._sync()
-                                dt += time.perf_counter() - t1
-                            del state
-                except Exception as exc:  # noqa: BLE001 - a path that fails is just not used
-                    self._unavailable[mode] = f"{type(exc).__name__}: {exc}"
-                    continue
-                per_vec = dt / c
-                timings[f"{mode}/chunk={c}"] = per_vec
-                if best is None or per_vec < best[0]:
-                    best = (per_vec, mode, c)
+                            dt += time.perf_counter() - t1
+                        per_vec = dt / c
+                        timings[f"{mode}/chunk={c}"] = per_vec
+                        if best is None or per_vec < best[0]:
+                            best = (per_vec, mode, c)
+                        if per_vec > 1.05 * mode_best:
+                            break  # larger chunks only add memory traffic from here on
+                        mode_best = min(mode_best, per_vec)
+                    del state
+            except Exception as exc:  # noqa: BLE001 - a path that fails is just not used
+                self._unavailable[mode] = f"{type(exc).__name__}: {exc}"
+                continue
         if best is None:
             raise UnsupportedModelError(
                 "no Hessian-vector-product path works for this model: "
