@@ -145,3 +145,19 @@ def test_requires_grad_flags_untouched_with_subset():
     assert_same_state(model, before)
     assert model.conv.bias.requires_grad is False
     assert all(p.requires_grad for n, p in model.named_parameters() if n != "conv.bias")
+
+
+def test_rng_untouched_by_plain_dataloader():
+    """Iterating any DataLoader (even shuffle=False) draws a base seed from the global RNG;
+    the operator iterates the user's loader on every pass, so it must fork the RNG there."""
+    model, loss_fn, batches = make_mlp()
+    X = torch.cat([b[0] for b in batches])
+    Y = torch.cat([b[1] for b in batches])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, Y), batch_size=8, shuffle=False
+    )
+    before = snapshot(model)
+    H = hf.hessian(model, loss_fn, loader)
+    assert_same_state(model, before)
+    H.matmat(_V(H.shape[0]))
+    assert_same_state(model, before)
