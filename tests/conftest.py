@@ -54,9 +54,7 @@ class RefCache:
         if key not in self._cache:
             model, loss_fn, batches = models.BUILDERS[kind]()
             data = batches[0] if single else batches
-            self._cache[key] = models.dense_hessian_reference(
-                model, loss_fn, data, bn_mode=bn_mode
-            )
+            self._cache[key] = models.dense_hessian_reference(model, loss_fn, data, bn_mode=bn_mode)
         return self._cache[key]
 
     def ggn(self, kind: str, task: str | None = None) -> torch.Tensor:

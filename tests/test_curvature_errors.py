@@ -72,9 +72,7 @@ def test_only_zero_size_batches():
 def test_empty_dataloader():
     model, loss_fn, batches = make_mlp()
     x, y = batches[0]
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x[:0], y[:0]), batch_size=4
-    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:0], y[:0]), batch_size=4)
     with pytest.raises(errors.EmptyDataError):
         hf.hessian(model, loss_fn, loader)
 
