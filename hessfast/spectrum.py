@@ -1,24 +1,27 @@
 """Spectral quantities of a symmetric :class:`~hessfast.linop.LinearOperator`.
 
-For now: power iteration with a residual-based stop, the baseline every peer library uses
-(and the parity method behind ``eigsh(method="power")`` later). It converges to the
-eigenvalue of largest *magnitude*; :func:`power_iteration` with ``which="LA"`` adds the shift
-that turns a negative dominant eigenvalue into the largest algebraic one, so it never reports
-a negative number as lambda_max when a positive eigenvalue exists.
+:func:`eigsh` (thick-restart block Lanczos, :mod:`hessfast.lanczos`) and :func:`lambda_max`;
+power iteration with a residual-based stop, the baseline the peer libraries use, as
+``eigsh(method="power")``. Plain power iteration converges to the eigenvalue of largest
+*magnitude*; with ``which="LA"`` a shifted second run turns a negative dominant eigenvalue
+into the largest algebraic one, so a negative number is never reported as lambda_max when a
+positive eigenvalue exists.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .errors import ConfigurationError
+from .lanczos import WHICH, block_lanczos
 from .linop import LinearOperator
 
-__all__ = ["PowerResult", "power_iteration"]
+__all__ = ["EigshResult", "PowerResult", "eigsh", "lambda_max", "power_iteration"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,192 @@ def power_iteration(
         theta, v, res, ok, more, _ = _power(A, v0, theta, tol, max_matvecs - used)
         used += more
     return PowerResult(theta, v, res, ok, used, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class EigshResult:
+    """Eigenpairs of a symmetric operator.
+
+    Attributes:
+        eigenvalues: ``[k]`` float64, most wanted first (``LA``: descending; ``SA``:
+            ascending; ``LM``: by decreasing magnitude; ``BE``: alternating high, low).
+        eigenvectors: ``[k, n]`` unit rows, in the operator's dtype and device.
+        residuals: ``[k]`` float64 ``||A v - theta v||`` (from the Lanczos relation).
+        converged: ``[k]`` bool: residual <= tol * max(|theta|, 1e-3 * ||A||_est).
+        status: ``CONVERGED``, ``MAX_MATVECS``, ``INVARIANT_SUBSPACE`` or ``NONFINITE``.
+        num_matvecs: vectors multiplied by A; num_passes: ``matmat`` calls (data passes).
+        num_restarts: thick restarts; norm_estimate: the ||A|| estimate used in the floor.
+        orthogonality: ``max|V V^T - I|`` of the returned vectors.
+        seconds: wall time.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    status: str
+    num_matvecs: int
+    num_passes: int
+    num_restarts: int
+    norm_estimate: float
+    orthogonality: float
+    seconds: float
+    which: str
+    tol: float
+    method: str
+
+
+def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -> EigshResult:
+    from .lanczos import select
+
+    mv0, p0 = A.num_matvecs, A.num_passes
+    M = A.to_dense().double()
+    theta, Y = torch.linalg.eigh(0.5 * (M + M.T))
+    idx = select(theta.cpu(), k, which).to(theta.device)
+    vecs = Y[:, idx].T.contiguous()
+    res = (vecs @ M - theta[idx, None] * vecs).norm(dim=1).cpu()
+    scale = float(theta.abs().max()) if theta.numel() else 0.0
+    ok = res <= tol * torch.clamp(theta[idx].abs().cpu(), min=1e-3 * scale)
+    gram = vecs @ vecs.T
+    ortho = float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max())
+    return EigshResult(
+        theta[idx].cpu(), vecs.to(A.dtype), res, ok, "CONVERGED" if bool(ok.all()) else
+        "MAX_MATVECS", A.num_matvecs - mv0, A.num_passes - p0, 0, scale, ortho,
+        time.perf_counter() - t0, which, tol, "dense",
+    )
+
+
+def eigsh(
+    A: LinearOperator,
+    k: int = 6,
+    *,
+    which: str = "LA",
+    tol: float = 1e-4,
+    max_matvecs: int | None = None,
+    block_size: int | None = None,
+    max_basis: int | None = None,
+    v0: torch.Tensor | None = None,
+    seed: int = 0,
+    reorth: str = "full",
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    method: str = "lanczos",
+    dense_below: int = 32,
+) -> EigshResult:
+    """k eigenpairs of a symmetric operator by thick-restart block Lanczos.
+
+    Args:
+        A: symmetric operator ``[n, n]`` (a model's Hessian/GGN or any LinearOperator).
+        k: number of pairs, ``1 <= k <= n``.
+        which: ``LA`` largest algebraic, ``SA`` smallest, ``LM`` largest magnitude, ``BE``
+            both ends.
+        tol: relative residual tolerance; converged when ``||A v - theta v|| <= tol *
+            max(|theta|, 1e-3 ||A||_est)`` (the floor lets zero eigenvalues converge).
+        max_matvecs: budget of products (default ``max(1000, 40 k)``); on exhaustion the
+            partial result is returned with a warning and ``status == "MAX_MATVECS"``.
+        block_size: rows per block, one data pass each (default ``min(k, 4)``).
+        max_basis: basis rows before a thick restart (default ``max(2k + 2b, 32)``, <= n).
+        v0: ``[n]`` or ``[j, n]`` start vectors, e.g. eigenvectors of an earlier run.
+        seed: seed of the private generator for the random start (global RNG untouched).
+        reorth: ``full`` (CGS2, default), ``partial`` or ``none``.
+        basis_dtype: storage of the Krylov basis, e.g. ``torch.bfloat16`` (coefficients
+            and the projection stay in fp32/fp64).
+        basis_device: where the basis lives, e.g. ``"cpu"`` while A runs on a GPU.
+        method: ``lanczos`` or ``power`` (k = 1 only; for parity with PyHessian).
+        dense_below: operators with ``n <= dense_below`` are solved densely (n products),
+            with a warning.
+
+    Returns:
+        :class:`EigshResult`.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(A, LinearOperator):
+        raise TypeError(
+            f"eigsh expects a hessfast.LinearOperator, got {type(A).__name__}; wrap a "
+            "matrix with LinearOperator.from_matrix(M)"
+        )
+    n = A.shape[0]
+    if which not in WHICH:
+        raise ConfigurationError(f"which must be one of {WHICH}, got {which!r}")
+    if not isinstance(k, int) or k < 1 or k > n:
+        raise ConfigurationError(f"k must be an integer in [1, n={n}], got {k!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ConfigurationError(f"tol must be a positive finite number, got {tol!r}")
+    if reorth not in ("full", "partial", "none"):
+        raise ConfigurationError(f"reorth must be 'full', 'partial' or 'none', got {reorth!r}")
+    if method not in ("lanczos", "power"):
+        raise ConfigurationError(f"method must be 'lanczos' or 'power', got {method!r}")
+    if max_matvecs is None:
+        max_matvecs = max(1000, 40 * k)
+    if max_matvecs < 1:
+        raise ConfigurationError(f"max_matvecs must be >= 1, got {max_matvecs}")
+    if method == "power":
+        if k != 1:
+            raise ConfigurationError(
+                f"method='power' finds one eigenpair, got k={k}; use method='lanczos'"
+            )
+        if which not in ("LA", "LM"):
+            raise ConfigurationError(f"method='power' supports which='LA' or 'LM', got {which}")
+        mv0, p0 = A.num_matvecs, A.num_passes
+        r = power_iteration(A, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
+        vec = r.eigenvector.unsqueeze(0)
+        if not r.converged:
+            warnings.warn(
+                f"hessfast.eigsh(method='power'): not converged after {r.num_matvecs} "
+                f"products (residual {r.residual:.3g}); returning the partial result",
+                stacklevel=2,
+            )
+        return EigshResult(
+            torch.tensor([r.eigenvalue], dtype=torch.float64), vec,
+            torch.tensor([r.residual], dtype=torch.float64), torch.tensor([r.converged]),
+            "CONVERGED" if r.converged else "MAX_MATVECS", A.num_matvecs - mv0,
+            A.num_passes - p0, 0, abs(r.eigenvalue), 0.0, time.perf_counter() - t0, which,
+            tol, "power",
+        )
+    if n <= dense_below or k > n // 2:
+        warnings.warn(
+            f"hessfast.eigsh: n={n} is tiny or k={k} is more than half of it; solving "
+            f"densely ({n} products, float64 eigh)",
+            stacklevel=2,
+        )
+        return _dense_eigsh(A, k, which, tol, t0)
+    b = block_size if block_size is not None else min(k, 4)
+    if not isinstance(b, int) or b < 1:
+        raise ConfigurationError(f"block_size must be a positive integer, got {block_size!r}")
+    b = min(b, n)
+    cap = max_basis if max_basis is not None else max(2 * k + 2 * b, 32)
+    cap = min(cap, n)
+    if cap < k + 2 * b and cap < n:
+        raise ConfigurationError(
+            f"max_basis={cap} is too small for k={k} and block_size={b}: it needs at least "
+            f"k + 2*block_size = {k + 2 * b}"
+        )
+    st = block_lanczos(
+        A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs, v0=v0,
+        seed=seed, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device,
+    )
+    lost = 100 * math.sqrt(torch.finfo(basis_dtype or torch.float32).eps)
+    if st.orthogonality > lost:
+        warnings.warn(
+            f"hessfast.eigsh: the returned vectors are far from orthogonal (max|V V^T - I| = "
+            f"{st.orthogonality:.2g}, reorth={reorth!r}): duplicate 'ghost' eigenvalues and "
+            "wrong residuals are likely. Use reorth='full'",
+            stacklevel=2,
+        )
+    if st.status != "CONVERGED" and not bool(st.converged.all()):
+        warnings.warn(
+            f"hessfast.eigsh: {int(st.converged.sum())} of {k} pairs converged "
+            f"(status {st.status}, {st.num_matvecs} products); returning the partial result "
+            "with its residuals. Raise max_matvecs or tol",
+            stacklevel=2,
+        )
+    return EigshResult(
+        st.theta, st.vectors, st.residuals, st.converged, st.status, st.num_matvecs,
+        st.num_passes, st.num_restarts, st.norm_estimate, st.orthogonality,
+        time.perf_counter() - t0, which, tol, "lanczos",
+    )
+
+
+def lambda_max(A: LinearOperator, tol: float = 1e-4, **kwargs) -> float:
+    """The largest algebraic eigenvalue of A (``eigsh(A, k=1, which="LA")``)."""
+    return float(eigsh(A, k=1, which="LA", tol=tol, **kwargs).eigenvalues[0])
