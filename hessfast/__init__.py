@@ -12,15 +12,19 @@ from __future__ import annotations
 from . import errors
 from .curvature import GGNOperator, HessianOperator, ggn, hessian
 from .linop import LinearOperator
+from .spectrum import EigshResult, eigsh, lambda_max
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EigshResult",
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
     "__version__",
+    "eigsh",
     "errors",
     "ggn",
     "hessian",
+    "lambda_max",
 ]

@@ -214,6 +214,7 @@ def block_lanczos(
     num_restarts = 0
     history: list[int] = []
     locked = torch.zeros(cap, dtype=torch.bool)
+    lockres = torch.zeros(cap, dtype=torch.float64)  # residual of each locked basis row
     status = "MAX_MATVECS"
     theta = torch.zeros(0, dtype=torch.float64)
     Y = torch.zeros(0, 0, dtype=torch.float64)
@@ -264,8 +265,11 @@ def block_lanczos(
         norm_est = max(norm_est, float(theta.abs().max()))
         tiny = max(norm_est, torch.finfo(acc).tiny) * 64 * torch.finfo(acc).eps
         Qn, L = _orthonormal_block(W, basis.rows(), tiny, gen, acc)
-        # residual of Ritz pair i: ||L y_i[last block]||
+        # residual of Ritz pair i: ||L^T y_i[last block]||, plus the couplings deflated
+        # when pairs were locked (triangle inequality: an upper bound, exact for a locked
+        # vector itself)
         res = (L.T @ Y[s : s + bb]).norm(dim=0) if L.numel() else torch.zeros_like(theta)
+        res = res + Y.abs().T @ lockres[:m]
         floor = 1e-3 * norm_est
         ok = res <= tol * torch.clamp(theta.abs(), min=floor)
         want = select(theta, k, which)
@@ -292,6 +296,8 @@ def block_lanczos(
             # Converged pairs are locked: those coefficients will be zeroed.
             locked = torch.zeros(cap, dtype=torch.bool)
             locked[:p] = ok[idx]
+            lockres = torch.zeros(cap, dtype=torch.float64)
+            lockres[:p] = torch.where(ok[idx], res[idx], torch.zeros(()))
             theta, res = theta[idx], res[idx]
             Y = torch.eye(p, dtype=torch.float64)
             num_restarts += 1
