@@ -188,9 +188,12 @@ def test_basis_options() -> None:
     M, lam = spectra.decaying(300, kind="geometric")
     A = hf.LinearOperator.from_matrix(M.float())
     top = lam.flip(0)[:5]
-    for kw, atol in [({"basis_dtype": torch.bfloat16}, 2e-3), ({"basis_dtype": torch.float16}, 2e-4),
-                     ({"reorth": "partial"}, 1e-5), ({"basis_device": "cpu"}, 1e-5),
-                     ({"block_size": 1}, 1e-5), ({"block_size": 8}, 1e-5)]:
+    cases = [
+        ({"basis_dtype": torch.bfloat16}, 2e-3), ({"basis_dtype": torch.float16}, 2e-4),
+        ({"reorth": "partial"}, 1e-5), ({"basis_device": "cpu"}, 1e-5),
+        ({"block_size": 1}, 1e-5), ({"block_size": 8}, 1e-5),
+    ]
+    for kw, atol in cases:
         r = _quiet(hf.eigsh, A, k=5, tol=1e-4, **kw)
         assert torch.allclose(r.eigenvalues, top, atol=atol), (kw, r.eigenvalues, top)
 
