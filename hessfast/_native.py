@@ -52,7 +52,7 @@ def build_info() -> dict[str, Any]:
 
 
 def _mat(t: torch.Tensor) -> tuple[int, int, int]:
-    """(pointer, row stride in elements, dtype code) of a [rows, n] tensor with unit inner stride."""
+    """(pointer, row stride in elements, dtype code) of a [rows, n] tensor, unit inner stride."""
     rows, n = t.shape
     ld = t.stride(0) if rows > 1 else n
     return t.data_ptr(), ld, DTYPE_CODES[t.dtype]

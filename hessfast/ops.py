@@ -149,7 +149,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     if t.numel() == 0:
         return (0, 0)
     lo = t.data_ptr()
-    hi = lo + (sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    hi = lo + (sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=False)) + 1) * t.element_size()
     return lo, hi
 
 
@@ -176,15 +176,19 @@ def _readable(t: torch.Tensor) -> torch.Tensor:
     return t if _rows_ok(t) else t.contiguous()
 
 
-def _writable(name: str, t: torch.Tensor) -> torch.Tensor:
-    """The in-place operand: must not overlap itself; other layouts go through a contiguous copy
-    (the caller copies the result back)."""
+def _check_writable(name: str, t: torch.Tensor) -> None:
+    """The in-place operand must not overlap itself (e.g. an ``expand``ed tensor)."""
     rows, n = t.shape
-    if rows > 1 and n > 0 and t.stride(0) == 0 or (n > 1 and t.stride(1) == 0):
+    if (rows > 1 and n > 0 and t.stride(0) == 0) or (n > 1 and t.stride(1) == 0):
         raise ValueError(
             f"{name} has overlapping elements (stride {t.stride()}), so it cannot be updated in "
             "place; pass a tensor that owns its memory (e.g. .clone())"
         )
+
+
+def _writable(t: torch.Tensor) -> torch.Tensor:
+    """Layouts the kernels cannot update in place go through a contiguous copy (the caller
+    copies the result back)."""
     return t if _rows_ok(t) else t.contiguous()
 
 
@@ -241,11 +245,12 @@ def basis_update(V: torch.Tensor, C: torch.Tensor, W: torch.Tensor) -> torch.Ten
     if tuple(C.shape) != (m, k):
         raise ValueError(f"C must have shape (m, k) = ({m}, {k}), got {tuple(C.shape)}")
     _check_no_alias("W", W, V=V, C=C)
+    _check_writable("W", W)
     if m == 0 or k == 0 or n == 0:
         return W
     if _pick("basis_update", device) == "reference":
         return _reference.basis_update(V, C, W)
-    Wn = _writable("W", W.detach())
+    Wn = _writable(W.detach())
     _native.basis_update(_readable(V.detach()), C.detach().contiguous(), Wn)
     _writeback(W, Wn)
     return W
@@ -282,12 +287,13 @@ def reorthogonalize(
     if W.shape[1] != n:
         raise ValueError(f"W must have n={n} columns like V, got shape {tuple(W.shape)}")
     _check_no_alias("W", W, V=V)
+    _check_writable("W", W)
     if k == 0 or m == 0 or n == 0:
         nrm = torch.linalg.vector_norm(W.to(acc), dim=1) if n > 0 else W.new_zeros(k, dtype=acc)
         return torch.zeros((m, k), dtype=acc, device=device), nrm.expand(3, k).clone()
     if _pick("reorthogonalize", device) == "reference":
         return _reference.reorthogonalize(V, W, acc_dtype=acc, eta=eta)
-    Wn = _writable("W", W.detach())
+    Wn = _writable(W.detach())
     out = _native.reorthogonalize(_readable(V.detach()), Wn, acc, float(eta))
     _writeback(W, Wn)
     return out
@@ -331,12 +337,13 @@ def lanczos_step(
             raise ValueError(f"B must have shape ({k}, {k}), got {tuple(B.shape)}")
     device = _check_same_device(W=W, Q=Q, Qprev=Qprev, B=B)
     _check_no_alias("W", W, Q=Q, Qprev=Qprev, B=B)
+    _check_writable("W", W)
     if k == 0 or n == 0:
         z = torch.zeros((k, k), dtype=acc, device=device)
         return z, z.clone()
     if _pick("lanczos_step", device) == "reference":
         return _reference.lanczos_step(W, Q, Qprev, B, acc_dtype=acc)
-    Wn = _writable("W", W.detach())
+    Wn = _writable(W.detach())
     qp = None if Qprev is None else _readable(Qprev.detach())
     bb = None if B is None else B.detach()
     out = _native.lanczos_step(Wn, _readable(Q.detach()), qp, bb, acc)
