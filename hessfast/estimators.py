@@ -495,7 +495,9 @@ def trace(
         if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (
             math.isfinite(rtol) and rtol > 0
         ):
-            raise ConfigurationError(f"{who}: rtol must be a finite number > 0 or None, got {rtol!r}")
+            raise ConfigurationError(
+                f"{who}: rtol must be a finite number > 0 or None, got {rtol!r}"
+            )
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
         0.0 < confidence < 1.0
     ):
