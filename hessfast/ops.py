@@ -149,7 +149,8 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     if t.numel() == 0:
         return (0, 0)
     lo = t.data_ptr()
-    hi = lo + (sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=False)) + 1) * t.element_size()
+    extent = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True))
+    hi = lo + (extent + 1) * t.element_size()
     return lo, hi
 
 

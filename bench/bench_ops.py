@@ -1,0 +1,217 @@
+"""GB/s of the native basis ops against torch's own matmul path and the machine's streaming read
+bandwidth, measured in the same run. One JSON line per case on stdout.
+
+    python bench/bench_ops.py [--quick] [--device cpu|cuda] [--repeats R]
+
+Bytes counted are what each op must move at minimum (V is read once per pass over n):
+  basis_dot       m n s + k n 4           (s = bytes per basis element, W float32)
+  basis_update    m n s + 2 k n 4
+  reorthogonalize 2 m n s + 3 k n 4       (one CGS pass; random W never triggers a second one)
+  lanczos_step    3 k n s + 3 k n 4       (Q twice, Qprev once; W read twice, written once)
+torch's path: C = V @ W.T (fp32), then W.sub_(C.T @ V); a bf16 basis multiplies in bf16
+(torch's mixed-precision route: W cast to bf16, result cast back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hessfast import _native, ops  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device: torch.device, repeats: int, setup=None) -> float:
+    """Median seconds of fn() over `repeats` runs after one warm-up; setup() is not timed."""
+    times = []
+    for r in range(repeats + 1):
+        if setup is not None:
+            setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if r > 0:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def stream_bandwidth(device: torch.device, repeats: int) -> float:
+    """Streaming read GB/s: a float32 sum over 1 GiB (CPU) / 4 GiB (GPU), far beyond any cache."""
+    numel = (1 << 28) if device.type == "cpu" else (1 << 30)
+    x = torch.ones(numel, device=device)
+    t = timeit(x.sum, device, repeats)
+    return numel * 4 / t / 1e9
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def bench_case(device, storage, m, k, n, repeats, stream):
+    s = torch.empty((), dtype=storage).element_size()
+    g = torch.Generator(device=device).manual_seed(0)
+    V = torch.randn(m, n, device=device, generator=g).to(storage)
+    W0 = torch.randn(k, n, device=device, generator=g)
+    W = W0.clone()
+    low = storage != torch.float32
+
+    def torch_dot():
+        return (V @ W.to(storage).T).float() if low else V @ W.T
+
+    def torch_update(C):
+        if low:
+            W.sub_((C.to(storage).T @ V).float())
+        else:
+            W.sub_(C.T @ V)
+
+    def torch_reorth():
+        torch_update(torch_dot())
+
+    def restore():
+        W.copy_(W0)
+
+    # correctness first, against the float64 product of the stored values (sampled columns)
+    C = ops.basis_dot(V, W)
+    cols = torch.arange(0, n, max(1, n // 50_000), device=device)
+    C_ref = V[:, cols].double() @ W[:, cols].double().T * (n / cols.numel())
+    C_sub = ops.basis_dot(V[:, cols].contiguous(), W[:, cols].contiguous())
+    err = rel_err(C_sub * (n / cols.numel()), C_ref)
+    assert err < 1e-5, f"basis_dot wrong: rel err {err}"
+    restore()
+    Cn, _ = ops.reorthogonalize(V, W)
+    Wn = W.clone()
+    restore()
+    torch_reorth()
+    err_reorth = rel_err(Wn, W)
+    tol = 2e-2 if low else 1e-4  # torch's bf16 route itself is only bf16-accurate
+    assert err_reorth < tol, f"reorthogonalize disagrees with torch: {err_reorth}"
+
+    cases = {
+        "basis_dot": (lambda: ops.basis_dot(V, W), torch_dot, m * n * s + k * n * 4, None),
+        "basis_update": (
+            lambda: ops.basis_update(V, C, W), lambda: torch_update(C), m * n * s + 2 * k * n * 4,
+            restore,
+        ),
+        "reorthogonalize": (
+            lambda: ops.reorthogonalize(V, W), torch_reorth, 2 * m * n * s + 3 * k * n * 4, restore,
+        ),
+    }
+    out = []
+    for op, (native_fn, torch_fn, nbytes, setup) in cases.items():
+        t_nat = timeit(native_fn, device, repeats, setup)
+        t_tor = timeit(torch_fn, device, repeats, setup)
+        out.append({
+            "op": op, "device": device.type, "storage": str(storage).removeprefix("torch."),
+            "m": m, "k": k, "n": n, "native_ms": round(t_nat * 1e3, 3),
+            "torch_ms": round(t_tor * 1e3, 3), "native_GBps": round(nbytes / t_nat / 1e9, 2),
+            "torch_GBps": round(nbytes / t_tor / 1e9, 2), "stream_GBps": round(stream, 2),
+            "frac_of_stream": round(nbytes / t_nat / 1e9 / stream, 3),
+            "speedup_vs_torch": round(t_tor / t_nat, 2), "repeats": repeats,
+        })
+    return out
+
+
+def bench_lanczos(device, storage, k, n, repeats, stream):
+    s = torch.empty((), dtype=storage).element_size()
+    g = torch.Generator(device=device).manual_seed(1)
+    Q = torch.randn(k, n, device=device, generator=g).to(storage)
+    Qp = torch.randn(k, n, device=device, generator=g).to(storage)
+    B = torch.randn(k, k, device=device, generator=g)
+    W0 = torch.randn(k, n, device=device, generator=g)
+    W = W0.clone()
+
+    def torch_step():
+        Qf, Qpf = Q.float(), Qp.float()
+        A = Qf @ W.T
+        W.sub_(A.T @ Qf).sub_(B @ Qpf)
+        return A, W @ W.T
+
+    def restore():
+        W.copy_(W0)
+
+    A, G = ops.lanczos_step(W, Q, Qp, B)
+    W1 = W.clone()
+    restore()
+    A2, G2 = torch_step()
+    assert rel_err(A, A2) < 1e-4 and rel_err(W1, W) < 1e-4, "lanczos_step disagrees with torch"
+    assert rel_err(G, W1.double() @ W1.double().T) < 1e-4, "lanczos_step: G != W W^T"
+    nbytes = 3 * k * n * s + 3 * k * n * 4
+    t_nat = timeit(lambda: ops.lanczos_step(W, Q, Qp, B), device, repeats, restore)
+    t_tor = timeit(torch_step, device, repeats, restore)
+    return {
+        "op": "lanczos_step", "device": device.type, "storage": str(storage).removeprefix("torch."),
+        "m": 0, "k": k, "n": n, "native_ms": round(t_nat * 1e3, 3),
+        "torch_ms": round(t_tor * 1e3, 3), "native_GBps": round(nbytes / t_nat / 1e9, 2),
+        "torch_GBps": round(nbytes / t_tor / 1e9, 2), "stream_GBps": round(stream, 2),
+        "frac_of_stream": round(nbytes / t_nat / 1e9 / stream, 3),
+        "speedup_vs_torch": round(t_tor / t_nat, 2), "repeats": repeats,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="n=2e6, m in {16, 64}, k=4 only")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not (torch.cuda.is_available() and _native.cuda_compiled()):
+        sys.exit("--device cuda needs a CUDA device and hessfast._C built with CUDA kernels")
+    os.environ.setdefault("HESSFAST_BACKEND", "auto")
+    report = ops.backend_report()["basis_dot"][device.type]
+    info = {"info": "bench_ops", "device": device.type, "backend": report["selected"],
+            "native": _native.build_info(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    print(json.dumps(info), flush=True)
+
+    stream = stream_bandwidth(device, 5)
+    print(json.dumps({"op": "stream_read", "device": device.type, "GBps": round(stream, 2)}),
+          flush=True)
+    if args.quick:
+        grid = [(2_000_000, m, 4) for m in (16, 64)]
+    else:
+        grid = [(n, m, k) for n in (100_000, 2_000_000, 20_000_000) for m in (16, 64, 128)
+                for k in (1, 4, 8)]
+    for name in args.dtypes.split(","):
+        storage = DTYPES[name]
+        s = torch.empty((), dtype=storage).element_size()
+        for n, m, k in grid:
+            need = m * n * s * (1 if storage == torch.float32 else 3) + 4 * k * n * 4
+            if need > 0.7 * free_bytes(device):
+                why = f"needs {need / 1e9:.1f} GB"
+                print(json.dumps({"skipped": [name, m, k, n], "reason": why}), flush=True)
+                continue
+            reps = args.repeats or (3 if m * n * s > 2e9 else 7 if m * n * s > 2e8 else 15)
+            for row in bench_case(device, storage, m, k, n, reps, stream):
+                print(json.dumps(row), flush=True)
+        for n, k in sorted({(n, k) for n, _, k in grid}):
+            reps = args.repeats or (3 if n > 5e6 else 10)
+            print(json.dumps(bench_lanczos(device, storage, k, n, reps, stream)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
