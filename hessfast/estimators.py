@@ -457,7 +457,8 @@ def trace(
         num_matvecs: the budget of products with A. ``"hutch++"`` needs >= 3 and
             ``"xtrace"`` >= 2 (or >= n). With ``num_matvecs >= n``, ``"hutch++"`` and
             ``"xtrace"`` compute the trace exactly from the n unit vectors (n products,
-            ``stderr = 0``) instead of spending the budget on a sketch that covers R^n.
+            ``stderr = 0``) instead of spending the budget on a sketch that covers R^n;
+            this holds in the adaptive mode too (the cost is then at most n).
         method: ``"hutchinson"``, ``"hutch++"`` (default) or ``"xtrace"``.
         seed: seed of the private probe generator (the global RNG is not used).
         rtol: adaptive mode: stop once the ``confidence`` interval half-width
@@ -473,8 +474,11 @@ def trace(
         :class:`TraceResult`. Budget use with ``rtol=None``: Hutchinson m probes in one
         pass; Hutch++ ``k = m // 3`` sketch probes (one pass), ``A Q`` (one pass) and
         ``m - 2k`` deflated probes (one pass); XTrace ``k = m // 2`` probes and ``A Q`` (two
-        passes). Adaptive Hutch++ spends the same sketch, then deflated Hutchinson blocks;
-        adaptive XTrace starts from ``max(min_samples, 2)`` probes and extends its basis.
+        passes). Adaptive Hutch++ spends the same sketch (a third of the budget, so pass
+        a realistic budget, not a huge cap), then deflated Hutchinson blocks sized by the
+        1/sqrt(m) prediction of the samples still needed; adaptive XTrace starts from
+        ``max(min_samples, 2)`` probes and extends its basis (at most doubling per step),
+        so its cost follows the accuracy asked for, not the budget.
 
     Raises:
         ConfigurationError: bad method, probe, budget, rtol, confidence, min_samples,

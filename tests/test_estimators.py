@@ -521,3 +521,24 @@ def test_nonfinite_products_raise(method):
         trace(A, 9, method=method)
     with pytest.raises(NonFiniteError):
         diagonal(A, 9, method="xdiag")
+
+
+@pytest.mark.parametrize("n", [50, 64])
+def test_exactly_rank_one_and_zero_operators(n):
+    """All-ones (rank 1, integer products: the sketch R has exactly zero singular values) and
+    the zero operator: finite, exact results, no division by zero."""
+    M = torch.ones(n, n, dtype=torch.float64)
+    for seed in range(3):
+        for method, budget in (("hutch++", 9), ("xtrace", 10)):
+            r = trace(_op(M), budget, method=method, seed=seed)
+            assert r.value == pytest.approx(float(n), rel=1e-12)
+        d = diagonal(_op(M), 10, method="xdiag", seed=seed)
+        assert torch.allclose(d.values, torch.ones(n, dtype=torch.float64), atol=1e-12)
+        assert bool(torch.isfinite(d.stderr).all())
+    Z = torch.zeros(n, n, dtype=torch.float64)
+    for method in METHODS:
+        r = trace(_op(Z), 12, method=method, seed=0)
+        assert r.value == 0.0 and r.stderr == 0.0
+    for method in ("hutchinson", "xdiag"):
+        d = diagonal(_op(Z), 12, method=method, seed=0)
+        assert torch.equal(d.values, torch.zeros(n, dtype=torch.float64))
