@@ -44,8 +44,9 @@ PROBES = ("rademacher", "gaussian")
 REORTHS = ("full", "none")
 BASIS_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
-#: Breakdown threshold relative to the running estimate of ||A|| (in units of the working
-#: precision's eps): ``beta <= BREAKDOWN_EPS * eps * ||A||_est`` ends a probe's recurrence.
+#: Breakdown threshold relative to the running estimate of ||A|| (max ||A q|| seen), in units
+#: of the working precision's eps: ``beta <= max(BREAKDOWN_EPS, sqrt(n)) eps ||A||_est`` ends a
+#: probe's recurrence (nodes then move by at most that much: far below any plot resolution).
 BREAKDOWN_EPS = 16.0
 #: Lanczos steps used by KPM to bound the spectrum.
 KPM_BOUND_STEPS = 10
@@ -183,19 +184,21 @@ class SpectralDensity:
     def _kpm_density(self, x: torch.Tensor) -> torch.Tensor:
         assert self.chebyshev_moments is not None
         lo, hi = self.bounds
-        c, h = 0.5 * (hi + lo), 0.5 * (hi - lo)
+        h = 0.5 * (hi - lo)
         M = self.chebyshev_moments.shape[1]
         coef = _jackson(M) * self.chebyshev_moments.mean(0)
         # normaliser: integral of the clipped expansion over [lo, hi] by Chebyshev-Gauss
         Nq = max(4 * M, 1024)
         tq = torch.cos(math.pi * (torch.arange(Nq, dtype=torch.float64) + 0.5) / Nq)
         Z = float(_cheb_series(tq, coef).clamp_min(0).mean())
-        t = (x - c) / h
-        inside = t.abs() < 1
+        # 1 - t^2 = (1 + t)(1 - t) from the distances to the bounds, so that the endpoints
+        # (where the Chebyshev weight is singular) are exactly outside, never 1 - t^2 = 1e-16
+        up, down = (x - lo) / h, (hi - x) / h
+        inside = (up > 0) & (down > 0)
         out = torch.zeros_like(x)
-        ti = t[inside]
-        s = _cheb_series(ti, coef).clamp_min(0)
-        out[inside] = s / (math.pi * h * torch.sqrt(1 - ti * ti) * Z)
+        ui, di = up[inside], down[inside]
+        s = _cheb_series(ui - 1, coef).clamp_min(0)
+        out[inside] = s / (math.pi * h * torch.sqrt(ui * di) * Z)
         return out
 
     # -- traces -------------------------------------------------------------------------------
@@ -300,11 +303,12 @@ def _as_grid(grid: Any) -> torch.Tensor:
 
 
 def _slq_sigma(bounds: tuple[float, float], m: int) -> float:
-    """``(hi - lo) / m``; for a (numerically) single point: 1e-3 of its magnitude, or 1e-3."""
+    """``(hi - lo) / m``; a spectrum narrower than ``1e-5`` of its magnitude (a point mass up to
+    float32 roundoff) gets 1e-3 of its magnitude, the zero spectrum 1e-3."""
     lo, hi = bounds
     width = hi - lo
     scale = max(abs(lo), abs(hi))
-    if width > 1e-12 * scale and width > 0:
+    if width > 1e-5 * scale and width > 0:
         return width / m
     return 1e-3 * scale if scale > 0 else 1e-3
 
@@ -441,8 +445,9 @@ def _lanczos_probes(
     Step j, for the active rows ``q_j``: ``w = A q_j``; ``alpha_j = q_j^T w``;
     ``w -= alpha_j q_j + beta_{j-1} q_{j-1}``; with ``reorth="full"`` ``w`` is then
     orthogonalised against the probe's own basis ``Q_p[:j+1]`` by CGS2 (``ops.reorthogonalize``,
-    DGKS second pass); ``beta_j = ||w||``. A probe with ``beta_j <= 16 eps ||A||_est`` has found
-    an invariant subspace: its recurrence ends (its Gauss rule is exact) and the block shrinks.
+    DGKS second pass); ``beta_j = ||w||``. A probe with
+    ``beta_j <= max(16, sqrt(n)) eps ||A||_est`` has found an invariant subspace: its recurrence
+    ends (its Gauss rule is exact) and the block shrinks.
     """
     P, n = Z.shape
     work = Z.dtype
@@ -461,6 +466,8 @@ def _lanczos_probes(
     q_prev: torch.Tensor | None = None
     b_prev: torch.Tensor | None = None
     anorm = 0.0
+    # roundoff of a product is ~ sqrt(n) eps ||A||: a residual below it is an invariant subspace
+    tol = max(BREAKDOWN_EPS, math.sqrt(n)) * eps
     for j in range(m):
         W = _products(A, q, work, j)
         anorm = max(anorm, float(torch.linalg.vector_norm(W, dim=1).max()))
@@ -478,7 +485,7 @@ def _lanczos_probes(
         if j == m - 1:
             last_beta[active] = b_c
             break
-        done = b_c <= BREAKDOWN_EPS * eps * anorm  # `<=`: the zero operator breaks down at once
+        done = b_c <= tol * anorm  # `<=`: the zero operator breaks down at once
         keep = ~done
         if not bool(keep.any()):
             break
