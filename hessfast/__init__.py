@@ -11,12 +11,22 @@ from __future__ import annotations
 
 from . import errors
 from .curvature import GGNOperator, HessianOperator, ggn, hessian
+from .density import SpectralDensity, spectral_density
+from .estimators import DiagonalResult, TraceResult, diagonal, trace
 from .linop import LinearOperator
-from .spectrum import EigshResult, eigsh, lambda_max
+from .spectrum import ConditionResult, EigshResult, condition_number, eigsh, lambda_max
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConditionResult",
+    "DiagonalResult",
+    "SpectralDensity",
+    "TraceResult",
+    "condition_number",
+    "diagonal",
+    "spectral_density",
+    "trace",
     "EigshResult",
     "GGNOperator",
     "HessianOperator",

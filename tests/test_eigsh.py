@@ -247,3 +247,21 @@ def test_model_hessian_against_dense_reference() -> None:
     V = r.eigenvectors.double()
     assert torch.allclose(V @ ref, r.eigenvalues[:, None] * V, atol=1e-7 * lam.abs().max())
     assert hf.lambda_max(H, tol=1e-10) == pytest.approx(float(lam.max()), rel=1e-9)
+
+
+def test_condition_number_definite_singular_indefinite() -> None:
+    M, lam = spectra.wishart(120)  # positive definite
+    r = hf.condition_number(hf.LinearOperator.from_matrix(M), tol=1e-8)
+    assert r.definiteness == "positive definite" and r.converged
+    assert r.kappa == pytest.approx(float(lam.max() / lam.min()), rel=1e-6)
+    assert r.stable_lr == pytest.approx(2 / float(lam.max()), rel=1e-8)
+    M, lam = spectra.low_rank_psd(120, 5)  # PSD with a null space: kappa = inf
+    r = hf.condition_number(hf.LinearOperator.from_matrix(M))
+    assert r.definiteness == "singular" and math.isinf(r.kappa)
+    M, lam = spectra.wishart(120, shift=0.5)  # indefinite
+    r = hf.condition_number(hf.LinearOperator.from_matrix(M), tol=1e-6, num_probes=16)
+    assert r.definiteness == "indefinite" and math.isinf(r.kappa)
+    assert r.lambda_min == pytest.approx(float(lam.min()), rel=1e-5)
+    assert r.negative_ratio == pytest.approx(float(-lam.min() / lam.max()), rel=1e-5)
+    true_mass = float((lam < 0).double().mean())
+    assert abs(r.negative_mass - true_mass) < 0.1
