@@ -43,6 +43,19 @@ def no_leaking_global_state():
     assert torch.is_grad_enabled() == grad, "test leaked a grad-mode change"
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-model tests: they gain nothing from
+    parallelism, and OpenMP spin-waiting on a loaded 2-core machine slows them 10-30x.
+    The caller's thread count is restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class RefCache:
     """Dense references, computed once per session per (kind, curvature, bn_mode, data)."""
 

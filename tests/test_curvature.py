@@ -24,7 +24,7 @@ from torch import nn
 
 import hessfast as hf
 
-pytestmark = pytest.mark.usefixtures("no_leaking_global_state")
+pytestmark = pytest.mark.usefixtures("single_thread", "no_leaking_global_state")
 
 TOL = 1e-10
 KINDS = ("mlp", "cnn", "lm")

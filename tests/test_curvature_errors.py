@@ -14,7 +14,7 @@ from torch import nn
 import hessfast as hf
 from hessfast import errors
 
-pytestmark = pytest.mark.usefixtures("no_leaking_global_state")
+pytestmark = pytest.mark.usefixtures("single_thread", "no_leaking_global_state")
 
 
 def _build_and_multiply(*args, **kwargs):

@@ -11,7 +11,7 @@ from models import HVP_MODES, assert_same_state, make_cnn, make_lm, make_mlp, sn
 import hessfast as hf
 from hessfast import errors
 
-pytestmark = pytest.mark.usefixtures("no_leaking_global_state")
+pytestmark = pytest.mark.usefixtures("single_thread", "no_leaking_global_state")
 
 
 def _V(n: int, k: int = 3) -> torch.Tensor:
