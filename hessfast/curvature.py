@@ -127,6 +127,8 @@ def _fingerprints_equal(a: tuple, b: tuple) -> bool:
     for (sa, va), (sb, vb) in zip(a, b, strict=False):
         if sa != sb:
             return False
+        if math.isnan(va) and math.isnan(vb):
+            continue  # a NaN batch is the same NaN batch; the loss check names it
         if not (va == vb or abs(va - vb) <= 1e-9 * max(abs(va), abs(vb), 1.0)):
             return False
     return True
@@ -346,8 +348,15 @@ def _select_params(
 
 @contextmanager
 def _model_modes(model: nn.Module, bn_mode: str) -> Iterator[None]:
-    """Set the modes for a computation and restore every module's flag afterwards."""
+    """Set the modes for a computation and restore every module's flags afterwards.
+
+    Normalisation layers in training mode normalise with batch statistics whatever
+    ``track_running_stats`` says; turning it off for the computation only stops their
+    in-place running-statistics updates, which change nothing in the output but cannot run
+    under ``torch.func`` transforms (and would otherwise need buffer copies).
+    """
     saved = [(m, m.training) for m in model.modules()]
+    tracked: list[tuple[nn.Module, bool]] = []
     try:
         if bn_mode == "eval":
             model.eval()
@@ -356,10 +365,16 @@ def _model_modes(model: nn.Module, bn_mode: str) -> Iterator[None]:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._NormBase):
                     m.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
+                tracked.append((m, m.track_running_stats))
+                m.track_running_stats = False
         yield
     finally:
         for m, flag in saved:
             m.training = flag
+        for m, flag in tracked:
+            m.track_running_stats = flag
 
 
 def _active_stochastic_modules(model: nn.Module) -> list[str]:
@@ -464,7 +479,10 @@ class CurvatureOperator(LinearOperator):
         # Products and their sums over batches in at least fp32 (bf16/fp16 models).
         super().__init__(self._offsets[-1], torch.promote_types(pdtype, torch.float32), device)
 
-        self._data = _Data(data, batch_size_fn, verify=check)
+        # Iterating a DataLoader draws a seed from the global RNG: fork it (once around
+        # both passes, so a shuffling loader still shows itself in the second one).
+        with torch.random.fork_rng(devices=self._rng_devices(device)):
+            self._data = _Data(data, batch_size_fn, verify=check)
         self.num_samples = self._data.num_samples
         self.num_batches = self._data.num_batches
         self._selected_ids = {id(p) for p in self._params}
@@ -546,12 +564,16 @@ class CurvatureOperator(LinearOperator):
         mapping.update({prefix + n: b for n, b in self._buffers.items()})
         return mapping
 
+    @staticmethod
+    def _rng_devices(device: torch.device) -> list[int]:
+        if device.type == "cuda":
+            return [device.index if device.index is not None else torch.cuda.current_device()]
+        return []
+
     @contextmanager
     def _guard(self) -> Iterator[None]:
         """Modes set and restored; the global RNG restored after the block."""
-        devices = []
-        if self.device.type == "cuda":
-            devices = [self.device.index if self.device.index is not None else 0]
+        devices = self._rng_devices(self.device)
         with torch.random.fork_rng(devices=devices), _model_modes(self.model, self.bn_mode):
             yield
 
@@ -771,7 +793,7 @@ class CurvatureOperator(LinearOperator):
             try:
                 state = self._graph(batch, index)
                 results["double_backward"] = self._graph_product(state, Vs, False)
-            except (LossError, NonFiniteError):
+            except (LossError, NonFiniteError, ConfigurationError):
                 raise
             except Exception as exc:  # noqa: BLE001
                 errors["double_backward"] = exc
@@ -780,7 +802,7 @@ class CurvatureOperator(LinearOperator):
                 state = None
             try:
                 results["fwd_rev"] = self._fwd_rev_product(batch, Vs)
-            except (LossError, NonFiniteError):
+            except (LossError, NonFiniteError, ConfigurationError):
                 raise
             except Exception as exc:  # noqa: BLE001
                 errors["fwd_rev"] = exc
@@ -1033,21 +1055,30 @@ class GGNOperator(CurvatureOperator):
 
         out, vjp_fn = torch.func.vjp(f, *primals)
         out = out.detach()
-
-        def loss_grad(o: torch.Tensor) -> torch.Tensor:
-            return torch.func.grad(lambda z: self.loss_fn(z, targets))(o)
-
-        def ggn_v(*tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            jv = torch.func.jvp(f, primals, tangents)[1]
-            hjv = torch.func.jvp(loss_grad, (out,), (jv,))[1]
-            return vjp_fn(hjv)
-
         tangents = tuple(v.to(self.param_dtype) for v in V)
+        # J V by forward mode (vmapped over the chunk), the criterion's Hessian on the
+        # outputs by plain double backward, J^T by the saved vjp. The criterion stays out of
+        # torch.func: jvp-of-grad through mse_loss fails in torch 2.13 ("ZeroTensors are
+        # immutable"), and the outputs are small.
         if c == 1:
-            res = ggn_v(*(t[0] for t in tangents))
-            res = tuple(r.unsqueeze(0) for r in res)
+            jv = torch.func.jvp(f, primals, tuple(t[0] for t in tangents))[1].unsqueeze(0)
         else:
-            res = torch.func.vmap(ggn_v, randomness="same")(*tangents)
+            jv = torch.func.vmap(
+                lambda *t: torch.func.jvp(f, primals, t)[1], randomness="same"
+            )(*tangents)
+        with torch.enable_grad():
+            out_d = out.requires_grad_(True)
+            g_out = torch.autograd.grad(self.loss_fn(out_d, targets), out_d, create_graph=True)[0]
+            if not g_out.requires_grad:  # loss linear in the outputs: H = 0
+                return torch.zeros(c, self.shape[0], dtype=self.dtype, device=self.device)
+            if c == 1:
+                hjv = _graph_vjp([g_out], [out_d], [jv[0]], False, False)[0].unsqueeze(0)
+            else:
+                hjv = _graph_vjp([g_out], [out_d], [jv], False, True)[0]
+        if c == 1:
+            res = tuple(r.unsqueeze(0) for r in vjp_fn(hjv[0]))
+        else:
+            res = torch.func.vmap(vjp_fn)(hjv)
         return self._cat(res, c)
 
 
@@ -1120,6 +1151,12 @@ def ggn(
     Returns:
         :class:`GGNOperator`, ``matmat(V: [k, n]) -> [k, n]``.
     """
+    if callable(loss_fn) and _detect_loss_form(loss_fn, "auto") == "model":
+        raise ConfigurationError(
+            "ggn needs a criterion loss_fn(outputs, targets) with (inputs, targets) batches, "
+            "so that it can split the loss from the model outputs; got a loss_fn(model, "
+            "batch) callable. Pass the criterion (e.g. nn.CrossEntropyLoss()) instead"
+        )
     return GGNOperator(
         model, loss_fn, data, params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,

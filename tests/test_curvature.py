@@ -23,6 +23,7 @@ from models import (
 from torch import nn
 
 import hessfast as hf
+from hessfast.errors import UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("single_thread", "no_leaking_global_state")
 
@@ -277,11 +278,25 @@ def _linreg(m: int = 1, seed: int = 13):
     return model, X, batches
 
 
+def _hessian_or_torch_func_bug(model, loss_fn, batches, hvp_mode):
+    """torch 2.13's forward-over-reverse through mse_loss raises "ZeroTensors are
+    immutable"; forcing fwd_rev there must give hessfast's clear UnsupportedModelError
+    (auto falls back). Returns None in that case, the operator otherwise."""
+    try:
+        return hf.hessian(model, loss_fn, batches, hvp_mode=hvp_mode)
+    except UnsupportedModelError as exc:
+        assert hvp_mode == "fwd_rev" and "ZeroTensor" in str(exc), exc
+        assert "hvp_mode='double_backward' or 'auto'" in str(exc)
+        return None
+
+
 @pytest.mark.parametrize("hvp_mode", HVP_MODES)
 def test_linear_regression_mse_mean(hvp_mode):
     """MSELoss(mean) = mean((Xw - y)^2) over N samples -> Hessian 2 X^T X / N."""
     model, X, batches = _linreg(1)
-    H = hf.hessian(model, nn.MSELoss(), batches, hvp_mode=hvp_mode)
+    H = _hessian_or_torch_func_bug(model, nn.MSELoss(), batches, hvp_mode)
+    if H is None:
+        return
     expected = 2.0 * X.T @ X / X.shape[0]
     assert rel_err(H.to_dense(), expected) <= 1e-12
 
@@ -295,7 +310,9 @@ def test_linear_regression_half_mse_callable(hvp_mode):
         x, y = batch
         return 0.5 * F.mse_loss(model(x), y)
 
-    H = hf.hessian(model, loss_fn, batches, hvp_mode=hvp_mode)
+    H = _hessian_or_torch_func_bug(model, loss_fn, batches, hvp_mode)
+    if H is None:
+        return
     assert rel_err(H.to_dense(), X.T @ X / X.shape[0]) <= 1e-12
 
 
