@@ -126,14 +126,30 @@ CASES = {
 # ---------------------------------------------------------------------------------------
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _median_time(fn, repeats: int) -> float:
     fn()  # warm-up
+    _sync()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def move(batches, device):
+    """Batches (tuples or dicts of tensors) on ``device``."""
+    return [
+        {k: v.to(device) for k, v in b.items()} if isinstance(b, dict)
+        else tuple(t.to(device) for t in b)
+        for b in batches
+    ]
 
 
 def _loss(model, loss_fn, batch):
@@ -192,11 +208,12 @@ def correctness(model, loss_fn, batches, probe: torch.Tensor) -> dict:
     return {"ok": ok, "rel_diff_between_modes": between, "rel_err_vs_float64": vs64, "errors": errs}
 
 
-def bench_case(name: str, ks: tuple[int, ...], repeats: int) -> dict:
+def bench_case(name: str, ks: tuple[int, ...], repeats: int, device: str = "cpu") -> dict:
     model, loss_fn, batches = CASES[name]()
+    model, batches = model.to(device), move(batches, device)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     g = torch.Generator().manual_seed(0)
-    probe = torch.randn(2, n, generator=g)
+    probe = torch.randn(2, n, generator=g).to(device)
     rec: dict = {
         "case": name,
         "n_params": n,
@@ -204,7 +221,9 @@ def bench_case(name: str, ks: tuple[int, ...], repeats: int) -> dict:
         "dtype": "float32",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": (torch.cuda.get_device_name() if device.startswith("cuda")
+                    else f"{platform.processor() or platform.machine()} {os.cpu_count()} cpu"),
+        "device": device,
         "repeats": repeats,
     }
     rec["check"] = correctness(model, loss_fn, batches, probe)
@@ -217,7 +236,7 @@ def bench_case(name: str, ks: tuple[int, ...], repeats: int) -> dict:
         try:
             H = hf.hessian(model, loss_fn, batches, hvp_mode=mode)
             for k in ks:
-                V = torch.randn(k, n, generator=g)
+                V = torch.randn(k, n, generator=g).to(device)
                 t = _median_time(lambda V=V, H=H: H.matmat(V), repeats)
                 times[str(k)], ratios[str(k)] = t, t / t_grad
                 if mode == "auto":
@@ -278,13 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     ks = (1, 4) if args.quick else (1, 4, 16)
     repeats = args.repeats or (2 if args.quick else 7)
     records = []
     all_ok = True
     for name in args.cases.split(","):
-        rec = bench_case(name.strip(), ks, repeats)
+        rec = bench_case(name.strip(), ks, repeats, args.device)
         records.append(rec)
         all_ok &= rec["check"]["ok"]
         line = json.dumps(rec, sort_keys=True)

@@ -39,7 +39,7 @@ sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.join(_ROOT, "tests"))
 sys.path.insert(0, os.path.join(_ROOT, "bench"))
 
-from bench_hvp import CASES  # noqa: E402
+from bench_hvp import CASES, move  # noqa: E402
 
 import hessfast as hf  # noqa: E402
 from hessfast.density import spectral_density  # noqa: E402
@@ -56,8 +56,8 @@ def _commit() -> str:
 
 
 def _emit(rec: dict) -> None:
-    rec.setdefault("machine", f"{platform.node()} {os.cpu_count()} cpu, torch "
-                   f"{torch.__version__}")
+    if not rec.get("machine"):
+        rec["machine"] = f"{platform.node()} {os.cpu_count()} cpu, torch {torch.__version__}"
     print(json.dumps(rec), flush=True)
 
 
@@ -154,26 +154,35 @@ def bench_trace(quick: bool) -> list[dict]:
     return out
 
 
-def bench_slq(name: str, probes: int, steps: int) -> dict:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_slq(name: str, probes: int, steps: int, device: str = "cpu") -> dict:
     model, loss_fn, batches = CASES[name]()
-    H = hf.hessian(model, loss_fn, batches)
+    H = hf.hessian(model.to(device), loss_fn, move(batches, device))
     H.matmat(torch.randn(probes, H.shape[0]))  # path decided for k = P and k = 1
     H.matvec(torch.randn(H.shape[0]))
     p0 = H.num_passes
+    _sync()
     t0 = time.perf_counter()
     d = spectral_density(H, num_probes=probes, num_steps=steps, seed=0)
+    _sync()
     t_block = time.perf_counter() - t0
     passes_block = H.num_passes - p0
     p0 = H.num_passes
     t0 = time.perf_counter()
     for s in range(probes):
         spectral_density(H, num_probes=1, num_steps=steps, seed=100 + s)
+    _sync()
     t_one = time.perf_counter() - t0
     rec = {"bench": "slq", "case": name, "probes": probes, "steps": steps,
            "block_seconds": t_block, "block_passes": passes_block,
            "one_at_a_time_seconds": t_one, "one_at_a_time_passes": H.num_passes - p0,
            "speedup": t_one / t_block, "hvp_mode_block": H._plans.get(probes).mode,
-           "mean_eig_estimate": float(d.moments(1)) if hasattr(d, "moments") else None,
+           "mean_eig_estimate": float(d.moments(1)), "device": device,
+           "machine": torch.cuda.get_device_name() if device.startswith("cuda") else None,
            "commit": _commit()}
     _emit(rec)
     return rec
@@ -184,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cases", default="mlp_digits_1x512,cnn_bn_digits16,lm_tiny")
     ap.add_argument("--only", default="eigen,trace,slq")
+    ap.add_argument("--device", default="cpu", help="device of the SLQ comparison")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     torch.manual_seed(0)
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['seconds']:7.3f}s mv={r['matvecs']:4d} passes={r['passes']:4d} "
                           f"err={r['rel_err']:.1e}", file=sys.stderr)
         if "slq" in only:
-            r = bench_slq(name, 8, 16 if args.quick else 32)
+            r = bench_slq(name, 8, 16 if args.quick else 32, args.device)
             print(f"{name:18s} slq block {r['block_seconds']:.3f}s ({r['block_passes']} passes)"
                   f" vs one-at-a-time {r['one_at_a_time_seconds']:.3f}s "
                   f"({r['one_at_a_time_passes']} passes): {r['speedup']:.2f}x", file=sys.stderr)
