@@ -121,9 +121,10 @@ def _orthonormal_block(
     b, n = W.shape
     room = n - basis.shape[0]
     Qh, R = torch.linalg.qr(W.T.to(acc))  # [n, b], [b, b]
-    U, S, Vh = torch.linalg.svd(R.double())
-    Qn = (Qh.double() @ U).T.to(W.dtype)  # [b, n]; W^T = Qh U S Vh
-    L = (Vh.T * S).to(torch.float64)  # [b, b]: W = L Qn
+    # The small factors live on the CPU in float64, like T; only Qn stays on W's device.
+    U, S, Vh = torch.linalg.svd(R.double().cpu())
+    Qn = (Qh.double() @ U.to(Qh.device)).T.to(W.dtype)  # [b, n]; W^T = Qh U S Vh
+    L = Vh.T * S  # [b, b] float64 on the CPU: W = L Qn
     keep = S > tiny
     bad = (~keep).nonzero().flatten().tolist()
     if bad:
@@ -134,7 +135,7 @@ def _orthonormal_block(
             if basis.shape[0] + len(good) + len(fresh_rows) >= n:
                 break
             fresh = _random_rows(1, n, gen, W.dtype, W.device)
-            others = torch.cat([basis.to(W.dtype), Qn[good], *fresh_rows], dim=0)
+            others = torch.cat([basis.to(W.dtype), Qn[good.to(Qn.device)], *fresh_rows], dim=0)
             for _pass in range(2):
                 ops.reorthogonalize(others, fresh, acc_dtype=acc)
             nrm = float(fresh.norm())
@@ -142,7 +143,7 @@ def _orthonormal_block(
                 break
             fresh_rows.append(fresh / nrm)
         nkept = len(fresh_rows)
-        Qn_new = torch.cat([Qn[good], *fresh_rows], dim=0)
+        Qn_new = torch.cat([Qn[good.to(Qn.device)], *fresh_rows], dim=0)
         L_new = torch.cat([L[:, good], torch.zeros(b, nkept, dtype=torch.float64)], dim=1)
         Qn, L = Qn_new, L_new
     if Qn.shape[0] > room:
