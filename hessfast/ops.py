@@ -68,12 +68,26 @@ def _native_reasons(device_type: str) -> list[str]:
     return []
 
 
+# Under HESSFAST_BACKEND=auto on a GPU, an op uses its CUDA kernel only where the kernel
+# measured faster than torch's own path (bench/bench_ops.py --device cuda, NVIDIA H200,
+# 2026-11-26, n=2e6, k=4): lanczos_step 1.8-1.9x faster; basis_dot 0.23-1.46x,
+# basis_update 0.70-1.24x and reorthogonalize 0.44-1.01x of torch (the kernels are
+# latency-bound, ~1.2 TB/s against 4.4 TB/s streaming). HESSFAST_BACKEND=native forces them.
+_CUDA_AUTO_NATIVE = frozenset({"lanczos_step"})
+_CUDA_AUTO_REASON = (
+    "auto prefers torch on CUDA for this op: the native kernel measured slower than torch's "
+    "matmul path on an H200 (bench/bench_ops.py); HESSFAST_BACKEND=native forces it"
+)
+
+
 def _pick(op: str, device: torch.device) -> str:
     forced = _forced()
     if forced == "reference":
         return "reference"
     reasons = _native_reasons(device.type)
     if not reasons:
+        if forced == "auto" and device.type == "cuda" and op not in _CUDA_AUTO_NATIVE:
+            return "reference"
         return "native"
     if forced == "native":
         raise BackendUnavailableError(
@@ -106,6 +120,8 @@ def backend_report() -> dict[str, dict[str, Any]]:
             except BackendUnavailableError as exc:
                 selected = f"error: {exc}"
             per_dev[dev] = {"selected": selected, "not_supported_reasons": reasons}
+            if dev == "cuda" and selected == "reference" and not reasons["native"]:
+                per_dev[dev]["why"] = _CUDA_AUTO_REASON
         out[op] = per_dev
     out["_build"] = {"forced": forced, "native": _native.build_info()}
     return out
