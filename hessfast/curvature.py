@@ -735,10 +735,14 @@ class CurvatureOperator(LinearOperator):
                             run = partial(self._graph_product, state, Vs, True)
                         if j == 0:
                             run()  # warm-up: allocator caches, lazy initialisation
-                        t0 = time.perf_counter()
-                        run()
-                        self._sync()
-                        dt = time.perf_counter() - t0
+                        # best of two: one timing on a busy 2-core machine can be 2x off
+                        # and mislead the choice (seen on a 4-batch MLP at k=16)
+                        dt = math.inf
+                        for _rep in range(2):
+                            t0 = time.perf_counter()
+                            run()
+                            self._sync()
+                            dt = min(dt, time.perf_counter() - t0)
                         if mode == "double_backward":
                             # rebuilding the graph is part of every product on this path
                             t1 = time.perf_counter()
