@@ -1,0 +1,85 @@
+"""PyHessian 0.1 (``pyhessian.hessian``) in its single-batch mode, defaults otherwise.
+
+PyHessian 0.1's ``density()`` calls ``torch.eig``, removed in torch 2: :func:`install_eig_shim`
+puts back an eigh-based replacement (the tridiagonal is symmetric, so eigh is exact) and the
+cell reports that it did.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .common import HVP_REPEATS, Clock, caught_warnings, probe_vector
+
+
+def version() -> str:
+    from importlib.metadata import version as v
+
+    return v("pyhessian")
+
+
+def install_eig_shim() -> bool:
+    """Give torch a ``torch.eig`` (removed in torch 2) built on ``torch.linalg.eigh``."""
+    if hasattr(torch, "eig"):
+        return False
+
+    def eig(A: torch.Tensor, eigenvectors: bool = False):
+        w, V = torch.linalg.eigh(A)
+        vals = torch.stack([w, torch.zeros_like(w)], dim=1)   # old API: [n, 2] (re, im)
+        return vals, (V if eigenvectors else torch.empty(0, dtype=A.dtype, device=A.device))
+
+    torch.eig = eig
+    return True
+
+
+def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
+    import pyhessian.hessian as ph
+
+    clock, notes, out = Clock(device), [], {}
+    counts = {"mv": 0, "passes": 0}
+    hvp = ph.hessian_vector_product
+
+    def counted_hvp(gradsH, params, v):
+        counts["mv"] += 1
+        counts["passes"] += 1        # one backward through the kept gradient graph
+        return hvp(gradsH, params, v)
+
+    ph.hessian_vector_product = counted_hvp
+    torch.manual_seed(cfg["seed"])
+    with caught_warnings(notes):
+        with clock.phase("setup"):
+            h = ph.hessian(model, criterion, data=batch, cuda=str(device).startswith("cuda"))
+        with clock.phase("solve"):
+            if task in ("lambda_max", "top5"):
+                k = 1 if task == "lambda_max" else cfg["k"]
+                vals, _ = h.eigenvalues(top_n=k, tol=cfg["tol"])      # maxIter=100 default
+                out["eigenvalues"] = [float(v) for v in vals]
+                notes.append("power iteration: largest |eigenvalue|; stop on relative change")
+            elif task == "trace":
+                samples = h.trace(maxIter=cfg["budget"])              # tol=1e-3 default
+                s = np.asarray(samples, dtype=np.float64)
+                out["trace"] = float(s.mean())
+                out["stderr"] = float(s.std(ddof=1) / np.sqrt(len(s))) if len(s) > 1 else None
+                notes.append(f"Hutchinson stopped after {len(s)} of {cfg['budget']} probes")
+            elif task == "density":
+                if install_eig_shim():
+                    out["shim"] = "torch.eig shim (eigh-based) installed for pyhessian 0.1"
+                    notes.append(out["shim"])
+                nodes, weights = h.density(iter=cfg["steps"], n_v=cfg["probes"])
+                out.update(nodes=[[float(a) for a in r] for r in nodes],
+                           weights=[[float(a) for a in r] for r in weights])
+            elif task == "hvp":
+                n = sum(p.numel() for p in h.params)
+                flat = probe_vector(n, device)
+                sizes = [p.numel() for p in h.params]
+                v = [t.view_as(p) for t, p in zip(flat.split(sizes), h.params, strict=True)]
+                for _ in range(HVP_REPEATS):
+                    hv = counted_hvp(h.gradsH, h.params, v)
+                out["hv_norm"] = float(torch.cat([t.reshape(-1) for t in hv]).double().norm())
+            else:
+                return {"unsupported": f"unknown task {task}"}
+    ph.hessian_vector_product = hvp
+    out.update(num_matvecs=counts["mv"], num_passes=counts["passes"],
+               setup_seconds=clock.setup, solve_seconds=clock.solve, notes=notes)
+    return out
