@@ -1104,14 +1104,17 @@ def hessian(
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 
     Args:
-        model: the network; never modified (modes restored, buffers copied, no ``.grad``).
+        model: the network; never modified (modes restored, buffers untouched, no ``.grad``,
+            global RNG restored).
         loss_fn: a criterion ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches,
             or ``loss_fn(model, batch) -> scalar`` (detected by a first argument named
             ``model``, or forced with ``loss_form="model"``).
         data: one batch, or a re-iterable of batches (list, DataLoader without shuffling).
         params: parameter names or tensors to differentiate; default all trainable ones.
         bn_mode: ``"eval"`` (dropout off, BatchNorm running statistics), ``"train"``
-            (BatchNorm batch statistics on buffer copies, dropout off), ``"as_is"``.
+            (BatchNorm with each batch's statistics, running statistics never updated,
+            dropout off), ``"as_is"`` (the model's own modes; active dropout makes the
+            pre-flight raise).
         hvp_mode: ``"auto"``, ``"reuse_graph"``, ``"double_backward"`` or ``"fwd_rev"``.
         check: run the pre-flight (one small product by every path on the first batch:
             valid loss, finite, symmetric, paths agree).
