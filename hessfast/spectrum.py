@@ -203,7 +203,8 @@ def eigsh(
             partial result is returned with a warning and ``status == "MAX_MATVECS"``.
         block_size: rows per block, one data pass each (default ``min(k, 4)``).
         max_basis: basis rows before a thick restart (default ``max(2k + 2b, 32)``, <= n).
-        v0: ``[n]`` or ``[j, n]`` start vectors, e.g. eigenvectors of an earlier run.
+        v0: ``[n]`` or ``[j, n]`` start vectors, e.g. eigenvectors of an earlier run (with
+            the default block size, the block grows to ``min(j, k)`` to use them all).
         seed: seed of the private generator for the random start (global RNG untouched).
         reorth: ``full`` (CGS2, default), ``partial`` or ``none``.
         basis_dtype: storage of the Krylov basis, e.g. ``torch.bfloat16`` (coefficients
@@ -268,6 +269,8 @@ def eigsh(
         )
         return _dense_eigsh(A, k, which, tol, t0)
     b = block_size if block_size is not None else min(k, 4)
+    if block_size is None and v0 is not None and v0.dim() == 2:
+        b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
     if not isinstance(b, int) or b < 1:
         raise ConfigurationError(f"block_size must be a positive integer, got {block_size!r}")
     b = min(b, n)

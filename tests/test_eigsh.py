@@ -265,3 +265,12 @@ def test_condition_number_definite_singular_indefinite() -> None:
     assert r.negative_ratio == pytest.approx(float(-lam.min() / lam.max()), rel=1e-5)
     true_mass = float((lam < 0).double().mean())
     assert abs(r.negative_mass - true_mass) < 0.1
+
+
+def test_block_warm_start_uses_all_vectors() -> None:
+    M, _ = spectra.decaying(300, kind="geometric")
+    A = hf.LinearOperator.from_matrix(M)
+    r1 = hf.eigsh(A, k=6, tol=1e-8)
+    r2 = hf.eigsh(A, k=6, tol=1e-8, v0=r1.eigenvectors)
+    assert torch.allclose(r2.eigenvalues, r1.eigenvalues, atol=1e-9)
+    assert r2.num_passes <= 2 < r1.num_passes
