@@ -50,6 +50,8 @@ def handle(spec: dict) -> dict:
                 out["tools"][tool] = None
                 out.setdefault("missing", {})[tool] = f"{type(e).__name__}: {e}"[:200]
         out["threads"] = torch.get_num_threads()
+        if str(device).startswith("cuda") and torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name(0)
         return out
     if kind == "prepare":
         return workloads.prepare(spec["case"], spec["path"])

@@ -21,6 +21,7 @@ class Clock:
         self.device = device
         self.setup = 0.0
         self.solve = 0.0
+        self.warmup = 0.0
 
     @contextmanager
     def phase(self, name: str):

@@ -31,6 +31,9 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
             counts["mv"] += 1
             return inner(v)
 
+        if task == "hvp":       # one warm-up product, not timed or counted
+            with clock.phase("warmup"):
+                inner(probe_vector(op.size, device, op.dtype))
         op.matvec = counted
         with clock.phase("solve"):
             if task == "lambda_max":
@@ -65,6 +68,6 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
                 out["hv_norm"] = float(hv.double().norm())
             else:
                 return {"unsupported": f"unknown task {task}"}
-    out.update(num_matvecs=counts["mv"], num_passes=counts["mv"],
+    out.update(warmup_seconds=clock.warmup, num_matvecs=counts["mv"], num_passes=counts["mv"],
                setup_seconds=clock.setup, solve_seconds=clock.solve, notes=notes)
     return out
