@@ -29,6 +29,25 @@ IMPORTS = {
 }
 
 
+def warm_up_torch_func() -> float:
+    """Pay torch.func's one-time lazy initialisation (~1.3 s on 2 cores) before any clock.
+
+    The first ``vmap(grad(...))`` and ``jvp`` in a process load torch's functorch machinery;
+    hessfast (auto plan, pre-flight) and curvlinops (jvp of jacrev) would otherwise be
+    charged for it in every fresh cell, PyHessian and hessian-eigenthings not. Done for every
+    tool alike, like the imports, and reported as ``torch_func_warmup_seconds``.
+    """
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    x = torch.ones(2, 3)
+    torch.func.vmap(torch.func.grad(lambda a: (a * a).sum()))(x)
+    torch.func.jvp(lambda a: (a * a).sum(), (x[0],), (x[0],))
+    return time.perf_counter() - t0
+
+
 def _adapter(tool: str):
     return importlib.import_module(f"bench.peers.{ADAPTERS[tool]}")
 
@@ -65,9 +84,12 @@ def handle(spec: dict) -> dict:
         cfg = spec["cfg"]
         return {"top": _adapter("curvlinops").crosscheck_top(load, cfg["k"], cfg["tol"], device)}
     if kind == "cell":
+        warm = warm_up_torch_func()
         torch.manual_seed(spec["cfg"]["seed"])
         model, crit, batch = load()
-        return _adapter(spec["tool"]).run(spec["task"], model, crit, batch, spec["cfg"], device)
+        out = _adapter(spec["tool"]).run(spec["task"], model, crit, batch, spec["cfg"], device)
+        out["torch_func_warmup_seconds"] = warm
+        return out
     raise ValueError(f"unknown kind {kind!r}")
 
 
