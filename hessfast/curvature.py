@@ -64,6 +64,10 @@ LOSS_FORMS = ("auto", "criterion", "model")
 # worse than k=4 (memory traffic), so the search stops at 32.
 _CHUNK_CANDIDATES = (1, 4, 8, 16, 32)
 _MAX_CHUNK = 32
+# Graph reuse beat forward-over-reverse and recomputed double backward at k = 1 and k = 4 on
+# every model of bench/bench_hvp.py, on the 2-core CPU and on an H200 (2026-11-26); only
+# larger blocks are timed.
+_REUSE_WITHOUT_TIMING = 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -709,6 +713,14 @@ class CurvatureOperator(LinearOperator):
             self._fits = self._reuse_fits()
         fits, why_fits = self._fits
         graph_mode = "reuse_graph" if fits else "double_backward"
+        if fits and k <= _REUSE_WITHOUT_TIMING and "reuse_graph" not in self._unavailable:
+            # Timing costs about ten products on the first batch, as much as a whole
+            # lambda_max on a small model; for small blocks the answer is known.
+            return HVPPlan(
+                "reuse_graph", self._fixed_chunk or k,
+                reason=f"auto for k={k}: reuse_graph without timing (fastest at k <= "
+                f"{_REUSE_WITHOUT_TIMING} on every benchmark model, CPU and H200); {why_fits}",
+            )
         index, batch = self._data.first()
         batch = _to_device(batch, self.device)
         gen = torch.Generator(device="cpu").manual_seed(1234)
