@@ -61,8 +61,10 @@ LOSS_FORMS = ("auto", "criterion", "model")
 # Chunk sizes (rows of V per vmapped / batched call) that auto mode tries. Larger chunks
 # amortise per-call overhead but grow activation memory linearly; on the 2-core CPU,
 # forward-over-reverse at k=4 cost 0.55x its own k=1 per vector on a CNN while k=16 was
-# worse than k=4 (memory traffic), so the search stops at 32.
-_CHUNK_CANDIDATES = (1, 4, 8, 16, 32)
+# worse than k=4 (memory traffic). Explicit modes use chunks of up to 32 rows.
+# Timing a chunk of c rows costs about 2-3 c products, so the search is kept short: on a
+# ResNet-20 a k=48 block spent 11.5 s choosing among 1/4/8/16/32/48 (three passes' worth).
+_CHUNK_CANDIDATES = (1, 4, 16)
 _MAX_CHUNK = 32
 # Graph reuse beat forward-over-reverse and recomputed double backward at k = 1 and k = 4 on
 # every model of bench/bench_hvp.py, on the 2-core CPU and on an H200 (2026-11-26); only
@@ -727,7 +729,7 @@ class CurvatureOperator(LinearOperator):
         chunks = (
             [self._fixed_chunk]
             if self._fixed_chunk
-            else sorted({c for c in _CHUNK_CANDIDATES if c <= k} | {min(k, _MAX_CHUNK)})
+            else sorted({c for c in _CHUNK_CANDIDATES if c <= k} or {k})
         )
         timings: dict[str, float] = {}
         best: tuple[float, str, int] | None = None
@@ -750,7 +752,7 @@ class CurvatureOperator(LinearOperator):
                         # best of two: one timing on a busy 2-core machine can be 2x off
                         # and mislead the choice (seen on a 4-batch MLP at k=16)
                         dt = math.inf
-                        for _rep in range(2):
+                        for _rep in range(2 if c <= 4 else 1):
                             t0 = time.perf_counter()
                             run()
                             self._sync()
