@@ -845,7 +845,7 @@ class CurvatureOperator(LinearOperator):
                     f"hvp_mode='fwd_rev' fails on this model: {errors['fwd_rev']}; use "
                     "hvp_mode='double_backward' or 'auto'"
                 ) from errors["fwd_rev"]
-            for _name, hv in results.items():
+            for hv in results.values():
                 self._check_finite(hv, index)
             hv = next(iter(results.values()))
             # Element-wise comparisons are against the largest entry of the product.

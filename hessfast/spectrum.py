@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigurationError
-from .lanczos import WHICH, block_lanczos
+from .lanczos import WHICH, block_lanczos, select
 from .linop import LinearOperator
 
 __all__ = [
@@ -154,8 +154,6 @@ class EigshResult:
 
 
 def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -> EigshResult:
-    from .lanczos import select
-
     mv0, p0 = A.num_matvecs, A.num_passes
     M = A.to_dense().double()
     theta, Y = torch.linalg.eigh(0.5 * (M + M.T))
