@@ -1,0 +1,39 @@
+"""Curvature operators of a model's loss: the Hessian and the generalized Gauss-Newton.
+
+``hessian(model, loss_fn, data)`` returns a :class:`~hessfast.linop.LinearOperator` over the
+flattened selected parameters. Its ``matmat(V)`` multiplies a whole block ``V: [k, n]`` in one
+pass over the data, by one of three paths that give the same numbers:
+
+* ``"reuse_graph"`` keeps each batch's first-order gradient graph (``create_graph=True``) and
+  differentiates it again for every block (double backward, batched over the k rows with
+  ``is_grads_batched``). A product then costs one backward pass and no forward; used when the
+  graphs of all batches fit in memory.
+* ``"double_backward"`` rebuilds that graph for every batch on every pass (forward, backward,
+  double backward); memory stays at one batch's graph.
+* ``"fwd_rev"`` is forward-over-reverse with ``torch.func``: ``jvp`` of ``grad``, ``vmap``-ped
+  over chunks of the k tangents.
+
+The operator is exactly the Hessian of the loss averaged over all samples: each batch's mean
+loss is weighted by its number of samples over the total, so an uneven last batch is exact.
+Nothing here touches the user's model state: parameters enter as detached leaves through
+``torch.func.functional_call``, modes are restored, buffers that training-mode layers would
+update are copies, ``.grad`` is never written, and the global RNG is restored after each pass.
+
+Modules, one job each:
+
+* ``data``: the batch source (single batch or sequence, weights, fingerprints);
+* ``model``: loss and output wrappers, loss form, parameter selection, model modes;
+* ``plan``: which path and chunk size per block size (:class:`HVPPlan`);
+* ``preflight``: the checks run at construction;
+* ``operator``: :class:`CurvatureOperator`, the shared core and the one chunk loop;
+* ``hessian`` / ``ggn``: the two operators, their graph states and factories.
+"""
+
+from __future__ import annotations
+
+from .ggn import GGNOperator, ggn
+from .hessian import HessianOperator, hessian
+from .operator import CurvatureOperator
+from .plan import HVPPlan
+
+__all__ = ["CurvatureOperator", "GGNOperator", "HVPPlan", "HessianOperator", "ggn", "hessian"]

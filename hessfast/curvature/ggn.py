@@ -1,0 +1,181 @@
+"""The generalized Gauss-Newton of the sample-weighted mean loss: :class:`GGNOperator` and
+:func:`ggn`.
+
+For a batch with outputs ``f(theta)`` and criterion ``l(f, targets)``, the GGN is
+``J^T H_l J`` with ``J = df/dtheta`` and ``H_l`` the Hessian of the criterion w.r.t. the
+outputs: positive semi-definite for a convex criterion, and equal to the Hessian for a model
+linear in its parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigurationError
+from .model import OutputModule, detect_loss_form, split_batch
+from .operator import CurvatureOperator, CurvatureOptions, graph_vjp
+
+__all__ = ["GGNGraph", "GGNOperator", "ggn"]
+
+
+@dataclass
+class GGNGraph:
+    """One batch's graph for ``J^T H_l J`` products (shapes for outputs ``[*out]``).
+
+    Attributes:
+        leaves: the selected parameters as detached leaves.
+        out: the model outputs ``[*out]``, with their graph back to ``leaves``.
+        out_d: ``out`` detached and made a leaf, the criterion's input.
+        g_out: the criterion's gradient w.r.t. ``out_d`` ``[*out]``, with its graph.
+        u: a zero ``[*out]`` leaf; ``jt_u = J^T u`` is linear in it, so the vjp of ``jt_u``
+            with a vector v is ``J v`` (the double-vjp trick, no forward mode).
+        jt_u: ``J^T u`` per parameter, with its graph.
+        live: indices of the parameters whose ``jt_u`` depends on ``u``.
+    """
+
+    leaves: list[torch.Tensor]
+    out: torch.Tensor
+    out_d: torch.Tensor
+    g_out: torch.Tensor
+    u: torch.Tensor
+    jt_u: tuple[torch.Tensor | None, ...]
+    live: list[int]
+
+
+class GGNOperator(CurvatureOperator):
+    """The generalized Gauss-Newton ``sum_b w_b J_b^T H_b J_b``: J the Jacobian of the model
+    outputs, H the Hessian of the criterion w.r.t. the outputs. PSD for convex criteria."""
+
+    _kind = "GGN"
+
+    def _decide_loss_form(self, loss_form: str) -> str:
+        if detect_loss_form(self.loss_fn, loss_form) == "model":
+            raise ConfigurationError(
+                "ggn needs a criterion loss_fn(outputs, targets) with (inputs, targets) "
+                "batches, so that it can split the loss from the model outputs; got a "
+                "loss_fn(model, batch) callable. Pass the criterion (e.g. "
+                "nn.CrossEntropyLoss()) instead"
+            )
+        return "criterion"
+
+    def _build_wrappers(self) -> None:
+        self._wrapper = OutputModule(self.model)
+
+    def _outputs(self, leaves: Sequence[torch.Tensor], inputs: Any) -> torch.Tensor:
+        mapping = self._state_dict_for(leaves, "model.")
+        out = torch.func.functional_call(self._wrapper, mapping, (inputs,))
+        if not isinstance(out, torch.Tensor):
+            raise ConfigurationError(
+                f"ggn needs the model to return one tensor of outputs, got {type(out).__name__}"
+            )
+        return out
+
+    def _graph(self, batch: Any, index: int) -> GGNGraph:
+        inputs, targets = split_batch(batch)
+        leaves = self._leaves()
+        with torch.enable_grad():
+            out = self._outputs(leaves, inputs)
+            out_d = out.detach().requires_grad_(True)
+            loss = self.loss_fn(out_d, targets)
+            self._check_loss(loss, index)
+            g_out = torch.autograd.grad(loss, out_d, create_graph=True)[0]
+            u = torch.zeros_like(out, requires_grad=True)
+            jt_u = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
+        return GGNGraph(leaves, out, out_d, g_out, u, jt_u, live)
+
+    def _graph_product(
+        self, state: GGNGraph, V: list[torch.Tensor], *, retain: bool
+    ) -> torch.Tensor:
+        c = V[0].shape[0]
+        if not state.live or not state.g_out.requires_grad:
+            return self._zeros(c)
+        vs = [V[i].to(self.param_dtype) for i in state.live]
+        outs = [state.jt_u[i] for i in state.live]
+        with torch.enable_grad():
+            if c > 1:
+                jv = graph_vjp(outs, [state.u], vs, retain=True, batched=True)[0]
+                hjv = graph_vjp([state.g_out], [state.out_d], [jv], retain=True, batched=True)[0]
+                res = graph_vjp([state.out], state.leaves, [hjv], retain=retain, batched=True)
+            else:
+                jv = torch.autograd.grad(outs, state.u, [v[0] for v in vs], retain_graph=True)[0]
+                hjv = torch.autograd.grad(state.g_out, state.out_d, jv, retain_graph=True)[0]
+                res = torch.autograd.grad(
+                    state.out, state.leaves, hjv, retain_graph=retain, allow_unused=True
+                )
+                res = tuple(None if r is None else r.unsqueeze(0) for r in res)
+        return self._cat(res, c)
+
+    def _fwd_rev_product(self, batch: Any, V: list[torch.Tensor]) -> torch.Tensor:
+        inputs, targets = split_batch(batch)
+        primals = tuple(p.detach() for p in self._params)
+        c = V[0].shape[0]
+
+        def f(*ps: torch.Tensor) -> torch.Tensor:
+            return self._outputs(ps, inputs)
+
+        out, vjp_fn = torch.func.vjp(f, *primals)
+        out = out.detach()
+        tangents = tuple(v.to(self.param_dtype) for v in V)
+        # J V by forward mode (vmapped over the chunk), the criterion's Hessian on the
+        # outputs by plain double backward, J^T by the saved vjp. The criterion stays out of
+        # torch.func: jvp-of-grad through mse_loss fails in torch 2.13 ("ZeroTensors are
+        # immutable"), and the outputs are small.
+        if c == 1:
+            jv = torch.func.jvp(f, primals, tuple(t[0] for t in tangents))[1].unsqueeze(0)
+        else:
+            jv = torch.func.vmap(
+                lambda *t: torch.func.jvp(f, primals, t)[1], randomness="same"
+            )(*tangents)
+        with torch.enable_grad():
+            out_d = out.requires_grad_(True)
+            g_out = torch.autograd.grad(self.loss_fn(out_d, targets), out_d, create_graph=True)[0]
+            if not g_out.requires_grad:  # loss linear in the outputs: H = 0
+                return self._zeros(c)
+            batched = c > 1
+            go = [jv] if batched else [jv[0]]
+            hjv = graph_vjp([g_out], [out_d], go, retain=False, batched=batched)[0]
+            if not batched:
+                hjv = hjv.unsqueeze(0)
+        if c == 1:
+            res = tuple(r.unsqueeze(0) for r in vjp_fn(hjv[0]))
+        else:
+            res = torch.func.vmap(vjp_fn)(hjv)
+        return self._cat(res, c)
+
+
+def ggn(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    params: Sequence[str] | Sequence[torch.Tensor] | None = None,
+    bn_mode: str = "eval",
+    hvp_mode: str = "auto",
+    check: bool = True,
+    check_deterministic: bool = True,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    chunk_size: int | None = None,
+    reuse_graph: bool | None = None,
+) -> GGNOperator:
+    """The generalized Gauss-Newton ``J^T H_loss J`` of the mean loss (PSD for convex losses).
+
+    ``loss_fn`` must be a criterion ``loss_fn(outputs, targets)`` (e.g.
+    ``nn.CrossEntropyLoss()``, ``nn.MSELoss()``, or any twice-differentiable function of
+    the outputs); batches are ``(inputs, targets)``. Other arguments as in
+    :func:`~hessfast.hessian`.
+
+    Returns:
+        :class:`GGNOperator`, ``matmat(V: [k, n]) -> [k, n]``.
+    """
+    options = CurvatureOptions(
+        params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
+        check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
+        chunk_size=chunk_size, reuse_graph=reuse_graph,
+    )
+    return GGNOperator(model, loss_fn, data, options)

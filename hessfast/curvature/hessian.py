@@ -1,0 +1,145 @@
+"""The Hessian of the sample-weighted mean loss: :class:`HessianOperator` and
+:func:`hessian`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import LossModule, detect_loss_form
+from .operator import CurvatureOperator, CurvatureOptions, graph_vjp
+
+__all__ = ["HessianGraph", "HessianOperator", "hessian"]
+
+
+@dataclass
+class HessianGraph:
+    """One batch's first-order graph.
+
+    Attributes:
+        leaves: the selected parameters as detached leaves, per parameter ``[*shape]``.
+        grads: the gradient of the batch loss w.r.t. ``leaves``, with its graph
+            (``create_graph=True``); None for a parameter the loss does not use.
+        live: indices of the gradients that depend on the parameters (the rest have no
+            second derivative).
+    """
+
+    leaves: list[torch.Tensor]
+    grads: tuple[torch.Tensor | None, ...]
+    live: list[int]
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian of the sample-weighted mean loss over the selected parameters."""
+
+    _kind = "Hessian"
+
+    def _decide_loss_form(self, loss_form: str) -> str:
+        return detect_loss_form(self.loss_fn, loss_form)
+
+    def _build_wrappers(self) -> None:
+        self._wrapper = LossModule(self.model, self.loss_fn, self.loss_form)
+
+    def _loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
+        mapping = self._state_dict_for(leaves, "model.")
+        return torch.func.functional_call(self._wrapper, mapping, (batch,))
+
+    def _graph(self, batch: Any, index: int) -> HessianGraph:
+        leaves = self._leaves()
+        with torch.enable_grad():
+            loss = self._loss(leaves, batch)
+            self._check_loss(loss, index)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return HessianGraph(leaves, grads, live)
+
+    def _graph_product(
+        self, state: HessianGraph, V: list[torch.Tensor], *, retain: bool
+    ) -> torch.Tensor:
+        c = V[0].shape[0]
+        if not state.live:  # the gradient is constant: the Hessian is zero
+            return self._zeros(c)
+        outs = [state.grads[i] for i in state.live]
+        vs = [V[i].to(self.param_dtype) for i in state.live]
+        with torch.enable_grad():
+            if c == 1:
+                res = graph_vjp(outs, state.leaves, [v[0] for v in vs], retain=retain,
+                                batched=False)
+                res = tuple(None if r is None else r.unsqueeze(0) for r in res)
+            else:
+                res = graph_vjp(outs, state.leaves, vs, retain=retain, batched=True)
+        return self._cat(res, c)
+
+    def _fwd_rev_product(self, batch: Any, V: list[torch.Tensor]) -> torch.Tensor:
+        primals = tuple(p.detach() for p in self._params)
+        c = V[0].shape[0]
+
+        def loss_of(*ps: torch.Tensor) -> torch.Tensor:
+            return self._loss(ps, batch)
+
+        grad_fn = torch.func.grad(loss_of, argnums=tuple(range(len(primals))))
+
+        def hvp(*tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return torch.func.jvp(grad_fn, primals, tangents)[1]
+
+        tangents = tuple(v.to(self.param_dtype) for v in V)
+        if c == 1:
+            res = hvp(*(t[0] for t in tangents))
+            res = tuple(r.unsqueeze(0) for r in res)
+        else:
+            res = torch.func.vmap(hvp, randomness="same")(*tangents)
+        return self._cat(res, c)
+
+
+def hessian(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    params: Sequence[str] | Sequence[torch.Tensor] | None = None,
+    bn_mode: str = "eval",
+    hvp_mode: str = "auto",
+    check: bool = True,
+    check_deterministic: bool = True,
+    batch_size_fn: Callable[[Any], int] | None = None,
+    loss_form: str = "auto",
+    chunk_size: int | None = None,
+    reuse_graph: bool | None = None,
+) -> HessianOperator:
+    """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
+
+    Args:
+        model: the network; never modified (modes restored, buffers untouched, no ``.grad``,
+            global RNG restored).
+        loss_fn: a criterion ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches,
+            or ``loss_fn(model, batch) -> scalar`` (detected by a first argument named
+            ``model``, or forced with ``loss_form="model"``).
+        data: one batch, or a re-iterable of batches (list, DataLoader without shuffling).
+        params: parameter names or tensors to differentiate; default all trainable ones.
+        bn_mode: ``"eval"`` (dropout off, BatchNorm running statistics), ``"train"``
+            (BatchNorm with each batch's statistics, running statistics never updated,
+            dropout off), ``"as_is"`` (the model's own modes; active dropout makes the
+            pre-flight raise).
+        hvp_mode: ``"auto"``, ``"reuse_graph"``, ``"double_backward"`` or ``"fwd_rev"``.
+        check: run the pre-flight (one small product by every path on the first batch:
+            valid loss, finite, symmetric, paths agree).
+        check_deterministic: in the pre-flight, also repeat a product and require equality.
+        batch_size_fn: number of samples of a batch (default: first dim of its first tensor).
+        loss_form: ``"auto"``, ``"criterion"`` or ``"model"``.
+        chunk_size: rows of a block per batched call (default: chosen by timing / up to 32).
+        reuse_graph: force graph reuse on/off in auto mode (default: when it fits memory).
+
+    Returns:
+        :class:`HessianOperator` with ``shape == (n, n)``, n the number of selected
+        parameter entries; ``matmat(V: [k, n]) -> [k, n]``.
+    """
+    options = CurvatureOptions(
+        params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
+        check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
+        loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
+    )
+    return HessianOperator(model, loss_fn, data, options)

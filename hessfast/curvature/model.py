@@ -1,0 +1,182 @@
+"""Model plumbing for the curvature operators: the loss and output wrappers that
+``torch.func.functional_call`` re-parametrises, the loss form, the parameter selection and
+the model modes a computation runs in (restored afterwards)."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigurationError, NoParametersError
+
+__all__ = [
+    "BN_MODES",
+    "LOSS_FORMS",
+    "LossModule",
+    "OutputModule",
+    "active_stochastic_modules",
+    "detect_loss_form",
+    "model_modes",
+    "select_params",
+    "split_batch",
+]
+
+BN_MODES = ("eval", "train", "as_is")
+LOSS_FORMS = ("auto", "criterion", "model")
+
+
+class LossModule(nn.Module):
+    """model + loss as one module, so ``functional_call`` re-parametrises the model also
+    when the loss is a ``loss_fn(model, batch)`` callable that calls it."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, form: str) -> None:
+        super().__init__()
+        self.model = model
+        # A list, so an nn.Module criterion is not registered as a submodule.
+        self._loss = [loss_fn]
+        self._form = form
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        loss_fn = self._loss[0]
+        if self._form == "model":
+            return loss_fn(self.model, batch)
+        inputs, targets = split_batch(batch)
+        return loss_fn(self.model(inputs), targets)
+
+
+class OutputModule(nn.Module):
+    """The model's outputs, for the GGN (criterion form only)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self.model(inputs)
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch for a criterion loss."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ConfigurationError(
+        f"with a criterion loss_fn(outputs, targets) each batch must be an (inputs, targets) "
+        f"pair, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + ". For other batches pass a callable loss_fn(model, batch) -> scalar"
+    )
+
+
+def detect_loss_form(loss_fn: Callable, loss_form: str) -> str:
+    """``"criterion"`` (``loss_fn(outputs, targets)``) or ``"model"`` (``loss_fn(model,
+    batch)``)."""
+    if loss_form not in LOSS_FORMS:
+        raise ConfigurationError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
+    if loss_form != "auto":
+        return loss_form
+    if isinstance(loss_fn, nn.Module):
+        return "criterion"
+    if getattr(loss_fn, "__module__", "") and str(loss_fn.__module__).startswith("torch"):
+        return "criterion"
+    try:
+        first = next(iter(inspect.signature(loss_fn).parameters))
+    except (TypeError, ValueError, StopIteration):
+        return "criterion"
+    return "model" if first in ("model", "module", "net", "network") else "criterion"
+
+
+def select_params(
+    model: nn.Module, params: Sequence[str] | Sequence[torch.Tensor] | None
+) -> tuple[list[str], list[nn.Parameter]]:
+    """Names and parameters to differentiate: ``params`` (names or tensors), or every
+    trainable parameter in ``named_parameters`` order (tied parameters once)."""
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise NoParametersError(
+                f"the model has {len(named)} parameters and none requires grad: there is "
+                "nothing to differentiate. Unfreeze some (p.requires_grad_(True)) or pass "
+                "params=[...]"
+            )
+        return [n for n, _ in chosen], [p for _, p in chosen]
+    params = list(params)
+    if not params:
+        raise NoParametersError("params=[] selects no parameters: pass names or tensors")
+    by_name = dict(named)
+    by_id = {id(p): n for n, p in named}
+    names: list[str] = []
+    for item in params:
+        if isinstance(item, str):
+            if item not in by_name:
+                raise ConfigurationError(
+                    f"params: no parameter named {item!r} in the model; names look like "
+                    f"{[n for n, _ in named[:3]]}"
+                )
+            names.append(item)
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise ConfigurationError(
+                    f"params: a tensor of shape {tuple(item.shape)} is not a parameter of the "
+                    "model (pass the model's own nn.Parameter objects or their names)"
+                )
+            names.append(by_id[id(item)])
+        else:
+            raise TypeError(f"params items must be names or tensors, got {type(item).__name__}")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigurationError(f"params lists the same parameter twice: {dup}")
+    frozen = [n for n in names if not by_name[n].requires_grad]
+    if frozen:
+        warnings.warn(
+            f"hessfast: params includes frozen parameters {frozen}; they are differentiated "
+            "anyway, as requested",
+            stacklevel=4,
+        )
+    return names, [by_name[n] for n in names]
+
+
+@contextmanager
+def model_modes(model: nn.Module, bn_mode: str) -> Iterator[None]:
+    """Set the modes for a computation and restore every module's flags afterwards.
+
+    Normalisation layers in training mode normalise with batch statistics whatever
+    ``track_running_stats`` says; turning it off for the computation only stops their
+    in-place running-statistics updates, which change nothing in the output but cannot run
+    under ``torch.func`` transforms (and would otherwise need buffer copies).
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    tracked: list[tuple[nn.Module, bool]] = []
+    try:
+        if bn_mode == "eval":
+            model.eval()
+        elif bn_mode == "train":
+            model.eval()
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    m.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
+                tracked.append((m, m.track_running_stats))
+                m.track_running_stats = False
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+        for m, flag in tracked:
+            m.track_running_stats = flag
+
+
+def active_stochastic_modules(model: nn.Module) -> list[str]:
+    """Names of the dropout layers in training mode (they make the curvature random)."""
+    out = []
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd):
+            out.append(f"{name or '<root>'} ({type(m).__name__})")
+    return out
