@@ -25,21 +25,15 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
-sys.path.insert(0, os.path.join(_ROOT, "tests"))
-
-from models import TinyLM, lm_loss  # noqa: E402
-
-import hessfast as hf  # noqa: E402
+import hessfast as hf
+from hessfast.testing import timeit
+from hessfast.testing.models import TinyLM, lm_loss
 
 PATHS = ("reuse_graph", "double_backward", "fwd_rev")
 AGREE_RTOL = 1e-4
@@ -126,23 +120,6 @@ CASES = {
 # ---------------------------------------------------------------------------------------
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    _sync()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def move(batches, device):
     """Batches (tuples or dicts of tensors) on ``device``."""
     return [
@@ -178,7 +155,7 @@ def gradient_seconds(model, loss_fn, batches, repeats: int) -> float:
         return acc
 
     try:
-        return _median_time(run, repeats)
+        return timeit(run, repeats=repeats).median      # after one warm-up
     finally:
         model.train(was_training)
 
@@ -237,7 +214,7 @@ def bench_case(name: str, ks: tuple[int, ...], repeats: int, device: str = "cpu"
             H = hf.hessian(model, loss_fn, batches, hvp_mode=mode)
             for k in ks:
                 V = torch.randn(k, n, generator=g).to(device)
-                t = _median_time(lambda V=V, H=H: H.matmat(V), repeats)
+                t = timeit(lambda V=V, H=H: H.matmat(V), repeats=repeats, device=device).median
                 times[str(k)], ratios[str(k)] = t, t / t_grad
                 if mode == "auto":
                     rec.setdefault("auto_picked", {})[str(k)] = H.hvp_mode

@@ -3,6 +3,8 @@ bandwidth, measured in the same run. One JSON line per case on stdout.
 
     python bench/bench_ops.py [--quick] [--device cpu|cuda] [--repeats R]
 
+(hessfast must be importable: installed, or the repository root on PYTHONPATH with a built _C.)
+
 Bytes counted are what each op must move at minimum (V is read once per pass over n):
   basis_dot       m n s + k n 4           (s = bytes per basis element, W float32)
   basis_update    m n s + 2 k n 4
@@ -17,44 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hessfast import _native, ops  # noqa: E402
+from hessfast import _native, ops
+from hessfast.testing import timeit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn, device: torch.device, repeats: int, setup=None) -> float:
-    """Median seconds of fn() over `repeats` runs after one warm-up; setup() is not timed."""
-    times = []
-    for r in range(repeats + 1):
-        if setup is not None:
-            setup()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if r > 0:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def stream_bandwidth(device: torch.device, repeats: int) -> float:
     """Streaming read GB/s: a float32 sum over 1 GiB (CPU) / 4 GiB (GPU), far beyond any cache."""
     numel = (1 << 28) if device.type == "cpu" else (1 << 30)
     x = torch.ones(numel, device=device)
-    t = timeit(x.sum, device, repeats)
+    t = timeit(x.sum, repeats=repeats, device=device).median
     return numel * 4 / t / 1e9
 
 
@@ -119,8 +98,9 @@ def bench_case(device, storage, m, k, n, repeats, stream):
     }
     out = []
     for op, (native_fn, torch_fn, nbytes, setup) in cases.items():
-        t_nat = timeit(native_fn, device, repeats, setup)
-        t_tor = timeit(torch_fn, device, repeats, setup)
+        # median of `repeats` runs after one warm-up; setup() restores W, untimed
+        t_nat = timeit(native_fn, repeats=repeats, setup=setup, device=device).median
+        t_tor = timeit(torch_fn, repeats=repeats, setup=setup, device=device).median
         out.append({
             "op": op, "device": device.type, "storage": str(storage).removeprefix("torch."),
             "m": m, "k": k, "n": n, "native_ms": round(t_nat * 1e3, 3),
@@ -157,8 +137,9 @@ def bench_lanczos(device, storage, k, n, repeats, stream):
     assert rel_err(A, A2) < 1e-4 and rel_err(W1, W) < 1e-4, "lanczos_step disagrees with torch"
     assert rel_err(G, W1.double() @ W1.double().T) < 1e-4, "lanczos_step: G != W W^T"
     nbytes = 3 * k * n * s + 3 * k * n * 4
-    t_nat = timeit(lambda: ops.lanczos_step(W, Q, Qp, B), device, repeats, restore)
-    t_tor = timeit(torch_step, device, repeats, restore)
+    t_nat = timeit(lambda: ops.lanczos_step(W, Q, Qp, B), repeats=repeats, setup=restore,
+                   device=device).median
+    t_tor = timeit(torch_step, repeats=repeats, setup=restore, device=device).median
     return {
         "op": "lanczos_step", "device": device.type, "storage": str(storage).removeprefix("torch."),
         "m": 0, "k": k, "n": n, "native_ms": round(t_nat * 1e3, 3),

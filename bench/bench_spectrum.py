@@ -11,7 +11,7 @@ Questions (one JSON line per measurement on stdout, a table on stderr):
   same operator; error against a tight reference (hessfast at 1e-8, cross-checked by ARPACK).
 * ``top10``: the same for the 10 largest eigenvalues at 1e-3.
 * ``trace``: mean relative error over seeds against the exact trace at budgets of 30, 99,
-  300 matvecs, for Hutchinson, Hutch++ and XTrace, on the small test CNN of tests/models.py
+  300 matvecs, for Hutchinson, Hutch++ and XTrace, on the small test CNN of hessfast.testing.models
   (float64, exact dense Hessian).
 * ``slq``: spectral density with P probes x m steps: all probes as one block per step vs
   one probe at a time (P separate runs), seconds and data passes.
@@ -28,22 +28,19 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
 import torch
+from bench_hvp import CASES, move  # bench/bench_hvp.py, next to this script
+
+import hessfast as hf
+from hessfast.density import spectral_density
+from hessfast.estimators import trace
+from hessfast.testing import dense_hessian_reference, timeit
+from hessfast.testing.models import make_cnn
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
-sys.path.insert(0, os.path.join(_ROOT, "tests"))
-sys.path.insert(0, os.path.join(_ROOT, "bench"))
-
-from bench_hvp import CASES, move  # noqa: E402
-
-import hessfast as hf  # noqa: E402
-from hessfast.density import spectral_density  # noqa: E402
-from hessfast.estimators import trace  # noqa: E402
 
 
 def _commit() -> str:
@@ -74,23 +71,21 @@ def _scipy_eigsh(H, k: int, tol: float, seed: int = 0) -> dict:
     op = LinearOperator((n, n), matvec=mv, dtype=dtype)
     v0 = np.random.default_rng(seed).standard_normal(n).astype(dtype)
     mv0, p0 = H.num_matvecs, H.num_passes
-    t0 = time.perf_counter()
-    vals = eigsh(op, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False,
-                 maxiter=100000)
-    dt = time.perf_counter() - t0
-    vals = np.sort(vals)[::-1]
-    return {"eigenvalues": vals.astype(float).tolist(), "seconds": dt,
+    t = timeit(lambda: eigsh(op, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False,
+                             maxiter=100000), repeats=1, warmup=0)
+    vals = np.sort(t.result)[::-1]
+    return {"eigenvalues": vals.astype(float).tolist(), "seconds": t.seconds,
             "matvecs": H.num_matvecs - mv0, "passes": H.num_passes - p0}
 
 
 def _hessfast_eigsh(H, k: int, tol: float, block_size: int) -> dict:
     mv0 = H.num_matvecs
-    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = hf.eigsh(H, k=k, which="LA", tol=tol, block_size=block_size)
-    dt = time.perf_counter() - t0
-    return {"eigenvalues": r.eigenvalues.tolist(), "seconds": dt,
+        t = timeit(lambda: hf.eigsh(H, k=k, which="LA", tol=tol, block_size=block_size),
+                   repeats=1, warmup=0)
+    r = t.result
+    return {"eigenvalues": r.eigenvalues.tolist(), "seconds": t.seconds,
             "matvecs": H.num_matvecs - mv0, "passes": r.num_passes, "status": r.status,
             "max_residual_rel": float((r.residuals / r.eigenvalues.abs()).max())}
 
@@ -128,11 +123,9 @@ def bench_eigen(name: str, quick: bool) -> list[dict]:
 
 
 def bench_trace(quick: bool) -> list[dict]:
-    import models
-
-    model, loss_fn, batches = models.make_cnn()
+    model, loss_fn, batches = make_cnn()
     H = hf.hessian(model, loss_fn, batches)
-    exact = float(torch.trace(models.dense_hessian_reference(model, loss_fn, batches)))
+    exact = float(torch.trace(dense_hessian_reference(model, loss_fn, batches)))
     seeds = range(10 if quick else 30)
     out = []
     for budget in (30, 99, 300):
@@ -141,10 +134,10 @@ def bench_trace(quick: bool) -> list[dict]:
         for method in ("hutchinson", "hutch++", "xtrace"):
             errs, secs = [], []
             for s in seeds:
-                t0 = time.perf_counter()
-                r = trace(H, budget, method=method, seed=s)
-                secs.append(time.perf_counter() - t0)
-                errs.append(abs(r.value - exact) / abs(exact))
+                t = timeit(lambda s=s, m=method, b=budget: trace(H, b, method=m, seed=s),
+                           repeats=1, warmup=0)
+                secs.append(t.seconds)
+                errs.append(abs(t.result.value - exact) / abs(exact))
             rec[method] = {"mean_rel_err": statistics.fmean(errs),
                            "median_seconds": statistics.median(secs)}
         rec["hutchpp_over_hutchinson"] = (rec["hutch++"]["mean_rel_err"]
@@ -154,33 +147,28 @@ def bench_trace(quick: bool) -> list[dict]:
     return out
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def bench_slq(name: str, probes: int, steps: int, device: str = "cpu") -> dict:
     model, loss_fn, batches = CASES[name]()
     H = hf.hessian(model.to(device), loss_fn, move(batches, device))
     H.matmat(torch.randn(probes, H.shape[0]))  # path decided for k = P and k = 1
     H.matvec(torch.randn(H.shape[0]))
     p0 = H.num_passes
-    _sync()
-    t0 = time.perf_counter()
-    d = spectral_density(H, num_probes=probes, num_steps=steps, seed=0)
-    _sync()
-    t_block = time.perf_counter() - t0
+    block = timeit(lambda: spectral_density(H, num_probes=probes, num_steps=steps, seed=0),
+                   repeats=1, warmup=0, device=device)
+    d = block.result
     passes_block = H.num_passes - p0
     p0 = H.num_passes
-    t0 = time.perf_counter()
-    for s in range(probes):
-        spectral_density(H, num_probes=1, num_steps=steps, seed=100 + s)
-    _sync()
-    t_one = time.perf_counter() - t0
+
+    def one_at_a_time() -> None:
+        for s in range(probes):
+            spectral_density(H, num_probes=1, num_steps=steps, seed=100 + s)
+
+    one = timeit(one_at_a_time, repeats=1, warmup=0, device=device)
+    t_block, t_one = block.seconds, one.seconds
     rec = {"bench": "slq", "case": name, "probes": probes, "steps": steps,
            "block_seconds": t_block, "block_passes": passes_block,
            "one_at_a_time_seconds": t_one, "one_at_a_time_passes": H.num_passes - p0,
-           "speedup": t_one / t_block, "hvp_mode_block": H._plans.get(probes).mode,
+           "speedup": t_one / t_block, "hvp_mode_block": H.plans.get(probes).mode,
            "mean_eig_estimate": float(d.moments(1)), "device": device,
            "machine": torch.cuda.get_device_name() if device.startswith("cuda") else None,
            "commit": _commit()}

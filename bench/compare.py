@@ -1,8 +1,8 @@
 """hessfast against its peers -- PyHessian, curvlinops, hessian-eigenthings -- side by side.
 
 Same workloads, same run, same machine. Every cell (one tool, one workload, one task) runs in
-a fresh subprocess (``python -m bench.peers.cell``) with a timeout, hessfast included; each
-peer goes through its own recommended API and defaults wherever the task does not fix a
+a fresh subprocess (``python -m peers.cell`` in ``bench/``) with a timeout, hessfast included;
+each peer goes through its own recommended API and defaults wherever the task does not fix a
 parameter (see ``bench/peers/*_peer.py``). Tasks:
 
 * ``lambda_max``: the largest algebraic eigenvalue at ``tol`` (each tool's own meaning of tol).
@@ -20,6 +20,9 @@ taken only against peers whose answer is correct: a wrong cell is never fast.
     python bench/compare.py --quick --cases mlp --tasks lambda_max,top5
     python bench/compare.py --device cuda         # on a GPU (writes compare_cuda.*)
 
+``--python`` runs the cells with another interpreter; this harness itself needs only the
+standard library (numpy for the density verdicts, matplotlib for the plot).
+
 Writes ``bench/results/compare_<device>.{jsonl,md,png}``.
 """
 
@@ -36,7 +39,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
 MARK = "@@RESULT "
 
 CASES = ("mlp", "cnn", "lm")
@@ -239,10 +243,14 @@ def summarize(cells: list[dict], device: str = "cpu") -> list[dict]:
 # running cells
 # ---------------------------------------------------------------------------------------------
 def run_spec(python: str, spec: dict, timeout: float) -> dict:
-    """Run ``python -m bench.peers.cell SPEC`` in a fresh process; the parsed result."""
+    """Run ``python -m peers.cell SPEC`` in ``bench/`` in a fresh process; the parsed result.
+
+    ``wall_seconds`` is the subprocess's whole life (interpreter start, imports, loading):
+    the watchdog's figure, never a ranking one (those come from the cell itself).
+    """
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([python, "-m", "bench.peers.cell", json.dumps(spec)], cwd=ROOT,
+        p = subprocess.run([python, "-m", "peers.cell", json.dumps(spec)], cwd=BENCH,
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"timeout": timeout, "wall_seconds": time.perf_counter() - t0}

@@ -1,24 +1,26 @@
-"""Shared fixtures for the curvature tests (tiny float64 models and cached dense references)."""
+"""Shared fixtures for the curvature tests (tiny float64 models and cached dense references).
+
+``tests`` and ``bench`` are on the import path through ``pythonpath`` in pyproject's pytest
+configuration: ``import models`` is tests/models.py, ``import compare`` is bench/compare.py.
+"""
 
 from __future__ import annotations
-
-import os
-import sys
 
 import pytest
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-try:  # the package may not be installed in the venv yet
-    import hessfast  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    sys.path.insert(0, _ROOT)
+import hessfast
+from hessfast import _native
+from hessfast.testing import dense_ggn_reference, dense_hessian_reference
+from hessfast.testing.models import BUILDERS
 
-import models  # noqa: E402
-from models import HVP_MODES  # noqa: E402,F401  (re-exported)
+
+def pytest_report_header(config) -> list[str]:
+    """Which hessfast the tests import, and whether its native module loaded: a run against a
+    source tree without the built module would test the reference fallback only."""
+    native = (f"native module loaded, CUDA kernels {_native.cuda_compiled()}"
+              if _native.available() else f"native module NOT loaded ({_native.IMPORT_ERROR})")
+    return [f"hessfast {hessfast.__version__} from {hessfast.__file__}: {native}"]
 
 
 @pytest.fixture
@@ -65,17 +67,17 @@ class RefCache:
     def hessian(self, kind: str, bn_mode: str = "eval", single: bool = False) -> torch.Tensor:
         key = ("H", kind, bn_mode, single)
         if key not in self._cache:
-            model, loss_fn, batches = models.BUILDERS[kind]()
+            model, loss_fn, batches = BUILDERS[kind]()
             data = batches[0] if single else batches
-            self._cache[key] = models.dense_hessian_reference(model, loss_fn, data, bn_mode=bn_mode)
+            self._cache[key] = dense_hessian_reference(model, loss_fn, data, bn_mode=bn_mode)
         return self._cache[key]
 
     def ggn(self, kind: str, task: str | None = None) -> torch.Tensor:
         key = ("G", kind, task)
         if key not in self._cache:
             kwargs = {"task": task} if task else {}
-            model, loss_fn, batches = models.BUILDERS[kind](**kwargs)
-            self._cache[key] = models.dense_ggn_reference(model, loss_fn, batches)
+            model, loss_fn, batches = BUILDERS[kind](**kwargs)
+            self._cache[key] = dense_ggn_reference(model, loss_fn, batches)
         return self._cache[key]
 
 

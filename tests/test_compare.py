@@ -6,19 +6,13 @@ Runs without the peers installed; the tests that need one use ``pytest.importors
 from __future__ import annotations
 
 import math
-import os
 import sys
 
+import compare  # bench/compare.py (bench is on pytest's pythonpath)
 import pytest
 import torch
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from bench import compare  # noqa: E402
-from bench.peers import cell as cellmod  # noqa: E402
-from bench.peers import pyhessian_peer  # noqa: E402
+from peers import cell as cellmod
+from peers import pyhessian_peer
 
 CFG = dict(compare.QUICK)
 REF = {"top": [10.0, 5.0, 4.0, 3.0, 2.0], "lambda_min": -1.0, "trace": 100.0,
@@ -192,6 +186,14 @@ def test_hessfast_cell_is_correct_on_the_mlp(mlp_path):
     v = compare.verdict("lambda_max", res, ref, CFG)
     assert v["status"] == "correct", (res, ref["top"][:1])
     assert res["num_matvecs"] > 0 and res["num_passes"] > 0
+
+
+def test_cells_run_as_fresh_processes_in_bench():
+    """compare.py starts ``python -m peers.cell`` in bench/: the cell finds its package and
+    the installed hessfast from there."""
+    info = compare.run_spec(sys.executable, {"kind": "version", "device": "cpu"}, 120)
+    assert "error" not in info, info
+    assert info["tools"]["hessfast"] and info["wall_seconds"] > 0
 
 
 @pytest.mark.parametrize("tool,module", [("pyhessian", "pyhessian"),

@@ -6,10 +6,10 @@ Runs only where torch sees a GPU (``pytest -m cuda``); CI has none, the device m
 from __future__ import annotations
 
 import pytest
-import spectra
 import torch
 
 import hessfast as hf
+from hessfast.testing import spectra
 
 pytestmark = [
     pytest.mark.cuda,

@@ -8,12 +8,12 @@ import math
 import sys
 
 import pytest
-import spectra
 import torch
 
 from hessfast.density import SpectralDensity, draw_probes, spectral_density
 from hessfast.errors import ConfigurationError, NonFiniteError
 from hessfast.linop import LinearOperator
+from hessfast.testing import spectra
 
 F64 = torch.float64
 

@@ -7,12 +7,12 @@ import math
 import warnings
 
 import pytest
-import spectra
 import torch
 
 import hessfast as hf
 from hessfast.errors import ConfigurationError
 from hessfast.lanczos import select
+from hessfast.testing import spectra
 
 FAMILIES = {
     "evenly_spaced": lambda: spectra.evenly_spaced(200),

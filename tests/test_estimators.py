@@ -10,13 +10,13 @@ import math
 import warnings
 
 import pytest
-import spectra
 import torch
 from models import dense_hessian_reference, make_mlp, reorder_reference, trainable_names
 
 import hessfast as hf
 from hessfast.errors import ConfigurationError, NonFiniteError
 from hessfast.estimators import DiagonalResult, TraceResult, diagonal, trace
+from hessfast.testing import spectra
 
 pytestmark = pytest.mark.usefixtures("no_leaking_global_state")
 

@@ -1,4 +1,5 @@
-"""One cell of the comparison, run in a fresh process: ``python -m bench.peers.cell SPEC``.
+"""One cell of the comparison, run in a fresh process: ``python -m peers.cell SPEC`` from
+``bench/`` (what ``bench/compare.py`` starts).
 
 SPEC is a JSON object: ``{"kind": "prepare"|"reference"|"crosscheck"|"cell"|"version", ...}``.
 The result is printed as one line ``@@RESULT {json}``; a failure prints the same line with
@@ -49,13 +50,13 @@ def warm_up_torch_func() -> float:
 
 
 def _adapter(tool: str):
-    return importlib.import_module(f"bench.peers.{ADAPTERS[tool]}")
+    return importlib.import_module(f".{ADAPTERS[tool]}", __package__)
 
 
 def handle(spec: dict) -> dict:
     import torch
 
-    from bench.peers import workloads
+    from . import workloads
 
     kind = spec["kind"]
     device = spec.get("device", "cpu")

@@ -1,9 +1,16 @@
-"""Symmetric test matrices with prescribed spectra (TESTING.md, "Operator families").
+"""Symmetric test matrices with prescribed spectra.
 
 Each builder returns ``(M, eigenvalues)``: ``M = Q diag(lam) Q^T`` in float64 with a seeded
-random orthogonal Q (or a classical tridiagonal matrix), and its exact eigenvalues sorted
+random orthogonal ``Q`` (or a classical tridiagonal matrix), and its exact eigenvalues sorted
 ascending. Diagonal matrices are avoided on purpose: Rademacher probes are exact on them and
-hide estimator bugs.
+hide estimator bugs. Wrap ``M`` with :meth:`hessfast.LinearOperator.from_matrix` to hand it to
+a solver.
+
+The families are the shapes that break Krylov solvers and stochastic estimators: zero and
+scaled identities (breakdown at once), evenly spaced and geometric spectra, one outlier over a
+tiny bulk (the shape of a network Hessian), repeated eigenvalues, Wilkinson's nearly equal
+pairs, Strakos' spectrum (orthogonality lost fast), low rank, slow and fast decay, Wishart
+(also shifted to indefinite), and a negative eigenvalue that dominates in magnitude.
 """
 
 from __future__ import annotations
@@ -12,11 +19,32 @@ import math
 
 import torch
 
+__all__ = [
+    "DTYPE",
+    "clustered",
+    "decaying",
+    "evenly_spaced",
+    "geometric",
+    "low_rank_psd",
+    "negative_dominant",
+    "random_orthogonal",
+    "scaled_identity",
+    "strakos",
+    "two_values",
+    "wilkinson",
+    "wishart",
+    "with_spectrum",
+    "zero",
+]
+
 DTYPE = torch.float64
 
 
 def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
-    """A Haar-distributed orthogonal ``[n, n]`` matrix (QR of a Gaussian, signs fixed)."""
+    """A Haar-distributed orthogonal ``[n, n]`` float64 matrix (QR of a Gaussian, signs fixed).
+
+    Drawn from a private generator: the global torch RNG is untouched.
+    """
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(n, n, generator=gen, dtype=DTYPE)
     Q, R = torch.linalg.qr(A)
@@ -24,7 +52,16 @@ def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def with_spectrum(lam: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Q diag(lam) Q^T`` symmetrised exactly, and ``sort(lam)``."""
+    """The matrix with prescribed eigenvalues: ``Q diag(lam) Q^T`` for a random orthogonal
+    ``Q`` (:func:`random_orthogonal` with ``seed``), symmetrised exactly, and ``sort(lam)``.
+
+    Args:
+        lam: eigenvalues ``[n]``, any order, repeats allowed.
+        seed: seed of ``Q``.
+
+    Returns:
+        ``(M [n, n], eigenvalues [n] ascending)``, both float64.
+    """
     lam = lam.to(DTYPE)
     n = lam.numel()
     Q = random_orthogonal(n, seed)
@@ -34,14 +71,17 @@ def with_spectrum(lam: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch
 
 
 def zero(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zero matrix (every Krylov method breaks down at its first step)."""
     return torch.zeros(n, n, dtype=DTYPE), torch.zeros(n, dtype=DTYPE)
 
 
 def scaled_identity(n: int, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c I`` (one eigenvalue of multiplicity n: an invariant subspace after one step)."""
     return c * torch.eye(n, dtype=DTYPE), torch.full((n,), c, dtype=DTYPE)
 
 
 def evenly_spaced(n: int, seed: int = 0, signs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues evenly spaced from 1 down to 1/n; ``signs=True`` flips random ones."""
     lam = torch.linspace(1.0, 1.0 / n, n, dtype=DTYPE)
     if signs:
         gen = torch.Generator().manual_seed(seed + 1)
@@ -50,6 +90,7 @@ def evenly_spaced(n: int, seed: int = 0, signs: bool = False) -> tuple[torch.Ten
 
 
 def geometric(n: int, seed: int = 0, low: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues geometrically spaced from 1 down to ``low``."""
     lam = torch.logspace(0.0, math.log10(low), n, dtype=DTYPE)
     return with_spectrum(lam, seed)
 
@@ -62,6 +103,8 @@ def clustered(n: int, seed: int = 0, tail: float = 1e-8) -> tuple[torch.Tensor, 
 
 
 def two_values(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues 1 and 2, each of multiplicity n/2: a solver that keeps only as many copies
+    of an eigenvalue as its block size returns a wrong top-k here."""
     lam = torch.ones(n, dtype=DTYPE)
     lam[n // 2 :] = 2.0
     return with_spectrum(lam, seed)
@@ -85,12 +128,14 @@ def strakos(n: int = 100, l1: float = 0.1, ln: float = 100.0, rho: float = 0.9, 
 
 
 def low_rank_psd(n: int, r: int, seed: int = 0, tail: float = 0.0):
+    """Rank r positive semi-definite (eigenvalues 10..1), plus ``tail`` on the other n-r."""
     lam = torch.full((n,), tail, dtype=DTYPE)
     lam[:r] = torch.linspace(10.0, 1.0, r, dtype=DTYPE)
     return with_spectrum(lam, seed)
 
 
 def decaying(n: int, seed: int = 0, kind: str = "harmonic"):
+    """Eigenvalues ``1/(i+1)`` (``kind="harmonic"``) or ``0.7**i`` (anything else)."""
     i = torch.arange(n, dtype=DTYPE)
     lam = 1.0 / (i + 1.0) if kind == "harmonic" else 0.7**i
     return with_spectrum(lam, seed)
