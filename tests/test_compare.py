@@ -137,14 +137,33 @@ def test_hvp_is_ranked_per_product():
     assert compare.cell_seconds(c) == pytest.approx(0.2)
 
 
-def test_markdown_lists_every_cell():
-    cells = [_cell("hessfast", "correct", 1.0), _cell("pyhessian", "wrong", 0.1, error=0.5)]
+def test_cells_are_ranked_by_the_time_from_first_call_to_answer():
+    c = dict(_cell("hessfast", "correct", 2.0), setup_seconds=0.5)
+    assert compare.cell_seconds(c) == pytest.approx(2.5)               # set-up + solve
+    assert compare.cell_seconds(dict(c, total_seconds=2.6)) == pytest.approx(2.6)
+
+
+def test_products_beside_arpacks():
+    cells = [_cell("hessfast", "correct", 1.0, task="top5"),
+             dict(_cell("curvlinops", "correct", 3.0, task="top5"), num_matvecs=46)]
+    (row,) = compare.summarize(cells)
+    assert row["hessfast"]["num_matvecs"] == 10 and row["arpack_matvecs"] == 46
+
+
+def test_markdown_lists_every_cell_with_its_set_up():
+    cells = [dict(_cell("hessfast", "correct", 1.0), setup_seconds=0.25),
+             _cell("pyhessian", "wrong", 0.1, error=0.5)]
     meta = {"device": "cpu", "machine": "test", "date": "d", "commit": "c", "torch": "t",
             "tools": {"hessfast": "dev", "pyhessian": "0.1"}, "cfg": CFG, "n": {"mlp": 10},
             "notes": ["torch.eig shim (eigh-based) installed for pyhessian 0.1"]}
-    md = compare.markdown(meta, cells, compare.summarize(cells))
+    summary = compare.summarize(cells)
+    assert summary[0]["hessfast"]["setup_seconds"] == 0.25
+    assert "arpack_matvecs" not in summary[0]                    # no curvlinops+scipy cell
+    md = compare.markdown(meta, cells, summary)
     assert "| PyHessian | wrong |" in md.replace("| mlp | lambda_max ", "")
     assert "shim" in md and "none correct" in md
+    assert "| seconds | set-up |" in md and "its set-up" in md
+    assert "| 1.25 s | 250.0 ms |" in md                  # the hessfast cell: total, set-up
 
 
 # ---------------------------------------------------------------------------------- adapters
@@ -186,6 +205,8 @@ def test_hessfast_cell_is_correct_on_the_mlp(mlp_path):
     v = compare.verdict("lambda_max", res, ref, CFG)
     assert v["status"] == "correct", (res, ref["top"][:1])
     assert res["num_matvecs"] > 0 and res["num_passes"] > 0
+    assert 0 < res["setup_seconds"] < res["total_seconds"]
+    assert res["total_seconds"] == pytest.approx(res["setup_seconds"] + res["solve_seconds"])
 
 
 def test_cells_run_as_fresh_processes_in_bench():

@@ -4,6 +4,12 @@
 SPEC is a JSON object: ``{"kind": "prepare"|"reference"|"crosscheck"|"cell"|"version", ...}``.
 The result is printed as one line ``@@RESULT {json}``; a failure prints the same line with
 ``{"error": ...}`` (and the traceback on stderr).
+
+A ``cell`` is timed as a user waits: the adapter and its tool are imported and the workload
+is loaded (untimed: the same for every tool; every adapter imports hessfast.testing for the
+timer), then the clock runs from the tool's first call to its answer. Nothing is warmed up
+before it: one-time costs a tool triggers (torch.func's lazy initialisation, a path planner's
+timing) are the tool's, as they are the user's.
 """
 
 from __future__ import annotations
@@ -28,25 +34,6 @@ IMPORTS = {
     "curvlinops": "curvlinops",
     "eigenthings": "hessian_eigenthings",
 }
-
-
-def warm_up_torch_func() -> float:
-    """Pay torch.func's one-time lazy initialisation (~1.3 s on 2 cores) before any clock.
-
-    The first ``vmap(grad(...))`` and ``jvp`` in a process load torch's functorch machinery;
-    hessfast (auto plan, pre-flight) and curvlinops (jvp of jacrev) would otherwise be
-    charged for it in every fresh cell, PyHessian and hessian-eigenthings not. Done for every
-    tool alike, like the imports, and reported as ``torch_func_warmup_seconds``.
-    """
-    import time
-
-    import torch
-
-    t0 = time.perf_counter()
-    x = torch.ones(2, 3)
-    torch.func.vmap(torch.func.grad(lambda a: (a * a).sum()))(x)
-    torch.func.jvp(lambda a: (a * a).sum(), (x[0],), (x[0],))
-    return time.perf_counter() - t0
 
 
 def _adapter(tool: str):
@@ -85,12 +72,10 @@ def handle(spec: dict) -> dict:
         cfg = spec["cfg"]
         return {"top": _adapter("curvlinops").crosscheck_top(load, cfg["k"], cfg["tol"], device)}
     if kind == "cell":
-        warm = warm_up_torch_func()
+        adapter = _adapter(spec["tool"])
         torch.manual_seed(spec["cfg"]["seed"])
         model, crit, batch = load()
-        out = _adapter(spec["tool"]).run(spec["task"], model, crit, batch, spec["cfg"], device)
-        out["torch_func_warmup_seconds"] = warm
-        return out
+        return adapter.run(spec["task"], model, crit, batch, spec["cfg"], device)
     raise ValueError(f"unknown kind {kind!r}")
 
 

@@ -1,35 +1,28 @@
-"""Shared helpers for the adapters: timing, probe vectors, result records."""
+"""Shared helpers for the adapters: timing records, probe vectors, warnings."""
 
 from __future__ import annotations
 
-import time
 import warnings
 from contextlib import contextmanager
 
 import torch
 
-
-def sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+from hessfast.testing import Timing, timeit
 
 
-class Clock:
-    """Wall time of the setup (operator construction) and the solve, synchronized on CUDA."""
+def timed(fn, device: str) -> Timing:
+    """One cold call of ``fn``, synchronised on ``device``: what a user waits for."""
+    return timeit(fn, repeats=1, warmup=0, device=device)
 
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.setup = 0.0
-        self.solve = 0.0
-        self.warmup = 0.0
 
-    @contextmanager
-    def phase(self, name: str):
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        setattr(self, name, getattr(self, name) + time.perf_counter() - t0)
+def seconds(setup: Timing, solve: Timing, warmup: Timing | None = None) -> dict:
+    """The cell's time fields. ``setup_seconds``: operator construction (for hessfast with its
+    pre-flight); ``solve_seconds``: the task on the operator; ``total_seconds``: both, back to
+    back, from the first library call to the answer; ``warmup_seconds``: the hvp task's one
+    untimed product between them (0 otherwise, never counted)."""
+    return {"setup_seconds": setup.seconds, "solve_seconds": solve.seconds,
+            "total_seconds": setup.seconds + solve.seconds,
+            "warmup_seconds": warmup.seconds if warmup is not None else 0.0}
 
 
 @contextmanager

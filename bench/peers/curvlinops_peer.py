@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import HVP_REPEATS, Clock, caught_warnings, flat_params, probe_vector
+from .common import HVP_REPEATS, caught_warnings, flat_params, probe_vector, seconds, timed
+
+TASKS = ("lambda_max", "top5", "trace", "density", "hvp")
 
 
 def version() -> str:
@@ -27,13 +29,17 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
     import curvlinops.papyan2020traces.spectrum as spec
     from scipy.sparse.linalg import eigsh
 
-    clock, notes, out = Clock(device), [], {}
+    if task not in TASKS:
+        return {"unsupported": f"unknown task {task}"}
+    notes, out = [], {}
     counts = {"mv": 0, "passes": 0}
     np.random.seed(cfg["seed"])  # noqa: NPY002  (scipy eigsh draws v0 from it)
     torch.manual_seed(cfg["seed"])
     with caught_warnings(notes):
-        with clock.phase("setup"):
-            H = curvlinops.HessianLinearOperator(model, criterion, flat_params(model), [batch])
+        setup = timed(lambda: curvlinops.HessianLinearOperator(model, criterion,
+                                                               flat_params(model), [batch]),
+                      device)
+        H = setup.result
         inner = H._matmat
 
         def counted(M):
@@ -41,11 +47,12 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
             counts["passes"] += 1
             return inner(M)
 
+        warmup = None
         if task == "hvp":       # one warm-up product, not timed or counted
-            with clock.phase("warmup"):
-                H @ probe_vector(H.shape[1], device)
+            warmup = timed(lambda: H @ probe_vector(H.shape[1], device), device)
         H._matmat = counted
-        with clock.phase("solve"):
+
+        def solve() -> None:
             if task in ("lambda_max", "top5"):
                 k = 1 if task == "lambda_max" else cfg["k"]
                 vals = eigsh(H.to_scipy(), k=k, which="LA", tol=cfg["tol"],
@@ -74,15 +81,15 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
                 out["nodes"] = [r[0].tolist() for r in runs]
                 out["weights"] = [r[1].tolist() for r in runs]
                 notes.append("lanczos_approximate_spectrum (+ eigsh BE boundaries at tol 1e-2)")
-            elif task == "hvp":
+            else:  # hvp
                 v = probe_vector(H.shape[1], device)
                 for _ in range(HVP_REPEATS):
                     hv = H @ v
                 out["hv_norm"] = float(hv.double().norm())
-            else:
-                return {"unsupported": f"unknown task {task}"}
-    out.update(warmup_seconds=clock.warmup, num_matvecs=counts["mv"], num_passes=counts["passes"],
-               setup_seconds=clock.setup, solve_seconds=clock.solve, notes=notes)
+
+        solved = timed(solve, device)
+    out.update(seconds(setup, solved, warmup), num_matvecs=counts["mv"],
+               num_passes=counts["passes"], notes=notes)
     return out
 
 

@@ -8,7 +8,9 @@ flags it returns are recorded. Trace: ``trace`` (Hutch++ default). Density:
 
 from __future__ import annotations
 
-from .common import HVP_REPEATS, Clock, caught_warnings, probe_vector
+from .common import HVP_REPEATS, caught_warnings, probe_vector, seconds, timed
+
+TASKS = ("lambda_max", "top5", "trace", "density", "hvp")
 
 
 def version() -> str:
@@ -20,22 +22,26 @@ def version() -> str:
 def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
     import hessian_eigenthings as he
 
-    clock, notes, out = Clock(device), [], {}
+    if task not in TASKS:
+        return {"unsupported": f"unknown task {task}"}
+    notes, out = [], {}
     counts = {"mv": 0}
     with caught_warnings(notes):
-        with clock.phase("setup"):
-            op = he.HessianOperator(model, [batch], he.supervised_loss(criterion))
+        setup = timed(lambda: he.HessianOperator(model, [batch], he.supervised_loss(criterion)),
+                      device)
+        op = setup.result
         inner = op.matvec
 
         def counted(v):
             counts["mv"] += 1
             return inner(v)
 
+        warmup = None
         if task == "hvp":       # one warm-up product, not timed or counted
-            with clock.phase("warmup"):
-                inner(probe_vector(op.size, device, op.dtype))
+            warmup = timed(lambda: inner(probe_vector(op.size, device, op.dtype)), device)
         op.matvec = counted
-        with clock.phase("solve"):
+
+        def solve() -> None:
             if task == "lambda_max":
                 lam, _, res, iters, conv = he.power_iteration_one(op, tol=cfg["tol"],
                                                                   seed=cfg["seed"])
@@ -61,13 +67,13 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
                     nodes.append([nrow[i] for i in keep])
                     weights.append([wrow[i] for i in keep])
                 out.update(nodes=nodes, weights=weights)
-            elif task == "hvp":
+            else:  # hvp
                 v = probe_vector(op.size, device, op.dtype)
                 for _ in range(HVP_REPEATS):
                     hv = counted(v)
                 out["hv_norm"] = float(hv.double().norm())
-            else:
-                return {"unsupported": f"unknown task {task}"}
-    out.update(warmup_seconds=clock.warmup, num_matvecs=counts["mv"], num_passes=counts["mv"],
-               setup_seconds=clock.setup, solve_seconds=clock.solve, notes=notes)
+
+        solved = timed(solve, device)
+    out.update(seconds(setup, solved, warmup), num_matvecs=counts["mv"],
+               num_passes=counts["mv"], notes=notes)
     return out

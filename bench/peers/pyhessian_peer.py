@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import HVP_REPEATS, Clock, caught_warnings, probe_vector
+from .common import HVP_REPEATS, caught_warnings, probe_vector, seconds, timed
+
+TASKS = ("lambda_max", "top5", "trace", "density", "hvp")
 
 
 def version() -> str:
@@ -44,9 +46,10 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
 
     import pyhessian.hessian  # noqa: F401  (the package re-exports the class under this name)
 
+    if task not in TASKS:
+        return {"unsupported": f"unknown task {task}"}
     ph = sys.modules["pyhessian.hessian"]
-
-    clock, notes, out = Clock(device), [], {}
+    notes, out = [], {}
     counts = {"mv": 0, "passes": 0}
     hvp = ph.hessian_vector_product
 
@@ -55,18 +58,23 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
         counts["passes"] += 1        # one backward through the kept gradient graph
         return hvp(gradsH, params, v)
 
+    def as_params(flat, params):
+        sizes = [p.numel() for p in params]
+        return [t.view_as(p) for t, p in zip(flat.split(sizes), params, strict=True)]
+
     ph.hessian_vector_product = counted_hvp
     torch.manual_seed(cfg["seed"])
     with caught_warnings(notes):
-        with clock.phase("setup"):
-            h = ph.hessian(model, criterion, data=batch, cuda=str(device).startswith("cuda"))
+        setup = timed(lambda: ph.hessian(model, criterion, data=batch,
+                                         cuda=str(device).startswith("cuda")), device)
+        h = setup.result
+        n = sum(p.numel() for p in h.params)
+        warmup = None
         if task == "hvp":       # one warm-up product, not timed or counted
-            n = sum(p.numel() for p in h.params)
-            w = [t.view_as(p) for t, p in zip(probe_vector(n, device).split(
-                [p.numel() for p in h.params]), h.params, strict=True)]
-            with clock.phase("warmup"):
-                hvp(h.gradsH, h.params, w)
-        with clock.phase("solve"):
+            w = as_params(probe_vector(n, device), h.params)
+            warmup = timed(lambda: hvp(h.gradsH, h.params, w), device)
+
+        def solve() -> None:
             if task in ("lambda_max", "top5"):
                 k = 1 if task == "lambda_max" else cfg["k"]
                 vals, _ = h.eigenvalues(top_n=k, tol=cfg["tol"])      # maxIter=100 default
@@ -85,17 +93,14 @@ def run(task: str, model, criterion, batch, cfg: dict, device: str) -> dict:
                 nodes, weights = h.density(iter=cfg["steps"], n_v=cfg["probes"])
                 out.update(nodes=[[float(a) for a in r] for r in nodes],
                            weights=[[float(a) for a in r] for r in weights])
-            elif task == "hvp":
-                n = sum(p.numel() for p in h.params)
-                flat = probe_vector(n, device)
-                sizes = [p.numel() for p in h.params]
-                v = [t.view_as(p) for t, p in zip(flat.split(sizes), h.params, strict=True)]
+            else:  # hvp
+                v = as_params(probe_vector(n, device), h.params)
                 for _ in range(HVP_REPEATS):
                     hv = counted_hvp(h.gradsH, h.params, v)
                 out["hv_norm"] = float(torch.cat([t.reshape(-1) for t in hv]).double().norm())
-            else:
-                return {"unsupported": f"unknown task {task}"}
+
+        solved = timed(solve, device)
     ph.hessian_vector_product = hvp
-    out.update(warmup_seconds=clock.warmup, num_matvecs=counts["mv"], num_passes=counts["passes"],
-               setup_seconds=clock.setup, solve_seconds=clock.solve, notes=notes)
+    out.update(seconds(setup, solved, warmup), num_matvecs=counts["mv"],
+               num_passes=counts["passes"], notes=notes)
     return out
