@@ -45,6 +45,22 @@ class LossError(HessfastError, ValueError):
     """The loss is not a differentiable floating-point scalar of the selected parameters."""
 
 
+class LossCallError(LossError):
+    """Evaluating the loss on a batch raised: ``loss_fn`` (or the model inside it) cannot take
+    the batch as hessfast read it. The message says how the data was split into batches, how
+    ``loss_fn`` was called, and how to override either (``loss_form=``, wrapping ``data``)."""
+
+
+class BatchError(HessfastError, TypeError):
+    """``data`` or one of its batches is not a kind hessfast can read (no tensors, not
+    iterable, not an ``(inputs, targets)`` pair where a criterion needs one)."""
+
+
+class ArgumentTypeError(HessfastError, TypeError):
+    """An argument is the wrong kind of object (a model that is not an ``nn.Module``, a
+    ``loss_fn`` that is not callable)."""
+
+
 class NoParametersError(HessfastError, ValueError):
     """No trainable parameter was selected."""
 
@@ -58,12 +74,15 @@ class BackendUnavailableError(HessfastError, RuntimeError):
 
 
 __all__ = [
+    "ArgumentTypeError",
     "AsymmetricOperatorError",
     "BackendUnavailableError",
+    "BatchError",
     "ConfigurationError",
     "DataChangedError",
     "EmptyDataError",
     "HessfastError",
+    "LossCallError",
     "LossError",
     "NoParametersError",
     "NonDeterministicError",

@@ -104,7 +104,9 @@ class BatchSource:
             raise EmptyDataError("data is None: pass one batch or a re-iterable of batches")
         if is_single_batch(data):
             self._source: Iterable = [data]
+            self.rule = f"data is a {type(data).__name__}: one batch"
         else:
+            self.rule = f"data is a {type(data).__name__}: a sequence of batches"
             if isinstance(data, Iterator) or hasattr(data, "__next__"):
                 raise NotReiterableError(
                     f"data is a one-shot iterator ({type(data).__name__}): a curvature "
@@ -179,13 +181,17 @@ class BatchSource:
             count += 1
             if self.sizes[i] == 0:
                 continue
-            yield i, batch, self.sizes[i] / self.num_samples
+            yield i, batch, self.weight(i)
         if count != len(self.sizes):
             raise DataChangedError(
                 f"data yielded {count} batches on this pass but {len(self.sizes)} on the "
                 "first: the data must be the same on every pass (no shuffling, no "
                 "drop_last with a random sampler); materialise it: data=list(loader)"
             )
+
+    def weight(self, index: int) -> float:
+        """Batch ``index``'s share of the samples."""
+        return self.sizes[index] / self.num_samples
 
     def first(self) -> tuple[int, Any]:
         """The first non-empty batch (kept from the first pass) and its index."""

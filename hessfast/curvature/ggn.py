@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError
+from .autodiff import graph_vjp, scalar_vjp
 from .model import OutputModule, detect_loss_form, split_batch
-from .operator import CurvatureOperator, CurvatureOptions, graph_vjp
+from .operator import CurvatureOperator
+from .options import CurvatureOptions
 
 __all__ = ["GGNGraph", "GGNOperator", "ggn"]
 
@@ -29,6 +31,7 @@ class GGNGraph:
 
     Attributes:
         leaves: the selected parameters as detached leaves.
+        loss: the batch's loss, detached (a scalar).
         out: the model outputs ``[*out]``, with their graph back to ``leaves``.
         out_d: ``out`` detached and made a leaf, the criterion's input.
         g_out: the criterion's gradient w.r.t. ``out_d`` ``[*out]``, with its graph.
@@ -39,6 +42,7 @@ class GGNGraph:
     """
 
     leaves: list[torch.Tensor]
+    loss: torch.Tensor
     out: torch.Tensor
     out_d: torch.Tensor
     g_out: torch.Tensor
@@ -54,7 +58,8 @@ class GGNOperator(CurvatureOperator):
     _kind = "GGN"
 
     def _decide_loss_form(self, loss_form: str) -> str:
-        if detect_loss_form(self.loss_fn, loss_form) == "model":
+        form, self.loss_form_reason = detect_loss_form(self.loss_fn, loss_form)
+        if form == "model":
             raise ConfigurationError(
                 "ggn needs a criterion loss_fn(outputs, targets) with (inputs, targets) "
                 "batches, so that it can split the loss from the model outputs; got a "
@@ -79,15 +84,21 @@ class GGNOperator(CurvatureOperator):
         inputs, targets = split_batch(batch)
         leaves = self._leaves()
         with torch.enable_grad():
-            out = self._outputs(leaves, inputs)
+            out = self._call_loss(self._outputs, index, leaves, inputs)
             out_d = out.detach().requires_grad_(True)
-            loss = self.loss_fn(out_d, targets)
+            loss = self._call_loss(self.loss_fn, index, out_d, targets)
             self._check_loss(loss, index)
             g_out = torch.autograd.grad(loss, out_d, create_graph=True)[0]
             u = torch.zeros_like(out, requires_grad=True)
-            jt_u = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
+            jt_u = scalar_vjp([out], leaves, [u], retain=True, create_graph=True)
         live = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
-        return GGNGraph(leaves, out, out_d, g_out, u, jt_u, live)
+        return GGNGraph(leaves, loss.detach(), out, out_d, g_out, u, jt_u, live)
+
+    def _loss_value(self, batch: Any, index: int) -> torch.Tensor:
+        inputs, targets = split_batch(batch)
+        with torch.enable_grad():  # the same code path as the graph's forward
+            out = self._call_loss(self._outputs, index, self._leaves(), inputs).detach()
+            return self._call_loss(self.loss_fn, index, out, targets).detach()
 
     def _graph_product(
         self, state: GGNGraph, V: list[torch.Tensor], *, retain: bool
@@ -98,17 +109,9 @@ class GGNOperator(CurvatureOperator):
         vs = [V[i].to(self.param_dtype) for i in state.live]
         outs = [state.jt_u[i] for i in state.live]
         with torch.enable_grad():
-            if c > 1:
-                jv = graph_vjp(outs, [state.u], vs, retain=True, batched=True)[0]
-                hjv = graph_vjp([state.g_out], [state.out_d], [jv], retain=True, batched=True)[0]
-                res = graph_vjp([state.out], state.leaves, [hjv], retain=retain, batched=True)
-            else:
-                jv = torch.autograd.grad(outs, state.u, [v[0] for v in vs], retain_graph=True)[0]
-                hjv = torch.autograd.grad(state.g_out, state.out_d, jv, retain_graph=True)[0]
-                res = torch.autograd.grad(
-                    state.out, state.leaves, hjv, retain_graph=retain, allow_unused=True
-                )
-                res = tuple(None if r is None else r.unsqueeze(0) for r in res)
+            jv = graph_vjp(outs, [state.u], vs, retain=True)[0]
+            hjv = graph_vjp([state.g_out], [state.out_d], [jv], retain=True)[0]
+            res = graph_vjp([state.out], state.leaves, [hjv], retain=retain)
         return self._cat(res, c)
 
     def _fwd_rev_product(self, batch: Any, V: list[torch.Tensor]) -> torch.Tensor:
@@ -137,11 +140,7 @@ class GGNOperator(CurvatureOperator):
             g_out = torch.autograd.grad(self.loss_fn(out_d, targets), out_d, create_graph=True)[0]
             if not g_out.requires_grad:  # loss linear in the outputs: H = 0
                 return self._zeros(c)
-            batched = c > 1
-            go = [jv] if batched else [jv[0]]
-            hjv = graph_vjp([g_out], [out_d], go, retain=False, batched=batched)[0]
-            if not batched:
-                hjv = hjv.unsqueeze(0)
+            hjv = graph_vjp([g_out], [out_d], [jv], retain=False)[0]
         if c == 1:
             res = tuple(r.unsqueeze(0) for r in vjp_fn(hjv[0]))
         else:

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .autodiff import graph_vjp
 from .model import LossModule, detect_loss_form
-from .operator import CurvatureOperator, CurvatureOptions, graph_vjp
+from .operator import CurvatureOperator
+from .options import CurvatureOptions
 
 __all__ = ["HessianGraph", "HessianOperator", "hessian"]
 
@@ -22,6 +24,7 @@ class HessianGraph:
 
     Attributes:
         leaves: the selected parameters as detached leaves, per parameter ``[*shape]``.
+        loss: the batch's loss, detached (a scalar).
         grads: the gradient of the batch loss w.r.t. ``leaves``, with its graph
             (``create_graph=True``); None for a parameter the loss does not use.
         live: indices of the gradients that depend on the parameters (the rest have no
@@ -29,6 +32,7 @@ class HessianGraph:
     """
 
     leaves: list[torch.Tensor]
+    loss: torch.Tensor
     grads: tuple[torch.Tensor | None, ...]
     live: list[int]
 
@@ -39,7 +43,8 @@ class HessianOperator(CurvatureOperator):
     _kind = "Hessian"
 
     def _decide_loss_form(self, loss_form: str) -> str:
-        return detect_loss_form(self.loss_fn, loss_form)
+        form, self.loss_form_reason = detect_loss_form(self.loss_fn, loss_form)
+        return form
 
     def _build_wrappers(self) -> None:
         self._wrapper = LossModule(self.model, self.loss_fn, self.loss_form)
@@ -51,11 +56,15 @@ class HessianOperator(CurvatureOperator):
     def _graph(self, batch: Any, index: int) -> HessianGraph:
         leaves = self._leaves()
         with torch.enable_grad():
-            loss = self._loss(leaves, batch)
+            loss = self._call_loss(self._loss, index, leaves, batch)
             self._check_loss(loss, index)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return HessianGraph(leaves, grads, live)
+        return HessianGraph(leaves, loss.detach(), grads, live)
+
+    def _loss_value(self, batch: Any, index: int) -> torch.Tensor:
+        with torch.enable_grad():  # the same code path as the graph's forward
+            return self._call_loss(self._loss, index, self._leaves(), batch).detach()
 
     def _graph_product(
         self, state: HessianGraph, V: list[torch.Tensor], *, retain: bool
@@ -66,12 +75,7 @@ class HessianOperator(CurvatureOperator):
         outs = [state.grads[i] for i in state.live]
         vs = [V[i].to(self.param_dtype) for i in state.live]
         with torch.enable_grad():
-            if c == 1:
-                res = graph_vjp(outs, state.leaves, [v[0] for v in vs], retain=retain,
-                                batched=False)
-                res = tuple(None if r is None else r.unsqueeze(0) for r in res)
-            else:
-                res = graph_vjp(outs, state.leaves, vs, retain=retain, batched=True)
+            res = graph_vjp(outs, state.leaves, vs, retain=retain)
         return self._cat(res, c)
 
     def _fwd_rev_product(self, batch: Any, V: list[torch.Tensor]) -> torch.Tensor:
@@ -117,7 +121,8 @@ def hessian(
             global RNG restored).
         loss_fn: a criterion ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches,
             or ``loss_fn(model, batch) -> scalar`` (detected by a first argument named
-            ``model``, or forced with ``loss_form="model"``).
+            ``model``, or forced with ``loss_form="model"``). The decision and its reason
+            are ``H.loss_form`` and ``H.loss_form_reason``.
         data: one batch, or a re-iterable of batches (list, DataLoader without shuffling).
         params: parameter names or tensors to differentiate; default all trainable ones.
         bn_mode: ``"eval"`` (dropout off, BatchNorm running statistics), ``"train"``
@@ -125,9 +130,13 @@ def hessian(
             dropout off), ``"as_is"`` (the model's own modes; active dropout makes the
             pre-flight raise).
         hvp_mode: ``"auto"``, ``"reuse_graph"``, ``"double_backward"`` or ``"fwd_rev"``.
-        check: run the pre-flight (one small product by every path on the first batch:
-            valid loss, finite, symmetric, paths agree).
-        check_deterministic: in the pre-flight, also repeat a product and require equality.
+        check: run the pre-flight on batch 0 (a valid, finite loss; forward-over-reverse
+            agreeing with double backward when it is used) and check the first products
+            (finite, ``u.(Hv) == v.(Hu)`` for the first two vectors multiplied). Costs one
+            forward beyond batch 0's graph, which graph reuse keeps.
+        check_deterministic: in the pre-flight, also evaluate the loss twice and require
+            equality (catches dropout, noise); False accepts a random operator and skips
+            the symmetry check.
         batch_size_fn: number of samples of a batch (default: first dim of its first tensor).
         loss_form: ``"auto"``, ``"criterion"`` or ``"model"``.
         chunk_size: rows of a block per batched call (default: chosen by timing / up to 32).

@@ -73,22 +73,24 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def detect_loss_form(loss_fn: Callable, loss_form: str) -> str:
+def detect_loss_form(loss_fn: Callable, loss_form: str) -> tuple[str, str]:
     """``"criterion"`` (``loss_fn(outputs, targets)``) or ``"model"`` (``loss_fn(model,
-    batch)``)."""
+    batch)``), and why."""
     if loss_form not in LOSS_FORMS:
         raise ConfigurationError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
     if loss_form != "auto":
-        return loss_form
+        return loss_form, f"loss_form={loss_form!r} given"
     if isinstance(loss_fn, nn.Module):
-        return "criterion"
+        return "criterion", "loss_fn is an nn.Module"
     if getattr(loss_fn, "__module__", "") and str(loss_fn.__module__).startswith("torch"):
-        return "criterion"
+        return "criterion", "loss_fn is a torch function"
     try:
         first = next(iter(inspect.signature(loss_fn).parameters))
     except (TypeError, ValueError, StopIteration):
-        return "criterion"
-    return "model" if first in ("model", "module", "net", "network") else "criterion"
+        return "criterion", "no signature"
+    if first in ("model", "module", "net", "network"):
+        return "model", f"its first parameter is named {first!r}"
+    return "criterion", f"its first parameter is named {first!r}"
 
 
 def select_params(

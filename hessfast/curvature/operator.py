@@ -2,69 +2,58 @@
 unflatten), the guard that leaves the user's model and RNG as they were, the loss checks,
 the graph cache and the one loop that multiplies a block batch by batch, chunk by chunk.
 
-A subclass supplies three products of one batch with a chunk of vectors (given per parameter
-as ``[c, *shape]``, returned flat as ``[c, n]``): from a kept first-order graph
-(:meth:`~CurvatureOperator._graph_product`, after :meth:`~CurvatureOperator._graph` built it)
-and by forward-over-reverse (:meth:`~CurvatureOperator._fwd_rev_product`).
+A subclass supplies the batch-level pieces: the first-order graph of a batch
+(:meth:`~CurvatureOperator._graph`), its product with a chunk of vectors given per parameter
+as ``[c, *shape]`` and returned flat as ``[c, n]`` (:meth:`~CurvatureOperator._graph_product`),
+and the same product by forward-over-reverse (:meth:`~CurvatureOperator._fwd_rev_product`).
+Batch 0's graph is built once and shared by the pre-flight, the graph-size probe and the
+reuse cache. A path that raises on its first pass is reported (explicit ``hvp_mode``) or
+replaced by the next one (auto).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigurationError, LossError, NonFiniteError
+from ..errors import (
+    ArgumentTypeError,
+    ConfigurationError,
+    HessfastError,
+    LossCallError,
+    LossError,
+    NonFiniteError,
+)
 from ..linop import LinearOperator
 from .data import BatchSource, to_device
-from .model import BN_MODES, LOSS_FORMS, model_modes, select_params
-from .plan import HVP_MODES, HVPPlan, Planner
-from .preflight import preflight
+from .layout import ParamLayout
+from .model import model_modes, select_params
+from .options import CurvatureOptions
+from .plan import HVPPlan, Planner, measure_saved
+from .preflight import SymmetryProbe, preflight
 
-__all__ = ["CurvatureOperator", "CurvatureOptions", "graph_vjp"]
+__all__ = ["CurvatureOperator"]
 
 # One batch's product with a chunk: (V per parameter [c, *shape], last chunk?) -> [c, n].
 ChunkProduct = Callable[[list[torch.Tensor], bool], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class CurvatureOptions:
-    """The options of :func:`~hessfast.hessian` and :func:`~hessfast.ggn` (documented
-    there), validated once."""
-
-    params: Sequence[str] | Sequence[torch.Tensor] | None = None
-    bn_mode: str = "eval"
-    hvp_mode: str = "auto"
-    check: bool = True
-    check_deterministic: bool = True
-    batch_size_fn: Callable[[Any], int] | None = None
-    loss_form: str = "auto"
-    chunk_size: int | None = None
-    reuse_graph: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.hvp_mode not in HVP_MODES:
-            raise ConfigurationError(
-                f"hvp_mode must be one of {HVP_MODES}, got {self.hvp_mode!r}"
-            )
-        if self.bn_mode not in BN_MODES:
-            raise ConfigurationError(f"bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}")
-        if self.loss_form not in LOSS_FORMS:
-            raise ConfigurationError(
-                f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}"
-            )
-        if self.chunk_size is not None and int(self.chunk_size) < 1:
-            raise ConfigurationError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
-
-
 class CurvatureOperator(LinearOperator):
-    """Common machinery of :class:`HessianOperator` and :class:`GGNOperator`."""
+    """Common machinery of :class:`HessianOperator` and :class:`GGNOperator`.
+
+    Attributes:
+        model, loss_fn, bn_mode: as given (a ``DataParallel`` model unwrapped).
+        loss_form: ``"criterion"`` or ``"model"``: how ``loss_fn`` is called.
+        param_names, param_shapes, param_dtype: the selected parameters.
+        num_samples, num_batches: the data (empty batches not counted).
+        hvp_mode, hvp_mode_reason: the path of the last product, and why.
+        plans: the plan per block size used so far.
+    """
 
     _kind = "curvature"
 
@@ -72,11 +61,16 @@ class CurvatureOperator(LinearOperator):
         self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}"
+            )
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+            raise ArgumentTypeError(
+                f"loss_fn must be callable (a criterion loss_fn(outputs, targets) or "
+                f"loss_fn(model, batch)), got {type(loss_fn).__name__}"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.bn_mode = options.bn_mode
@@ -84,16 +78,10 @@ class CurvatureOperator(LinearOperator):
         self.param_names, self._params = select_params(model, options.params)
         device, self.param_dtype = self._check_params()
         self.param_shapes: list[torch.Size] = [p.shape for p in self._params]
-        self._numels = [p.numel() for p in self._params]
-        offsets = [0]
-        for m in self._numels:
-            offsets.append(offsets[-1] + m)
-        self._layout = list(
-            zip(self.param_names, offsets[:-1], offsets[1:], self.param_shapes, strict=True)
-        )
+        self._layout = ParamLayout(self.param_names, self.param_shapes)
         # Products and their sums over batches in at least fp32 (bf16/fp16 models).
         dtype = torch.promote_types(self.param_dtype, torch.float32)
-        super().__init__(offsets[-1], dtype, device)
+        super().__init__(self._layout.n, dtype, device)
 
         # Iterating a DataLoader draws a seed from the global RNG: fork it (once around
         # both passes, so a shuffling loader still shows itself in the second one).
@@ -112,17 +100,25 @@ class CurvatureOperator(LinearOperator):
             n: (b.detach().clone() if copy_buffers else b) for n, b in model.named_buffers()
         }
         fixed_chunk = None if options.chunk_size is None else int(options.chunk_size)
-        self._planner = Planner(options.hvp_mode, fixed_chunk, options.reuse_graph)
+        self._planner = Planner(
+            options.hvp_mode, fixed_chunk, options.reuse_graph, self.num_batches
+        )
+        # index -> (weight, graph state); batch 0's entry is shared with the pre-flight
         self._graph_cache: dict[int, tuple[float, Any]] = {}
+        self._proven: set[str] = set()  # paths that completed a pass
         self.hvp_mode: str = options.hvp_mode
         self.hvp_mode_reason: str = (
             "not decided yet: decided on the first product"
             if options.hvp_mode == "auto"
             else "requested"
         )
+        self._symmetry: SymmetryProbe | None = None
         self._build_wrappers()
         if options.check:
             preflight(self, options.check_deterministic)
+            if options.check_deterministic:
+                eps = torch.finfo(self.param_dtype).eps
+                self._symmetry = SymmetryProbe(self._kind, eps)
 
     def _check_params(self) -> tuple[torch.device, torch.dtype]:
         devices = {p.device for p in self._params}
@@ -150,7 +146,12 @@ class CurvatureOperator(LinearOperator):
         raise NotImplementedError
 
     def _graph(self, batch: Any, index: int) -> Any:
-        """Build one batch's first-order graph (the state double backward needs)."""
+        """One batch's first-order graph (the state double backward needs), with the
+        batch's loss, checked, as ``state.loss``."""
+        raise NotImplementedError
+
+    def _loss_value(self, batch: Any, index: int) -> torch.Tensor:
+        """The batch's loss by a fresh forward (no backward), detached."""
         raise NotImplementedError
 
     def _graph_product(
@@ -167,31 +168,17 @@ class CurvatureOperator(LinearOperator):
     # -- vector layout -----------------------------------------------------------------
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector ``[n]`` (or block ``[k, n]``) into parameter-shaped pieces."""
-        lead = tuple(v.shape[:-1])
-        return {
-            name: v[..., a:b].reshape(*lead, *shape) for name, a, b, shape in self._layout
-        }
+        return self._layout.unflatten(v)
 
     def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`unflatten`: parameter-shaped pieces to one vector ``[n]``."""
-        if isinstance(tensors, dict):
-            tensors = [tensors[n] for n in self.param_names]
-        return torch.cat([t.reshape(-1) for t in tensors])
+        return self._layout.flatten(tensors)
 
     def _split(self, V: torch.Tensor) -> list[torch.Tensor]:
-        """``[c, n]`` -> per parameter ``[c, *shape]`` (views)."""
-        c = V.shape[0]
-        return [V[:, a:b].reshape(c, *shape) for _, a, b, shape in self._layout]
+        return self._layout.split(V)
 
     def _cat(self, pieces: Sequence[torch.Tensor | None], c: int) -> torch.Tensor:
-        """Per parameter ``[c, *shape]`` (None: zero) -> ``[c, n]`` in the operator dtype."""
-        out = []
-        for piece, numel in zip(pieces, self._numels, strict=True):
-            if piece is None:
-                out.append(torch.zeros(c, numel, dtype=self.dtype, device=self.device))
-            else:
-                out.append(piece.reshape(c, numel).to(self.dtype))
-        return torch.cat(out, dim=1)
+        return self._layout.cat(pieces, c, self.dtype, self.device)
 
     def _zeros(self, c: int) -> torch.Tensor:
         return torch.zeros(c, self.shape[0], dtype=self.dtype, device=self.device)
@@ -222,6 +209,29 @@ class CurvatureOperator(LinearOperator):
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _call_loss(self, fn: Callable[..., Any], index: int, *args: Any) -> Any:
+        """Evaluate the user's loss (or model); what it raises becomes a
+        :class:`LossCallError` that says how the batch and ``loss_fn`` were read."""
+        try:
+            return fn(*args)
+        except HessfastError:
+            raise
+        except Exception as exc:
+            raise LossCallError(
+                f"evaluating the loss on batch {index} raised {type(exc).__name__}: {exc}. "
+                + self._reading()
+            ) from exc
+
+    def _reading(self) -> str:
+        """How hessfast read the data and loss_fn, and how to override it."""
+        return (
+            f"{self._data.rule}; loss_fn was called as "
+            + ("loss_fn(model, batch)" if self.loss_form == "model"
+               else "loss_fn(model(inputs), targets)")
+            + f" ({self.loss_form_reason}). If that is wrong, pass loss_form="
+            + ("'criterion'" if self.loss_form == "model" else "'model'")
+        )
 
     def _check_loss(self, loss: Any, index: int) -> None:
         if not isinstance(loss, torch.Tensor):
@@ -256,6 +266,47 @@ class CurvatureOperator(LinearOperator):
                 "overflow). Use float32/float64 and check the model's numerics"
             )
 
+    # -- graphs --------------------------------------------------------------------------
+    def _first_graph(self) -> Any:
+        """Batch 0's first-order graph, built once (call inside :meth:`_guard`): the
+        pre-flight checks its loss, the planner measures its size, graph reuse keeps it."""
+        index, batch = self._data.first()
+        if index in self._graph_cache:
+            return self._graph_cache[index][1]
+        batch = to_device(batch, self.device)
+        if self._planner.needs_graph_size:
+            state, nbytes = measure_saved(lambda: self._graph(batch, index))
+            self._planner.record_graph_size(nbytes, self.num_batches, self.device)
+        else:
+            state = self._graph(batch, index)
+        if self._planner.keeps_graphs:
+            self._graph_cache[index] = (self._data.weight(index), state)
+        return state
+
+    def _cached_graphs(self) -> dict[int, tuple[float, Any]]:
+        """Every batch's graph, built on first use (batch 0's may be there already)."""
+        if len(self._graph_cache) < self.num_batches:
+            for index, batch, weight in self._data:
+                if index not in self._graph_cache:
+                    state = self._graph(to_device(batch, self.device), index)
+                    self._graph_cache[index] = (weight, state)
+            self._graph_cache = dict(sorted(self._graph_cache.items()))
+        return self._graph_cache
+
+    def free_graphs(self) -> None:
+        """Release the cached gradient graphs (the next product rebuilds them if needed)."""
+        self._graph_cache = {}
+
+    def _batch0_product(
+        self, mode: str, batch: Any, index: int, V: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """One product of batch 0 by ``mode`` (what auto mode times)."""
+        if mode == "reuse_graph":
+            return self._graph_product(self._first_graph(), V, retain=True)
+        if mode == "double_backward":
+            return self._graph_product(self._graph(batch, index), V, retain=False)
+        return self._fwd_rev_product(batch, V)
+
     # -- products ----------------------------------------------------------------------
     @property
     def plans(self) -> Mapping[int, HVPPlan]:
@@ -268,10 +319,31 @@ class CurvatureOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[0]
-        plan = self._planner.plan_for(self, k)
+        while True:
+            plan = self._planner.plan_for(self, k)
+            try:
+                out = self._run(plan, V)
+                break
+            except HessfastError:
+                raise
+            except Exception as exc:
+                if plan.mode in self._proven:
+                    raise
+                # The path cannot run on this model: raises for an explicit hvp_mode, else
+                # the next plan takes another path.
+                self._planner.path_failed(plan.mode, exc)
+                self.free_graphs()
+        self._proven.add(plan.mode)
         self.hvp_mode = plan.mode
         if self._planner.requested == "auto":
             self.hvp_mode_reason = plan.reason
+        if self._symmetry is not None and not self._symmetry.done:
+            self._symmetry.observe(V, out)
+        return out
+
+    def _run(self, plan: HVPPlan, V: torch.Tensor) -> torch.Tensor:
+        """The one chunk loop: every batch, every chunk of ``plan.chunk`` rows."""
+        k = V.shape[0]
         out = self._zeros(k)
         chunk = max(1, min(plan.chunk, k))
         with self._guard():
@@ -300,63 +372,9 @@ class CurvatureOperator(LinearOperator):
             else:
                 yield index, weight, lambda Vs, last, b=batch: self._fwd_rev_product(b, Vs)
 
-    def _cached_graphs(self) -> dict[int, tuple[float, Any]]:
-        if not self._graph_cache:
-            for index, batch, weight in self._data:
-                batch = to_device(batch, self.device)
-                self._graph_cache[index] = (weight, self._graph(batch, index))
-        return self._graph_cache
-
-    def free_graphs(self) -> None:
-        """Release the cached gradient graphs (the next product rebuilds them if needed)."""
-        self._graph_cache = {}
-
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(n={self.shape[0]}, params={len(self.param_names)}, "
             f"samples={self.num_samples}, batches={self.num_batches}, "
             f"hvp_mode={self.hvp_mode!r}, dtype={self.dtype}, device={self.device})"
-        )
-
-
-def graph_vjp(
-    outputs: Sequence[torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    grad_outputs: Sequence[torch.Tensor],
-    *,
-    retain: bool,
-    batched: bool,
-) -> tuple[torch.Tensor | None, ...]:
-    """``autograd.grad`` of ``outputs`` w.r.t. ``inputs`` with ``grad_outputs``; ``batched``:
-    each grad output carries a leading chunk dimension ``[c, ...]``, done in one call when
-    autograd can batch it, else row by row."""
-    if not batched:
-        return torch.autograd.grad(
-            outputs, inputs, grad_outputs, retain_graph=retain, allow_unused=True
-        )
-    try:
-        with warnings.catch_warnings():
-            # The vmap fallback for an op without a batching rule warns per call.
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.autograd.grad(
-                outputs,
-                inputs,
-                grad_outputs,
-                # kept even when the caller is done: the loop below may need it
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-    except RuntimeError:
-        c = grad_outputs[0].shape[0]
-        rows = [
-            torch.autograd.grad(
-                outputs, inputs, [g[i] for g in grad_outputs], retain_graph=True,
-                allow_unused=True,
-            )
-            for i in range(c)
-        ]
-        return tuple(
-            None if rows[0][j] is None else torch.stack([r[j] for r in rows])
-            for j in range(len(inputs))
         )

@@ -1,9 +1,17 @@
 """Which product path and chunk size a curvature operator uses for a block of k vectors.
 
-An explicit ``hvp_mode`` is used as given. ``hvp_mode="auto"`` keeps every batch's graph
-(``reuse_graph``) when the graphs fit in memory, and otherwise rebuilds them per pass
-(``double_backward``); for blocks larger than ``REUSE_WITHOUT_TIMING`` it times the graph
-path against forward-over-reverse on the first batch and takes the fastest. The decision
+An explicit ``hvp_mode`` is used as given. ``hvp_mode="auto"`` decides per block size k:
+
+* the graph path: ``reuse_graph`` when the graphs of all batches fit in a quarter of the free
+  memory (measured on batch 0's graph, which is built once and kept), else
+  ``double_backward``;
+* k <= ``REUSE_WITHOUT_TIMING``: the graph path, untimed;
+* larger k: graph reuse timed over chunk sizes; without reuse, ``double_backward`` and
+  ``fwd_rev`` timed against each other (their results on the same vectors must agree);
+* ``fwd_rev`` alone when double backward cannot differentiate the model.
+
+So ``torch.func`` (1-2.5 s of one-time initialisation in a fresh process) is touched only
+when ``fwd_rev`` is requested, raced where it can win, or the only path left. The decision
 per block size and its reason are kept in an :class:`HVPPlan`.
 """
 
@@ -11,36 +19,46 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import HessfastError, UnsupportedModelError
 from .data import to_device
 
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
 
-__all__ = ["HVPPlan", "HVP_MODES", "Planner", "available_memory"]
+__all__ = [
+    "GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "available_memory", "measure_saved",
+]
+
+T = TypeVar("T")
 
 HVP_MODES = ("auto", "reuse_graph", "double_backward", "fwd_rev")
+GRAPH_MODES = ("reuse_graph", "double_backward")
 
-# Chunk sizes (rows of V per vmapped / batched call) that auto mode tries. Larger chunks
-# amortise per-call overhead but grow activation memory linearly; on the 2-core CPU,
-# forward-over-reverse at k=4 cost 0.55x its own k=1 per vector on a CNN while k=16 was
+# Chunk sizes (rows of V per batched call) that auto mode tries for k > REUSE_WITHOUT_TIMING.
+# Larger chunks amortise per-call overhead but grow activation memory linearly; on the 2-core
+# CPU, forward-over-reverse at k=4 cost 0.55x its own k=1 per vector on a CNN while k=16 was
 # worse than k=4 (memory traffic). Explicit modes use chunks of up to 32 rows.
 # Timing a chunk of c rows costs about 2-3 c products, so the search is kept short: on a
 # ResNet-20 a k=48 block spent 11.5 s choosing among 1/4/8/16/32/48 (three passes' worth).
 CHUNK_CANDIDATES = (1, 4, 16)
 MAX_CHUNK = 32
 # Graph reuse beat forward-over-reverse and recomputed double backward at k = 1 and k = 4 on
-# every model of bench/bench_hvp.py, on the 2-core CPU and on an H200 (2026-11-26); only
-# larger blocks are timed.
+# every model of bench/bench_hvp.py, and double backward beat forward-over-reverse there, on
+# the 2-core CPU and on an H200 (2026-11-26): small blocks are not timed. Forward-over-reverse
+# never beat graph reuse at any k on those models (k=16: 1.33 vs 1.33 gradients per vector on
+# the MLP, worse elsewhere), so it is raced only against recomputed double backward, which
+# it beat at k=16 on the LM (2.02 vs 2.31).
 REUSE_WITHOUT_TIMING = 4
 # The graphs of all batches may take this fraction of the free memory.
 GRAPH_MEMORY_FRACTION = 4
+# Relative gap above which forward-over-reverse "disagrees" with double backward (x eps).
+AGREE_EPS = 1e4
 
 
 @dataclass(frozen=True)
@@ -75,17 +93,116 @@ def available_memory(device: torch.device) -> int:
     return 2 << 30
 
 
-class Planner:
-    """The plans of one operator, one per block size, decided on first use."""
+def measure_saved(build: Callable[[], T]) -> tuple[T, int]:
+    """Run ``build`` and count the bytes of the tensors autograd saves meanwhile (each
+    storage once): what keeping the graph it builds costs. The graph stays usable (the pack
+    hook hands autograd a detached alias; autograd restores the history on unpack)."""
+    seen: dict[tuple[int, int], int] = {}
 
-    def __init__(self, requested: str, fixed_chunk: int | None, reuse: bool | None) -> None:
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            seen[(id(t), 0)] = t.numel() * t.element_size()
+        return t.detach()  # no reference cycle tensor -> grad_fn -> saved -> tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = build()
+    return result, sum(seen.values())
+
+
+class Planner:
+    """The plans of one operator, one per block size, decided on first use.
+
+    Args:
+        requested: the ``hvp_mode`` asked for.
+        fixed_chunk: ``chunk_size`` if given.
+        reuse: ``reuse_graph`` if given (forces graph reuse on or off in auto mode).
+        num_batches: batches in the data.
+    """
+
+    def __init__(
+        self, requested: str, fixed_chunk: int | None, reuse: bool | None, num_batches: int
+    ) -> None:
         self.requested = requested
         self.fixed_chunk = fixed_chunk
-        self.reuse = reuse
         self.plans: dict[int, HVPPlan] = {}
         # path -> why it cannot be used (it failed, or disagrees with double backward)
         self.unavailable: dict[str, str] = {}
-        self._fits: tuple[bool, str] | None = None
+        self.fits: tuple[bool, str] | None = None
+        if requested == "reuse_graph":
+            self.fits = (True, "requested")
+        elif requested != "auto":
+            self.fits = (False, "requested")
+        elif reuse is not None:
+            self.fits = (bool(reuse), "reuse_graph set by the caller")
+        elif num_batches == 1:
+            self.fits = (True, "one batch: its graph is built once and kept")
+
+    @property
+    def needs_graph_size(self) -> bool:
+        """Is the size of batch 0's graph still needed to decide on graph reuse?"""
+        return self.fits is None
+
+    @property
+    def keeps_graphs(self) -> bool:
+        """May the graphs be kept (so batch 0's graph is worth caching)?"""
+        return self.fits is None or self.fits[0]
+
+    def record_graph_size(self, nbytes: int, num_batches: int, device: torch.device) -> None:
+        """Decide graph reuse from the bytes batch 0's graph holds."""
+        need = nbytes * num_batches
+        budget = available_memory(device) // GRAPH_MEMORY_FRACTION
+        if need <= budget:
+            self.fits = (True, f"graphs of {num_batches} batches ~{need / 2**20:.0f} MiB fit")
+        else:
+            self.fits = (False, (
+                f"graphs of {num_batches} batches ~{need / 2**20:.0f} MiB exceed a quarter of "
+                f"free memory ({budget / 2**20:.0f} MiB)"
+            ))
+
+    def mark_unavailable(self, mode: str, why: str) -> None:
+        """Record that ``mode`` cannot be used (both graph paths fall with double backward);
+        plans that used it are dropped."""
+        for m in GRAPH_MODES if mode in GRAPH_MODES else (mode,):
+            self.unavailable.setdefault(m, why)
+        self.plans = {k: p for k, p in self.plans.items() if p.mode not in self.unavailable}
+
+    def path_failed(self, mode: str, exc: BaseException) -> None:
+        """``mode`` raised on its first use. An explicitly requested path raises
+        :class:`UnsupportedModelError` naming the alternative; in auto mode the path is
+        marked unavailable, and the error is raised only when no path is left."""
+        why = f"{type(exc).__name__}: {exc}"
+        if self.requested == "fwd_rev":
+            raise UnsupportedModelError(
+                f"hvp_mode='fwd_rev' fails on this model: {why}; use "
+                "hvp_mode='double_backward' or 'auto'"
+            ) from exc
+        if self.requested != "auto":
+            raise UnsupportedModelError(
+                f"hvp_mode={self.requested!r} needs double backward, which fails here: {why}; "
+                "use hvp_mode='fwd_rev' or 'auto'"
+            ) from exc
+        self.mark_unavailable(mode, why)
+        if all(m in self.unavailable for m in ("double_backward", "fwd_rev")):
+            raise UnsupportedModelError(
+                "neither double backward nor torch.func forward-over-reverse can "
+                "differentiate this model twice: "
+                + "; ".join(f"{m}: {self.unavailable[m]}" for m in ("double_backward", "fwd_rev"))
+                + ". Common fixes: inplace=False on activations; "
+                "torch.backends.cudnn.flags(enabled=False) for RNNs; the math SDPA "
+                "backend for attention; checkpoint(use_reentrant=False)"
+            ) from exc
+
+    def disagrees(self, why: str) -> None:
+        """Forward-over-reverse disagrees with double backward on the same vectors."""
+        if self.requested == "fwd_rev":
+            raise UnsupportedModelError(
+                f"torch.func forward-over-reverse {why} on this model; use "
+                "hvp_mode='double_backward'"
+            )
+        self.mark_unavailable("fwd_rev", why)
 
     def plan_for(self, op: CurvatureOperator, k: int) -> HVPPlan:
         """The plan for blocks of ``k`` vectors (decided, and timed in auto mode, once)."""
@@ -97,52 +214,58 @@ class Planner:
                 self.plans[k] = self._auto_plan(op, k)
         return self.plans[k]
 
-    def _reuse_fits(self, op: CurvatureOperator) -> tuple[bool, str]:
-        if self._fits is None:
-            self._fits = self._measure_fit(op)
-        return self._fits
-
-    def _measure_fit(self, op: CurvatureOperator) -> tuple[bool, str]:
-        if self.reuse is not None:
-            return bool(self.reuse), "reuse_graph set by the caller"
-        if op.num_batches == 1:
-            return True, "one batch: its graph is built once and kept"
-        # Measure what one batch's graph holds (saved tensors) and extrapolate.
-        index, batch = op._data.first()
-        batch = to_device(batch, op.device)
-        seen: dict[tuple[int, int], int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            try:
-                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-                seen[key] = t.untyped_storage().nbytes()
-            except (RuntimeError, NotImplementedError):
-                seen[(id(t), 0)] = t.numel() * t.element_size()
-            return t
-
-        with op._guard(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            state = op._graph(batch, index)
-        del state
-        need = sum(seen.values()) * op.num_batches
-        budget = available_memory(op.device) // GRAPH_MEMORY_FRACTION
-        if need <= budget:
-            return True, f"graphs of {op.num_batches} batches ~{need / 2**20:.0f} MiB fit"
-        return False, (
-            f"graphs of {op.num_batches} batches ~{need / 2**20:.0f} MiB exceed a quarter of "
-            f"free memory ({budget / 2**20:.0f} MiB)"
-        )
-
     def _auto_plan(self, op: CurvatureOperator, k: int) -> HVPPlan:
-        fits, why_fits = self._reuse_fits(op)
+        if self.fits is None:
+            with op._guard():
+                op._first_graph()  # measures the graph and decides
+        assert self.fits is not None
+        fits, why_fits = self.fits
         graph_mode = "reuse_graph" if fits else "double_backward"
-        if fits and k <= REUSE_WITHOUT_TIMING and "reuse_graph" not in self.unavailable:
-            # Timing costs about ten products on the first batch, as much as a whole
-            # lambda_max on a small model; for small blocks the answer is known.
-            return HVPPlan(
-                "reuse_graph", self.fixed_chunk or k,
-                reason=f"auto for k={k}: reuse_graph without timing (fastest at k <= "
-                f"{REUSE_WITHOUT_TIMING} on every benchmark model, CPU and H200); {why_fits}",
+        if graph_mode not in self.unavailable:
+            candidates = [graph_mode] if fits else [graph_mode, "fwd_rev"]
+        else:
+            candidates = ["fwd_rev"]
+        candidates = [m for m in candidates if m not in self.unavailable]
+        if not candidates:
+            raise UnsupportedModelError(
+                "no Hessian-vector-product path works for this model: "
+                + "; ".join(f"{m}: {r}" for m, r in self.unavailable.items())
             )
+        if k <= REUSE_WITHOUT_TIMING:
+            mode = candidates[0]
+            why = "untimed (fastest at k <= 4 on every benchmark model, CPU and H200)"
+            if mode == "fwd_rev":
+                why = "the only path left"
+            return HVPPlan(mode, self.fixed_chunk or k,
+                           reason=self._reason(f"auto for k={k}: {mode} {why}", why_fits))
+        per_vector = self._time(op, candidates, k)
+        usable = {key: t for key, t in per_vector.items() if key[0] not in self.unavailable}
+        if not usable:
+            return self._auto_plan(op, k)  # every candidate failed and is now unavailable
+        (mode, c), best = min(usable.items(), key=lambda item: item[1])
+        if mode != "reuse_graph":
+            op.free_graphs()
+        timings = {f"{m}/chunk={cc}": t for (m, cc), t in per_vector.items()}
+        reason = (
+            f"auto for k={k}: fastest of {len(timings)} timed on batch {op._data.first()[0]} "
+            f"({best * 1e3:.3g} ms/vector)"
+        )
+        return HVPPlan(mode, c, timings, self._reason(reason, why_fits))
+
+    def _reason(self, reason: str, why_fits: str) -> str:
+        reason += f"; {why_fits}"
+        if self.unavailable:
+            reason += "; unavailable: " + "; ".join(
+                f"{m} ({r[:120]})" for m, r in self.unavailable.items()
+            )
+        return reason
+
+    def _time(
+        self, op: CurvatureOperator, modes: list[str], k: int
+    ) -> dict[tuple[str, int], float]:
+        """Seconds per vector of each mode and chunk size on batch 0, with the same vectors
+        for every mode, so that forward-over-reverse is also checked against double
+        backward. A mode that fails or disagrees is marked unavailable."""
         index, batch = op._data.first()
         batch = to_device(batch, op.device)
         gen = torch.Generator(device="cpu").manual_seed(1234)
@@ -151,63 +274,51 @@ class Planner:
             if self.fixed_chunk
             else sorted({c for c in CHUNK_CANDIDATES if c <= k} or {k})
         )
-        timings: dict[str, float] = {}
-        best: tuple[float, str, int] | None = None
-        for mode in (graph_mode, "fwd_rev"):
-            if mode in self.unavailable:
-                continue
+        blocks = {c: torch.randn(c, op.shape[0], generator=gen, dtype=op.dtype) for c in chunks}
+        per_vector: dict[tuple[str, int], float] = {}
+        results: dict[tuple[str, int], torch.Tensor] = {}
+        for mode in modes:
             mode_best = math.inf
             try:
                 with op._guard():
-                    state = None if mode == "fwd_rev" else op._graph(batch, index)
                     for j, c in enumerate(chunks):
-                        V = torch.randn(c, op.shape[0], generator=gen, dtype=op.dtype)
-                        Vs = op._split(V.to(op.device))
-                        if mode == "fwd_rev":
-                            run = partial(op._fwd_rev_product, batch, Vs)
-                        else:
-                            run = partial(op._graph_product, state, Vs, retain=True)
-                        if j == 0:
-                            run()  # warm-up: allocator caches, lazy initialisation
+                        Vs = op._split(blocks[c].to(op.device))
+                        if j == 0:  # warm-up: allocator caches, lazy initialisation
+                            op._batch0_product(mode, batch, index, Vs)
                         # best of two: one timing on a busy 2-core machine can be 2x off
                         # and mislead the choice (seen on a 4-batch MLP at k=16)
                         dt = math.inf
                         for _rep in range(2 if c <= 4 else 1):
                             t0 = time.perf_counter()
-                            run()
+                            results[(mode, c)] = op._batch0_product(mode, batch, index, Vs)
                             op._sync()
                             dt = min(dt, time.perf_counter() - t0)
-                        if mode == "double_backward":
-                            # rebuilding the graph is part of every product on this path
-                            t1 = time.perf_counter()
-                            state = op._graph(batch, index)
-                            op._sync()
-                            dt += time.perf_counter() - t1
-                        per_vec = dt / c
-                        timings[f"{mode}/chunk={c}"] = per_vec
-                        if best is None or per_vec < best[0]:
-                            best = (per_vec, mode, c)
-                        if per_vec > 1.05 * mode_best:
+                        per_vector[(mode, c)] = dt / c
+                        if dt / c > 1.05 * mode_best:
                             break  # larger chunks only add memory traffic from here on
-                        mode_best = min(mode_best, per_vec)
-                    del state
+                        mode_best = min(mode_best, dt / c)
+            except HessfastError:
+                raise  # the user's to fix (a loss, a NaN), not a sign the path cannot run
             except Exception as exc:  # noqa: BLE001 - a path that fails is just not used
-                self.unavailable[mode] = f"{type(exc).__name__}: {exc}"
-                continue
-        if best is None:
-            raise UnsupportedModelError(
-                "no Hessian-vector-product path works for this model: "
-                + "; ".join(f"{m}: {r}" for m, r in self.unavailable.items())
-            )
-        per_vec, mode, c = best
-        reason = (
-            f"auto for k={k}: fastest of {len(timings)} timed on batch {index} "
-            f"({per_vec * 1e3:.3g} ms/vector); {why_fits}"
-        )
-        if self.unavailable:
-            reason += "; unavailable: " + "; ".join(
-                f"{m} ({r[:120]})" for m, r in self.unavailable.items()
-            )
-        if mode != "reuse_graph":
-            op.free_graphs()
-        return HVPPlan(mode, c, timings, reason)
+                self.path_failed(mode, exc)
+        if "fwd_rev" in modes and "fwd_rev" not in self.unavailable:
+            gap = _disagreement(results, op.param_dtype)
+            if gap is not None:
+                self.disagrees(gap)
+        return per_vector
+
+
+def _disagreement(
+    results: dict[tuple[str, int], torch.Tensor], dtype: torch.dtype
+) -> str | None:
+    """Why forward-over-reverse disagrees with double backward on the same vectors, or None."""
+    eps = torch.finfo(dtype).eps
+    for (mode, c), ref in results.items():
+        other = results.get(("fwd_rev", c))
+        if mode == "fwd_rev" or other is None:
+            continue
+        scale = max(ref.abs().max().item(), torch.finfo(ref.dtype).tiny)
+        gap = (other - ref).abs().max().item()
+        if gap > AGREE_EPS * eps * scale:
+            return f"disagrees with double backward by {gap:.3g} (scale {scale:.3g})"
+    return None

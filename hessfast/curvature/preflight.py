@@ -1,135 +1,174 @@
-"""The pre-flight of a curvature operator: before any answer is computed, check on the first
-batch that the loss is a valid scalar, that the model can be differentiated twice, and that
-the products are finite, symmetric and repeatable. Each failure raises its own
-``hessfast.errors`` class naming the cause and the fix."""
+"""The checks a curvature operator runs before any answer is computed (``check=True``).
+
+At construction, on the first batch, at the cost of one forward pass beyond batch 0's
+first-order graph (which graph reuse keeps, so it is built once):
+
+* the loss is a finite floating-point scalar that depends on the selected parameters
+  (checked on batch 0's graph; every later graph is checked too);
+* the loss is repeatable: a second forward of batch 0 gives the same loss
+  (``check_deterministic``), which catches dropout, noise and sampling in the model or loss;
+* with ``hvp_mode="fwd_rev"`` (or when double backward cannot build the graph), one
+  forward-over-reverse product runs and, where double backward works, must agree with it.
+
+On the first products, at no extra product:
+
+* every product is finite (checked per batch on every pass);
+* the operator is symmetric: :class:`SymmetryProbe` compares ``u.(Hv)`` with ``v.(Hu)`` for
+  the first two non-parallel vectors multiplied, which catches a loss that is not a fixed
+  function of the parameters (in-place state updates, a custom ``autograd.Function`` whose
+  backward is not its derivative).
+
+Each failure raises its own ``hessfast.errors`` class naming the cause and the fix.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import (
-    AsymmetricOperatorError,
-    ConfigurationError,
-    LossError,
-    NonDeterministicError,
-    NonFiniteError,
-    UnsupportedModelError,
-)
+from ..errors import AsymmetricOperatorError, HessfastError, NonDeterministicError
 from .data import to_device
 from .model import active_stochastic_modules
+from .plan import AGREE_EPS
 
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
 
-__all__ = ["preflight"]
+__all__ = ["SymmetryProbe", "preflight"]
 
-# hessfast errors found while computing a product are the user's to fix, not a sign that
-# the path cannot differentiate the model.
-_USER_ERRORS = (LossError, NonFiniteError, ConfigurationError)
+# Two evaluations of a deterministic loss agree to rounding; dropout moves it by far more.
+REPEAT_EPS = 1e3
+# Vectors closer to parallel than this (|cos|) make a vacuous symmetry test: wait for others.
+PARALLEL_COS = 0.99
 
 
 def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
-    """One small product on the first batch by every path: the loss is a valid scalar, the
-    paths agree, the product is finite, symmetric and (optionally) repeatable. A path that
-    cannot run is recorded in ``op._planner.unavailable``."""
-    unavailable = op._planner.unavailable
+    """Check the loss, its repeatability and (when used) forward-over-reverse on batch 0.
+
+    Raises:
+        LossError, LossCallError, NonFiniteError: the loss on batch 0 is not a finite
+            differentiable scalar, or ``loss_fn`` cannot take the batch.
+        NonDeterministicError: a second evaluation of the loss differs.
+        UnsupportedModelError: no path can differentiate the model twice, or the requested
+            one cannot.
+    """
     index, batch = op._data.first()
     batch = to_device(batch, op.device)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    V = torch.randn(2, op.shape[0], generator=gen, dtype=op.dtype).to(op.device)
-    Vs = op._split(V)
-    results: dict[str, torch.Tensor] = {}
-    errors: dict[str, BaseException] = {}
+    state: Any = None
+    # One guard for everything: the RNG advances from one evaluation to the next, so a
+    # dropout layer draws a new mask for the repeat.
     with op._guard():
         try:
-            state = op._graph(batch, index)
-            results["double_backward"] = op._graph_product(state, Vs, retain=False)
-        except _USER_ERRORS:
+            state = op._first_graph()
+        except HessfastError:
             raise
-        except Exception as exc:  # noqa: BLE001
-            errors["double_backward"] = exc
-            unavailable["double_backward"] = f"{type(exc).__name__}: {exc}"
-            unavailable["reuse_graph"] = "double backward failed"
-            state = None
-        try:
-            results["fwd_rev"] = op._fwd_rev_product(batch, Vs)
-        except _USER_ERRORS:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            errors["fwd_rev"] = exc
-            unavailable["fwd_rev"] = f"{type(exc).__name__}: {exc}"
-        if not results:
-            raise UnsupportedModelError(
-                "neither double backward nor torch.func forward-over-reverse can "
-                "differentiate this model twice: "
-                + "; ".join(f"{m}: {type(e).__name__}: {e}" for m, e in errors.items())
-                + ". Common fixes: inplace=False on activations; "
-                "torch.backends.cudnn.flags(enabled=False) for RNNs; the math SDPA "
-                "backend for attention; checkpoint(use_reentrant=False)"
-            ) from next(iter(errors.values()))
-        requested = op._planner.requested
-        if requested in ("reuse_graph", "double_backward") and "double_backward" in errors:
-            raise UnsupportedModelError(
-                f"hvp_mode={requested!r} needs double backward, which fails here: "
-                f"{errors['double_backward']}; use hvp_mode='fwd_rev' or 'auto'"
-            ) from errors["double_backward"]
-        if requested == "fwd_rev" and "fwd_rev" in errors:
-            raise UnsupportedModelError(
-                f"hvp_mode='fwd_rev' fails on this model: {errors['fwd_rev']}; use "
-                "hvp_mode='double_backward' or 'auto'"
-            ) from errors["fwd_rev"]
-        for hv in results.values():
-            op._check_finite(hv, index)
-        hv = next(iter(results.values()))
-        # Element-wise comparisons are against the largest entry of the product.
-        scale = max(hv.abs().max().item(), torch.finfo(op.dtype).tiny)
-        eps = torch.finfo(op.param_dtype).eps
+        except Exception as exc:  # noqa: BLE001 - double backward cannot even start
+            op._planner.path_failed("double_backward", exc)
         if check_deterministic:
-            # The RNG stream has advanced since the first product (the guard restores it
-            # only at the end), so a dropout layer draws new masks on the rebuilt path.
-            again = (
-                op._graph_product(op._graph(batch, index), Vs, retain=False)
-                if state is not None
-                else op._fwd_rev_product(batch, Vs)
-            )
-            diff = (again - hv).abs().max().item()
-            if diff > 1e3 * eps * scale:
-                active = active_stochastic_modules(op.model)
-                cause = (
-                    f"active stochastic layers: {', '.join(active)}; use bn_mode='eval' "
-                    "(the default) or call model.eval()"
-                    if active
-                    else "a random operation in the model or loss (dropout, noise, "
-                    "sampling), or non-deterministic kernels"
-                )
-                raise NonDeterministicError(
-                    f"two products with the same vector on batch {index} differ by "
-                    f"{diff:.3g} (scale {scale:.3g}): the curvature is random. Cause: "
-                    f"{cause}. check_deterministic=False skips this check"
-                )
-        # Both paths must agree: they compute the same matrix.
-        if len(results) == 2:
-            a, b = results["double_backward"], results["fwd_rev"]
-            gap = (a - b).abs().max().item()
-            if gap > 1e4 * eps * scale:
-                unavailable["fwd_rev"] = (
-                    f"disagrees with double backward by {gap:.3g} (scale {scale:.3g})"
-                )
-                if requested == "fwd_rev":
-                    raise UnsupportedModelError(
-                        f"torch.func forward-over-reverse disagrees with double backward "
-                        f"by {gap:.3g} on this model; use hvp_mode='double_backward'"
-                    )
-        uHv = torch.dot(V[0].double(), hv[1].double()).item()
-        vHu = torch.dot(V[1].double(), hv[0].double()).item()
-        # |u.Hv| <= ||u|| ||Hv|| <= ||u|| sqrt(n) max|Hv|
-        tol = 1e4 * eps * scale * math.sqrt(op.shape[0]) * float(V[0].norm().item())
+            first = state.loss if state is not None else op._loss_value(batch, index)
+            _check_repeatable(op, first, op._loss_value(batch, index), index)
+        if op._planner.requested == "fwd_rev" or state is None:
+            _check_fwd_rev(op, batch, index, state)
+
+
+def _check_repeatable(
+    op: CurvatureOperator, first: torch.Tensor, again: torch.Tensor, index: int
+) -> None:
+    a, b = float(first), float(again)
+    eps = torch.finfo(op.param_dtype).eps
+    if a == b or abs(a - b) <= REPEAT_EPS * eps * max(abs(a), abs(b)):
+        return
+    active = active_stochastic_modules(op.model)
+    cause = (
+        f"active stochastic layers: {', '.join(active)}; use bn_mode='eval' "
+        "(the default) or call model.eval()"
+        if active
+        else "a random operation in the model or loss (dropout, noise, sampling), or "
+        "non-deterministic kernels"
+    )
+    raise NonDeterministicError(
+        f"two evaluations of the loss on batch {index} differ ({a:.9g} vs {b:.9g}): the "
+        f"curvature is random. Cause: {cause}. check_deterministic=False skips this check"
+    )
+
+
+def _check_fwd_rev(op: CurvatureOperator, batch: Any, index: int, state: Any) -> None:
+    """One forward-over-reverse product on batch 0; it must agree with double backward."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    V = torch.randn(1, op.shape[0], generator=gen, dtype=op.dtype).to(op.device)
+    Vs = op._split(V)
+    try:
+        hv = op._fwd_rev_product(batch, Vs)
+    except HessfastError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        op._planner.path_failed("fwd_rev", exc)
+        return
+    op._check_finite(hv, index)
+    if state is None:
+        return
+    try:
+        ref = op._graph_product(state, Vs, retain=True)
+    except Exception:  # noqa: BLE001 - no reference to compare with; the products will tell
+        return
+    scale = max(ref.abs().max().item(), torch.finfo(op.dtype).tiny)
+    gap = (hv - ref).abs().max().item()
+    if gap > AGREE_EPS * torch.finfo(op.param_dtype).eps * scale:
+        op._planner.disagrees(f"disagrees with double backward by {gap:.3g} (scale {scale:.3g})")
+
+
+class SymmetryProbe:
+    """Completes the pre-flight's symmetry check on the operator's first products.
+
+    Keeps the first vector multiplied and its product; when a second, non-parallel vector
+    comes (in the same block or a later one) compares ``u.(Hv)`` with ``v.(Hu)`` once.
+
+    Args:
+        kind: the operator's name for messages ("Hessian", "GGN").
+        eps: unit roundoff of the parameters' dtype.
+    """
+
+    def __init__(self, kind: str, eps: float) -> None:
+        self._kind = kind
+        self._eps = eps
+        self._first: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.done = False
+
+    def observe(self, V: torch.Tensor, HV: torch.Tensor) -> None:
+        """Look at a block ``V: [k, n]`` and its products ``HV: [k, n]``."""
+        for v, hv in zip(V, HV, strict=True):
+            if self.done:
+                return
+            v, hv = v.double(), hv.double()
+            v_norm = v.norm().item()
+            if v_norm == 0.0:
+                continue
+            if self._first is None:
+                self._first = (v.clone(), hv.clone())
+                continue
+            u, hu = self._first
+            if abs(torch.dot(u, v).item()) > PARALLEL_COS * u.norm().item() * v_norm:
+                continue
+            self._compare(u, hu, v, hv)
+
+    def _compare(
+        self, u: torch.Tensor, hu: torch.Tensor, v: torch.Tensor, hv: torch.Tensor
+    ) -> None:
+        self.done, self._first = True, None
+        uHv = torch.dot(u, hv).item()
+        vHu = torch.dot(v, hu).item()
+        # |u.Hv| <= ||u|| ||Hv|| <= ||u|| sqrt(n) max|Hv|, and the same for v.Hu
+        bound = max(u.norm().item() * hv.abs().max().item(),
+                    v.norm().item() * hu.abs().max().item())
+        tol = AGREE_EPS * self._eps * math.sqrt(u.numel()) * bound
         if abs(uHv - vHu) > tol:
             raise AsymmetricOperatorError(
-                f"u.(Hv) = {uHv:.6g} but v.(Hu) = {vHu:.6g} on batch {index}: the "
-                f"{op._kind} product is not symmetric, so the loss is not a fixed "
-                "function of the parameters (randomness, in-place updates of state)"
+                f"u.(Hv) = {uHv:.6g} but v.(Hu) = {vHu:.6g} for the first two vectors "
+                f"multiplied: the {self._kind} product is not symmetric, so the loss is not "
+                "a fixed function of the parameters (randomness, in-place updates of model "
+                "state, a custom autograd.Function whose backward is not its derivative). "
+                "Make the loss deterministic; check_deterministic=False accepts a random "
+                "operator and skips this check"
             )

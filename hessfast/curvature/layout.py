@@ -1,0 +1,64 @@
+"""How the selected parameters map onto the operator's flat vectors ``[n]``: in the given
+parameter order, each one row-major."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["ParamLayout"]
+
+
+class ParamLayout:
+    """Offsets of the parameters in a flat vector, and the conversions both ways.
+
+    Args:
+        names: parameter names, in flattening order.
+        shapes: their shapes.
+    """
+
+    def __init__(self, names: Sequence[str], shapes: Sequence[torch.Size]) -> None:
+        self.names = list(names)
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.numels = [s.numel() for s in self.shapes]
+        offsets = [0]
+        for m in self.numels:
+            offsets.append(offsets[-1] + m)
+        self.n = offsets[-1]
+        self._spans = list(zip(offsets[:-1], offsets[1:], strict=True))
+
+    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[..., n]`` -> ``{name: [..., *shape]}`` (views)."""
+        lead = tuple(v.shape[:-1])
+        return {
+            name: v[..., a:b].reshape(*lead, *shape)
+            for name, (a, b), shape in zip(self.names, self._spans, self.shapes, strict=True)
+        }
+
+    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        """``{name: [*shape]}`` or a list in order -> ``[n]``."""
+        if isinstance(tensors, dict):
+            tensors = [tensors[n] for n in self.names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def split(self, V: torch.Tensor) -> list[torch.Tensor]:
+        """``[c, n]`` -> per parameter ``[c, *shape]`` (views)."""
+        c = V.shape[0]
+        return [
+            V[:, a:b].reshape(c, *shape)
+            for (a, b), shape in zip(self._spans, self.shapes, strict=True)
+        ]
+
+    def cat(
+        self, pieces: Sequence[torch.Tensor | None], c: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Per parameter ``[c, *shape]`` (None: zero) -> ``[c, n]`` in ``dtype``."""
+        out = []
+        for piece, numel in zip(pieces, self.numels, strict=True):
+            if piece is None:
+                out.append(torch.zeros(c, numel, dtype=dtype, device=device))
+            else:
+                out.append(piece.reshape(c, numel).to(dtype))
+        return torch.cat(out, dim=1)

@@ -1,0 +1,56 @@
+"""The options of :func:`~hessfast.hessian` and :func:`~hessfast.ggn`, validated once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigurationError
+from .model import BN_MODES, LOSS_FORMS
+from .plan import HVP_MODES
+
+__all__ = ["CurvatureOptions"]
+
+
+@dataclass(frozen=True)
+class CurvatureOptions:
+    """Everything but the model, the loss and the data (see :func:`~hessfast.hessian`).
+
+    Attributes:
+        params: parameter names or tensors to differentiate; None: every trainable one.
+        bn_mode: ``"eval"``, ``"train"`` or ``"as_is"``.
+        hvp_mode: ``"auto"``, ``"reuse_graph"``, ``"double_backward"`` or ``"fwd_rev"``.
+        check: run the pre-flight checks.
+        check_deterministic: in the pre-flight, also require a repeatable loss.
+        batch_size_fn: number of samples of a batch.
+        loss_form: ``"auto"``, ``"criterion"`` or ``"model"``.
+        chunk_size: rows of a block per batched call; None: chosen.
+        reuse_graph: force graph reuse on or off in auto mode; None: when it fits.
+    """
+
+    params: Sequence[str] | Sequence[torch.Tensor] | None = None
+    bn_mode: str = "eval"
+    hvp_mode: str = "auto"
+    check: bool = True
+    check_deterministic: bool = True
+    batch_size_fn: Callable[[Any], int] | None = None
+    loss_form: str = "auto"
+    chunk_size: int | None = None
+    reuse_graph: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.hvp_mode not in HVP_MODES:
+            raise ConfigurationError(
+                f"hvp_mode must be one of {HVP_MODES}, got {self.hvp_mode!r}"
+            )
+        if self.bn_mode not in BN_MODES:
+            raise ConfigurationError(f"bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}")
+        if self.loss_form not in LOSS_FORMS:
+            raise ConfigurationError(
+                f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}"
+            )
+        if self.chunk_size is not None and int(self.chunk_size) < 1:
+            raise ConfigurationError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
