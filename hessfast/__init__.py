@@ -14,6 +14,7 @@ from .curvature import GGNOperator, HessianOperator, ggn, hessian
 from .density import SpectralDensity, spectral_density
 from .estimators import DiagonalResult, TraceResult, diagonal, trace
 from .linop import LinearOperator
+from .results import Status
 from .spectrum import ConditionResult, EigshResult, condition_number, eigsh, lambda_max
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "ConditionResult",
     "DiagonalResult",
     "SpectralDensity",
+    "Status",
     "TraceResult",
     "condition_number",
     "diagonal",

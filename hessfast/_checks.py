@@ -1,0 +1,237 @@
+"""What every entry point validates, in one place: the operator, integers, numbers, named
+choices, dtypes, budgets; the one probe sampler; and the counted, checked product.
+
+Messages name the argument, the value received and what would be accepted; every error is a
+:mod:`hessfast.errors` class (``ConfigurationError`` is a ``ValueError``).
+
+Probes come from ONE private generator per call: a CPU ``torch.Generator`` seeded with
+``seed``; probes are drawn on the CPU in float64 and then cast and moved, so the same seed
+gives the same probes (to the cast) on every device, and the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .errors import ConfigurationError, NonFiniteError
+from .linop import LinearOperator
+
+__all__ = [
+    "BASIS_DTYPES",
+    "PROBES",
+    "Products",
+    "as_operator",
+    "check_basis_dtype",
+    "check_budget",
+    "check_choice",
+    "check_int",
+    "check_level",
+    "check_positive",
+    "check_seed",
+    "probe_generator",
+    "sample_probes",
+    "unit_rows",
+    "work_dtype",
+]
+
+#: Probe distributions: entries +-1 (Rademacher) or standard normal; both E[z z^T] = I.
+PROBES = ("rademacher", "gaussian")
+#: Storage dtypes of a Krylov basis (what ``hessfast.ops`` accepts for a basis).
+BASIS_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+_OPERATOR_ATTRS = ("matmat", "shape", "dtype", "device")
+
+
+def _where(who: str | None) -> str:
+    return f"{who}: " if who else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# scalars and choices
+# ---------------------------------------------------------------------------------------------
+
+
+def check_int(name: str, value: Any, minimum: int, *, who: str | None = None) -> int:
+    """``value`` as an int ``>= minimum`` (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(
+            f"{_where(who)}{name} must be an integer >= {minimum}, got {value!r}"
+        )
+    return int(value)
+
+
+def check_seed(seed: Any, *, who: str | None = None) -> int:
+    """An int seed in the range ``torch.Generator.manual_seed`` accepts."""
+    seed = check_int("seed", seed, _SEED_MIN, who=who)
+    if seed > _SEED_MAX:
+        raise ConfigurationError(f"{_where(who)}seed must be < 2**64, got {seed}")
+    return seed
+
+
+def check_positive(name: str, value: Any, *, who: str | None = None) -> float:
+    """A finite real number ``> 0`` (a tolerance, a width)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value > 0):
+        raise ConfigurationError(
+            f"{_where(who)}{name} must be a finite number > 0, got {value!r}"
+        )
+    return float(value)
+
+
+def check_level(name: str, value: Any, *, who: str | None = None) -> float:
+    """A probability in the open interval (0, 1) (a confidence level)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and 0.0 < value < 1.0):
+        raise ConfigurationError(f"{_where(who)}{name} must be in (0, 1), got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...], *, who: str | None = None) -> str:
+    """One of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigurationError(
+            f"{_where(who)}{name} must be one of {choices}, got {value!r}"
+        )
+    return value
+
+
+def check_budget(
+    name: str, value: Any, need: int, *, what: str, who: str | None = None
+) -> int:
+    """A budget of products ``>= need`` (``need`` says what ``what`` requires)."""
+    value = check_int(name, value, 1, who=who)
+    if value < need:
+        raise ConfigurationError(
+            f"{_where(who)}{what} needs {name} >= {need}, got {value}; raise {name}"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# operator and dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+def as_operator(A: Any, who: str, *, allow_empty: bool = True) -> LinearOperator:
+    """``A`` as an operator: a :class:`LinearOperator` (or an object with ``matmat``,
+    ``shape``, ``dtype``, ``device``) as given, a dense square tensor wrapped with
+    :meth:`LinearOperator.from_matrix`. Square, real floating dtype; ``n >= 1`` unless
+    ``allow_empty``."""
+    for attr in ("shape", "dtype") if isinstance(A, torch.Tensor) else _OPERATOR_ATTRS:
+        if not hasattr(A, attr):
+            raise ConfigurationError(
+                f"{who}: A must be a hessfast.LinearOperator (matmat, shape, dtype, device), "
+                f"got {type(A).__name__} without {attr!r}; wrap a matrix with "
+                "LinearOperator.from_matrix(M) or a function with LinearOperator.from_function"
+            )
+    shape = tuple(A.shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ConfigurationError(f"{who}: A must be a square [n, n] operator, got shape {shape}")
+    if not isinstance(A.dtype, torch.dtype) or A.dtype.is_complex or not (
+        A.dtype.is_floating_point
+    ):
+        raise ConfigurationError(f"{who}: A must have a real floating dtype, got {A.dtype}")
+    if isinstance(A, torch.Tensor):
+        A = LinearOperator.from_matrix(A)
+    if shape[0] == 0 and not allow_empty:
+        raise ConfigurationError(f"{who}: A has size n = 0; there is nothing to compute")
+    return A
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The working precision for an operator of ``dtype``: float64 for float64, float32
+    otherwise (bf16/fp16 operators are widened; vectors and dot products stay >= fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_basis_dtype(
+    basis_dtype: Any, work: torch.dtype, *, who: str | None = None
+) -> torch.dtype:
+    """The storage dtype of a Krylov basis: ``basis_dtype`` or, if None, ``work``."""
+    if basis_dtype is None:
+        return work
+    if basis_dtype not in BASIS_DTYPES:
+        raise ConfigurationError(
+            f"{_where(who)}basis_dtype must be None or one of {BASIS_DTYPES}, "
+            f"got {basis_dtype!r}"
+        )
+    return basis_dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# probes
+# ---------------------------------------------------------------------------------------------
+
+
+def probe_generator(seed: int) -> torch.Generator:
+    """The private generator of a call: on the CPU, seeded with ``seed``."""
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def sample_probes(
+    gen: torch.Generator,
+    k: int,
+    n: int,
+    probe: str,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[k, n]`` probes with ``E[z z^T] = I``: entries ``+-1`` (``"rademacher"``) or standard
+    normal (``"gaussian"``), drawn from ``gen`` on the CPU in float64, then cast to ``dtype``
+    and moved to ``device`` (the values do not depend on the device)."""
+    if probe == "rademacher":
+        Z = torch.empty((k, n), dtype=torch.float64).bernoulli_(0.5, generator=gen)
+        Z.mul_(2.0).sub_(1.0)
+    elif probe == "gaussian":
+        Z = torch.randn((k, n), dtype=torch.float64, generator=gen)
+    else:
+        raise ConfigurationError(f"probe must be one of {PROBES}, got {probe!r}")
+    return Z.to(device=device, dtype=dtype)
+
+
+def unit_rows(Z: torch.Tensor, name: str, *, who: str) -> torch.Tensor:
+    """``Z: [k, n]`` (the argument ``name``) with every row scaled to norm 1 (float64 norms);
+    zero or non-finite rows are refused."""
+    if not bool(torch.isfinite(Z).all()):
+        raise NonFiniteError(f"{who}: {name} contains NaN or Inf; pass finite vectors")
+    nz = torch.linalg.vector_norm(Z.double(), dim=1, keepdim=True)
+    if bool((nz == 0).any()):
+        raise ConfigurationError(f"{who}: {name} has a zero row; every vector must be nonzero")
+    return (Z.double() / nz).to(Z.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# products
+# ---------------------------------------------------------------------------------------------
+
+
+class Products:
+    """``A`` applied to blocks ``V: [k, n]``: one ``matmat`` per call (one data pass), counted
+    here (so duck-typed operators without counters work), returned as a fresh tensor in the
+    working dtype on ``A.device`` and checked for NaN/Inf."""
+
+    def __init__(self, A: LinearOperator, work: torch.dtype, who: str) -> None:
+        self.A = A
+        self.work = work
+        self.device = torch.device(A.device)
+        self.who = who
+        self.num_matvecs = 0
+        self.num_passes = 0
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        """``[k, n]`` rows ``A v_i`` (a tensor the caller owns: it may update it in place)."""
+        out = self.A.matmat(V)
+        self.num_matvecs += V.shape[0]
+        self.num_passes += 1
+        out = out.to(device=self.device, dtype=self.work, copy=True)
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(
+                f"{self.who}: the operator returned NaN or Inf for a block of {V.shape[0]} "
+                f"vectors (pass {self.num_passes}, {self.num_matvecs} products so far); check "
+                "the model and loss for overflow (fp16?) and the data for NaN"
+            )
+        return out
