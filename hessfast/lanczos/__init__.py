@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from .basis import WHICH, select
+from .probes import ProbeTridiagonals, probe_lanczos
 from .restart import LanczosState, block_lanczos
 
-__all__ = ["WHICH", "LanczosState", "block_lanczos", "select"]
+__all__ = ["WHICH", "LanczosState", "ProbeTridiagonals", "block_lanczos", "probe_lanczos", "select"]

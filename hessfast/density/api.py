@@ -1,0 +1,164 @@
+"""The entry point :func:`spectral_density` (validation, probes, dispatch to SLQ or KPM) and
+:func:`draw_probes`, the probes it uses."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .._checks import (
+    PROBES,
+    Products,
+    as_operator,
+    check_basis_dtype,
+    check_choice,
+    check_int,
+    check_seed,
+    probe_generator,
+    sample_probes,
+    unit_rows,
+    work_dtype,
+)
+from ..errors import ConfigurationError
+from ..lanczos.probes import REORTHS
+from ..linop import LinearOperator
+from .kpm import kpm
+from .result import SpectralDensity
+from .slq import slq
+
+__all__ = ["METHODS", "draw_probes", "spectral_density"]
+
+METHODS = ("slq", "kpm")
+_WHO = "spectral_density"
+
+
+def draw_probes(
+    n: int,
+    num_probes: int,
+    *,
+    seed: int = 0,
+    probe: str = "rademacher",
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The unit probes :func:`spectral_density` uses: ``[num_probes, n]``, rows of norm 1.
+
+    ``"rademacher"``: entries ``+-1/sqrt(n)``; ``"gaussian"``: normalised standard normal rows
+    (uniform on the sphere). Both satisfy ``E[u u^T] = I / n``, so ``n u^T A u`` is an unbiased
+    estimate of ``tr(A)`` (Hutchinson with ``z = sqrt(n) u``). Drawn and normalised on the CPU
+    in float64 from a private generator seeded with ``seed`` (the global RNG is untouched),
+    then cast to ``dtype`` and moved to ``device``: the values depend on
+    (seed, n, num_probes, probe, dtype), not on the device.
+    """
+    check_choice("probe", probe, PROBES, who="draw_probes")
+    Z = sample_probes(probe_generator(seed), num_probes, n, probe)
+    Z = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
+    return Z.to(device=device, dtype=dtype)
+
+
+def spectral_density(
+    A: LinearOperator,
+    num_probes: int = 8,
+    num_steps: int = 64,
+    *,
+    method: str = "slq",
+    seed: int = 0,
+    probe: str = "rademacher",
+    reorth: str = "full",
+    basis_dtype: torch.dtype | None = None,
+    num_moments: int | None = None,
+    v0: torch.Tensor | None = None,
+) -> SpectralDensity:
+    """Estimate the spectral density of a symmetric operator by SLQ or KPM.
+
+    Args:
+        A: symmetric :class:`~hessfast.linop.LinearOperator` ``[n, n]``, ``n >= 1`` (a dense
+            square tensor is wrapped with :meth:`LinearOperator.from_matrix`).
+        num_probes: P >= 1 random probes, advanced together (one ``A.matmat`` of ``[P, n]``
+            per step).
+        num_steps: SLQ: Lanczos steps per probe, m >= 1 (clipped to ``n``: the rule is then
+            exact). Data passes: ``m``. KPM: sets the default ``num_moments = 2 m``.
+        method: ``"slq"`` (stochastic Lanczos quadrature) or ``"kpm"`` (kernel polynomial
+            method with Jackson damping).
+        seed: seed of the private generator that draws the probes (:func:`draw_probes`).
+        probe: ``"rademacher"`` or ``"gaussian"`` (normalised: uniform on the sphere).
+        reorth: ``"full"`` (each probe's new vector is reorthogonalised against its whole
+            basis; memory ``P m n`` in ``basis_dtype``) or ``"none"`` (plain three-term
+            recurrence: cheaper, but lost orthogonality produces ghost Ritz values that
+            distort the weights). Only SLQ stores a basis.
+        basis_dtype: storage dtype of the Lanczos basis (``torch.float64``, ``float32``,
+            ``bfloat16``, ``float16``); default: the working dtype (float64 for a float64
+            operator, else float32). Coefficients and current vectors stay in the working dtype.
+        num_moments: KPM: Chebyshev moments M >= 1 (default ``2 num_steps``). The doubling
+            ``mu_{2k} = 2 <T_k u, T_k u> - mu_0``, ``mu_{2k+1} = 2 <T_{k+1} u, T_k u> - mu_1``
+            gives them in ``ceil((M - 1)/2)`` data passes, plus ``min(n, 10)`` Lanczos passes
+            for the bounds.
+        v0: optional start vectors ``[P, n]`` (or one ``[n]``) instead of random probes (rows
+            are normalised); overrides ``num_probes``, ``seed`` and ``probe``. The name is
+            :func:`hessfast.eigsh`'s.
+
+    Returns:
+        :class:`SpectralDensity` with ``status`` ``CONVERGED`` (or ``OUT_OF_BOUNDS`` for a
+        KPM run whose bounds kept failing, with a warning).
+
+    Raises:
+        ConfigurationError: a bad argument (named in the message).
+        NonFiniteError: the operator returned NaN or Inf, or ``v0`` contains them.
+    """
+    t0 = time.perf_counter()
+    A = as_operator(A, _WHO, allow_empty=False)
+    check_choice("method", method, METHODS, who=_WHO)
+    check_choice("probe", probe, PROBES, who=_WHO)
+    check_choice("reorth", reorth, REORTHS, who=_WHO)
+    num_probes = check_int("num_probes", num_probes, 1, who=_WHO)
+    num_steps = check_int("num_steps", num_steps, 1, who=_WHO)
+    seed = check_seed(seed, who=_WHO)
+    work = work_dtype(A.dtype)
+    bdtype = check_basis_dtype(basis_dtype, work, who=_WHO)
+    if num_moments is not None:
+        if method != "kpm":
+            raise ConfigurationError(
+                f"{_WHO}: num_moments applies to method='kpm' only; drop it or pass "
+                "method='kpm'"
+            )
+        num_moments = check_int("num_moments", num_moments, 1, who=_WHO)
+    n = A.shape[0]
+    probe_name = probe
+    if v0 is not None:
+        Z = _start_vectors(v0, n, work, A.device)
+        probe_name = "given"
+    else:
+        Z = draw_probes(n, num_probes, seed=seed, probe=probe, dtype=work, device=A.device)
+
+    products = Products(A, work, _WHO)
+    with torch.no_grad():
+        if method == "slq":
+            fields = slq(products, Z, min(num_steps, n), reorth, bdtype)
+        else:
+            M = num_moments if num_moments is not None else 2 * num_steps
+            fields = kpm(products, Z, M, bdtype)
+    return SpectralDensity(
+        method=method,
+        n=n,
+        probe=probe_name,
+        seed=seed,
+        num_matvecs=products.num_matvecs,
+        num_passes=products.num_passes,
+        converged=fields["status"] == "CONVERGED",
+        seconds=time.perf_counter() - t0,
+        **fields,
+    )
+
+
+def _start_vectors(v0: Any, n: int, work: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``v0`` as unit rows ``[P, n]`` in the working dtype on the operator's device."""
+    ok = isinstance(v0, torch.Tensor) and v0.dim() in (1, 2) and v0.shape[-1] == n
+    if not ok or v0.numel() == 0:
+        shape = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
+        raise ConfigurationError(
+            f"{_WHO}: v0 must be a tensor [P, {n}] (or [{n}]) with P >= 1, got {shape}"
+        )
+    Z = v0.detach().reshape(-1, n).to(device=device, dtype=work)
+    return unit_rows(Z, "v0", who=_WHO)

@@ -1,0 +1,285 @@
+"""The result of :func:`hessfast.spectral_density`: a quadrature measure per probe, and what
+it answers (densities, traces of functions, moments, plots)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._checks import check_int, check_positive
+from ..results import Status
+from .kpm import cheb_series, jackson
+
+__all__ = ["SpectralDensity", "slq_sigma"]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SpectralDensity:
+    """An estimate of the spectral density of a symmetric ``n x n`` operator.
+
+    Attributes:
+        nodes: ``[P, N]`` float64 (CPU) quadrature nodes per probe. SLQ: the Ritz values of
+            each probe's Lanczos tridiagonal, ``N = num_steps`` (clipped to ``n``), ascending;
+            a probe whose recurrence broke down after ``k < N`` steps is padded with copies
+            of its largest node and weight 0. KPM: ``N = 2 * num_moments`` Chebyshev-Gauss
+            points mapped to ``bounds``, the same for every probe.
+        weights: ``[P, N]`` float64, ``>= 0``, each row sums to 1. SLQ: Gauss weights
+            ``S[0, j]^2``. KPM: the Jackson-damped expansion of each probe's measure sampled
+            at the nodes (non-negative because the Jackson kernel is).
+        trace_weights: ``[P, N]`` float64 weights used by :meth:`trace` and :meth:`moments`.
+            SLQ: ``weights``. KPM: the *undamped* Chebyshev-Gauss weights, which reproduce the
+            moments ``u^T A^p u`` exactly for ``p < num_moments`` but may be negative.
+        method: ``"slq"`` or ``"kpm"``.
+        n: operator size.
+        num_steps: SLQ: Lanczos steps per probe (after clipping to ``n``); KPM: the number of
+            Chebyshev moments.
+        steps: ``[P]`` int64: Lanczos steps each probe took (SLQ; ``< num_steps`` after a
+            breakdown, when the Gauss rule is exact), ``num_steps`` for KPM.
+        probe: ``"rademacher"``, ``"gaussian"`` or ``"given"`` (the rows of ``v0``).
+        seed: the probes' seed.
+        bounds: ``(lo, hi)``. SLQ: extreme Ritz values widened by their Ritz residuals
+            ``|beta_m s_{m,j}|``. KPM: the interval mapped to ``[-1, 1]``.
+        default_sigma: the Gaussian width :meth:`density` uses when ``sigma=None`` (SLQ;
+            ``(hi - lo) / num_steps``, see :meth:`density`); for KPM the Jackson kernel's
+            resolution ``pi (hi - lo) / (2 num_moments)`` (information only).
+        chebyshev_moments: KPM only: ``[P, num_moments]`` float64 raw moments ``u^T T_k(B) u``.
+        num_matvecs, num_passes: products and ``A.matmat`` calls (data passes) spent.
+        status: ``CONVERGED`` (the steps or moments asked for were computed) or, for KPM,
+            ``OUT_OF_BOUNDS`` (the Chebyshev vectors kept growing: unreliable moments, with
+            a warning).
+        converged: ``status == CONVERGED``.
+        seconds: wall time.
+    """
+
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    trace_weights: torch.Tensor
+    method: str
+    n: int
+    num_steps: int
+    steps: torch.Tensor
+    probe: str
+    seed: int
+    bounds: tuple[float, float]
+    default_sigma: float
+    num_matvecs: int
+    num_passes: int
+    status: Status
+    converged: bool
+    seconds: float
+    chebyshev_moments: torch.Tensor | None = None
+
+    # -- basic properties -------------------------------------------------------------------
+    @property
+    def num_probes(self) -> int:
+        """Number of probes ``P``."""
+        return int(self.nodes.shape[0])
+
+    def __repr__(self) -> str:
+        lo, hi = self.bounds
+        return (
+            f"SpectralDensity(method={self.method!r}, n={self.n}, num_probes={self.num_probes}, "
+            f"num_steps={self.num_steps}, bounds=({lo:.4g}, {hi:.4g}), "
+            f"num_passes={self.num_passes}, num_matvecs={self.num_matvecs}, "
+            f"seconds={self.seconds:.3g})"
+        )
+
+    # -- density ------------------------------------------------------------------------------
+    def density(
+        self, grid: Any, sigma: float | None = None, *, log: bool = False
+    ) -> torch.Tensor:
+        """The estimated density on ``grid``.
+
+        SLQ (and KPM with an explicit ``sigma``): the quadrature measure broadened by a
+        Gaussian of width ``sigma``, which integrates to 1 over the real line:
+        ``rho(x) = (1/P) sum_pj w_pj exp(-(x - theta_pj)^2 / (2 sigma^2)) / (sigma sqrt(2 pi))``.
+
+        Default ``sigma`` (SLQ): ``(hi - lo) / num_steps``. Rule: a Gaussian of width ``sigma``
+        on an interval of width ``W`` is approximated to ~1e-3 by a polynomial of degree about
+        ``3.7 W / (2 sigma)``; the m-point Gauss rule integrates degree ``2m - 1`` exactly, so
+        ``sigma ~ W / m`` is the narrowest width at which each probe's rule resolves the kernel
+        (narrower widths show the individual Ritz values instead of a density).
+
+        KPM with ``sigma=None``: the Jackson-damped Chebyshev expansion of the probe-averaged
+        moments, ``(g_0 + 2 sum_k g_k mu_k T_k(t)) / (pi h sqrt(1 - t^2))`` with
+        ``t = (x - c)/h``, clipped at 0, renormalised to integrate to 1 over ``bounds``, and 0
+        outside them.
+
+        Args:
+            grid: ``[G]`` points (tensor, array or sequence).
+            sigma: Gaussian width (> 0), or None for the default above.
+            log: return the natural log of the density instead (computed with a log-sum-exp,
+                so the far tails of the Gaussian mixture stay finite; ``-inf`` where the KPM
+                density is 0). Use it for log-scale plots of the spike at 0.
+
+        Returns:
+            ``[G]`` float64 tensor.
+        """
+        x = _as_grid(grid)
+        if self.method == "kpm" and sigma is None:
+            rho = self._kpm_density(x)
+            return torch.log(rho) if log else rho
+        s = self._sigma(sigma)
+        logrho = _gaussian_mixture_log(x, self.nodes, self.weights, s)
+        return logrho if log else torch.exp(logrho)
+
+    def log_density(self, grid: Any, sigma: float | None = None) -> torch.Tensor:
+        """``density(grid, sigma, log=True)``: natural log of the density, ``[G]`` float64."""
+        return self.density(grid, sigma, log=True)
+
+    def _sigma(self, sigma: float | None) -> float:
+        if sigma is None:
+            return self.default_sigma if self.method == "slq" else slq_sigma(
+                self.bounds, max(1, self.num_steps // 2)
+            )
+        return check_positive("sigma", sigma, who="SpectralDensity")
+
+    def _kpm_density(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.chebyshev_moments is not None
+        lo, hi = self.bounds
+        h = 0.5 * (hi - lo)
+        M = self.chebyshev_moments.shape[1]
+        coef = jackson(M) * self.chebyshev_moments.mean(0)
+        # normaliser: integral of the clipped expansion over [lo, hi] by Chebyshev-Gauss
+        Nq = max(4 * M, 1024)
+        tq = torch.cos(math.pi * (torch.arange(Nq, dtype=torch.float64) + 0.5) / Nq)
+        Z = float(cheb_series(tq, coef).clamp_min(0).mean())
+        # 1 - t^2 = (1 + t)(1 - t) from the distances to the bounds, so that the endpoints
+        # (where the Chebyshev weight is singular) are exactly outside, never 1 - t^2 = 1e-16
+        up, down = (x - lo) / h, (hi - x) / h
+        inside = (up > 0) & (down > 0)
+        out = torch.zeros_like(x)
+        ui, di = up[inside], down[inside]
+        s = cheb_series(ui - 1, coef).clamp_min(0)
+        out[inside] = s / (math.pi * h * torch.sqrt(ui * di) * Z)
+        return out
+
+    # -- traces -------------------------------------------------------------------------------
+    def trace(
+        self, f: Callable[[torch.Tensor], Any], *, per_probe: bool = False
+    ) -> float | torch.Tensor:
+        """Estimate ``tr(f(A)) = n int f d phi``, e.g. ``f = torch.log`` for ``log det A``.
+
+        Per probe ``p``: ``n sum_j tw_pj f(x_pj)`` with the ``trace_weights``; the estimate is
+        the mean over probes. SLQ: exact for ``f`` a polynomial of degree ``<= 2 steps_p - 1``
+        (and for every ``f`` once ``num_steps = n``), i.e. equal to Hutchinson's
+        ``z^T f(A) z`` on the same probes. KPM: the Chebyshev interpolant of ``f`` against the
+        raw moments, exact for polynomials of degree ``< num_moments``.
+
+        Args:
+            f: elementwise function of a float64 tensor (``torch.log``, ``lambda x: x**2``).
+            per_probe: return the ``[P]`` per-probe estimates instead of their mean.
+        """
+        vals = f(self.nodes.clone())
+        vals = torch.as_tensor(vals, dtype=torch.float64)
+        if vals.shape != self.nodes.shape:
+            vals = torch.broadcast_to(vals, self.nodes.shape)
+        w = self.trace_weights
+        terms = torch.where(w == 0, torch.zeros((), dtype=torch.float64), w * vals)
+        est = self.n * terms.sum(1)
+        return est if per_probe else float(est.mean())
+
+    def trace_stderr(self, f: Callable[[torch.Tensor], Any]) -> float:
+        """Standard error of :meth:`trace` over the probes (``std / sqrt(P)``; nan for P = 1)."""
+        est = self.trace(f, per_probe=True)
+        assert isinstance(est, torch.Tensor)
+        if est.numel() < 2:
+            return math.nan
+        return float(est.std(unbiased=True) / math.sqrt(est.numel()))
+
+    def moments(self, p: int, *, per_probe: bool = False) -> float | torch.Tensor:
+        """Estimate of ``tr(A^p) / n``, ``p = 0, 1, 2, ...``.
+
+        SLQ: exact per probe (``= u^T A^p u``) for ``p <= 2 steps_p - 1``; KPM: for
+        ``p < num_moments``. ``per_probe=True`` returns the ``[P]`` values ``u_p^T A^p u_p``.
+        """
+        p = check_int("p", p, 0)
+        out = self.trace(lambda x: x**p, per_probe=per_probe)
+        return out / self.n
+
+    # -- plotting -----------------------------------------------------------------------------
+    def plot(
+        self,
+        ax: Any = None,
+        grid: Any = None,
+        log: bool = False,
+        sigma: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Plot the density on ``ax`` (a new figure when None) and return the axes.
+
+        ``grid`` defaults to 1000 points over ``bounds`` widened by 3 sigma; ``log=True`` uses
+        a logarithmic y axis (the spike at 0 of a network Hessian next to its outliers).
+        Needs matplotlib (imported here only).
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "SpectralDensity.plot needs matplotlib, which is not installed: "
+                "pip install matplotlib (the rest of hessfast works without it)"
+            ) from exc
+        if grid is None:
+            lo, hi = self.bounds
+            pad = 3 * self._sigma(sigma) if (self.method == "slq" or sigma is not None) else 0.0
+            width = hi - lo
+            if width <= 0 and pad <= 0:
+                pad = max(abs(lo), 1.0) * 1e-3
+            grid = torch.linspace(lo - pad, hi + pad, 1000, dtype=torch.float64)
+        x = _as_grid(grid)
+        rho = self.density(x, sigma)
+        if ax is None:
+            _, ax = plt.subplots()
+        xs, ys = x.numpy(), rho.numpy()
+        if log:
+            floor = max(float(rho.max()) * 1e-14, 1e-300)
+            ys = rho.clamp_min(floor).numpy()
+            ax.set_yscale("log")
+        ax.plot(xs, ys, **kwargs)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(f"{self.method.upper()} spectral density (n={self.n}, P={self.num_probes})")
+        return ax
+
+
+
+def _as_grid(grid: Any) -> torch.Tensor:
+    x = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    if x.dim() != 1:
+        x = x.reshape(-1)
+    return x
+
+
+def slq_sigma(bounds: tuple[float, float], m: int) -> float:
+    """``(hi - lo) / m``; a spectrum narrower than ``1e-5`` of its magnitude (a point mass up to
+    float32 roundoff) gets 1e-3 of its magnitude, the zero spectrum 1e-3."""
+    lo, hi = bounds
+    width = hi - lo
+    scale = max(abs(lo), abs(hi))
+    if width > 1e-5 * scale and width > 0:
+        return width / m
+    return 1e-3 * scale if scale > 0 else 1e-3
+
+
+def _gaussian_mixture_log(
+    x: torch.Tensor, nodes: torch.Tensor, weights: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """``log((1/P) sum_pj w_pj N(x; node_pj, sigma^2))`` for every x, by log-sum-exp."""
+    P = nodes.shape[0]
+    nd = nodes.reshape(-1)
+    lw = torch.log(weights.reshape(-1))  # -inf for padded / zero weights
+    keep = torch.isfinite(lw)
+    nd, lw = nd[keep], lw[keep]
+    const = -math.log(P) - math.log(sigma * math.sqrt(2 * math.pi))
+    out = torch.empty_like(x)
+    chunk = max(1, 4_000_000 // max(1, nd.numel()))
+    for i in range(0, x.numel(), chunk):
+        xi = x[i : i + chunk]
+        z = (xi[:, None] - nd[None, :]) / sigma
+        out[i : i + chunk] = torch.logsumexp(lw[None, :] - 0.5 * z * z, dim=1) + const
+    return out
+
