@@ -454,12 +454,12 @@ def test_diagonal_by_param_on_model_hessian(float64_default):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"num_matvecs": 0}, "num_matvecs.*0"),
-        ({"num_matvecs": -3}, "num_matvecs.*-3"),
-        ({"num_matvecs": 2.5}, "num_matvecs.*2.5"),
-        ({"num_matvecs": True}, "num_matvecs.*True"),
-        ({"num_matvecs": 2, "method": "hutch++"}, "num_matvecs >= 3.*2"),
-        ({"num_matvecs": 1, "method": "xtrace"}, "num_matvecs >= 2.*1"),
+        ({"max_matvecs": 0}, "max_matvecs.*0"),
+        ({"max_matvecs": -3}, "max_matvecs.*-3"),
+        ({"max_matvecs": 2.5}, "max_matvecs.*2.5"),
+        ({"max_matvecs": True}, "max_matvecs.*True"),
+        ({"max_matvecs": 2, "method": "hutch++"}, "max_matvecs >= 3.*2"),
+        ({"max_matvecs": 1, "method": "xtrace"}, "max_matvecs >= 2.*1"),
         ({"method": "hutch+"}, "method.*hutch\\+"),
         ({"probe": "sphere"}, "probe.*sphere"),
         ({"rtol": 0.0}, "rtol.*0.0"),
@@ -485,9 +485,9 @@ def test_diagonal_bad_arguments():
     M, _ = spectra.decaying(50, seed=0)
     with pytest.raises(ConfigurationError, match="method.*'bekas'"):
         diagonal(_op(M), method="bekas")
-    with pytest.raises(ConfigurationError, match="num_matvecs.*0"):
+    with pytest.raises(ConfigurationError, match="max_matvecs.*0"):
         diagonal(_op(M), 0)
-    with pytest.raises(ConfigurationError, match="num_matvecs >= 2.*1"):
+    with pytest.raises(ConfigurationError, match="max_matvecs >= 2.*1"):
         diagonal(_op(M), 1, method="xdiag")
 
 

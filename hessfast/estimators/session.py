@@ -1,0 +1,144 @@
+"""What every estimator run shares: probes from the private generator, products in chunks
+(counted and checked), the exact diagonal from unit vectors, the budget rule and the sample
+statistics."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from .._checks import (
+    Products,
+    as_operator,
+    check_budget,
+    probe_generator,
+    sample_probes,
+    work_dtype,
+)
+from ..errors import ConfigurationError
+from ..linop import LinearOperator
+
+__all__ = ["MIN_MATVECS", "Session", "max_matvecs_arg", "mean_stderr", "next_block"]
+
+#: Fewest products each method needs when it cannot afford the exact computation (n products).
+MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 2, "xdiag": 2}
+#: Unit vectors per pass on the exact path when no block_size is given (memory: rows x n).
+EXACT_BLOCK = 1024
+_DEFAULT_BUDGET = 99
+
+
+class Session:
+    """One estimator run on ``A`` (validated here): probes ``[k, n]`` with ``E[z z^T] = I``
+    from a private CPU generator (so the result does not depend on the device), and products
+    in the working dtype (float64 for float64 operators, else float32), at most
+    ``block_size`` rows per ``matmat``."""
+
+    def __init__(
+        self, A: Any, who: str, *, seed: int, probe: str = "rademacher",
+        block_size: int | None = None,
+    ) -> None:
+        self.A: LinearOperator = as_operator(A, who)
+        self.n = int(self.A.shape[0])
+        self.work = work_dtype(self.A.dtype)
+        self.device = torch.device(self.A.device)
+        self.gen = probe_generator(seed)
+        self.probe = probe
+        self.block_size = block_size
+        self.products = Products(self.A, self.work, who)
+
+    @property
+    def matvecs(self) -> int:
+        return self.products.num_matvecs
+
+    @property
+    def passes(self) -> int:
+        return self.products.num_passes
+
+    def probes(self, k: int) -> torch.Tensor:
+        """``[k, n]`` probes in the working dtype on ``A.device``."""
+        return sample_probes(self.gen, k, self.n, self.probe, dtype=self.work, device=self.device)
+
+    def chunks(self, k: int, default_cap: int | None = None) -> list[int]:
+        """Rows per ``matmat`` call for a block of k rows (``block_size`` caps them)."""
+        cap = self.block_size or default_cap or max(k, 1)
+        return [min(cap, k - i) for i in range(0, k, cap)]
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """``A`` applied to the rows of ``V: [k, n]``, one ``matmat`` per chunk."""
+        outs = []
+        start = 0
+        for size in self.chunks(V.shape[0]):
+            outs.append(self.apply_block(V[start : start + size]))
+            start += size
+        return torch.cat(outs, dim=0) if len(outs) != 1 else outs[0]
+
+    def apply_block(self, V: torch.Tensor) -> torch.Tensor:
+        """``A V`` for ``V: [k, n]`` in ONE ``matmat`` (the caller sized the block)."""
+        return self.products(V)
+
+    def exact_diagonal(self) -> torch.Tensor:
+        """``diag(A)`` from the n unit vectors, in blocks: ``[n]`` in the working dtype."""
+        d = torch.empty(self.n, dtype=self.work, device=self.device)
+        start = 0
+        for size in self.chunks(self.n, EXACT_BLOCK):
+            E = torch.zeros((size, self.n), dtype=self.work, device=self.device)
+            idx = torch.arange(size, device=self.device)
+            E[idx, start + idx] = 1.0
+            AE = self.apply_block(E)
+            d[start : start + size] = AE[idx, start + idx]
+            start += size
+        return d
+
+    def budget(self, method: str, max_matvecs: Any) -> int:
+        """``max_matvecs`` checked against what ``method`` needs at this n."""
+        need = min(MIN_MATVECS[method], max(self.n, 1))
+        return check_budget(
+            "max_matvecs", max_matvecs, need, what=f"method={method!r} at n = {self.n}",
+            who=self.products.who,
+        )
+
+
+def max_matvecs_arg(max_matvecs: Any, num_matvecs: Any, who: str) -> Any:
+    """The budget from ``max_matvecs`` or its deprecated alias ``num_matvecs`` (the name of
+    the argument until 0.1; ``num_matvecs`` now means products *spent*, on every result)."""
+    if num_matvecs is None:
+        return max_matvecs
+    if max_matvecs != _DEFAULT_BUDGET:
+        raise ConfigurationError(
+            f"{who}: pass the budget once, as max_matvecs (num_matvecs is its deprecated old "
+            f"name), got max_matvecs={max_matvecs!r} and num_matvecs={num_matvecs!r}"
+        )
+    warnings.warn(
+        f"{who}(num_matvecs=...) is deprecated and will be removed in the next release: the "
+        "budget is now called max_matvecs (num_matvecs is the count spent, on the result)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return num_matvecs
+
+
+def mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
+    """Sample mean and ``std / sqrt(m)`` (unbiased variance); stderr inf for one sample."""
+    m = samples.numel()
+    mean = float(samples.mean())
+    if m < 2:
+        return mean, math.inf
+    return mean, float(samples.std(unbiased=True)) / math.sqrt(m)
+
+
+def next_block(
+    count: int, est: float, stderr: float, z: float, rtol: float, remaining: int, floor_frac: float
+) -> int:
+    """Size of the next adaptive block: the 1/sqrt(m) prediction of the samples still
+    needed (+10%), at least ``floor_frac * count`` (few passes), at most ``remaining``."""
+    target = rtol * abs(est)
+    if target > 0 and math.isfinite(stderr):
+        needed = count * (z * stderr / target) ** 2
+        want = math.ceil(1.1 * needed) - count if needed < 1e15 else remaining
+    else:
+        want = remaining
+    want = max(want, math.ceil(floor_frac * count), 1)
+    return int(min(want, remaining))

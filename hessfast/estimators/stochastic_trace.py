@@ -1,0 +1,207 @@
+"""The entry point :func:`trace` and its three methods: Hutchinson, Hutch++ (both from
+deflated or plain Hutchinson samples) and XTrace (leave-one-out estimates)."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from .._checks import (
+    PROBES,
+    check_choice,
+    check_int,
+    check_level,
+    check_positive,
+    check_seed,
+)
+from ..linop import LinearOperator
+from ..results import Status, TraceResult, z_value
+from .exchangeable import Exchangeable, orth_rows, xtrace_estimates
+from .session import Session, max_matvecs_arg, mean_stderr, next_block
+
+__all__ = ["TRACE_METHODS", "trace"]
+
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
+_WHO = "trace"
+
+
+@dataclass(frozen=True)
+class _Stop:
+    """The adaptive rule: stop once ``z * stderr <= rtol * |estimate|`` with at least
+    ``min_samples`` samples."""
+
+    rtol: float
+    z: float
+    min_samples: int
+
+    def met(self, est: float, err: float, count: int) -> bool:
+        return count >= self.min_samples and self.z * err <= self.rtol * abs(est)
+
+
+# (value, stderr, samples, status) of one run
+_Outcome = tuple[float, float, int, Status]
+
+
+def trace(
+    A: LinearOperator,
+    max_matvecs: int = 99,
+    *,
+    method: str = "hutch++",
+    seed: int = 0,
+    rtol: float | None = None,
+    confidence: float = 0.95,
+    min_samples: int = 10,
+    block_size: int | None = None,
+    probe: str = "rademacher",
+    num_matvecs: int | None = None,
+) -> TraceResult:
+    """Estimate ``tr(A)`` of a symmetric ``n x n`` operator from block products.
+
+    Args:
+        A: the operator (``A.matmat(V: [k, n]) -> [k, n]``); a dense square tensor is
+            wrapped with :meth:`LinearOperator.from_matrix`.
+        max_matvecs: the budget of products with A. ``"hutch++"`` needs >= 3 and
+            ``"xtrace"`` >= 2 (or >= n). With ``max_matvecs >= n``, ``"hutch++"`` and
+            ``"xtrace"`` compute the trace exactly from the n unit vectors (n products,
+            ``stderr = 0``, status ``EXACT``) instead of spending the budget on a sketch that
+            covers R^n; this holds in the adaptive mode too (the cost is then at most n).
+        method: ``"hutchinson"``, ``"hutch++"`` (default) or ``"xtrace"``.
+        seed: seed of the private probe generator (the global RNG is not used).
+        rtol: adaptive mode: stop once the ``confidence`` interval half-width
+            ``z * stderr <= rtol * |estimate|`` with at least ``min_samples`` samples, or
+            when the budget is spent (then status ``MAX_MATVECS``, ``converged=False`` and a
+            warning).
+        confidence: level of that interval, in (0, 1).
+        min_samples: fewest samples (probes behind the standard error) before the adaptive
+            rule may stop; at least 2 are always used.
+        block_size: most rows per ``matmat`` call (None: a whole phase in one call).
+        probe: ``"rademacher"`` (default) or ``"gaussian"``.
+        num_matvecs: deprecated name of ``max_matvecs`` (a DeprecationWarning; removed in
+            the next release).
+
+    Returns:
+        :class:`TraceResult`. Budget use with ``rtol=None``: Hutchinson m probes in one
+        pass; Hutch++ ``k = m // 3`` sketch probes (one pass), ``A Q`` (one pass) and
+        ``m - 2k`` deflated probes (one pass); XTrace ``k = m // 2`` probes and ``A Q`` (two
+        passes). Adaptive Hutch++ spends the same sketch (a third of the budget, so pass
+        a realistic budget, not a huge cap), then deflated Hutchinson blocks sized by the
+        1/sqrt(m) prediction of the samples still needed; adaptive XTrace starts from
+        ``max(min_samples, 2)`` probes and extends its basis (at most doubling per step),
+        so its cost follows the accuracy asked for, not the budget.
+
+    Raises:
+        ConfigurationError: bad method, probe, budget, rtol, confidence, min_samples,
+            block_size, or a non-square A.
+        NonFiniteError: a product contains NaN or Inf.
+    """
+    t0 = time.perf_counter()
+    max_matvecs = max_matvecs_arg(max_matvecs, num_matvecs, _WHO)
+    check_choice("method", method, TRACE_METHODS, who=_WHO)
+    check_choice("probe", probe, PROBES, who=_WHO)
+    seed = check_seed(seed, who=_WHO)
+    if block_size is not None:
+        block_size = check_int("block_size", block_size, 1, who=_WHO)
+    sess = Session(A, f"trace({method})", seed=seed, probe=probe, block_size=block_size)
+    m = sess.budget(method, max_matvecs)
+    stop = None
+    if rtol is not None:
+        rtol = check_positive("rtol", rtol, who=_WHO)
+    z = z_value(check_level("confidence", confidence, who=_WHO))
+    min_samples = check_int("min_samples", min_samples, 1, who=_WHO)
+    if rtol is not None:
+        stop = _Stop(rtol, z, max(min_samples, 2))
+
+    if sess.n == 0:
+        out: _Outcome = (0.0, 0.0, 0, Status.EXACT)
+    elif method != "hutchinson" and m >= sess.n:
+        d = sess.exact_diagonal()
+        out = (float(d.sum(dtype=torch.float64)), 0.0, 0, Status.EXACT)
+    elif method == "xtrace":
+        out = _xtrace(sess, m, stop)
+    else:
+        out = _hutchinson(sess, m, method == "hutch++", stop)
+    value, stderr, samples, status = out
+    res = TraceResult(
+        value=float(value), stderr=float(stderr), num_matvecs=sess.matvecs,
+        num_passes=sess.passes, method=method, seed=seed,
+        converged=status != Status.MAX_MATVECS, status=status,
+        seconds=time.perf_counter() - t0, num_samples=samples,
+    )
+    if not res.converged:
+        warnings.warn(
+            f"hessfast: trace(method={method!r}) spent its budget of {m} matvecs before the "
+            f"{confidence:.0%} interval reached rtol={rtol:g}: estimate {res.value:.6g} "
+            f"+/- {z * res.stderr:.3g} from {res.num_samples} samples; raise max_matvecs",
+            stacklevel=2,
+        )
+    return res
+
+
+def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Tensor:
+    """k samples ``z^T A z`` (or of the deflated operator with ``z <- (I - QQ^T) z``),
+    float64; probes are drawn per ``matmat`` chunk so memory stays ``block_size x n``."""
+    out = []
+    for size in sess.chunks(k):
+        G = sess.probes(size)
+        if Q is not None and Q.shape[0]:
+            ops.basis_update(Q, ops.basis_dot(Q, G), G)  # G -= (G Q^T) Q: one CGS pass
+        AG = sess.apply_block(G)
+        out.append((G * AG).sum(1, dtype=torch.float64).cpu())
+    return torch.cat(out)
+
+
+def _hutchinson(sess: Session, m: int, hutchpp: bool, stop: _Stop | None) -> _Outcome:
+    """Hutchinson, or Hutch++ (a third of the budget sketches ``Q = orth(A S)``; the exact
+    ``tr(Q^T A Q)`` plus Hutchinson on the deflated operator)."""
+    offset, Q = 0.0, None
+    if hutchpp:
+        Q, _ = orth_rows(sess.apply(sess.probes(m // 3)))
+        offset = float((Q * sess.apply(Q)).sum(dtype=torch.float64))
+    remaining = m - sess.matvecs
+    if stop is None:
+        samples = _hutchinson_block(sess, remaining, Q)
+        mean, err = mean_stderr(samples)
+        return offset + mean, err, samples.numel(), Status.CONVERGED
+    samples = torch.zeros(0, dtype=torch.float64)
+    mean, err = 0.0, math.inf
+    while remaining > 0:
+        count = samples.numel()
+        if count < stop.min_samples:
+            j = min(stop.min_samples - count, remaining)
+        else:
+            j = next_block(count, offset + mean, err, stop.z, stop.rtol, remaining, 0.25)
+        samples = torch.cat([samples, _hutchinson_block(sess, j, Q)])
+        remaining -= j
+        mean, err = mean_stderr(samples)
+        if stop.met(offset + mean, err, samples.numel()):
+            return offset + mean, err, samples.numel(), Status.CONVERGED
+    return offset + mean, err, samples.numel(), Status.MAX_MATVECS
+
+
+def _xtrace(sess: Session, m: int, stop: _Stop | None) -> _Outcome:
+    """XTrace with ``k = m // 2`` probes, or adaptively from ``min_samples`` probes, the
+    basis at most doubling per step."""
+    st = Exchangeable(sess)
+    kmax = m // 2
+    if stop is None:
+        st.grow(kmax)
+        mean, err = mean_stderr(xtrace_estimates(st))
+        return mean, err, st.k, Status.CONVERGED
+    st.grow(min(stop.min_samples, kmax))
+    while True:
+        mean, err = mean_stderr(xtrace_estimates(st))
+        if stop.met(mean, err, st.k):
+            return mean, err, st.k, Status.CONVERGED
+        room = kmax - st.k
+        if room <= 0:
+            return mean, err, st.k, Status.MAX_MATVECS
+        if st.k < stop.min_samples:
+            j = min(stop.min_samples - st.k, room)
+        else:  # XTrace beats 1/sqrt(m): cap the prediction by doubling
+            j = min(next_block(st.k, mean, err, stop.z, stop.rtol, room, 0.25), st.k)
+        st.grow(j)
