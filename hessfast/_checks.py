@@ -2,7 +2,8 @@
 choices, dtypes, budgets; the one probe sampler; and the counted, checked product.
 
 Messages name the argument, the value received and what would be accepted; every error is a
-:mod:`hessfast.errors` class (``ConfigurationError`` is a ``ValueError``).
+:mod:`hessfast.errors` class: ``ConfigurationError`` (a ``ValueError``) for a value,
+``ArgumentTypeError`` (a ``TypeError``) for an object that is not an operator at all.
 
 Probes come from ONE private generator per call: a CPU ``torch.Generator`` seeded with
 ``seed``; probes are drawn on the CPU in float64 and then cast and moved, so the same seed
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigurationError, NonFiniteError
+from .errors import ArgumentTypeError, ConfigurationError, NonFiniteError
 from .linop import LinearOperator
 
 __all__ = [
@@ -122,7 +123,7 @@ def as_operator(A: Any, who: str, *, allow_empty: bool = True) -> LinearOperator
     ``allow_empty``."""
     for attr in ("shape", "dtype") if isinstance(A, torch.Tensor) else _OPERATOR_ATTRS:
         if not hasattr(A, attr):
-            raise ConfigurationError(
+            raise ArgumentTypeError(
                 f"{who}: A must be a hessfast.LinearOperator (matmat, shape, dtype, device), "
                 f"got {type(A).__name__} without {attr!r}; wrap a matrix with "
                 "LinearOperator.from_matrix(M) or a function with LinearOperator.from_function"

@@ -11,7 +11,12 @@ import torch
 
 import hessfast as hf
 from hessfast import _checks
-from hessfast.errors import ConfigurationError, HessfastError, NonFiniteError
+from hessfast.errors import (
+    ArgumentTypeError,
+    ConfigurationError,
+    HessfastError,
+    NonFiniteError,
+)
 from hessfast.results import Status
 from hessfast.testing import spectra
 
@@ -98,7 +103,7 @@ def test_as_operator() -> None:
     assert _checks.as_operator(A, "f") is A
     with pytest.raises(ConfigurationError, match=r"f: A must be a square \[n, n\] operator"):
         _checks.as_operator(torch.zeros(2, 3), "f")
-    with pytest.raises(ConfigurationError, match="list without 'matmat'.*from_matrix"):
+    with pytest.raises(ArgumentTypeError, match="list without 'matmat'.*from_matrix"):
         _checks.as_operator([[1.0]], "f")
     with pytest.raises(ConfigurationError, match="real floating dtype.*complex64"):
         _checks.as_operator(torch.eye(2, dtype=torch.complex64), "f")

@@ -15,11 +15,12 @@ ends (its Gauss rule is exact) and the block shrinks.
 
 Full reorthogonalisation runs probe by probe: ``ops.reorthogonalize`` of the probe's new
 vector against its own basis ``Q[p, :j+1]`` (CGS with the DGKS second pass), P calls per
-step. That reads every basis row once per pass, the least any method can. Measured against
-one ``ops.basis_dot`` + ``ops.basis_update`` pair per step on all probes' rows with the
-cross-probe coefficients zeroed (2 calls instead of 2P, but P times the arithmetic): 8
-probes x 32 steps at n = 1e5 on the 2-core dev VM (loaded by other jobs, best of 3) took
-1.68 s against 2.75 s (float64) and 0.98 s against 1.58 s (float32).
+step. That reads every basis row once per pass, the least any method can. The alternative
+through ``ops``, one ``basis_dot`` + ``basis_update`` pair per step on all probes' rows with
+the cross-probe coefficients zeroed (2 calls instead of 2P, but P times the arithmetic), was
+slower: 8 probes x 32 steps at n = 1e5 on the 2-core dev VM (shared with other jobs, best of
+5; 2 threads with OMP_WAIT_POLICY=passive) took 1.86 s against 3.39 s in float64 and
+0.97 s against 1.40 s in float32 (one thread: 1.68 vs 2.96 s, 0.88 vs 1.46 s).
 """
 
 from __future__ import annotations
