@@ -11,7 +11,8 @@ pass over the data, by one of three paths that give the same numbers:
 * ``"double_backward"`` rebuilds that graph for every batch on every pass (forward, backward,
   double backward); memory stays at one batch's graph.
 * ``"fwd_rev"`` is forward-over-reverse with ``torch.func``: ``jvp`` of ``grad``, ``vmap``-ped
-  over chunks of the k tangents.
+  over chunks of the k tangents. ``torch.func`` costs 1-2.5 s of one-time initialisation in a
+  fresh process, so it is touched only when this path is requested or can win.
 
 The operator is exactly the Hessian of the loss averaged over all samples: each batch's mean
 loss is weighted by its number of samples over the total, so an uneven last batch is exact.
@@ -21,10 +22,14 @@ update are copies, ``.grad`` is never written, and the global RNG is restored af
 
 Modules, one job each:
 
-* ``data``: the batch source (single batch or sequence, weights, fingerprints);
-* ``model``: loss and output wrappers, loss form, parameter selection, model modes;
-* ``plan``: which path and chunk size per block size (:class:`HVPPlan`);
-* ``preflight``: the checks run at construction;
+* ``data``: the batch source: one batch or a sequence (the rule), weights, fingerprints;
+* ``lossform``: how ``loss_fn`` is called (criterion or ``loss_fn(model, batch)``), and why;
+* ``model``: loss and output wrappers, parameter selection, model modes;
+* ``options``: the options of :func:`hessian` and :func:`ggn`, validated once;
+* ``layout``: the parameters' places in the flat vectors;
+* ``autodiff``: vector-Jacobian products through a kept graph, one vector or a chunk;
+* ``plan``: which path and chunk size per block size (:class:`HVPPlan`), the graph-size probe;
+* ``preflight``: the checks: at construction on batch 0, and on the first products;
 * ``operator``: :class:`CurvatureOperator`, the shared core and the one chunk loop;
 * ``hessian`` / ``ggn``: the two operators, their graph states and factories.
 """

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from ..errors import DataChangedError, EmptyDataError, NotReiterableError
+from ..errors import BatchError, DataChangedError, EmptyDataError, NotReiterableError
 
-__all__ = ["BatchSource", "is_single_batch", "tensor_leaves", "to_device"]
+__all__ = ["BatchSource", "describe", "is_single_batch", "tensor_leaves", "to_device"]
+
+# How data is split into batches, said in every error that depends on it.
+SINGLE_RULE = "a tensor, tuple or dict is one batch; a list or other iterable is a sequence"
 
 Fingerprint = tuple[tuple[tuple[int, ...], float], ...]
 
 
 def tensor_leaves(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a batch (nested tuples, lists and dicts), in order."""
+    """Every tensor in a batch (nested tuples, lists and mappings), in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return [t for v in obj.values() for t in tensor_leaves(v)]
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in tensor_leaves(v)]
@@ -37,8 +40,12 @@ def to_device(obj: Any, device: torch.device) -> Any:
     """The batch with every tensor moved to ``device`` (containers keep their types)."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return type(obj)((k, to_device(v, device)) for k, v in obj.items())
+    if isinstance(obj, Mapping):
+        moved = {k: to_device(v, device) for k, v in obj.items()}
+        try:
+            return type(obj)(moved)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return moved
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(to_device(v, device) for v in obj))
     if isinstance(obj, (list, tuple)):
@@ -47,19 +54,25 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def is_single_batch(data: Any) -> bool:
-    """Is ``data`` one batch rather than a sequence of batches?
+    """Is ``data`` ONE batch rather than a sequence of batches?
 
-    A tensor or a dict is one batch. A tuple is one batch (``(inputs, targets)``) unless all
-    its items are tuples/lists/dicts (then it is a tuple of batches). A list is one batch
-    only when all its items are tensors (``[inputs, targets]``).
+    A tensor, a tuple (namedtuples too) or a mapping (dict) is one batch; anything else (a
+    list, a DataLoader, any other iterable) is a sequence of batches, whatever it holds. So
+    ``(inputs, targets)`` is one batch and ``[ids_0, ids_1, ids_2]`` three. To pass one
+    batch of another kind, wrap it: ``data=[batch]``; batches held in a tuple: ``list(data)``.
     """
-    if isinstance(data, (torch.Tensor, dict)):
-        return True
-    if isinstance(data, tuple) and len(data) > 0:
-        return not all(isinstance(x, (tuple, list, dict)) for x in data)
-    if isinstance(data, list) and len(data) > 0:
-        return all(isinstance(x, torch.Tensor) for x in data)
-    return False
+    return isinstance(data, (torch.Tensor, tuple, Mapping))
+
+
+def describe(obj: Any) -> str:
+    """``a Tensor [4, 8]``, ``a tuple of 2``, ``a dict with keys ['input_ids', 'labels']``."""
+    if isinstance(obj, torch.Tensor):
+        return f"a Tensor {list(obj.shape)}"
+    if isinstance(obj, Mapping):
+        return f"a {type(obj).__name__} with keys {list(obj)[:4]}"
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of {len(obj)}"
+    return f"a {type(obj).__name__}"
 
 
 def fingerprint(batch: Any) -> Fingerprint:
@@ -102,11 +115,10 @@ class BatchSource:
     ) -> None:
         if data is None:
             raise EmptyDataError("data is None: pass one batch or a re-iterable of batches")
-        if is_single_batch(data):
+        single = is_single_batch(data)
+        if single:
             self._source: Iterable = [data]
-            self.rule = f"data is a {type(data).__name__}: one batch"
         else:
-            self.rule = f"data is a {type(data).__name__}: a sequence of batches"
             if isinstance(data, Iterator) or hasattr(data, "__next__"):
                 raise NotReiterableError(
                     f"data is a one-shot iterator ({type(data).__name__}): a curvature "
@@ -114,9 +126,11 @@ class BatchSource:
                     "DataLoader (re-iterable), e.g. data=list(your_generator)"
                 )
             if not isinstance(data, Iterable):
-                raise TypeError(
-                    f"data must be one batch (tuple/dict of tensors) or a re-iterable of "
-                    f"batches, got {type(data).__name__}"
+                raise BatchError(
+                    f"data is {describe(data)}: neither one batch ({SINGLE_RULE}) nor an "
+                    "iterable of batches. Pass a tuple (inputs, targets), a dict or a tensor; "
+                    "a list or DataLoader of them; or wrap a batch of another kind: "
+                    "data=[batch] (with batch_size_fn=)"
                 )
             self._source = data
         self._batch_size_fn = batch_size_fn
@@ -124,11 +138,12 @@ class BatchSource:
         self.fingerprints: list[Fingerprint] = []
         self._first: tuple[int, Any] | None = None
         for i, batch in enumerate(self._source):
-            size = self._size(batch)
+            size = self._size(batch, i)
             if size > 0 and self._first is None:
                 self._first = (i, batch)
             self.sizes.append(size)
             self.fingerprints.append(fingerprint(batch))
+        self.rule = _rule(data, single, len(self.sizes))
         self.num_samples = sum(self.sizes)
         if self.num_samples == 0:
             raise EmptyDataError(
@@ -152,14 +167,14 @@ class BatchSource:
                     )
                 break
 
-    def _size(self, batch: Any) -> int:
+    def _size(self, batch: Any, index: int) -> int:
         if self._batch_size_fn is not None:
             return int(self._batch_size_fn(batch))
         leaves = tensor_leaves(batch)
         if not leaves:
-            raise TypeError(
-                f"a batch of type {type(batch).__name__} holds no tensors; batches are "
-                "(inputs, targets) tuples or dicts of tensors. For other batch types pass "
+            raise BatchError(
+                f"batch {index} is {describe(batch)} and holds no tensors that hessfast can "
+                "count samples in (it looks into tensors, tuples, lists and dicts). Pass "
                 "batch_size_fn=lambda batch: <number of samples>"
             )
         t = leaves[0]
@@ -197,3 +212,19 @@ class BatchSource:
         """The first non-empty batch (kept from the first pass) and its index."""
         assert self._first is not None  # guaranteed by num_samples > 0
         return self._first
+
+
+def _rule(data: Any, single: bool, count: int) -> str:
+    """How ``data`` was read, and how to read it otherwise (for the messages)."""
+    if single:
+        rule = f"data is {describe(data)}, so it is ONE batch ({SINGLE_RULE})"
+        if isinstance(data, tuple) and data and all(
+            isinstance(x, (tuple, list, Mapping)) for x in data
+        ):
+            rule += "; if it holds batches, pass them as a list: data=list(data)"
+        return rule
+    return (
+        f"data is a {type(data).__name__} of {count} items, so it is a SEQUENCE of {count} "
+        f"batches ({SINGLE_RULE}); for one batch pass a tuple, e.g. data=(inputs, targets), or "
+        "wrap it: data=[batch]"
+    )

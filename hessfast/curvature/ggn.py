@@ -18,9 +18,10 @@ from torch import nn
 
 from ..errors import ConfigurationError
 from .autodiff import graph_vjp, scalar_vjp
-from .model import OutputModule, detect_loss_form, split_batch
+from .model import OutputModule, split_batch
 from .operator import CurvatureOperator
 from .options import CurvatureOptions
+from .preflight import check_loss
 
 __all__ = ["GGNGraph", "GGNOperator", "ggn"]
 
@@ -57,16 +58,22 @@ class GGNOperator(CurvatureOperator):
 
     _kind = "GGN"
 
-    def _decide_loss_form(self, loss_form: str) -> str:
-        form, self.loss_form_reason = detect_loss_form(self.loss_fn, loss_form)
+    def _decide_loss_form(self, loss_form: str) -> tuple[str, str]:
+        if loss_form == "model":
+            raise ConfigurationError(
+                "ggn needs a criterion loss_fn(outputs, targets), so that it can split the "
+                "loss from the model outputs: loss_form='model' cannot be used with ggn. Pass "
+                "a criterion (e.g. nn.CrossEntropyLoss()) and (inputs, targets) batches"
+            )
+        form, why = super()._decide_loss_form(loss_form)
         if form == "model":
             raise ConfigurationError(
                 "ggn needs a criterion loss_fn(outputs, targets) with (inputs, targets) "
-                "batches, so that it can split the loss from the model outputs; got a "
-                "loss_fn(model, batch) callable. Pass the criterion (e.g. "
-                "nn.CrossEntropyLoss()) instead"
+                "batches, so that it can split the loss from the model outputs; loss_fn was "
+                f"taken as loss_fn(model, batch) because {why}. Pass a criterion (e.g. "
+                "nn.CrossEntropyLoss()), or loss_form='criterion' if loss_fn is one"
             )
-        return "criterion"
+        return form, why
 
     def _build_wrappers(self) -> None:
         self._wrapper = OutputModule(self.model)
@@ -81,13 +88,13 @@ class GGNOperator(CurvatureOperator):
         return out
 
     def _graph(self, batch: Any, index: int) -> GGNGraph:
-        inputs, targets = split_batch(batch)
+        inputs, targets = self._call_loss(split_batch, index, batch)
         leaves = self._leaves()
         with torch.enable_grad():
             out = self._call_loss(self._outputs, index, leaves, inputs)
             out_d = out.detach().requires_grad_(True)
             loss = self._call_loss(self.loss_fn, index, out_d, targets)
-            self._check_loss(loss, index)
+            check_loss(loss, index)
             g_out = torch.autograd.grad(loss, out_d, create_graph=True)[0]
             u = torch.zeros_like(out, requires_grad=True)
             jt_u = scalar_vjp([out], leaves, [u], retain=True, create_graph=True)
@@ -95,7 +102,7 @@ class GGNOperator(CurvatureOperator):
         return GGNGraph(leaves, loss.detach(), out, out_d, g_out, u, jt_u, live)
 
     def _loss_value(self, batch: Any, index: int) -> torch.Tensor:
-        inputs, targets = split_batch(batch)
+        inputs, targets = self._call_loss(split_batch, index, batch)
         with torch.enable_grad():  # the same code path as the graph's forward
             out = self._call_loss(self._outputs, index, self._leaves(), inputs).detach()
             return self._call_loss(self.loss_fn, index, out, targets).detach()
@@ -159,6 +166,7 @@ def ggn(
     check: bool = True,
     check_deterministic: bool = True,
     batch_size_fn: Callable[[Any], int] | None = None,
+    loss_form: str = "auto",
     chunk_size: int | None = None,
     reuse_graph: bool | None = None,
 ) -> GGNOperator:
@@ -166,7 +174,8 @@ def ggn(
 
     ``loss_fn`` must be a criterion ``loss_fn(outputs, targets)`` (e.g.
     ``nn.CrossEntropyLoss()``, ``nn.MSELoss()``, or any twice-differentiable function of
-    the outputs); batches are ``(inputs, targets)``. Other arguments as in
+    the outputs); batches are ``(inputs, targets)``. ``loss_form="criterion"`` overrides a
+    detection that takes ``loss_fn`` for ``loss_fn(model, batch)``. Other arguments as in
     :func:`~hessfast.hessian`.
 
     Returns:
@@ -175,6 +184,6 @@ def ggn(
     options = CurvatureOptions(
         params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
-        chunk_size=chunk_size, reuse_graph=reuse_graph,
+        loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
     )
     return GGNOperator(model, loss_fn, data, options)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from .autodiff import graph_vjp
-from .model import LossModule, detect_loss_form
+from .model import LossModule
 from .operator import CurvatureOperator
 from .options import CurvatureOptions
+from .preflight import check_loss
 
 __all__ = ["HessianGraph", "HessianOperator", "hessian"]
 
@@ -42,10 +43,6 @@ class HessianOperator(CurvatureOperator):
 
     _kind = "Hessian"
 
-    def _decide_loss_form(self, loss_form: str) -> str:
-        form, self.loss_form_reason = detect_loss_form(self.loss_fn, loss_form)
-        return form
-
     def _build_wrappers(self) -> None:
         self._wrapper = LossModule(self.model, self.loss_fn, self.loss_form)
 
@@ -57,7 +54,7 @@ class HessianOperator(CurvatureOperator):
         leaves = self._leaves()
         with torch.enable_grad():
             loss = self._call_loss(self._loss, index, leaves, batch)
-            self._check_loss(loss, index)
+            check_loss(loss, index)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         return HessianGraph(leaves, loss.detach(), grads, live)
@@ -120,10 +117,17 @@ def hessian(
         model: the network; never modified (modes restored, buffers untouched, no ``.grad``,
             global RNG restored).
         loss_fn: a criterion ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches,
-            or ``loss_fn(model, batch) -> scalar`` (detected by a first argument named
-            ``model``, or forced with ``loss_form="model"``). The decision and its reason
-            are ``H.loss_form`` and ``H.loss_form_reason``.
-        data: one batch, or a re-iterable of batches (list, DataLoader without shuffling).
+            or ``loss_fn(model, batch) -> scalar`` for batches of any kind. Which one is
+            decided by ``loss_form``, else by ``loss_fn`` itself (a torch loss; a first
+            parameter annotated ``nn.Module``/``Tensor`` or named ``model``, ``module``,
+            ``net``, ``network``; else one trial call with a stand-in for the model that
+            stops at its first use and never runs the model), else by batch 0 (criterion for
+            a pair, model form otherwise); see :mod:`hessfast.curvature.lossform`. The
+            decision and its reason: ``H.loss_form``, ``H.loss_form_reason``.
+        data: ONE batch if it is a tensor, a tuple (e.g. ``(inputs, targets)``) or a dict;
+            otherwise (a list, a DataLoader without shuffling, any re-iterable) a SEQUENCE
+            of batches: ``[ids_0, ids_1, ids_2]`` is three batches. To pass one batch of
+            another kind, wrap it: ``data=[batch]``.
         params: parameter names or tensors to differentiate; default all trainable ones.
         bn_mode: ``"eval"`` (dropout off, BatchNorm running statistics), ``"train"``
             (BatchNorm with each batch's statistics, running statistics never updated,
@@ -138,13 +142,25 @@ def hessian(
             equality (catches dropout, noise); False accepts a random operator and skips
             the symmetry check.
         batch_size_fn: number of samples of a batch (default: first dim of its first tensor).
-        loss_form: ``"auto"``, ``"criterion"`` or ``"model"``.
+        loss_form: ``"auto"``, ``"criterion"`` (``loss_fn(model(inputs), targets)``) or
+            ``"model"`` (``loss_fn(model, batch)``).
         chunk_size: rows of a block per batched call (default: chosen by timing / up to 32).
         reuse_graph: force graph reuse on/off in auto mode (default: when it fits memory).
 
     Returns:
         :class:`HessianOperator` with ``shape == (n, n)``, n the number of selected
         parameter entries; ``matmat(V: [k, n]) -> [k, n]``.
+
+    Raises:
+        ConfigurationError, ArgumentTypeError, NoParametersError: bad arguments.
+        EmptyDataError, NotReiterableError, DataChangedError, BatchError: the data cannot
+            be read, or a criterion gets batches that are not ``(inputs, targets)`` pairs.
+        LossError, LossCallError, NonFiniteError, NonDeterministicError: the pre-flight
+            (``check=True``) found a bad, failing, non-finite or random loss on batch 0.
+        UnsupportedModelError: no path can differentiate the model twice.
+        Products may raise ``NonFiniteError``, ``AsymmetricOperatorError`` (the first two
+        vectors, with ``check=True``), ``DataChangedError`` and, for an explicit
+        ``hvp_mode`` that cannot run, ``UnsupportedModelError``.
     """
     options = CurvatureOptions(
         params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,

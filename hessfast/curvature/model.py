@@ -4,7 +4,6 @@ the model modes a computation runs in (restored afterwards)."""
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,22 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigurationError, NoParametersError
+from ..errors import ArgumentTypeError, BatchError, ConfigurationError, NoParametersError
+from .data import describe
 
 __all__ = [
     "BN_MODES",
-    "LOSS_FORMS",
     "LossModule",
     "OutputModule",
     "active_stochastic_modules",
-    "detect_loss_form",
     "model_modes",
     "select_params",
     "split_batch",
 ]
 
 BN_MODES = ("eval", "train", "as_is")
-LOSS_FORMS = ("auto", "criterion", "model")
 
 
 class LossModule(nn.Module):
@@ -65,32 +62,10 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     """``(inputs, targets)`` of a batch for a criterion loss."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    raise ConfigurationError(
-        f"with a criterion loss_fn(outputs, targets) each batch must be an (inputs, targets) "
-        f"pair, got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        + ". For other batches pass a callable loss_fn(model, batch) -> scalar"
+    raise BatchError(
+        "a criterion loss_fn(outputs, targets) needs (inputs, targets) batches, and this batch "
+        f"is {describe(batch)}"
     )
-
-
-def detect_loss_form(loss_fn: Callable, loss_form: str) -> tuple[str, str]:
-    """``"criterion"`` (``loss_fn(outputs, targets)``) or ``"model"`` (``loss_fn(model,
-    batch)``), and why."""
-    if loss_form not in LOSS_FORMS:
-        raise ConfigurationError(f"loss_form must be one of {LOSS_FORMS}, got {loss_form!r}")
-    if loss_form != "auto":
-        return loss_form, f"loss_form={loss_form!r} given"
-    if isinstance(loss_fn, nn.Module):
-        return "criterion", "loss_fn is an nn.Module"
-    if getattr(loss_fn, "__module__", "") and str(loss_fn.__module__).startswith("torch"):
-        return "criterion", "loss_fn is a torch function"
-    try:
-        first = next(iter(inspect.signature(loss_fn).parameters))
-    except (TypeError, ValueError, StopIteration):
-        return "criterion", "no signature"
-    if first in ("model", "module", "net", "network"):
-        return "model", f"its first parameter is named {first!r}"
-    return "criterion", f"its first parameter is named {first!r}"
 
 
 def select_params(
@@ -130,7 +105,10 @@ def select_params(
                 )
             names.append(by_id[id(item)])
         else:
-            raise TypeError(f"params items must be names or tensors, got {type(item).__name__}")
+            raise ArgumentTypeError(
+                f"params items must be parameter names or the model's parameters, got "
+                f"{type(item).__name__}"
+            )
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ConfigurationError(f"params lists the same parameter twice: {dup}")

@@ -23,19 +23,19 @@ from torch import nn
 
 from ..errors import (
     ArgumentTypeError,
+    BatchError,
     ConfigurationError,
     HessfastError,
     LossCallError,
-    LossError,
-    NonFiniteError,
 )
 from ..linop import LinearOperator
 from .data import BatchSource, to_device
 from .layout import ParamLayout
+from .lossform import decide_loss_form
 from .model import model_modes, select_params
 from .options import CurvatureOptions
 from .plan import HVPPlan, Planner, measure_saved
-from .preflight import SymmetryProbe, preflight
+from .preflight import SymmetryProbe, check_finite, preflight
 
 __all__ = ["CurvatureOperator"]
 
@@ -74,7 +74,6 @@ class CurvatureOperator(LinearOperator):
         self.model = model
         self.loss_fn = loss_fn
         self.bn_mode = options.bn_mode
-        self.loss_form = self._decide_loss_form(options.loss_form)
         self.param_names, self._params = select_params(model, options.params)
         device, self.param_dtype = self._check_params()
         self.param_shapes: list[torch.Size] = [p.shape for p in self._params]
@@ -89,6 +88,7 @@ class CurvatureOperator(LinearOperator):
             self._data = BatchSource(data, options.batch_size_fn, verify=options.check)
         self.num_samples = self._data.num_samples
         self.num_batches = self._data.num_batches
+        self.loss_form, self.loss_form_reason = self._decide_loss_form(options.loss_form)
         selected = {id(p) for p in self._params}
         self._other_params = {
             n: p for n, p in model.named_parameters() if id(p) not in selected
@@ -139,8 +139,10 @@ class CurvatureOperator(LinearOperator):
         return devices.pop(), dtype
 
     # -- hooks for subclasses ----------------------------------------------------------
-    def _decide_loss_form(self, loss_form: str) -> str:
-        raise NotImplementedError
+    def _decide_loss_form(self, loss_form: str) -> tuple[str, str]:
+        """How ``loss_fn`` is called, and why (the rule of :mod:`.lossform`)."""
+        _, batch = self._data.first()
+        return decide_loss_form(self.loss_fn, loss_form, batch, self.model, self._data.rule)
 
     def _build_wrappers(self) -> None:
         raise NotImplementedError
@@ -211,10 +213,13 @@ class CurvatureOperator(LinearOperator):
             torch.cuda.synchronize(self.device)
 
     def _call_loss(self, fn: Callable[..., Any], index: int, *args: Any) -> Any:
-        """Evaluate the user's loss (or model); what it raises becomes a
-        :class:`LossCallError` that says how the batch and ``loss_fn`` were read."""
+        """Evaluate the user's loss (or model) on batch ``index``. What it raises, and a
+        batch a criterion cannot take, become errors that say how the data and ``loss_fn``
+        were read and how to read them otherwise."""
         try:
             return fn(*args)
+        except BatchError as exc:
+            raise BatchError(f"batch {index}: {exc}. {self._reading()}") from exc
         except HessfastError:
             raise
         except Exception as exc:
@@ -225,46 +230,14 @@ class CurvatureOperator(LinearOperator):
 
     def _reading(self) -> str:
         """How hessfast read the data and loss_fn, and how to override it."""
+        if self.loss_form == "model":
+            call, other = "loss_fn(model, batch)", "'criterion'"
+        else:
+            call, other = "loss_fn(model(inputs), targets)", "'model'"
         return (
-            f"{self._data.rule}; loss_fn was called as "
-            + ("loss_fn(model, batch)" if self.loss_form == "model"
-               else "loss_fn(model(inputs), targets)")
-            + f" ({self.loss_form_reason}). If that is wrong, pass loss_form="
-            + ("'criterion'" if self.loss_form == "model" else "'model'")
+            f"Read as: {self._data.rule}; loss_fn called as {call} because "
+            f"{self.loss_form_reason}; if loss_fn takes the other form, pass loss_form={other}"
         )
-
-    def _check_loss(self, loss: Any, index: int) -> None:
-        if not isinstance(loss, torch.Tensor):
-            raise LossError(
-                f"loss_fn returned {type(loss).__name__} on batch {index}; it must return a "
-                "scalar tensor (not a Python float: no .item())"
-            )
-        if loss.numel() != 1:
-            raise LossError(
-                f"loss_fn returned a tensor of shape {tuple(loss.shape)} on batch {index}; it "
-                "must be a scalar: reduce it (reduction='mean')"
-            )
-        if not loss.is_floating_point():
-            raise LossError(f"loss_fn returned dtype {loss.dtype}; it must be floating point")
-        if not loss.requires_grad:
-            raise LossError(
-                f"the loss on batch {index} does not depend on the selected parameters "
-                "(no grad_fn): do not compute it under torch.no_grad(), with .detach() or "
-                ".item(), and check params selects parameters the loss uses"
-            )
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteError(
-                f"the loss is {loss.item()} on batch {index}: fix the data or the model "
-                "(log(0), division by zero, overflow) before measuring curvature"
-            )
-
-    def _check_finite(self, part: torch.Tensor, index: int) -> None:
-        if not torch.isfinite(part).all():
-            raise NonFiniteError(
-                f"the {self._kind} product on batch {index} contains NaN/Inf: the loss is "
-                "finite but its second derivative is not (sqrt/norm at 0, log near 0, fp16 "
-                "overflow). Use float32/float64 and check the model's numerics"
-            )
 
     # -- graphs --------------------------------------------------------------------------
     def _first_graph(self) -> Any:
@@ -350,7 +323,7 @@ class CurvatureOperator(LinearOperator):
             for index, weight, product in self._batch_products(plan.mode):
                 for a in range(0, k, chunk):
                     part = product(self._split(V[a : a + chunk]), a + chunk >= k)
-                    self._check_finite(part, index)
+                    check_finite(part, index, self._kind)
                     out[a : a + chunk].add_(part, alpha=weight)
         return out
 

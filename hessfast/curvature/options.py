@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError
-from .model import BN_MODES, LOSS_FORMS
+from .lossform import LOSS_FORMS
+from .model import BN_MODES
 from .plan import HVP_MODES
 
 __all__ = ["CurvatureOptions"]

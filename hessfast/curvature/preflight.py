@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import AsymmetricOperatorError, HessfastError, NonDeterministicError
+from ..errors import (
+    AsymmetricOperatorError,
+    HessfastError,
+    LossError,
+    NonDeterministicError,
+    NonFiniteError,
+)
 from .data import to_device
 from .model import active_stochastic_modules
 from .plan import AGREE_EPS
@@ -36,7 +42,7 @@ from .plan import AGREE_EPS
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
 
-__all__ = ["SymmetryProbe", "preflight"]
+__all__ = ["SymmetryProbe", "check_finite", "check_loss", "preflight"]
 
 # Two evaluations of a deterministic loss agree to rounding; dropout moves it by far more.
 REPEAT_EPS = 1e3
@@ -73,6 +79,43 @@ def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
             _check_fwd_rev(op, batch, index, state)
 
 
+def check_loss(loss: Any, index: int) -> None:
+    """The loss of batch ``index`` is a finite floating-point scalar with a graph."""
+    if not isinstance(loss, torch.Tensor):
+        raise LossError(
+            f"loss_fn returned {type(loss).__name__} on batch {index}; it must return a "
+            "scalar tensor (not a Python float: no .item())"
+        )
+    if loss.numel() != 1:
+        raise LossError(
+            f"loss_fn returned a tensor of shape {tuple(loss.shape)} on batch {index}; it "
+            "must be a scalar: reduce it (reduction='mean')"
+        )
+    if not loss.is_floating_point():
+        raise LossError(f"loss_fn returned dtype {loss.dtype}; it must be floating point")
+    if not loss.requires_grad:
+        raise LossError(
+            f"the loss on batch {index} does not depend on the selected parameters "
+            "(no grad_fn): do not compute it under torch.no_grad(), with .detach() or "
+            ".item(), and check params selects parameters the loss uses"
+        )
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteError(
+            f"the loss is {loss.item()} on batch {index}: fix the data or the model "
+            "(log(0), division by zero, overflow) before measuring curvature"
+        )
+
+
+def check_finite(part: torch.Tensor, index: int, kind: str) -> None:
+    """A product of batch ``index`` has no NaN/Inf."""
+    if not torch.isfinite(part).all():
+        raise NonFiniteError(
+            f"the {kind} product on batch {index} contains NaN/Inf: the loss is "
+            "finite but its second derivative is not (sqrt/norm at 0, log near 0, fp16 "
+            "overflow). Use float32/float64 and check the model's numerics"
+        )
+
+
 def _check_repeatable(
     op: CurvatureOperator, first: torch.Tensor, again: torch.Tensor, index: int
 ) -> None:
@@ -106,7 +149,7 @@ def _check_fwd_rev(op: CurvatureOperator, batch: Any, index: int, state: Any) ->
     except Exception as exc:  # noqa: BLE001
         op._planner.path_failed("fwd_rev", exc)
         return
-    op._check_finite(hv, index)
+    check_finite(hv, index, op._kind)
     if state is None:
         return
     try:
