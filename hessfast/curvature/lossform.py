@@ -49,10 +49,12 @@ def is_pair(batch: Any) -> bool:
 
 
 def decide_loss_form(
-    loss_fn: Callable, loss_form: str, batch: Any, model: nn.Module, data_rule: str
+    loss_fn: Callable, loss_form: str, batch: Any, model: nn.Module, data_rule: str,
+    rng_devices: list[int],
 ) -> tuple[str, str]:
     """``("criterion" | "model", why)`` for ``loss_fn`` on ``batch`` (batch 0), by the rule of
-    this module. ``data_rule`` says how the data was split into batches (for the errors).
+    this module. ``data_rule`` says how the data was split into batches (for the errors);
+    the trial call forks the RNG of the CPU and of ``rng_devices`` (CUDA indices).
 
     Raises:
         BatchError: ``loss_fn`` is (or was declared) a criterion, but batch 0 is not an
@@ -61,7 +63,7 @@ def decide_loss_form(
     if loss_form != "auto":
         form, why = loss_form, f"loss_form={loss_form!r} given"
     else:
-        form, why = _evidence(loss_fn, batch, model)
+        form, why = _evidence(loss_fn, batch, model, rng_devices)
     if form == "criterion" and not is_pair(batch):
         raise BatchError(
             f"loss_fn is taken as a criterion loss_fn(outputs, targets) because {why}, but "
@@ -78,7 +80,9 @@ def decide_loss_form(
     )
 
 
-def _evidence(loss_fn: Callable, batch: Any, model: nn.Module) -> tuple[str | None, str]:
+def _evidence(
+    loss_fn: Callable, batch: Any, model: nn.Module, rng_devices: list[int]
+) -> tuple[str | None, str]:
     if isinstance(loss_fn, nn.modules.loss._Loss):
         return "criterion", f"loss_fn is torch's {type(loss_fn).__name__}"
     module = getattr(loss_fn, "__module__", None) or ""
@@ -87,7 +91,7 @@ def _evidence(loss_fn: Callable, batch: Any, model: nn.Module) -> tuple[str | No
     form, why = _signature_evidence(loss_fn)
     if form is not None:
         return form, why
-    return _trial(loss_fn, batch, model)
+    return _trial(loss_fn, batch, model, rng_devices)
 
 
 def _signature_evidence(loss_fn: Callable) -> tuple[str | None, str]:
@@ -177,14 +181,13 @@ for _op in ("neg", "abs", "pos"):
     setattr(_StandIn, f"__{_op}__", _arithmetic(_op))
 
 
-def _trial(loss_fn: Callable, batch: Any, model: nn.Module) -> tuple[str | None, str]:
+def _trial(
+    loss_fn: Callable, batch: Any, model: nn.Module, rng_devices: list[int]
+) -> tuple[str | None, str]:
     """One call ``loss_fn(stand_in, batch)``; the verdict of the stand-in's first use."""
-    devices: list[int] = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices = list(range(torch.cuda.device_count()))
     stand_in = _StandIn(model)
     failure = None
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
         try:
             loss_fn(stand_in, batch)
         except Exception as exc:  # noqa: BLE001 - the trial only looks for evidence

@@ -142,7 +142,10 @@ class CurvatureOperator(LinearOperator):
     def _decide_loss_form(self, loss_form: str) -> tuple[str, str]:
         """How ``loss_fn`` is called, and why (the rule of :mod:`.lossform`)."""
         _, batch = self._data.first()
-        return decide_loss_form(self.loss_fn, loss_form, batch, self.model, self._data.rule)
+        return decide_loss_form(
+            self.loss_fn, loss_form, batch, self.model, self._data.rule,
+            self._rng_devices(self.device),
+        )
 
     def _build_wrappers(self) -> None:
         raise NotImplementedError
@@ -240,13 +243,18 @@ class CurvatureOperator(LinearOperator):
         )
 
     # -- graphs --------------------------------------------------------------------------
+    def _batch0(self) -> tuple[int, Any]:
+        """The first non-empty batch's index, and the batch on the operator's device."""
+        index, batch = self._data.first()
+        return index, to_device(batch, self.device)
+
     def _first_graph(self) -> Any:
         """Batch 0's first-order graph, built once (call inside :meth:`_guard`): the
         pre-flight checks its loss, the planner measures its size, graph reuse keeps it."""
-        index, batch = self._data.first()
+        index = self._data.first()[0]
         if index in self._graph_cache:
             return self._graph_cache[index][1]
-        batch = to_device(batch, self.device)
+        _, batch = self._batch0()
         if self._planner.needs_graph_size:
             state, nbytes = measure_saved(lambda: self._graph(batch, index))
             self._planner.record_graph_size(nbytes, self.num_batches, self.device)
@@ -297,7 +305,7 @@ class CurvatureOperator(LinearOperator):
             try:
                 out = self._run(plan, V)
                 break
-            except HessfastError:
+            except (HessfastError, MemoryError, torch.cuda.OutOfMemoryError):
                 raise
             except Exception as exc:
                 if plan.mode in self._proven:

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from ..errors import HessfastError, UnsupportedModelError
-from .data import to_device
 
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
@@ -195,8 +194,17 @@ class Planner:
                 "backend for attention; checkpoint(use_reentrant=False)"
             ) from exc
 
-    def disagrees(self, why: str) -> None:
-        """Forward-over-reverse disagrees with double backward on the same vectors."""
+    def check_agreement(
+        self, ref: torch.Tensor, fwd_rev: torch.Tensor, dtype: torch.dtype
+    ) -> None:
+        """Forward-over-reverse products must equal double backward's on the same vectors
+        (to ``AGREE_EPS`` ulps of the parameters' dtype, relative to the largest entry);
+        otherwise it is unavailable, or an error when it was requested."""
+        scale = max(ref.abs().max().item(), torch.finfo(ref.dtype).tiny)
+        gap = (fwd_rev - ref).abs().max().item()
+        if gap <= AGREE_EPS * torch.finfo(dtype).eps * scale:
+            return
+        why = f"disagrees with double backward by {gap:.3g} (scale {scale:.3g})"
         if self.requested == "fwd_rev":
             raise UnsupportedModelError(
                 f"torch.func forward-over-reverse {why} on this model; use "
@@ -266,8 +274,7 @@ class Planner:
         """Seconds per vector of each mode and chunk size on batch 0, with the same vectors
         for every mode, so that forward-over-reverse is also checked against double
         backward. A mode that fails or disagrees is marked unavailable."""
-        index, batch = op._data.first()
-        batch = to_device(batch, op.device)
+        index, batch = op._batch0()
         gen = torch.Generator(device="cpu").manual_seed(1234)
         chunks = (
             [self.fixed_chunk]
@@ -301,24 +308,8 @@ class Planner:
                 raise  # the user's to fix (a loss, a NaN), not a sign the path cannot run
             except Exception as exc:  # noqa: BLE001 - a path that fails is just not used
                 self.path_failed(mode, exc)
-        if "fwd_rev" in modes and "fwd_rev" not in self.unavailable:
-            gap = _disagreement(results, op.param_dtype)
-            if gap is not None:
-                self.disagrees(gap)
+        for (mode, c), ref in results.items():
+            other = results.get(("fwd_rev", c))
+            if mode != "fwd_rev" and other is not None:
+                self.check_agreement(ref, other, op.param_dtype)
         return per_vector
-
-
-def _disagreement(
-    results: dict[tuple[str, int], torch.Tensor], dtype: torch.dtype
-) -> str | None:
-    """Why forward-over-reverse disagrees with double backward on the same vectors, or None."""
-    eps = torch.finfo(dtype).eps
-    for (mode, c), ref in results.items():
-        other = results.get(("fwd_rev", c))
-        if mode == "fwd_rev" or other is None:
-            continue
-        scale = max(ref.abs().max().item(), torch.finfo(ref.dtype).tiny)
-        gap = (other - ref).abs().max().item()
-        if gap > AGREE_EPS * eps * scale:
-            return f"disagrees with double backward by {gap:.3g} (scale {scale:.3g})"
-    return None

@@ -35,7 +35,6 @@ from ..errors import (
     NonDeterministicError,
     NonFiniteError,
 )
-from .data import to_device
 from .model import active_stochastic_modules
 from .plan import AGREE_EPS
 
@@ -60,8 +59,7 @@ def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
         UnsupportedModelError: no path can differentiate the model twice, or the requested
             one cannot.
     """
-    index, batch = op._data.first()
-    batch = to_device(batch, op.device)
+    index, batch = op._batch0()
     state: Any = None
     # One guard for everything: the RNG advances from one evaluation to the next, so a
     # dropout layer draws a new mask for the repeat.
@@ -156,10 +154,7 @@ def _check_fwd_rev(op: CurvatureOperator, batch: Any, index: int, state: Any) ->
         ref = op._graph_product(state, Vs, retain=True)
     except Exception:  # noqa: BLE001 - no reference to compare with; the products will tell
         return
-    scale = max(ref.abs().max().item(), torch.finfo(op.dtype).tiny)
-    gap = (hv - ref).abs().max().item()
-    if gap > AGREE_EPS * torch.finfo(op.param_dtype).eps * scale:
-        op._planner.disagrees(f"disagrees with double backward by {gap:.3g} (scale {scale:.3g})")
+    op._planner.check_agreement(ref, hv, op.param_dtype)
 
 
 class SymmetryProbe:
