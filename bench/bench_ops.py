@@ -9,7 +9,6 @@ Bytes counted are what each op must move at minimum (V is read once per pass ove
   basis_dot       m n s + k n 4           (s = bytes per basis element, W float32)
   basis_update    m n s + 2 k n 4
   reorthogonalize 2 m n s + 3 k n 4       (one CGS pass; random W never triggers a second one)
-  lanczos_step    3 k n s + 3 k n 4       (Q twice, Qprev once; W read twice, written once)
 torch's path: C = V @ W.T (fp32), then W.sub_(C.T @ V); a bf16 basis multiplies in bf16
 (torch's mixed-precision route: W cast to bf16, result cast back).
 """
@@ -112,44 +111,6 @@ def bench_case(device, storage, m, k, n, repeats, stream):
     return out
 
 
-def bench_lanczos(device, storage, k, n, repeats, stream):
-    s = torch.empty((), dtype=storage).element_size()
-    g = torch.Generator(device=device).manual_seed(1)
-    Q = torch.randn(k, n, device=device, generator=g).to(storage)
-    Qp = torch.randn(k, n, device=device, generator=g).to(storage)
-    B = torch.randn(k, k, device=device, generator=g)
-    W0 = torch.randn(k, n, device=device, generator=g)
-    W = W0.clone()
-
-    def torch_step():
-        Qf, Qpf = Q.float(), Qp.float()
-        A = Qf @ W.T
-        W.sub_(A.T @ Qf).sub_(B @ Qpf)
-        return A, W @ W.T
-
-    def restore():
-        W.copy_(W0)
-
-    A, G = ops.lanczos_step(W, Q, Qp, B)
-    W1 = W.clone()
-    restore()
-    A2, G2 = torch_step()
-    assert rel_err(A, A2) < 1e-4 and rel_err(W1, W) < 1e-4, "lanczos_step disagrees with torch"
-    assert rel_err(G, W1.double() @ W1.double().T) < 1e-4, "lanczos_step: G != W W^T"
-    nbytes = 3 * k * n * s + 3 * k * n * 4
-    t_nat = timeit(lambda: ops.lanczos_step(W, Q, Qp, B), repeats=repeats, setup=restore,
-                   device=device).median
-    t_tor = timeit(torch_step, repeats=repeats, setup=restore, device=device).median
-    return {
-        "op": "lanczos_step", "device": device.type, "storage": str(storage).removeprefix("torch."),
-        "m": 0, "k": k, "n": n, "native_ms": round(t_nat * 1e3, 3),
-        "torch_ms": round(t_tor * 1e3, 3), "native_GBps": round(nbytes / t_nat / 1e9, 2),
-        "torch_GBps": round(nbytes / t_tor / 1e9, 2), "stream_GBps": round(stream, 2),
-        "frac_of_stream": round(nbytes / t_nat / 1e9 / stream, 3),
-        "speedup_vs_torch": round(t_tor / t_nat, 2), "repeats": repeats,
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -189,9 +150,6 @@ def main() -> None:
             reps = args.repeats or (3 if m * n * s > 2e9 else 7 if m * n * s > 2e8 else 15)
             for row in bench_case(device, storage, m, k, n, reps, stream):
                 print(json.dumps(row), flush=True)
-        for n, k in sorted({(n, k) for n, _, k in grid}):
-            reps = args.repeats or (3 if n > 5e6 else 10)
-            print(json.dumps(bench_lanczos(device, storage, k, n, reps, stream)), flush=True)
 
 
 if __name__ == "__main__":

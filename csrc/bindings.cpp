@@ -5,7 +5,6 @@
 #include <pybind11/pybind11.h>
 
 #include "basis.h"
-#include "lanczos.h"
 
 namespace py = pybind11;
 using hessfast::make_mat;
@@ -14,17 +13,12 @@ using std::uintptr_t;
 
 namespace {
 
-Mat qprev_mat(uintptr_t ptr, int64_t rows, int64_t ld, int dtype) {
-  return ptr == 0 ? Mat{} : make_mat(ptr, rows, ld, dtype);
-}
-
 template <typename... Ex>
 struct ExtraArgs {};
 
 // Ex: types of the trailing arguments (none on CPU; device, stream on CUDA), named by `extra`.
-template <typename... Ex, typename Dot, typename Update, typename Reorth, typename Step,
-          typename... Names>
-void def_ops(py::module_& m, ExtraArgs<Ex...>, Dot dot, Update update, Reorth reorth, Step step,
+template <typename... Ex, typename Dot, typename Update, typename Reorth, typename... Names>
+void def_ops(py::module_& m, ExtraArgs<Ex...>, Dot dot, Update update, Reorth reorth,
              const char* extra_doc, Names... extra) {
   const auto gil = py::call_guard<py::gil_scoped_release>();
   m.def(
@@ -62,21 +56,6 @@ void def_ops(py::module_& m, ExtraArgs<Ex...>, Dot dot, Update update, Reorth re
       py::arg("k"), py::arg("n"), py::arg("eta"), py::arg(extra)...,
       (std::string("CGS2 of W against V with a per-row DGKS second pass; writes C[m, k] = C1 + C2 "
                    "and norms[3, k] (before, after pass 1, final).") +
-       extra_doc)
-          .c_str());
-  m.def(
-      "lanczos_step",
-      [step](uintptr_t w, int64_t w_ld, int w_dtype, uintptr_t q, int64_t q_ld, int q_dtype,
-             uintptr_t qprev, int64_t qprev_ld, int qprev_dtype, uintptr_t b, uintptr_t a,
-             uintptr_t g, int acc, int64_t k, int64_t n, Ex... ex) {
-        step(make_mat(w, k, w_ld, w_dtype), make_mat(q, k, q_ld, q_dtype),
-             qprev_mat(qprev, k, qprev_ld, qprev_dtype), b, a, g, acc, n, ex...);
-      },
-      gil, py::arg("w"), py::arg("w_ld"), py::arg("w_dtype"), py::arg("q"), py::arg("q_ld"),
-      py::arg("q_dtype"), py::arg("qprev"), py::arg("qprev_ld"), py::arg("qprev_dtype"),
-      py::arg("b"), py::arg("a"), py::arg("g"), py::arg("acc"), py::arg("k"), py::arg("n"),
-      py::arg(extra)...,
-      (std::string("A = Q W^T; W -= A^T Q + B Qprev (qprev == 0: no B term); G = W W^T.") +
        extra_doc)
           .c_str());
 }
@@ -118,12 +97,12 @@ PYBIND11_MODULE(_C, m) {
 
   py::module_ cpu = m.def_submodule("cpu", "OpenMP CPU kernels");
   def_ops(cpu, ExtraArgs<>{}, &hessfast::cpu::basis_dot, &hessfast::cpu::basis_update,
-          &hessfast::cpu::reorthogonalize, &hessfast::cpu::lanczos_step, "");
+          &hessfast::cpu::reorthogonalize, "");
 
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels (empty when built without CUDA)");
 #ifdef HESSFAST_WITH_CUDA
   def_ops(cuda, ExtraArgs<int, uintptr_t>{}, &hessfast::cuda::basis_dot, &hessfast::cuda::basis_update,
-          &hessfast::cuda::reorthogonalize, &hessfast::cuda::lanczos_step,
+          &hessfast::cuda::reorthogonalize,
           " Runs on the given device and stream (asynchronously).", "device", "stream");
 #else
   (void)cuda;

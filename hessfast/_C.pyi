@@ -11,14 +11,14 @@ Conventions of every kernel below:
   ``x + (i * x_ld + t) * itemsize``, with the row stride ``x_ld >= n`` (in elements) whenever
   ``rows > 1``, and unit stride inside a row.
 * dtype codes (``*_dtype``, ``acc``): 0 float32, 1 float64, 2 bfloat16, 3 float16. The basis
-  (``v``, ``q``, ``qprev``) may be any of them; the working block ``w`` and the accumulation
+  ``v`` may be any of them; the working block ``w`` and the accumulation
   dtype ``acc`` of the small outputs are float32 or float64.
-* Small outputs (``c``, ``norms``, ``a``, ``g``) and the input ``b`` are contiguous, in ``acc``.
+* Small outputs (``c``, ``norms``) are contiguous, in ``acc``.
 * ``w`` must not overlap ``v``: it is written while ``v`` is read.
 * Bad shapes, strides, dtype codes, null pointers or aliasing raise ``ValueError`` (a backstop:
   :mod:`hessfast.ops` checks first). The GIL is released while a kernel runs.
 
-``cuda`` holds the same four kernels with two more arguments, ``device`` (the CUDA device
+``cuda`` holds the same three kernels with two more arguments, ``device`` (the CUDA device
 index) and ``stream`` (a ``cudaStream_t`` as an int); they are enqueued on that stream and
 return before they finish. Without the CUDA kernels compiled in, ``cuda`` is an empty module.
 """
@@ -120,33 +120,6 @@ class _CpuKernels:
         second when the row needed no second pass).
         """
 
-    def lanczos_step(
-        self,
-        w: int,
-        w_ld: int,
-        w_dtype: int,
-        q: int,
-        q_ld: int,
-        q_dtype: int,
-        qprev: int,
-        qprev_ld: int,
-        qprev_dtype: int,
-        b: int,
-        a: int,
-        g: int,
-        acc: int,
-        k: int,
-        n: int,
-    ) -> None:
-        """One block Lanczos three-term update, fused, on ``[k, n]`` blocks:
-        ``A = Q W^T``; ``W -= A^T Q + B Qprev`` in place; ``G = W W^T``.
-
-        ``w`` holds ``Q H`` on entry (so ``A = Q H Q^T``). ``qprev == 0`` means no previous
-        block (the first step: no ``B`` term; ``qprev_ld``, ``qprev_dtype`` and ``b`` are
-        then ignored). ``b`` (input), ``a`` and ``g`` (outputs) are contiguous ``[k, k]`` in
-        ``acc``; ``G`` is the Gram of the updated block, for a Cholesky QR.
-        """
-
 class _CudaKernels:
     """The submodule ``hessfast._C.cuda``: the same kernels on a CUDA device, each with two
     trailing arguments: ``device`` (device index) and ``stream`` (``cudaStream_t`` as an int;
@@ -209,28 +182,6 @@ class _CudaKernels:
         stream: int,
     ) -> None:
         """:meth:`_CpuKernels.reorthogonalize` on ``device``, enqueued on ``stream``."""
-
-    def lanczos_step(
-        self,
-        w: int,
-        w_ld: int,
-        w_dtype: int,
-        q: int,
-        q_ld: int,
-        q_dtype: int,
-        qprev: int,
-        qprev_ld: int,
-        qprev_dtype: int,
-        b: int,
-        a: int,
-        g: int,
-        acc: int,
-        k: int,
-        n: int,
-        device: int,
-        stream: int,
-    ) -> None:
-        """:meth:`_CpuKernels.lanczos_step` on ``device``, enqueued on ``stream``."""
 
 cpu: _CpuKernels
 cuda: _CudaKernels

@@ -99,29 +99,3 @@ def reorthogonalize(
         float(eta), *extra,
     )
     return C, norms
-
-
-def lanczos_step(
-    W: torch.Tensor,
-    Q: torch.Tensor,
-    Qprev: torch.Tensor | None,
-    B: torch.Tensor | None,
-    acc_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``A = Q W^T; W -= A^T Q + B Qprev; G = W W^T``; returns ``(A, G)``."""
-    k, n = W.shape
-    A = torch.empty((k, k), dtype=acc_dtype, device=W.device)
-    G = torch.empty((k, k), dtype=acc_dtype, device=W.device)
-    if Qprev is None:
-        prev: tuple[int, int, int] = (0, n, 0)
-        b_ptr = 0
-    else:
-        prev = _mat(Qprev)
-        B = B.to(acc_dtype).contiguous()  # [k, k]: negligible copy
-        b_ptr = B.data_ptr()
-    mod, extra = _target(W)
-    mod.lanczos_step(
-        *_mat(W), *_mat(Q), *prev, b_ptr, A.data_ptr(), G.data_ptr(), DTYPE_CODES[acc_dtype], k,
-        n, *extra,
-    )
-    return A, G

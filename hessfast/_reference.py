@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["basis_dot", "basis_update", "reorthogonalize", "lanczos_step", "DGKS_ETA"]
+__all__ = ["basis_dot", "basis_update", "reorthogonalize", "DGKS_ETA"]
 
 #: DGKS threshold: a row gets a second Gram-Schmidt pass when the first one removed more than
 #: 1 - 1/sqrt(2) of its length (||w_after|| < eta ||w_before||).
@@ -76,33 +76,3 @@ def reorthogonalize(
         final[redo] = torch.linalg.vector_norm(Ws, dim=1)
     W.copy_(Wa)
     return C, torch.stack([before, after1, final])
-
-
-def lanczos_step(
-    W: torch.Tensor,
-    Q: torch.Tensor,
-    Qprev: torch.Tensor | None = None,
-    B: torch.Tensor | None = None,
-    *,
-    acc_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused block Lanczos three-term recurrence (rows are vectors), ``W`` updated in place.
-
-    With ``W[k, n] = Q H`` (the operator applied to the current block ``Q[k, n]``)::
-
-        A = Q W^T                      [k, k]   (= Q H Q^T, symmetric up to rounding)
-        W <- W - A^T Q - B Qprev       (B [k, k], Qprev [k, n]; both None on the first step)
-        G = W W^T                      [k, k]   (Gram of the updated block, for Cholesky-QR)
-
-    Returns ``(A, G)`` in ``acc_dtype`` (default from ``Q.dtype``).
-    """
-    acc = acc_dtype or _default_acc(Q.dtype)
-    Qa = Q.to(acc)
-    Wa = W.to(acc)
-    A = Qa @ Wa.T
-    Wa -= A.T @ Qa
-    if Qprev is not None:
-        Wa -= B.to(acc) @ Qprev.to(acc)
-    G = Wa @ Wa.T
-    W.copy_(Wa)
-    return A, G

@@ -32,13 +32,12 @@ __all__ = [
     "basis_dot",
     "basis_update",
     "reorthogonalize",
-    "lanczos_step",
     "backend_report",
     "DGKS_ETA",
     "OPS",
 ]
 
-OPS = ("basis_dot", "basis_update", "reorthogonalize", "lanczos_step")
+OPS = ("basis_dot", "basis_update", "reorthogonalize")
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 WORK_DTYPES = (torch.float32, torch.float64)
 _BACKENDS = ("auto", "native", "reference")
@@ -70,10 +69,10 @@ def _native_reasons(device_type: str) -> list[str]:
 
 # Under HESSFAST_BACKEND=auto on a GPU, an op uses its CUDA kernel only where the kernel
 # measured faster than torch's own path (bench/bench_ops.py --device cuda, NVIDIA H200,
-# 2026-11-26, n=2e6, k=4): lanczos_step 1.8-1.9x faster; basis_dot 0.23-1.46x,
-# basis_update 0.70-1.24x and reorthogonalize 0.44-1.01x of torch (the kernels are
-# latency-bound, ~1.2 TB/s against 4.4 TB/s streaming). HESSFAST_BACKEND=native forces them.
-_CUDA_AUTO_NATIVE = frozenset({"lanczos_step"})
+# 2026-11-26, n=2e6, k=4): none does today. basis_dot ran at 0.23-1.46x, basis_update
+# 0.70-1.24x and reorthogonalize 0.44-1.01x of torch (the kernels are latency-bound,
+# ~1.2 TB/s against 4.4 TB/s streaming). HESSFAST_BACKEND=native forces them.
+_CUDA_AUTO_NATIVE: frozenset[str] = frozenset()
 _CUDA_AUTO_REASON = (
     "auto prefers torch on CUDA for this op: the native kernel measured slower than torch's "
     "matmul path on an H200 (bench/bench_ops.py); HESSFAST_BACKEND=native forces it"
@@ -312,57 +311,5 @@ def reorthogonalize(
         return _reference.reorthogonalize(V, W, acc_dtype=acc, eta=eta)
     Wn = _writable(W.detach())
     out = _native.reorthogonalize(_readable(V.detach()), Wn, acc, float(eta))
-    _writeback(W, Wn)
-    return out
-
-
-@torch.no_grad()
-def lanczos_step(
-    W: torch.Tensor,
-    Q: torch.Tensor,
-    Qprev: torch.Tensor | None = None,
-    B: torch.Tensor | None = None,
-    *,
-    acc_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused block Lanczos three-term recurrence, ``W[k, n]`` updated in place.
-
-    With ``W = Q H`` (the operator applied to the current orthonormal block ``Q[k, n]``)::
-
-        A = Q W^T                      [k, k]
-        W <- W - A^T Q - B Qprev       B [k, k], Qprev [k, n]; both None on the first step
-        G = W W^T                      [k, k]   (Cholesky-QR of the next block: G = R^T R)
-
-    Q, Qprev: storage dtype; W: float32/float64 (must not alias Q or Qprev); B: float32/float64.
-    Returns ``(A, G)`` in ``acc_dtype`` (default: float64 for a float64 Q, else float32).
-    The native kernels make two passes over n: A, then the update with G on the updated chunk.
-    """
-    _check_tensor("W", W, WORK_DTYPES)
-    _check_tensor("Q", Q, STORAGE_DTYPES)
-    if (Qprev is None) != (B is None):
-        raise ValueError("Qprev and B must be given together (both None on the first step)")
-    acc = _check_acc(acc_dtype, Q.dtype)
-    k, n = W.shape
-    if tuple(Q.shape) != (k, n):
-        raise ValueError(f"Q must have the shape of W ({k}, {n}), got {tuple(Q.shape)}")
-    if Qprev is not None:
-        _check_tensor("Qprev", Qprev, STORAGE_DTYPES)
-        _check_tensor("B", B, WORK_DTYPES)
-        if tuple(Qprev.shape) != (k, n):
-            raise ValueError(f"Qprev must have the shape of W ({k}, {n}), got {tuple(Qprev.shape)}")
-        if tuple(B.shape) != (k, k):
-            raise ValueError(f"B must have shape ({k}, {k}), got {tuple(B.shape)}")
-    device = _check_same_device(W=W, Q=Q, Qprev=Qprev, B=B)
-    _check_no_alias("W", W, Q=Q, Qprev=Qprev, B=B)
-    _check_writable("W", W)
-    if k == 0 or n == 0:
-        z = torch.zeros((k, k), dtype=acc, device=device)
-        return z, z.clone()
-    if _pick("lanczos_step", device) == "reference":
-        return _reference.lanczos_step(W, Q, Qprev, B, acc_dtype=acc)
-    Wn = _writable(W.detach())
-    qp = None if Qprev is None else _readable(Qprev.detach())
-    bb = None if B is None else B.detach()
-    out = _native.lanczos_step(Wn, _readable(Q.detach()), qp, bb, acc)
     _writeback(W, Wn)
     return out

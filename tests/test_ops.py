@@ -176,35 +176,6 @@ def test_reorthogonalize_dgks_second_pass(backend):
     assert rel < 1e-3, rel  # one pass would leave ~ u32 * |w|/|w_after| = 6e-8 / 1e-4 ~ 6e-4
 
 
-@pytest.mark.parametrize("storage", STORAGE)
-@pytest.mark.parametrize("acc", ACC)
-@pytest.mark.parametrize("k,n", [(1, 1), (3, 4099), (8, 257), (10, 130)])
-@pytest.mark.parametrize("first", [True, False])
-def test_lanczos_step(backend, storage, acc, k, n, first):
-    Q = _basis(k, n, storage, backend, seed=4)
-    W = _work(k, n, acc, backend, seed=5)
-    Qp = None if first else _basis(k, n, storage, backend, seed=6)
-    B = None if first else _work(k, k, acc, backend, seed=7)
-    Q64, W64 = Q.double().cpu(), W.double().cpu().clone()
-    A, G = ops.lanczos_step(W, Q, Qp, B, acc_dtype=acc)
-    Wr = W64.clone()
-    Ar, Gr = _reference.lanczos_step(
-        Wr, Q64, None if first else Qp.double().cpu(), None if first else B.double().cpu(),
-        acc_dtype=torch.float64,
-    )
-    u = C_DOT * UNIT_ROUNDOFF[acc]
-    assert A.dtype == acc and G.dtype == acc
-    assert torch.all((A.double().cpu() - Ar).abs() <= u * math.sqrt(n) * (Q64.abs() @ W64.abs().T))
-    scale = W64.abs() + Ar.abs().T @ Q64.abs()
-    if not first:
-        scale = scale + B.double().cpu().abs() @ Qp.double().cpu().abs()
-    err = (W.double().cpu() - Wr).abs()
-    assert torch.all(err <= u * math.sqrt(n) * k * scale + 1e-300)
-    Wa = W.double().cpu()
-    assert torch.allclose(G.double().cpu(), Wa @ Wa.T, rtol=0,
-                          atol=u * math.sqrt(n) * float((Wa.abs() @ Wa.abs().T).max()) + 1e-300)
-
-
 # --------------------------------------------------------------------------------------------
 # layouts, validation, dispatch
 # --------------------------------------------------------------------------------------------
@@ -240,8 +211,6 @@ def test_aliasing_is_refused(backend):
         ops.basis_update(V, C, V)
     with pytest.raises(ValueError, match="W must not alias V"):
         ops.reorthogonalize(V, V[1:3])
-    with pytest.raises(ValueError, match="W must not alias Q"):
-        ops.lanczos_step(V, V)
     with pytest.raises(ValueError, match="overlapping elements"):
         ops.basis_update(V[:2], C[:2, :3], torch.zeros(1, 100, device=backend).expand(3, 100))
 
@@ -259,8 +228,6 @@ def test_bad_arguments(backend):
         ops.basis_dot(V, W[:, :50])
     with pytest.raises(ValueError, match=r"C must have shape \(m, k\) = \(4, 2\)"):
         ops.basis_update(V, torch.zeros(2, 4, device=backend), W)
-    with pytest.raises(ValueError, match="Qprev and B"):
-        ops.lanczos_step(W, V[:2].clone(), V[2:].clone(), None)
     with pytest.raises(ValueError, match="eta"):
         ops.reorthogonalize(V, W, eta=-1.0)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
@@ -317,11 +284,11 @@ def test_cuda_device_mismatch():
 
 
 def test_auto_on_cuda_uses_native_only_where_it_measured_faster(monkeypatch):
-    """The choice is a table from the H200 benchmark; forcing native overrides it."""
+    """The choice is a table from the H200 benchmark (no op beat torch there); forcing native
+    overrides it."""
     monkeypatch.setattr(ops, "_native_reasons", lambda device_type: [])
     monkeypatch.setenv("HESSFAST_BACKEND", "auto")
     cuda = torch.device("cuda")
-    assert ops._pick("lanczos_step", cuda) == "native"
     for op in ("basis_dot", "basis_update", "reorthogonalize"):
         assert ops._pick(op, cuda) == "reference"
         assert ops._pick(op, torch.device("cpu")) == "native"

@@ -1,4 +1,4 @@
-// CPU engine shared by the basis and Lanczos ops: n is cut into chunks, each OpenMP thread owns a
+// CPU engine of the basis ops: n is cut into chunks, each OpenMP thread owns a
 // contiguous range of chunks, and within a chunk every basis row is read from memory exactly once
 // while the small block W (k rows x kChunk) stays in L1/L2.
 //

@@ -1,4 +1,4 @@
-// CUDA device code shared by basis_cuda.cu and lanczos_cuda.cu (mirrors csrc/cpu/engine.h).
+// CUDA device code of basis_cuda.cu (mirrors csrc/cpu/engine.h).
 //
 //   dot_kernel     partial[b, i, j] = sum over block b's tiles of V_i . W_j   (j < KB)
 //                  W tile staged in shared memory, read once per block; each warp owns
