@@ -4,18 +4,20 @@
     H = hf.hessian(model, loss_fn, data)      # symmetric operator over the parameters
     H.matmat(V)                                # V: [k, n] -> [k, n], one data pass
 
-See README.md for the quickstart and DESIGN.md for the architecture.
+See README.md for the quickstart and docs/architecture.md for the layers.
 """
 
 from __future__ import annotations
 
 from . import errors
+from .condition import ConditionResult, condition_number
 from .curvature import GGNOperator, HessianOperator, ggn, hessian
 from .density import SpectralDensity, spectral_density
 from .estimators import DiagonalResult, TraceResult, diagonal, trace
 from .linop import LinearOperator
+from .power import PowerResult, power_iteration
 from .results import Status
-from .spectrum import ConditionResult, EigshResult, condition_number, eigsh, lambda_max
+from .spectrum import EigshResult, eigsh, lambda_max
 
 __version__ = "0.1.0"
 
@@ -33,10 +35,12 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "PowerResult",
     "__version__",
     "eigsh",
     "errors",
     "ggn",
     "hessian",
     "lambda_max",
+    "power_iteration",
 ]

@@ -1,11 +1,7 @@
-"""Spectral quantities of a symmetric :class:`~hessfast.linop.LinearOperator`.
-
-:func:`eigsh` (thick-restart block Lanczos, :mod:`hessfast.lanczos`) and :func:`lambda_max`;
-power iteration with a residual-based stop, the baseline the peer libraries use, as
-``eigsh(method="power")``. Plain power iteration converges to the eigenvalue of largest
-*magnitude*; with ``which="LA"`` a shifted second run turns a negative dominant eigenvalue
-into the largest algebraic one, so a negative number is never reported as lambda_max when a
-positive eigenvalue exists.
+"""Eigenpairs of a symmetric :class:`~hessfast.linop.LinearOperator`: :func:`eigsh`
+(thick-restart block Lanczos with a verified wanted set, :mod:`hessfast.lanczos`), its dense
+path for tiny operators, and :func:`lambda_max`. Power iteration lives in
+:mod:`hessfast.power` (``eigsh(method="power")``), conditioning in :mod:`hessfast.condition`.
 """
 
 from __future__ import annotations
@@ -17,107 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import (
+    as_operator,
+    check_basis_dtype,
+    check_choice,
+    check_int,
+    check_positive,
+    check_seed,
+    work_dtype,
+)
 from .errors import ConfigurationError
 from .lanczos import WHICH, block_lanczos, select
 from .linop import LinearOperator
+from .power import power_iteration
+from .results import Status
 
-__all__ = [
-    "ConditionResult",
-    "EigshResult",
-    "PowerResult",
-    "condition_number",
-    "eigsh",
-    "lambda_max",
-    "power_iteration",
-]
-
-
-@dataclass(frozen=True)
-class PowerResult:
-    """Result of :func:`power_iteration`.
-
-    Attributes:
-        eigenvalue: the Ritz value (float64 arithmetic).
-        eigenvector: ``[n]`` unit vector.
-        residual: ``||A v - theta v||``.
-        converged: residual <= tol * max(|theta|, 1e-3 * ||A||_est).
-        num_matvecs: products with A.
-        seconds: wall time.
-    """
-
-    eigenvalue: float
-    eigenvector: torch.Tensor
-    residual: float
-    converged: bool
-    num_matvecs: int
-    seconds: float
-
-
-def _power(
-    A: LinearOperator, v: torch.Tensor, shift: float, tol: float, max_matvecs: int
-) -> tuple[float, torch.Tensor, float, bool, int, float]:
-    """Power iteration on ``A - shift I``; returns the Ritz value of A itself."""
-    theta, res, norm_est, used = 0.0, math.inf, 0.0, 0
-    for _ in range(max_matvecs):
-        w = A.matvec(v).double()
-        used += 1
-        theta = float(torch.dot(v.double(), w))
-        res = float((w - theta * v.double()).norm())
-        norm_est = max(norm_est, float(w.norm()))
-        if res <= tol * max(abs(theta), 1e-3 * norm_est):
-            return theta, v, res, True, used, norm_est
-        w = w - shift * v.double()
-        wn = float(w.norm())
-        if wn == 0.0:  # v is in the null space of A - shift I: exact eigenvector
-            return theta, v, res, res == 0.0, used, norm_est
-        v = (w / wn).to(v.dtype)
-    return theta, v, res, False, used, norm_est
-
-
-def power_iteration(
-    A: LinearOperator,
-    *,
-    which: str = "LA",
-    tol: float = 1e-4,
-    max_matvecs: int = 1000,
-    seed: int = 0,
-) -> PowerResult:
-    """Dominant eigenpair of a symmetric operator by power iteration.
-
-    Args:
-        A: symmetric operator ``[n, n]``.
-        which: ``"LM"`` (largest magnitude, what plain power iteration finds) or ``"LA"``
-            (largest algebraic: when the dominant eigenvalue is negative, a second run on
-            ``A - theta I`` finds the top of the spectrum).
-        tol: relative residual tolerance.
-        max_matvecs: budget over both runs.
-        seed: seed of the start vector (a private generator; the global RNG is untouched).
-
-    Returns:
-        :class:`PowerResult`.
-    """
-    if which not in ("LA", "LM"):
-        raise ConfigurationError(f"which must be 'LA' or 'LM' for power iteration, got {which!r}")
-    if not (tol > 0 and math.isfinite(tol)):
-        raise ConfigurationError(f"tol must be a positive finite number, got {tol}")
-    if max_matvecs < 1:
-        raise ConfigurationError(f"max_matvecs must be >= 1, got {max_matvecs}")
-    n = A.shape[0]
-    if n == 0:
-        raise ConfigurationError("the operator is empty (n = 0): it has no eigenvalues")
-    t0 = time.perf_counter()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(n, generator=gen, dtype=torch.float64)
-    v = (v / v.norm()).to(device=A.device, dtype=A.dtype)
-    theta, v, res, ok, used, _ = _power(A, v, 0.0, tol, max_matvecs)
-    if which == "LA" and theta < 0 and used < max_matvecs:
-        # The dominant eigenvalue is negative; A - theta I is PSD with its largest
-        # eigenvalue at lambda_max - theta, so power iteration on it finds lambda_max.
-        v0 = torch.randn(n, generator=gen, dtype=torch.float64)
-        v0 = (v0 / v0.norm()).to(device=A.device, dtype=A.dtype)
-        theta, v, res, ok, more, _ = _power(A, v0, theta, tol, max_matvecs - used)
-        used += more
-    return PowerResult(theta, v, res, ok, used, time.perf_counter() - t0)
+__all__ = ["EigshResult", "default_block_size", "eigsh", "lambda_max"]
 
 
 @dataclass(frozen=True)
@@ -130,18 +41,24 @@ class EigshResult:
         eigenvectors: ``[k, n]`` unit rows, in the operator's dtype and device.
         residuals: ``[k]`` float64 ``||A v - theta v||`` (from the Lanczos relation).
         converged: ``[k]`` bool: residual <= tol * max(|theta|, 1e-3 * ||A||_est).
-        status: ``CONVERGED``, ``MAX_MATVECS``, ``INVARIANT_SUBSPACE`` or ``NONFINITE``.
+        status: a :class:`~hessfast.results.Status` (a ``str``): ``CONVERGED`` (every pair
+            converged and the set verified), ``MAX_MATVECS``, ``INVARIANT_SUBSPACE`` or
+            ``NONFINITE``.
         num_matvecs: vectors multiplied by A; num_passes: ``matmat`` calls (data passes).
         num_restarts: thick restarts; norm_estimate: the ||A|| estimate used in the floor.
         orthogonality: ``max|V V^T - I|`` of the returned vectors.
         seconds: wall time.
+        verified: a verification round (fresh random directions orthogonal to the converged
+            pairs, see :mod:`hessfast.lanczos.restart`) found no better eigenvalue; a
+            ``CONVERGED`` Lanczos result is always verified (dense results are exact).
+        verify_matvecs: products spent verifying (included in ``num_matvecs``).
     """
 
     eigenvalues: torch.Tensor
     eigenvectors: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
-    status: str
+    status: Status
     num_matvecs: int
     num_passes: int
     num_restarts: int
@@ -151,6 +68,8 @@ class EigshResult:
     which: str
     tol: float
     method: str
+    verified: bool = False
+    verify_matvecs: int = 0
 
 
 def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -> EigshResult:
@@ -165,9 +84,9 @@ def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -
     gram = vecs @ vecs.T
     ortho = float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max())
     return EigshResult(
-        theta[idx].cpu(), vecs.to(A.dtype), res, ok, "CONVERGED" if bool(ok.all()) else
-        "MAX_MATVECS", A.num_matvecs - mv0, A.num_passes - p0, 0, scale, ortho,
-        time.perf_counter() - t0, which, tol, "dense",
+        theta[idx].cpu(), vecs.to(A.dtype), res, ok, Status.CONVERGED if bool(ok.all()) else
+        Status.MAX_MATVECS, A.num_matvecs - mv0, A.num_passes - p0, 0, scale, ortho,
+        time.perf_counter() - t0, which, tol, "dense", True,
     )
 
 
@@ -199,7 +118,12 @@ def eigsh(
             max(|theta|, 1e-3 ||A||_est)`` (the floor lets zero eigenvalues converge).
         max_matvecs: budget of products (default ``max(1000, 40 k)``); on exhaustion the
             partial result is returned with a warning and ``status == "MAX_MATVECS"``.
-        block_size: rows per block, one data pass each (default ``min(k, 4)``).
+        block_size: rows per block, one data pass each (default: 1 on the CPU, where a block
+            of products costs as much as its vectors one by one and single-vector Lanczos
+            needs the fewest products; ``min(k, 4)`` on a GPU, where a block of 4 costs about
+            one product). Any block size is safe: the converged set is verified (see
+            :class:`EigshResult`), so an eigenvalue of multiplicity above the block size is
+            not missed silently.
         max_basis: basis rows before a thick restart (default ``max(2k + 2b, 32)``, <= n).
         v0: ``[n]`` or ``[j, n]`` start vectors, e.g. eigenvectors of an earlier run (with
             the default block size, the block grows to ``min(j, k)`` to use them all).
@@ -216,26 +140,20 @@ def eigsh(
         :class:`EigshResult`.
     """
     t0 = time.perf_counter()
-    if not isinstance(A, LinearOperator):
-        raise TypeError(
-            f"eigsh expects a hessfast.LinearOperator, got {type(A).__name__}; wrap a "
-            "matrix with LinearOperator.from_matrix(M)"
-        )
+    who = "hessfast.eigsh"
+    A = as_operator(A, who, allow_empty=False)
     n = A.shape[0]
-    if which not in WHICH:
-        raise ConfigurationError(f"which must be one of {WHICH}, got {which!r}")
-    if not isinstance(k, int) or k < 1 or k > n:
-        raise ConfigurationError(f"k must be an integer in [1, n={n}], got {k!r}")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ConfigurationError(f"tol must be a positive finite number, got {tol!r}")
-    if reorth not in ("full", "partial", "none"):
-        raise ConfigurationError(f"reorth must be 'full', 'partial' or 'none', got {reorth!r}")
-    if method not in ("lanczos", "power"):
-        raise ConfigurationError(f"method must be 'lanczos' or 'power', got {method!r}")
-    if max_matvecs is None:
-        max_matvecs = max(1000, 40 * k)
-    if max_matvecs < 1:
-        raise ConfigurationError(f"max_matvecs must be >= 1, got {max_matvecs}")
+    check_choice("which", which, WHICH, who=who)
+    k = check_int("k", k, 1, who=who)
+    if k > n:
+        raise ConfigurationError(f"{who}: k must be <= n={n}, got {k}")
+    tol = check_positive("tol", tol, who=who)
+    check_choice("reorth", reorth, ("full", "partial", "none"), who=who)
+    check_choice("method", method, ("lanczos", "power"), who=who)
+    seed = check_seed(seed, who=who)
+    basis_dtype = check_basis_dtype(basis_dtype, work_dtype(A.dtype), who=who)
+    max_matvecs = check_int("max_matvecs", max(1000, 40 * k) if max_matvecs is None
+                            else max_matvecs, 1, who=who)
     if method == "power":
         if k != 1:
             raise ConfigurationError(
@@ -255,7 +173,7 @@ def eigsh(
         return EigshResult(
             torch.tensor([r.eigenvalue], dtype=torch.float64), vec,
             torch.tensor([r.residual], dtype=torch.float64), torch.tensor([r.converged]),
-            "CONVERGED" if r.converged else "MAX_MATVECS", A.num_matvecs - mv0,
+            Status.CONVERGED if r.converged else Status.MAX_MATVECS, A.num_matvecs - mv0,
             A.num_passes - p0, 0, abs(r.eigenvalue), 0.0, time.perf_counter() - t0, which,
             tol, "power",
         )
@@ -266,11 +184,10 @@ def eigsh(
             stacklevel=2,
         )
         return _dense_eigsh(A, k, which, tol, t0)
-    b = block_size if block_size is not None else min(k, 4)
+    b = block_size if block_size is not None else default_block_size(A, k)
     if block_size is None and v0 is not None and v0.dim() == 2:
         b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
-    if not isinstance(b, int) or b < 1:
-        raise ConfigurationError(f"block_size must be a positive integer, got {block_size!r}")
+    b = check_int("block_size", b, 1, who=who)
     b = min(b, n)
     cap = max_basis if max_basis is not None else max(2 * k + 2 * b, 32)
     cap = min(cap, n)
@@ -283,7 +200,7 @@ def eigsh(
         A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs, v0=v0,
         seed=seed, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device,
     )
-    lost = 100 * math.sqrt(torch.finfo(basis_dtype or torch.float32).eps)
+    lost = 100 * math.sqrt(torch.finfo(basis_dtype).eps)  # the basis' own precision
     if st.orthogonality > lost:
         warnings.warn(
             f"hessfast.eigsh: the returned vectors are far from orthogonal (max|V V^T - I| = "
@@ -291,7 +208,14 @@ def eigsh(
             "wrong residuals are likely. Use reorth='full'",
             stacklevel=2,
         )
-    if st.status != "CONVERGED" and not bool(st.converged.all()):
+    if st.status != "CONVERGED" and bool(st.converged.all()):
+        warnings.warn(
+            f"hessfast.eigsh: all {k} pairs converged but the check that no eigenvalue was "
+            f"missed (verification, {st.verify_matvecs} products) did not finish within "
+            f"max_matvecs={max_matvecs}; status {st.status}. Raise max_matvecs",
+            stacklevel=2,
+        )
+    elif st.status != "CONVERGED":
         warnings.warn(
             f"hessfast.eigsh: {int(st.converged.sum())} of {k} pairs converged "
             f"(status {st.status}, {st.num_matvecs} products); returning the partial result "
@@ -299,10 +223,17 @@ def eigsh(
             stacklevel=2,
         )
     return EigshResult(
-        st.theta, st.vectors, st.residuals, st.converged, st.status, st.num_matvecs,
+        st.theta, st.vectors, st.residuals, st.converged, Status(st.status), st.num_matvecs,
         st.num_passes, st.num_restarts, st.norm_estimate, st.orthogonality,
-        time.perf_counter() - t0, which, tol, "lanczos",
+        time.perf_counter() - t0, which, tol, "lanczos", st.verified, st.verify_matvecs,
     )
+
+
+def default_block_size(A: LinearOperator, k: int) -> int:
+    """The block size :func:`eigsh` uses when none is given: 1 on the CPU, ``min(k, 4)`` on
+    an accelerator (bench/RESULTS.md: on 2 CPU cores a block of 4 products costs 4 single
+    ones; on an H200 it costs about one)."""
+    return 1 if A.device.type == "cpu" else min(k, 4)
 
 
 def lambda_max(A: LinearOperator, tol: float = 1e-4, **kwargs) -> float:
@@ -310,81 +241,3 @@ def lambda_max(A: LinearOperator, tol: float = 1e-4, **kwargs) -> float:
     return float(eigsh(A, k=1, which="LA", tol=tol, **kwargs).eigenvalues[0])
 
 
-@dataclass(frozen=True)
-class ConditionResult:
-    """Conditioning of a symmetric operator.
-
-    Attributes:
-        lambda_max, lambda_min: extreme eigenvalues (``eigsh`` LA and SA).
-        kappa: ``lambda_max / lambda_min`` when the operator is positive definite (lambda_min
-            above the zero threshold), else ``inf``.
-        definiteness: ``"positive definite"``, ``"singular"`` (|lambda_min| at or below the
-            zero threshold ``tol * max(|lambda_max|, |lambda_min|)``) or ``"indefinite"``.
-        negative_ratio: ``|lambda_min| / lambda_max`` for an indefinite operator (how strong
-            the negative curvature is against the positive), else 0.
-        negative_mass: fraction of the spectrum below ``-zero_threshold``, from an SLQ
-            density (indefinite operators only; None otherwise or when ``density=False``).
-        stable_lr: ``2 / lambda_max``: gradient descent with a larger step size diverges along
-            the top eigenvector (inf when lambda_max <= 0).
-        converged: both extreme eigenpairs converged.
-        num_matvecs, seconds: total cost.
-    """
-
-    lambda_max: float
-    lambda_min: float
-    kappa: float
-    definiteness: str
-    negative_ratio: float
-    negative_mass: float | None
-    stable_lr: float
-    zero_threshold: float
-    converged: bool
-    num_matvecs: int
-    seconds: float
-
-
-def condition_number(
-    A: LinearOperator,
-    *,
-    tol: float = 1e-4,
-    max_matvecs: int | None = None,
-    density: bool = True,
-    num_probes: int = 8,
-    num_steps: int = 64,
-    seed: int = 0,
-) -> ConditionResult:
-    """Condition number, definiteness and the stable learning rate of a symmetric operator.
-
-    For a PSD operator (a GGN) ``kappa = lambda_max / lambda_min``; a Hessian is usually
-    indefinite, and then ``kappa = inf`` and the result reports the negative curvature:
-    ``lambda_min < 0``, ``|lambda_min| / lambda_max`` and the mass of the spectrum below zero
-    from an SLQ density. The bottom of a network's spectrum is a tight cluster near zero, so
-    ``lambda_min`` may need many products; raise ``max_matvecs`` or ``tol`` if it does not
-    converge (``converged`` says so, with a warning from ``eigsh``).
-    """
-    t0 = time.perf_counter()
-    mv0 = A.num_matvecs
-    top = eigsh(A, k=1, which="LA", tol=tol, max_matvecs=max_matvecs, seed=seed)
-    bottom = eigsh(A, k=1, which="SA", tol=tol, max_matvecs=max_matvecs, seed=seed + 1)
-    lmax, lmin = float(top.eigenvalues[0]), float(bottom.eigenvalues[0])
-    zero = tol * max(abs(lmax), abs(lmin))
-    if lmin > zero:
-        definiteness, kappa = "positive definite", lmax / lmin
-    elif lmin >= -zero:
-        definiteness, kappa = "singular", math.inf
-    else:
-        definiteness, kappa = "indefinite", math.inf
-    neg_ratio = abs(lmin) / lmax if definiteness == "indefinite" and lmax > 0 else 0.0
-    neg_mass = None
-    if definiteness == "indefinite" and density:
-        from .density import spectral_density
-
-        d = spectral_density(A, num_probes=num_probes, num_steps=num_steps, seed=seed)
-        neg_mass = float((d.weights * (d.nodes < -zero)).sum(dim=1).mean())
-    return ConditionResult(
-        lambda_max=lmax, lambda_min=lmin, kappa=kappa, definiteness=definiteness,
-        negative_ratio=neg_ratio, negative_mass=neg_mass,
-        stable_lr=2.0 / lmax if lmax > 0 else math.inf, zero_threshold=zero,
-        converged=bool(top.converged.all() and bottom.converged.all()),
-        num_matvecs=A.num_matvecs - mv0, seconds=time.perf_counter() - t0,
-    )

@@ -1,4 +1,4 @@
-"""Thick-restart block Lanczos for symmetric operators.
+"""Thick-restart block Lanczos for symmetric operators, with a verified wanted set.
 
 The basis ``Q: [m, n]`` (rows orthonormal) and the projected matrix ``T = Q A Q^T`` satisfy,
 after every step,
@@ -15,13 +15,45 @@ block, the "arrowhead" T), so restarting needs no special cases.
 
 Ritz pairs come from a float64 ``eigh`` of T; the residual of pair i is ``||L y_i[last]||``
 by (*). Pairs are converged when that residual is <= tol * max(|theta_i|, 1e-3 * ||A||_est)
-(TESTING.md). At a restart, converged wanted pairs are *locked*: their coupling to the next
-block is set to zero (an error below their tolerance), so they stay exact Ritz pairs.
+(docs/architecture.md, "Convergence"). At a thick restart the next block is the residual
+block, whose product's coefficients against the kept Ritz vectors restore their coupling,
+so (*) stays exact.
 
 Rank deficiency of a new block (an invariant subspace, the zero operator, duplicate start
 vectors) is detected from the singular values of its R factor relative to the operator's
 scale, with ``<=`` so a zero operator works, and the lost directions are replaced by random
 vectors orthogonal to the basis with zero coupling: (*) stays exact.
+
+Verification. A Krylov space of block size b holds at most b vectors of any eigenspace, so with
+an eigenvalue of multiplicity > b (a network's null space, permutation-symmetric units,
+duplicated layers) the k wanted Ritz pairs can all converge while a copy of a wanted eigenvalue
+was never seen: every returned pair is a true eigenpair, but not the k most wanted ones. So
+convergence is only a candidate: the run restarts on the k candidates and continues from a
+fresh random block orthogonal to them (not from their residual block) for ``s`` steps. ``s`` is
+calibrated on the run itself: a missed eigenvalue is one at least as wanted as the k-th
+candidate, and the run from its own random start needed ``t`` steps before its most wanted Ritz
+value first beat the k-th candidate; the complement (the same spectrum less the candidates)
+from a random start needs about as many to show a missed one there, so ``s = max(2, ceil(
+t))``; for k = 1 one step (a missed copy of the only wanted value has that value, so the round
+only re-checks that the start vector did not miss the top). After rounds that found misses the
+wanted values are known to be repeated and the remaining copies are fainter in a random start
+(one direction where the run saw many), so each later round is ``1 + min(misses, 3)`` times
+longer. If a Ritz value of that complement beats the k-th candidate by more than its tolerance,
+a miss is found: the iteration simply continues (the complement's Krylov space already holds
+the missed direction) until the wanted set converges again, and is verified again. Only a
+verification that finds nothing ends in ``CONVERGED``. Guarantee: the complement's Krylov space
+from a random start sees every eigenvector with probability one; a missed eigenvalue
+``lambda_c`` is found within ``s`` steps with probability at least ``1 - 1.65 sqrt(n)
+exp(-sqrt(eps) (2s - 1))``, where ``eps`` is its gap over the k-th value relative to the
+complement's spectral width (the Kuczynski-Wozniakowski bound for a random start); an exact
+copy of a multiple eigenvalue is found in one or two steps when the rest of the spectrum is
+clustered. Cost: at least 2 block steps; on network Hessians, whose top eigenvalues stand out,
+5-15% more products. The candidates' residual block ``Q_d`` is dropped from the basis, so (*)
+gains a term: ``A Q^T = Q^T T + Q_new^T L E^T + Q_d^T G`` with ``G [b, m]`` the dropped
+coupling (the candidates' ``L^T y[last]``, zero for rows added later, transformed with the Ritz
+vectors at every restart; one G per round). A Ritz residual is then bounded by ``||L^T
+y[last]|| + sum_rounds ||G y||``: an upper bound, as tight as the rounds' blocks are apart, and
+one that cannot grow by restarting.
 
 This module imports nothing from torch.func and no kernel backend except through ``ops``.
 """
@@ -39,7 +71,11 @@ from ..errors import NonFiniteError
 from ..linop import LinearOperator
 from .basis import Basis, orthonormal_block, random_rows, select
 
-__all__ = ["LanczosState", "block_lanczos"]
+__all__ = ["VERIFY_MARGIN", "VERIFY_MIN_STEPS", "LanczosState", "block_lanczos"]
+
+VERIFY_MARGIN = 1.0  # verification steps per step the run needed to see past the k-th value
+VERIFY_MIN_STEPS = 2
+VERIFY_MAX_ESCALATION = 3  # a round after misses is (1 + min(misses, 3)) times longer
 
 
 @dataclass
@@ -57,6 +93,182 @@ class LanczosState:
     norm_estimate: float = 0.0
     orthogonality: float = 0.0  # max |X X^T - I| of the returned vectors
     history: list[int] = field(default_factory=list)  # converged count after each step
+    verified: bool = False  # a verification of the wanted set found nothing missing
+    num_verifications: int = 0  # verification rounds started
+    num_misses: int = 0  # rounds that found a better eigenvalue than a candidate
+    verify_matvecs: int = 0  # products spent in verification rounds
+
+
+def _score(vals: torch.Tensor, which: str) -> torch.Tensor:
+    """How wanted each value is at its position of a ``select`` order (larger = more)."""
+    if which == "LA":
+        return vals
+    if which == "SA":
+        return -vals
+    if which == "LM":
+        return vals.abs()
+    sign = torch.ones_like(vals)
+    sign[1::2] = -1.0  # BE: high, low, high, ...
+    return vals * sign
+
+
+def _beaten(theta: torch.Tensor, k: int, which: str, ref: torch.Tensor, slack: torch.Tensor
+            ) -> bool:
+    """Whether the k most wanted of ``theta`` beat the verified values ``ref [k]`` anywhere
+    by more than ``slack [k]`` (both in ``select`` order)."""
+    cur = theta[select(theta, k, which)]
+    if cur.numel() < ref.numel():
+        return False
+    return bool((_score(cur, which) > _score(ref, which) + slack).any())
+
+
+def _first_seen(extremes: list[tuple[float, float]], ref: torch.Tensor, slack: torch.Tensor,
+                which: str) -> int:
+    """Steps the run needed before its most wanted Ritz value first beat the k-th candidate
+    by more than its slack (0 where a group has a single candidate); ``extremes`` holds
+    each step's (max, min) Ritz values. For ``BE`` the high and low halves count apart."""
+    if which == "BE":
+        groups = [("LA", ref[0::2], slack[0::2]), ("SA", ref[1::2], slack[1::2])]
+    else:
+        groups = [(which, ref, slack)]
+    worst = 0
+    for w, vals, sl in groups:
+        if vals.numel() < 2:
+            continue
+        last, tol = float(vals[-1]), float(sl[-1])
+        for t, (hi, lo) in enumerate(extremes, start=1):
+            best = {"LA": hi - last, "SA": last - lo, "LM": max(abs(hi), abs(lo)) - abs(last)}
+            if best[w] > tol:
+                worst = max(worst, t)
+                break
+        else:
+            worst = max(worst, len(extremes))
+    return worst
+
+
+class _Run:
+    """The state of one thick-restart run (basis, projection, locks, last Rayleigh-Ritz)."""
+
+    def __init__(self, A: LinearOperator, k: int, which: str, tol: float, cap: int, seed: int,
+                 reorth: str, basis_dtype: torch.dtype | None,
+                 basis_device: torch.device | str | None) -> None:
+        self.A, self.k, self.which, self.tol, self.reorth = A, k, which, tol, reorth
+        self.n = A.shape[0]
+        self.wdtype = A.dtype if A.dtype in (torch.float32, torch.float64) else torch.float32
+        self.acc = torch.float64 if self.wdtype == torch.float64 else torch.float32
+        self.bdtype = basis_dtype or self.wdtype
+        self.bdev = torch.device(basis_device) if basis_device is not None else A.device
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.basis = Basis(cap, self.n, self.bdtype, self.bdev)
+        # dropped coupling of each verification round: A Q^T = ... + sum_r Q_r^T G_r
+        self.G: list[torch.Tensor] = []  # each [b_r, m] float64
+        self.coupling = torch.zeros(0, 0, dtype=torch.float64)  # L^T Y[last]: [b', m]
+        self.norm_est = 0.0
+        self.theta = torch.zeros(0, dtype=torch.float64)
+        self.Y = torch.zeros(0, 0, dtype=torch.float64)
+        self.res = torch.zeros(0, dtype=torch.float64)
+        self.ok = torch.zeros(0, dtype=torch.bool)
+
+    def start_block(self, b: int, v0: torch.Tensor | None) -> torch.Tensor:
+        n, acc = self.n, self.acc
+        X0 = random_rows(b, n, self.gen, self.wdtype, self.bdev)
+        if v0 is not None:
+            v = v0.reshape(-1, n).to(device=self.bdev, dtype=self.wdtype)[:b]
+            X0[: v.shape[0]] = v
+        Qh, R = torch.linalg.qr(X0.T.to(acc))
+        diag = torch.diagonal(R).abs()
+        if bool((diag <= 1e-10 * max(float(diag.max()), 1e-300)).any()):
+            # duplicate / zero start vectors: perturb with random ones (never divide by zero)
+            X0 = X0 + 1e-3 * X0.norm(dim=1, keepdim=True).clamp_min(1.0) * random_rows(
+                b, n, self.gen, self.wdtype, self.bdev)
+            Qh, R = torch.linalg.qr(X0.T.to(acc))
+        return Qh.T.to(self.wdtype)[: min(b, n)]
+
+    def _coefficients(self, W: torch.Tensor, s: int, bb: int) -> torch.Tensor:
+        """Orthogonalise ``W [bb, n]`` in place against the basis; its coefficients ``[m, bb]``."""
+        acc, Qall = self.acc, self.basis.rows()
+        if self.reorth == "full":
+            return ops.reorthogonalize(Qall, W, acc_dtype=acc)[0]
+        lo = max(0, s - bb)
+        C = torch.zeros(self.basis.m, bb, dtype=acc, device=self.bdev)
+        if self.reorth == "partial":
+            Cfull = ops.basis_dot(Qall, W, acc_dtype=acc)
+            wn = W.norm(dim=1).to(acc).clamp_min(torch.finfo(acc).tiny)
+            eps = torch.finfo(self.bdtype).eps
+            if lo > 0 and float((Cfull[:lo] / wn).abs().max()) > math.sqrt(eps):
+                return ops.reorthogonalize(Qall, W, acc_dtype=acc)[0]
+        C[lo:] = ops.reorthogonalize(Qall[lo:], W, acc_dtype=acc)[0]
+        return C
+
+    def step(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Multiply the block, extend T, Rayleigh-Ritz; the next block and its coupling
+        ``(Qn [b', n], L [bb, b'])``, or None when the product is not finite."""
+        basis, A, bb = self.basis, self.A, block.shape[0]
+        s = basis.m
+        basis.Q[s : s + bb] = block.to(self.bdtype)
+        basis.m = s + bb
+        W = A.matmat(block.to(A.dtype)).to(device=self.bdev, dtype=self.wdtype)
+        if not bool(torch.isfinite(W).all()):
+            basis.m = s
+            return None
+        self.norm_est = max(self.norm_est, float(W.norm(dim=1).max()))
+        Cd = self._coefficients(W, s, bb).double().cpu()
+        basis.T[: basis.m, s : s + bb] = Cd
+        basis.T[s : s + bb, : basis.m] = Cd.T
+        Tjj = basis.T[s : s + bb, s : s + bb]  # average the two rounding errors
+        basis.T[s : s + bb, s : s + bb] = 0.5 * (Tjj + Tjj.T)
+        m = basis.m
+        T = basis.T[:m, :m]
+        self.theta, self.Y = torch.linalg.eigh(0.5 * (T + T.T))
+        self.norm_est = max(self.norm_est, float(self.theta.abs().max()))
+        tiny = max(self.norm_est, torch.finfo(self.acc).tiny) * 64 * torch.finfo(self.acc).eps
+        Qn, L = orthonormal_block(W, basis.rows(), tiny, self.gen, self.acc)
+        # residual of Ritz pair i: ||L^T y_i[last block]||, plus the dropped couplings of
+        # verification rounds (triangle inequality: an upper bound)
+        Y = self.Y
+        self.coupling = L.T @ Y[s : s + bb] if L.numel() else torch.zeros(0, m, dtype=torch.float64)
+        self.G = [torch.cat([g, g.new_zeros(g.shape[0], m - g.shape[1])], 1) for g in self.G]
+        res = self.coupling.norm(dim=0) if L.numel() else torch.zeros_like(self.theta)
+        for g in self.G:
+            res = res + (g @ Y).norm(dim=0)
+        self.res = res
+        self.ok = self.res <= self.slack(self.theta)
+        return Qn, L
+
+    def slack(self, vals: torch.Tensor) -> torch.Tensor:
+        """The convergence tolerance of each value: tol * max(|theta|, 1e-3 ||A||_est)."""
+        return self.tol * torch.clamp(vals.abs(), min=1e-3 * self.norm_est)
+
+    def ritz_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """Ritz vectors ``[len(idx), n]`` of the last Rayleigh-Ritz, in the basis dtype."""
+        Yi = self.Y[:, idx].T.to(self.acc).to(self.bdev)
+        return (Yi @ self.basis.rows().to(self.acc)).to(self.bdtype)
+
+    def restart(self, idx: torch.Tensor, drop_residual_block: bool = False) -> None:
+        """Keep the Ritz vectors ``idx`` (T becomes their diagonal).
+
+        When the next block is the residual block, its product's coefficients against the
+        kept vectors restore their coupling and (*) holds as before; when it is dropped
+        (a verification round), its coupling becomes a new G.
+        """
+        p, basis = idx.numel(), self.basis
+        basis.Q[:p] = self.ritz_vectors(idx)
+        basis.m = p
+        basis.T.zero_()
+        basis.T[:p, :p] = torch.diag(self.theta[idx])
+        Yi = self.Y[:, idx]
+        self.G = [g @ Yi for g in self.G]
+        if drop_residual_block and self.coupling.numel():
+            self.G.append(self.coupling[:, idx].clone())
+        self.theta, self.res, self.ok = self.theta[idx], self.res[idx], self.ok[idx]
+        self.Y = torch.eye(p, dtype=torch.float64)
+
+    def fresh_block(self, b: int) -> torch.Tensor:
+        """``[b', n]`` random orthonormal rows orthogonal to the basis (b' < b near n)."""
+        Z = random_rows(b, self.n, self.gen, self.wdtype, self.bdev)
+        ops.reorthogonalize(self.basis.rows(), Z, acc_dtype=self.acc)
+        tiny = math.sqrt(self.n) * 100 * torch.finfo(self.acc).eps  # Z's rows have norm ~sqrt(n)
+        return orthonormal_block(Z, self.basis.rows(), tiny, self.gen, self.acc)[0]
 
 
 def block_lanczos(
@@ -73,8 +285,9 @@ def block_lanczos(
     reorth: str = "full",
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    verify: bool = True,
 ) -> LanczosState:
-    """Thick-restart block Lanczos with locking; see the module docstring for the math.
+    """Thick-restart block Lanczos with locking and a verified wanted set (module docstring).
 
     Args:
         A: symmetric operator ``[n, n]``.
@@ -91,159 +304,128 @@ def block_lanczos(
             sqrt(eps)) or ``none`` (the last two blocks only: ghosts can appear).
         basis_dtype: storage dtype of the basis (default: the operator's dtype).
         basis_device: device of the basis (default: the operator's device).
+        verify: verify the converged wanted set before ``CONVERGED`` (default; off only for
+            experiments: without it a multiple eigenvalue can be missed silently).
     """
-    n = A.shape[0]
-    wdtype = A.dtype if A.dtype in (torch.float32, torch.float64) else torch.float32
-    acc = torch.float64 if wdtype == torch.float64 else torch.float32
-    bdtype = basis_dtype or wdtype
-    bdev = torch.device(basis_device) if basis_device is not None else A.device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    eps = torch.finfo(bdtype).eps
-    b = block_size
-    cap = max_basis
-    basis = Basis(cap, n, bdtype, bdev)
+    run = _Run(A, k, which, tol, max_basis, seed, reorth, basis_dtype, basis_device)
+    b, cap, n = block_size, max_basis, A.shape[0]
     start_mv, start_passes = A.num_matvecs, A.num_passes
-
-    # -- start block ------------------------------------------------------------------
-    X0 = random_rows(b, n, gen, wdtype, bdev)
-    if v0 is not None:
-        v = v0.reshape(-1, n).to(device=bdev, dtype=wdtype)[:b]
-        X0[: v.shape[0]] = v
-    Qh, R = torch.linalg.qr(X0.T.to(acc))
-    diag = torch.diagonal(R).abs()
-    if bool((diag <= 1e-10 * max(float(diag.max()), 1e-300)).any()):
-        # duplicate / zero start vectors: replace with random ones (never divide by zero)
-        X0 = X0 + 1e-3 * X0.norm(dim=1, keepdim=True).clamp_min(1.0) * random_rows(
-            b, n, gen, wdtype, bdev
-        )
-        Qh, R = torch.linalg.qr(X0.T.to(acc))
-    block = Qh.T.to(wdtype)[: min(b, n)]
-
-    norm_est = 0.0
+    block = run.start_block(b, v0)
     num_restarts = 0
     history: list[int] = []
-    locked = torch.zeros(cap, dtype=torch.bool)
-    lockres = torch.zeros(cap, dtype=torch.float64)  # residual of each locked basis row
+    extremes: list[tuple[float, float]] = []  # each step's (max, min) Ritz value
     status = "MAX_MATVECS"
-    theta = torch.zeros(0, dtype=torch.float64)
-    Y = torch.zeros(0, 0, dtype=torch.float64)
-    res = torch.zeros(0, dtype=torch.float64)
+    # verification: the candidate set (values, slack, basis rows) and the steps left
+    ref: torch.Tensor | None = None
+    ref_res = ref_vecs = torch.zeros(0)
+    ref_slack = torch.zeros(0, dtype=torch.float64)
+    verify_left, n_verify, n_miss, verify_mv, verify_mv0 = 0, 0, 0, 0, 0
 
     while True:
-        bb = block.shape[0]
-        if A.num_matvecs - start_mv + bb > max_matvecs:
+        if A.num_matvecs - start_mv + block.shape[0] > max_matvecs:
             status = "MAX_MATVECS"
             break
-        s = basis.m
-        basis.Q[s : s + bb] = block.to(bdtype)
-        basis.m = s + bb
-        W = A.matmat(block.to(A.dtype)).to(device=bdev, dtype=wdtype)
-        if not bool(torch.isfinite(W).all()):
-            basis.m = s
+        out = run.step(block)
+        if out is None:
             status = "NONFINITE"
             break
-        norm_est = max(norm_est, float(W.norm(dim=1).max()))
-        Qall = basis.rows()
-        if reorth == "full":
-            C, _ = ops.reorthogonalize(Qall, W, acc_dtype=acc)
-        else:
-            lo = max(0, s - bb)
-            C = torch.zeros(basis.m, bb, dtype=acc, device=bdev)
-            if reorth == "partial":
-                Cfull = ops.basis_dot(Qall, W, acc_dtype=acc)
-                wn = W.norm(dim=1).to(acc).clamp_min(torch.finfo(acc).tiny)
-                if lo > 0 and float((Cfull[:lo] / wn).abs().max()) > math.sqrt(eps):
-                    C, _ = ops.reorthogonalize(Qall, W, acc_dtype=acc)
-                    lo = -1
-            if lo >= 0:
-                local = Qall[lo:]
-                C_local, _ = ops.reorthogonalize(local, W, acc_dtype=acc)
-                C[lo:] = C_local
-        Cd = C.double().cpu()
-        Cd[locked[: basis.m]] = 0.0  # locked Ritz vectors: their coupling is deflated
-        basis.T[: basis.m, s : s + bb] = Cd
-        basis.T[s : s + bb, : basis.m] = Cd.T
-        # symmetric diagonal block: average the two rounding errors
-        Tjj = basis.T[s : s + bb, s : s + bb]
-        basis.T[s : s + bb, s : s + bb] = 0.5 * (Tjj + Tjj.T)
-
-        # Rayleigh-Ritz on the float64 projection
-        m = basis.m
-        T = basis.T[:m, :m]
-        theta, Y = torch.linalg.eigh(0.5 * (T + T.T))
-        norm_est = max(norm_est, float(theta.abs().max()))
-        tiny = max(norm_est, torch.finfo(acc).tiny) * 64 * torch.finfo(acc).eps
-        Qn, L = orthonormal_block(W, basis.rows(), tiny, gen, acc)
-        # residual of Ritz pair i: ||L^T y_i[last block]||, plus the couplings deflated
-        # when pairs were locked (triangle inequality: an upper bound, exact for a locked
-        # vector itself)
-        res = (L.T @ Y[s : s + bb]).norm(dim=0) if L.numel() else torch.zeros_like(theta)
-        res = res + Y.abs().T @ lockres[:m]
-        floor = 1e-3 * norm_est
-        ok = res <= tol * torch.clamp(theta.abs(), min=floor)
-        want = select(theta, k, which)
-        nconv = int(ok[want].sum())
+        Qn, _ = out
+        m = run.basis.m
+        want = select(run.theta, k, which)
+        nconv = int(run.ok[want].sum())
         history.append(nconv)
-        if nconv >= min(k, m) and m >= k:
-            status = "CONVERGED"
-            break
+        extremes.append((float(run.theta[-1]), float(run.theta[0])))
+        if ref is not None:  # -- a verification round is running -------------------------
+            verify_left -= 1
+            if _beaten(run.theta, k, which, ref, ref_slack):
+                n_miss += 1  # a better eigenvalue: iterate on, verify again when converged
+                verify_mv += A.num_matvecs - verify_mv0
+                ref = None
+            elif verify_left <= 0 or Qn.shape[0] == 0:
+                verify_mv += A.num_matvecs - verify_mv0
+                status = "CONVERGED"
+                break
+        elif nconv >= min(k, m) and m >= k:
+            if not verify or m >= n or Qn.shape[0] == 0:
+                # unverified on request, or the whole space is spanned (exact)
+                status = "CONVERGED"
+                break
+            # -- start a verification round: lock the k candidates, fresh random block --------
+            ref = run.theta[want].clone()
+            ref_slack = run.slack(ref)
+            ref_res = run.res[want].clone()
+            run.restart(want, drop_residual_block=True)
+            ref_vecs = run.basis.rows(0, want.numel()).clone()
+            num_restarts += 1
+            n_verify += 1
+            seen = _first_seen(extremes, ref, ref_slack, which)
+            # after misses the wanted values are known to be repeated, and the last copies
+            # are the faintest in a random start: verify longer
+            least = VERIFY_MIN_STEPS if k > 1 else 1  # k = 1: a token round (see above)
+            verify_left = max(least, math.ceil(VERIFY_MARGIN * seen)) * (
+                1 + min(n_miss, VERIFY_MAX_ESCALATION))
+            verify_mv0 = A.num_matvecs
+            block = run.fresh_block(b)
+            if block.shape[0] == 0:  # no room left: the candidates are the whole space
+                status = "CONVERGED"
+                break
+            continue
         if Qn.shape[0] == 0:
             status = "INVARIANT_SUBSPACE"
             break
         if m + Qn.shape[0] > cap:
             # -- thick restart: keep the most wanted Ritz vectors, then the next block ----
             keep_n = min(m - Qn.shape[0], max(k + (m - k) // 2, k + b))
-            idx = select(theta, keep_n, which)
-            p = idx.numel()
-            X = (Y[:, idx].T.to(acc).to(bdev) @ basis.rows().to(acc)).to(bdtype)  # [p, n]
-            basis.Q[:p] = X
-            basis.m = p
-            basis.T.zero_()
-            basis.T[:p, :p] = torch.diag(theta[idx])
-            # The coupling of the next block to X (L^T Y[last, idx]) comes back as the
-            # coefficients of its own product against X, so (*) needs nothing more here.
-            # Converged pairs are locked: those coefficients will be zeroed.
-            locked = torch.zeros(cap, dtype=torch.bool)
-            locked[:p] = ok[idx]
-            lockres = torch.zeros(cap, dtype=torch.float64)
-            lockres[:p] = torch.where(ok[idx], res[idx], torch.zeros(()))
-            theta, res = theta[idx], res[idx]
-            Y = torch.eye(p, dtype=torch.float64)
+            idx = select(run.theta, keep_n, which)
+            run.restart(idx)
             num_restarts += 1
         block = Qn
+    if ref is not None and status != "CONVERGED":
+        verify_mv += A.num_matvecs - verify_mv0
+    verified = ref is not None and status == "CONVERGED"
+    answer = (ref, ref_vecs, ref_res) if verified else None
+    return _result(run, k, which, status, answer,
+                   LanczosState(
+                       theta=run.theta, vectors=run.theta, residuals=run.res,
+                       converged=run.ok, status=status,
+                       num_matvecs=A.num_matvecs - start_mv,
+                       num_passes=A.num_passes - start_passes, num_restarts=num_restarts,
+                       norm_estimate=run.norm_est, history=history, num_verifications=n_verify,
+                       num_misses=n_miss, verify_matvecs=verify_mv))
 
-    # -- results: the last Rayleigh-Ritz (theta, Y, res) matches the basis in place -------
-    m = basis.m
-    if m == 0 or theta.numel() == 0:
+
+def _result(run: _Run, k: int, which: str, status: str,
+            answer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+            st: LanczosState) -> LanczosState:
+    """Fill ``st`` with the verified candidates ``answer`` (values, basis-dtype vectors,
+    residuals, as they were when verification started: a verification changes nothing, it
+    only certifies), or else with the wanted pairs of the last Rayleigh-Ritz (which matches
+    the basis in place)."""
+    m = run.basis.m
+    if m == 0 or run.theta.numel() == 0:
         raise NonFiniteError(
             "the first operator product is not finite (NaN/Inf): check the operator"
         )
-    want = select(theta, k, which)
-    floor = 1e-3 * norm_est
-    ok = res <= tol * torch.clamp(theta.abs(), min=floor)
-    want = want[: min(k, m)]
-    vecs = (Y[:, want].T.to(acc).to(bdev) @ basis.rows().to(acc)).to(A.dtype)
-    vecs = vecs.to(A.device)
+    if answer is not None:
+        theta, V, res = answer
+        ok = torch.ones(theta.numel(), dtype=torch.bool)
+        want = torch.arange(theta.numel())
+    else:
+        theta, res, ok = run.theta, run.res, run.ok
+        want = select(theta, k, which)[: min(k, m)]
+        V = run.ritz_vectors(want)
+    vecs = V.to(run.acc).to(run.A.dtype).to(run.A.device)
     gram = vecs.double() @ vecs.double().T
-    ortho = float((gram - torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device))
-                  .abs().max()) if gram.numel() else 0.0
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    ortho = float((gram - eye).abs().max()) if gram.numel() else 0.0
     if status == "INVARIANT_SUBSPACE" and not bool(ok[want].all()):
         status = "MAX_MATVECS"
     if status == "INVARIANT_SUBSPACE" and want.numel() < k:
         warnings.warn(
             f"hessfast: the Krylov space became invariant at dimension {m} < k={k}",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return LanczosState(
-        theta=theta[want].clone(),
-        vectors=vecs,
-        residuals=res[want].clone(),
-        converged=ok[want].clone(),
-        status=status,
-        num_matvecs=A.num_matvecs - start_mv,
-        num_passes=A.num_passes - start_passes,
-        num_restarts=num_restarts,
-        norm_estimate=norm_est,
-        orthogonality=ortho,
-        history=history,
-    )
+    st.theta, st.vectors, st.residuals = theta[want].clone(), vecs, res[want].clone()
+    st.converged, st.status, st.orthogonality = ok[want].clone(), status, ortho
+    st.verified = answer is not None
+    return st
