@@ -101,7 +101,8 @@ def demo(
     from torch import nn
 
     from . import hessian
-    from .spectrum import eigsh, power_iteration
+    from .power import power_iteration
+    from .spectrum import eigsh
 
     X, y = _demo_data(seed, device)
     gen = torch.Generator().manual_seed(seed)
