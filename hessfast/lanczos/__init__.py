@@ -2,8 +2,10 @@
 
 - :mod:`.basis`: the row basis and its float64 projection, block orthonormalisation with
   rank-deficiency replacement, selection of wanted Ritz values.
-- :mod:`.restart`: thick-restart block Lanczos with locking and the final verification of
-  the wanted set (the engine of :func:`hessfast.eigsh`).
+- :mod:`.restart`: thick-restart block Lanczos with a verified wanted set (the engine of
+  :func:`hessfast.eigsh`); :mod:`.verify`: the verification round's arithmetic.
+- :mod:`.probes`: one Lanczos tridiagonal per probe, all probes advanced by one product per
+  step (the engine of SLQ, :func:`hessfast.spectral_density`).
 """
 
 from __future__ import annotations

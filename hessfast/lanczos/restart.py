@@ -71,12 +71,9 @@ from .. import ops
 from ..errors import NonFiniteError
 from ..linop import LinearOperator
 from .basis import Basis, orthonormal_block, random_rows, select
+from .verify import beaten, first_seen, verify_steps
 
-__all__ = ["VERIFY_MARGIN", "VERIFY_MIN_STEPS", "LanczosState", "block_lanczos"]
-
-VERIFY_MARGIN = 1.5  # verification steps per step the run needed to see past the k-th value
-VERIFY_MIN_STEPS = 2
-VERIFY_MAX_ESCALATION = 3  # a round after misses is (1 + min(misses, 3)) times longer
+__all__ = ["LanczosState", "block_lanczos"]
 
 
 @dataclass
@@ -98,53 +95,6 @@ class LanczosState:
     num_verifications: int = 0  # verification rounds started
     num_misses: int = 0  # rounds that found a better eigenvalue than a candidate
     verify_matvecs: int = 0  # products spent in verification rounds
-
-
-def _score(vals: torch.Tensor, which: str) -> torch.Tensor:
-    """How wanted each value is at its position of a ``select`` order (larger = more)."""
-    if which == "LA":
-        return vals
-    if which == "SA":
-        return -vals
-    if which == "LM":
-        return vals.abs()
-    sign = torch.ones_like(vals)
-    sign[1::2] = -1.0  # BE: high, low, high, ...
-    return vals * sign
-
-
-def _beaten(theta: torch.Tensor, k: int, which: str, ref: torch.Tensor, slack: torch.Tensor
-            ) -> bool:
-    """Whether the k most wanted of ``theta`` beat the verified values ``ref [k]`` anywhere
-    by more than ``slack [k]`` (both in ``select`` order)."""
-    cur = theta[select(theta, k, which)]
-    if cur.numel() < ref.numel():
-        return False
-    return bool((_score(cur, which) > _score(ref, which) + slack).any())
-
-
-def _first_seen(extremes: list[tuple[float, float]], ref: torch.Tensor, slack: torch.Tensor,
-                which: str) -> int:
-    """Steps the run needed before its most wanted Ritz value first beat the k-th candidate
-    by more than its slack (0 where a group has a single candidate); ``extremes`` holds
-    each step's (max, min) Ritz values. For ``BE`` the high and low halves count apart."""
-    if which == "BE":
-        groups = [("LA", ref[0::2], slack[0::2]), ("SA", ref[1::2], slack[1::2])]
-    else:
-        groups = [(which, ref, slack)]
-    worst = 0
-    for w, vals, sl in groups:
-        if vals.numel() < 2:
-            continue
-        last, tol = float(vals[-1]), float(sl[-1])
-        for t, (hi, lo) in enumerate(extremes, start=1):
-            best = {"LA": hi - last, "SA": last - lo, "LM": max(abs(hi), abs(lo)) - abs(last)}
-            if best[w] > tol:
-                worst = max(worst, t)
-                break
-        else:
-            worst = max(worst, len(extremes))
-    return worst
 
 
 class _Run:
@@ -338,7 +288,7 @@ def block_lanczos(
         extremes.append((float(run.theta[-1]), float(run.theta[0])))
         if ref is not None:  # -- a verification round is running -------------------------
             verify_left -= 1
-            if _beaten(run.theta, k, which, ref, ref_slack):
+            if beaten(run.theta, k, which, ref, ref_slack):
                 n_miss += 1  # a better eigenvalue: iterate on, verify again when converged
                 verify_mv += A.num_matvecs - verify_mv0
                 ref = None
@@ -359,12 +309,7 @@ def block_lanczos(
             ref_vecs = run.basis.rows(0, want.numel()).clone()
             num_restarts += 1
             n_verify += 1
-            seen = _first_seen(extremes, ref, ref_slack, which)
-            # after misses the wanted values are known to be repeated, and the last copies
-            # are the faintest in a random start: verify longer
-            least = VERIFY_MIN_STEPS if k > 1 else 1  # k = 1: a token round (see above)
-            verify_left = max(least, math.ceil(VERIFY_MARGIN * seen)) * (
-                1 + min(n_miss, VERIFY_MAX_ESCALATION))
+            verify_left = verify_steps(k, first_seen(extremes, ref, ref_slack, which), n_miss)
             verify_mv0 = A.num_matvecs
             block = run.fresh_block(b)
             if block.shape[0] == 0:  # no room left: the candidates are the whole space
