@@ -1,6 +1,6 @@
 """Spectral density (SLQ and KPM): structural invariants, Gauss-rule exactness against
 Hutchinson on the same probes, accuracy against the smoothed true spectrum, block feeding,
-breakdown, determinism and errors (TESTING.md, "Estimators")."""
+breakdown, determinism and errors (docs/architecture.md, "How results are proven right")."""
 
 from __future__ import annotations
 
