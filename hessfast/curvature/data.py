@@ -82,9 +82,9 @@ def fingerprint(batch: Any) -> Fingerprint:
         if t.numel() == 0:
             fp.append((tuple(t.shape), 0.0))
             continue
-        td = t.detach()
-        s = td.double().sum().item() if not td.is_complex() else td.abs().double().sum().item()
-        fp.append((tuple(t.shape), s))
+        td = t.detach().abs() if t.is_complex() else t.detach()
+        # accumulated in float64 without a float64 copy of the batch
+        fp.append((tuple(t.shape), td.sum(dtype=torch.float64).item()))
     return tuple(fp)
 
 
