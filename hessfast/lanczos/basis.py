@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from .._checks import sample_probes
 
-__all__ = ["WHICH", "Basis", "orthonormal_block", "random_rows", "select"]
+__all__ = ["WHICH", "Basis", "orthonormal_block", "select"]
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -49,14 +50,6 @@ class Basis:
         return self.Q[a : self.m if b is None else b]
 
 
-def random_rows(
-    count: int, n: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    return torch.randn(count, n, generator=gen, dtype=torch.float64).to(
-        device=device, dtype=dtype
-    )
-
-
 def orthonormal_block(
     W: torch.Tensor,
     basis: torch.Tensor,
@@ -94,7 +87,7 @@ def orthonormal_block(
         for _ in bad:
             if basis.shape[0] + len(good) + len(fresh_rows) >= n:
                 break
-            fresh = random_rows(1, n, gen, W.dtype, W.device)
+            fresh = sample_probes(gen, 1, n, "gaussian", dtype=W.dtype, device=W.device)
             others = torch.cat([basis.to(W.dtype), Qn[good.to(Qn.device)], *fresh_rows], dim=0)
             # one call is CGS2: the DGKS test adds the second pass when cancellation needs it
             ops.reorthogonalize(others, fresh, acc_dtype=acc)

@@ -68,9 +68,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
+from .._checks import probe_generator, sample_probes, work_dtype
 from ..errors import NonFiniteError
 from ..linop import LinearOperator
-from .basis import Basis, orthonormal_block, random_rows, select
+from .basis import Basis, orthonormal_block, select
 from .verify import beaten, first_seen, verify_steps
 
 __all__ = ["LanczosState", "block_lanczos"]
@@ -105,11 +106,11 @@ class _Run:
                  basis_device: torch.device | str | None) -> None:
         self.A, self.k, self.which, self.tol, self.reorth = A, k, which, tol, reorth
         self.n = A.shape[0]
-        self.wdtype = A.dtype if A.dtype in (torch.float32, torch.float64) else torch.float32
-        self.acc = torch.float64 if self.wdtype == torch.float64 else torch.float32
+        # vectors and accumulation in the working precision (float64 or float32)
+        self.wdtype = self.acc = work_dtype(A.dtype)
         self.bdtype = basis_dtype or self.wdtype
         self.bdev = torch.device(basis_device) if basis_device is not None else A.device
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.gen = probe_generator(seed)
         self.basis = Basis(cap, self.n, self.bdtype, self.bdev)
         # dropped coupling of each verification round: A Q^T = ... + sum_r Q_r^T G_r
         self.G: list[torch.Tensor] = []  # each [b_r, m] float64
@@ -120,9 +121,14 @@ class _Run:
         self.res = torch.zeros(0, dtype=torch.float64)
         self.ok = torch.zeros(0, dtype=torch.bool)
 
+    def random_rows(self, count: int) -> torch.Tensor:
+        """``[count, n]`` Gaussian rows from the run's private generator."""
+        return sample_probes(self.gen, count, self.n, "gaussian", dtype=self.wdtype,
+                             device=self.bdev)
+
     def start_block(self, b: int, v0: torch.Tensor | None) -> torch.Tensor:
         n, acc = self.n, self.acc
-        X0 = random_rows(b, n, self.gen, self.wdtype, self.bdev)
+        X0 = self.random_rows(b)
         if v0 is not None:
             v = v0.reshape(-1, n).to(device=self.bdev, dtype=self.wdtype)[:b]
             X0[: v.shape[0]] = v
@@ -130,8 +136,7 @@ class _Run:
         diag = torch.diagonal(R).abs()
         if bool((diag <= 1e-10 * max(float(diag.max()), 1e-300)).any()):
             # duplicate / zero start vectors: perturb with random ones (never divide by zero)
-            X0 = X0 + 1e-3 * X0.norm(dim=1, keepdim=True).clamp_min(1.0) * random_rows(
-                b, n, self.gen, self.wdtype, self.bdev)
+            X0 = X0 + 1e-3 * X0.norm(dim=1, keepdim=True).clamp_min(1.0) * self.random_rows(b)
             Qh, R = torch.linalg.qr(X0.T.to(acc))
         return Qh.T.to(self.wdtype)[: min(b, n)]
 
@@ -216,7 +221,7 @@ class _Run:
 
     def fresh_block(self, b: int) -> torch.Tensor:
         """``[b', n]`` random orthonormal rows orthogonal to the basis (b' < b near n)."""
-        Z = random_rows(b, self.n, self.gen, self.wdtype, self.bdev)
+        Z = self.random_rows(b)
         ops.reorthogonalize(self.basis.rows(), Z, acc_dtype=self.acc)
         tiny = math.sqrt(self.n) * 100 * torch.finfo(self.acc).eps  # Z's rows have norm ~sqrt(n)
         return orthonormal_block(Z, self.basis.rows(), tiny, self.gen, self.acc)[0]
@@ -293,7 +298,6 @@ def block_lanczos(
                 verify_mv += A.num_matvecs - verify_mv0
                 ref = None
             elif verify_left <= 0 or Qn.shape[0] == 0:
-                verify_mv += A.num_matvecs - verify_mv0
                 status = "CONVERGED"
                 break
         elif nconv >= min(k, m) and m >= k:
@@ -326,27 +330,27 @@ def block_lanczos(
             run.restart(idx)
             num_restarts += 1
         block = Qn
-    if ref is not None and status != "CONVERGED":
+    if ref is not None:  # the round that ended the run (verified, or cut by the budget)
         verify_mv += A.num_matvecs - verify_mv0
     verified = ref is not None and status == "CONVERGED"
     answer = (ref, ref_vecs, ref_res) if verified else None
-    return _result(run, k, which, status, answer,
-                   LanczosState(
-                       theta=run.theta, vectors=run.theta, residuals=run.res,
-                       converged=run.ok, status=status,
-                       num_matvecs=A.num_matvecs - start_mv,
-                       num_passes=A.num_passes - start_passes, num_restarts=num_restarts,
-                       norm_estimate=run.norm_est, history=history, num_verifications=n_verify,
-                       num_misses=n_miss, verify_matvecs=verify_mv))
+    theta, vecs, res, ok, status, ortho = _wanted(run, k, which, status, answer)
+    return LanczosState(
+        theta=theta, vectors=vecs, residuals=res, converged=ok, status=status,
+        num_matvecs=A.num_matvecs - start_mv, num_passes=A.num_passes - start_passes,
+        num_restarts=num_restarts, norm_estimate=run.norm_est, orthogonality=ortho,
+        history=history, verified=verified, num_verifications=n_verify, num_misses=n_miss,
+        verify_matvecs=verify_mv)
 
 
-def _result(run: _Run, k: int, which: str, status: str,
-            answer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-            st: LanczosState) -> LanczosState:
-    """Fill ``st`` with the verified candidates ``answer`` (values, basis-dtype vectors,
+def _wanted(run: _Run, k: int, which: str, status: str,
+            answer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, float]:
+    """The returned pairs ``(theta [k], vectors [k, n], residuals [k], converged [k], status,
+    orthogonality)``: the verified candidates ``answer`` (values, basis-dtype vectors,
     residuals, as they were when verification started: a verification changes nothing, it
-    only certifies), or else with the wanted pairs of the last Rayleigh-Ritz (which matches
-    the basis in place)."""
+    only certifies), or else the wanted pairs of the last Rayleigh-Ritz (which matches the
+    basis in place)."""
     m = run.basis.m
     if m == 0 or run.theta.numel() == 0:
         raise NonFiniteError(
@@ -371,7 +375,4 @@ def _result(run: _Run, k: int, which: str, status: str,
             f"hessfast: the Krylov space became invariant at dimension {m} < k={k}",
             stacklevel=4,
         )
-    st.theta, st.vectors, st.residuals = theta[want].clone(), vecs, res[want].clone()
-    st.converged, st.status, st.orthogonality = ok[want].clone(), status, ortho
-    st.verified = answer is not None
-    return st
+    return theta[want].clone(), vecs, res[want].clone(), ok[want].clone(), status, ortho
