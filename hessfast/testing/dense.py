@@ -135,6 +135,14 @@ def _as_batch_list(batches):
     return list(batches)
 
 
+def _layout(model: nn.Module, batches, params, batch_size_fn: Callable | None):
+    """The batch list, the selected parameters, ``n``, each batch's size and their sum."""
+    batches = _as_batch_list(batches)
+    plist = [p for _, p in select_params(model, params)]
+    sizes = [(batch_size_fn or default_batch_size)(b) for b in batches]
+    return batches, plist, sum(p.numel() for p in plist), sizes, sum(sizes)
+
+
 def dense_hessian_reference(
     model: nn.Module,
     loss_fn: Callable,
@@ -164,12 +172,7 @@ def dense_hessian_reference(
     Returns:
         ``[n, n]`` float64, checked symmetric.
     """
-    batches = _as_batch_list(batches)
-    sel = select_params(model, params)
-    plist = [p for _, p in sel]
-    n = sum(p.numel() for p in plist)
-    sizes = [(batch_size_fn or default_batch_size)(b) for b in batches]
-    N = sum(sizes)
+    batches, plist, n, sizes, N = _layout(model, batches, params, batch_size_fn)
     H = torch.zeros(n, n, dtype=torch.float64)
     with curvature_mode(model, bn_mode):
         for batch, size in zip(batches, sizes, strict=True):
@@ -208,12 +211,7 @@ def dense_ggn_reference(
     the outputs. ``batches`` are ``(inputs, targets)`` pairs; the other arguments are those
     of :func:`dense_hessian_reference`. Returns ``[n, n]`` float64, checked symmetric.
     """
-    batches = _as_batch_list(batches)
-    sel = select_params(model, params)
-    plist = [p for _, p in sel]
-    n = sum(p.numel() for p in plist)
-    sizes = [(batch_size_fn or default_batch_size)(b) for b in batches]
-    N = sum(sizes)
+    batches, plist, n, sizes, N = _layout(model, batches, params, batch_size_fn)
     G = torch.zeros(n, n, dtype=torch.float64)
     with curvature_mode(model, bn_mode):
         for (inputs, targets), size in zip(batches, sizes, strict=True):
