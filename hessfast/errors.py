@@ -73,6 +73,27 @@ class BackendUnavailableError(HessfastError, RuntimeError):
     """A forced kernel backend cannot run here (not compiled, no device)."""
 
 
+class ParametersChangedError(HessfastError, RuntimeError):
+    """The model's parameters changed (an optimizer step, ``model.float()``, ``.to()``) after
+    the curvature operator was built: an operator is the curvature at the parameters it was
+    built at. Build a new one at the new parameters."""
+
+
+class ModelForwardError(HessfastError, RuntimeError):
+    """The user's model or loss raised on a plain forward (before any differentiation): a
+    dtype or device mismatch, an output of the wrong kind, targets of the wrong shape."""
+
+
+class UnboundedDataError(HessfastError, ValueError):
+    """The data has no length and did not end within the batch limit (an endless
+    ``IterableDataset``): hessfast needs a finite, fixed set of batches."""
+
+
+class DistributedError(HessfastError, RuntimeError):
+    """A distributed set-up hessfast cannot handle correctly (a ``DistributedDataParallel``
+    model on one rank's shard)."""
+
+
 __all__ = [
     "ArgumentTypeError",
     "AsymmetricOperatorError",
@@ -80,13 +101,17 @@ __all__ = [
     "BatchError",
     "ConfigurationError",
     "DataChangedError",
+    "DistributedError",
     "EmptyDataError",
     "HessfastError",
     "LossCallError",
     "LossError",
+    "ModelForwardError",
     "NoParametersError",
     "NonDeterministicError",
     "NonFiniteError",
     "NotReiterableError",
+    "ParametersChangedError",
+    "UnboundedDataError",
     "UnsupportedModelError",
 ]
