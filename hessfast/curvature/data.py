@@ -204,6 +204,10 @@ class BatchSource:
                 "drop_last with a random sampler); materialise it: data=list(loader)"
             )
 
+    def set_loss(self, loss_fn: Callable, loss_form: str) -> None:
+        """Record the loss the batches feed (its reduction decides the batch weights)."""
+        self._loss = (loss_fn, loss_form)
+
     def weight(self, index: int) -> float:
         """Batch ``index``'s share of the samples."""
         return self.sizes[index] / self.num_samples

@@ -89,6 +89,8 @@ class CurvatureOperator(LinearOperator):
         self.num_samples = self._data.num_samples
         self.num_batches = self._data.num_batches
         self.loss_form, self.loss_form_reason = self._decide_loss_form(options.loss_form)
+        # The batch weights depend on how the loss reduces over a batch (mean or sum).
+        self._data.set_loss(self.loss_fn, self.loss_form)
         selected = {id(p) for p in self._params}
         self._other_params = {
             n: p for n, p in model.named_parameters() if id(p) not in selected
