@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from .errors import ConfigurationError
+
 __all__ = ["demo", "info", "main"]
 
 
@@ -89,6 +91,36 @@ def _demo_data(seed: int, device: str) -> tuple[Any, Any]:
     return X.to(device), y.to(device)
 
 
+def _check_demo_args(seed: int, steps: int, tol: float, device: str) -> None:
+    """The demo's arguments, each refused with a ConfigurationError naming it."""
+    import torch
+
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigurationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigurationError(
+            f"steps (training steps) must be a non-negative integer, got {steps!r}"
+        )
+    if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
+        raise ConfigurationError(f"tol must be a number in (0, 1), got {tol!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(
+            f"device {device!r} is not a torch device name (cpu, cuda, cuda:1): {exc}"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index is not None and dev.index >= count or count == 0:
+            raise ConfigurationError(
+                f"device {device!r} is not available here ({count} CUDA device(s) visible, "
+                f"torch {torch.__version__}); run the demo with --device cpu"
+            )
+    elif dev.type != "cpu":
+        raise ConfigurationError(f"the demo runs on cpu or cuda, got device {device!r}")
+
+
 def demo(
     *, seed: int = 0, steps: int = 300, tol: float = 1e-4, device: str = "cpu"
 ) -> dict[str, Any]:
@@ -104,6 +136,7 @@ def demo(
     from .power import power_iteration
     from .spectrum import eigsh
 
+    _check_demo_args(seed, steps, tol, device)
     X, y = _demo_data(seed, device)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -176,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(data, indent=2, default=str)) if args.json else _print_info(data)
         return 0
     if args.command == "demo":
-        res = demo(seed=args.seed, steps=args.steps, tol=args.tol, device=args.device)
+        try:
+            res = demo(seed=args.seed, steps=args.steps, tol=args.tol, device=args.device)
+        except ConfigurationError as exc:
+            p_demo.error(str(exc))  # usage + message, exit status 2, no traceback
         if args.json:
             print(json.dumps(res, indent=2))
         else:

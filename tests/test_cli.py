@@ -38,3 +38,30 @@ def test_demo_lambda_max_matches_lanczos(capsys, monkeypatch) -> None:
     assert main(["demo", "--steps", "30", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["lambda_max"] == pytest.approx(res["lambda_max"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--steps", "-5"], "steps (training steps) must be a non-negative integer"),
+        (["--tol", "0"], "tol must be a number in (0, 1)"),
+        (["--tol", "nan"], "tol must be a number in (0, 1)"),
+        (["--seed", "-1"], "seed must be an integer"),
+        (["--device", "cuda:7"], "is not available here"),
+        (["--device", "gpu"], "is not a torch device name"),
+    ],
+)
+def test_demo_bad_arguments_are_usage_errors(argv, fragment, capsys) -> None:
+    """A bad demo argument is a usage error naming it (exit status 2), not a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "usage: hessfast demo" in err and "Traceback" not in err
+
+
+def test_demo_function_refuses_bad_arguments() -> None:
+    with pytest.raises(hf.errors.ConfigurationError, match="steps"):
+        demo(steps=-1)
+    with pytest.raises(hf.errors.ConfigurationError, match="device"):
+        demo(device="meta")
