@@ -79,8 +79,7 @@ class GGNOperator(CurvatureOperator):
         self._wrapper = OutputModule(self.model)
 
     def _outputs(self, leaves: Sequence[torch.Tensor], inputs: Any) -> torch.Tensor:
-        mapping = self._state_dict_for(leaves, "model.")
-        out = torch.func.functional_call(self._wrapper, mapping, (inputs,))
+        out = self._functional_call(self._wrapper, leaves, (inputs,))
         if not isinstance(out, torch.Tensor):
             raise ConfigurationError(
                 f"ggn needs the model to return one tensor of outputs, got {type(out).__name__}"

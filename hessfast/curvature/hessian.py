@@ -47,8 +47,7 @@ class HessianOperator(CurvatureOperator):
         self._wrapper = LossModule(self.model, self.loss_fn, self.loss_form)
 
     def _loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
-        mapping = self._state_dict_for(leaves, "model.")
-        return torch.func.functional_call(self._wrapper, mapping, (batch,))
+        return self._functional_call(self._wrapper, leaves, (batch,))
 
     def _graph(self, batch: Any, index: int) -> HessianGraph:
         leaves = self._leaves()

@@ -13,6 +13,7 @@ replaced by the next one (auto).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import MappingProxyType
@@ -25,11 +26,13 @@ from ..errors import (
     ArgumentTypeError,
     BatchError,
     ConfigurationError,
+    DistributedError,
     HessfastError,
     LossCallError,
 )
 from ..linop import LinearOperator
 from .data import BatchSource, to_device
+from .guard import BufferCopies, ParamFingerprint, SlotGuard, tensor_slots
 from .layout import ParamLayout
 from .lossform import decide_loss_form
 from .model import model_modes, select_params
@@ -64,7 +67,14 @@ class CurvatureOperator(LinearOperator):
             raise ArgumentTypeError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}"
             )
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise DistributedError(
+                "model is a DistributedDataParallel: each rank would measure the curvature of "
+                "its own data shard only (nothing is all-reduced), a different operator on "
+                "every rank. Pass model.module with ALL the data on one process, or wait for "
+                "hessfast's distributed operator"
+            )
+        if isinstance(model, nn.DataParallel):  # one process: the wrapped module is the model
             model = model.module
         if not callable(loss_fn):
             raise ArgumentTypeError(
@@ -76,6 +86,9 @@ class CurvatureOperator(LinearOperator):
         self.bn_mode = options.bn_mode
         self.param_names, self._params = select_params(model, options.params)
         device, self.param_dtype = self._check_params()
+        # The operator is the curvature at these parameters: checked before every product.
+        self._fingerprint = ParamFingerprint(model)
+        self._slot_guard = SlotGuard(model)
         self.param_shapes: list[torch.Size] = [p.shape for p in self._params]
         self._layout = ParamLayout(self.param_names, self.param_shapes)
         # Products and their sums over batches in at least fp32 (bf16/fp16 models).
@@ -95,12 +108,12 @@ class CurvatureOperator(LinearOperator):
         self._other_params = {
             n: p for n, p in model.named_parameters() if id(p) not in selected
         }
-        # Buffers that training-mode layers (BatchNorm) update in place are copies, so the
-        # user's running statistics never move. In eval mode nothing writes them.
-        copy_buffers = options.bn_mode != "eval"
-        self._buffers = {
-            n: (b.detach().clone() if copy_buffers else b) for n, b in model.named_buffers()
-        }
+        # Every evaluation gets fresh copies of the buffers as they are now: a forward that
+        # writes one (BatchNorm in training mode, an observer, a counter) changes neither the
+        # user's model nor the next evaluation.
+        self._buffers = BufferCopies(list(model.named_buffers()))
+        self._buffer_keys = {n: id(b) for n, b in model.named_buffers()}
+        self._slots = tensor_slots(model)
         fixed_chunk = None if options.chunk_size is None else int(options.chunk_size)
         self._planner = Planner(
             options.hvp_mode, fixed_chunk, options.reuse_graph, self.num_batches
@@ -138,7 +151,24 @@ class CurvatureOperator(LinearOperator):
         dtype = dtypes.pop()
         if not dtype.is_floating_point:
             raise ConfigurationError(f"parameters must be floating point, got {dtype}")
-        return devices.pop(), dtype
+        device = devices.pop()
+        if device.type == "meta":
+            meta = self.param_names[:5]
+            raise ConfigurationError(
+                f"the selected parameters {meta}{' ...' if len(self._params) > 5 else ''} are "
+                "on the meta device (shapes only, no values): there is no curvature to "
+                "measure. Materialise the model first: model.to_empty(device='cpu' or 'cuda') "
+                "and then load its weights (model.load_state_dict(...))"
+            )
+        if dtype == torch.float16:
+            warnings.warn(
+                "hessfast: float16 model: second derivatives overflow float16's range (6.5e4) "
+                "easily; products are accumulated in float32, but each one is computed in "
+                "float16. Prefer bfloat16, or a float32 master copy of the model "
+                "(copy.deepcopy(model).float()) for measuring curvature",
+                stacklevel=4,
+            )
+        return device, dtype
 
     # -- hooks for subclasses ----------------------------------------------------------
     def _decide_loss_form(self, loss_form: str) -> tuple[str, str]:
@@ -193,11 +223,30 @@ class CurvatureOperator(LinearOperator):
     def _leaves(self) -> list[torch.Tensor]:
         return [p.detach().requires_grad_(True) for p in self._params]
 
-    def _state_dict_for(self, leaves: Sequence[torch.Tensor], prefix: str) -> dict:
-        mapping = {prefix + n: t for n, t in zip(self.param_names, leaves, strict=True)}
-        mapping.update({prefix + n: p.detach() for n, p in self._other_params.items()})
-        mapping.update({prefix + n: b for n, b in self._buffers.items()})
-        return mapping
+    def _functional_call(
+        self, wrapper: nn.Module, leaves: Sequence[torch.Tensor], args: tuple
+    ) -> Any:
+        """``wrapper(*args)`` (the user's model as its submodule ``model``) with the selected
+        parameters replaced by ``leaves``, the others detached, and fresh buffer copies.
+
+        Every distinct parameter/buffer slot of the model gets its own entry and
+        ``tie_weights=False``: torch's tying expands a name to every path, which swaps a
+        module reused at two places twice and restores it once (pytorch/pytorch#164759)."""
+        values: dict[int, torch.Tensor] = {
+            id(p): t for p, t in zip(self._params, leaves, strict=True)
+        }
+        values.update({id(p): p.detach() for p in self._other_params.values()})
+        copies = self._buffers.fresh()
+        values.update({self._buffer_keys[n]: b for n, b in copies.items()})
+        mapping = {
+            "model." + name: values[key]
+            for key, names in self._slots.items()
+            if key in values
+            for name in names
+        }
+        out = torch.func.functional_call(wrapper, mapping, args, tie_weights=False)
+        self._buffers.note_writes(copies)
+        return out
 
     # -- guards and checks -------------------------------------------------------------
     @staticmethod
@@ -210,7 +259,11 @@ class CurvatureOperator(LinearOperator):
     def _guard(self) -> Iterator[None]:
         """Modes set and restored; the global RNG restored after the block."""
         devices = self._rng_devices(self.device)
-        with torch.random.fork_rng(devices=devices), model_modes(self.model, self.bn_mode):
+        with (
+            torch.random.fork_rng(devices=devices),
+            self._slot_guard.hold(),
+            model_modes(self.model, self.bn_mode),
+        ):
             yield
 
     def _sync(self) -> None:
@@ -301,6 +354,7 @@ class CurvatureOperator(LinearOperator):
         return self._planner.plans
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._fingerprint.check(self._kind)
         k = V.shape[0]
         while True:
             plan = self._planner.plan_for(self, k)
