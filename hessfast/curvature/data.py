@@ -1,6 +1,23 @@
 """The batch source of a curvature operator: what counts as one batch, the batch weights, and
 the check that every pass over the data sees the same batches.
 
+Batch weights. The operator is the curvature of the MEAN loss over samples. A loss that
+averages over its batch (``reduction="mean"``, the default of torch's losses, and the
+assumption for any callable) gets the weight ``n_b / N``; one that sums over its batch
+(``reduction="sum"``) gets ``1 / N``, so both give the same operator (the curvature of the
+summed loss is ``N`` times it). The reduction is read from ``loss_fn.reduction`` (torch's
+loss modules, or any callable given that attribute) or from a ``functools.partial``'s
+``reduction=`` keyword (:func:`~hessfast.curvature.lossform.loss_reduction`).
+
+Batch sizes. ``batch_size_fn(batch)`` when given; else the leading dimension of the batch's
+tensors that have one (0-d tensors such as a temperature are not samples). When those
+tensors disagree and the weights would depend on which one counts, :class:`BatchError` asks
+for ``batch_size_fn``: the size is never guessed silently.
+
+Unsized data. A source without ``len()`` (an ``IterableDataset``, a custom iterable) is read
+for at most :data:`MAX_UNSIZED_BATCHES` batches on the first pass; more raises
+:class:`~hessfast.errors.UnboundedDataError` (an endless stream would never end the pass).
+
 A batch's content is summarised by a fingerprint (shape and float64 sum of every tensor in
 it): one sum per tensor, cheap enough to take on every pass, and it changes when a loader
 shuffles or augments at random.
@@ -15,9 +32,28 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchError, DataChangedError, EmptyDataError, NotReiterableError
+from ..errors import (
+    BatchError,
+    ConfigurationError,
+    DataChangedError,
+    EmptyDataError,
+    LossError,
+    NotReiterableError,
+    UnboundedDataError,
+)
 
-__all__ = ["BatchSource", "describe", "is_single_batch", "tensor_leaves", "to_device"]
+__all__ = [
+    "MAX_UNSIZED_BATCHES",
+    "BatchSource",
+    "describe",
+    "is_single_batch",
+    "leading_dims",
+    "tensor_leaves",
+    "to_device",
+]
+
+# Batches read on the first pass over a source without len() before it is taken for endless.
+MAX_UNSIZED_BATCHES = 100_000
 
 # How data is split into batches, said in every error that depends on it.
 SINGLE_RULE = "a tensor, tuple or dict is one batch; a list or other iterable is a sequence"
@@ -33,6 +69,18 @@ def tensor_leaves(obj: Any) -> list[torch.Tensor]:
         return [t for v in obj.values() for t in tensor_leaves(v)]
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in tensor_leaves(v)]
+    return []
+
+
+def leading_dims(obj: Any, path: str = "batch") -> list[tuple[str, int]]:
+    """``(where, leading dimension)`` of every tensor of a batch with at least one dimension,
+    in order: ``[("batch['x']", 8), ("batch['y']", 8)]`` (0-d tensors are not samples)."""
+    if isinstance(obj, torch.Tensor):
+        return [(path, int(obj.shape[0]))] if obj.dim() > 0 else []
+    if isinstance(obj, Mapping):
+        return [d for k, v in obj.items() for d in leading_dims(v, f"{path}[{k!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [d for i, v in enumerate(obj) for d in leading_dims(v, f"{path}[{i}]")]
     return []
 
 
@@ -111,7 +159,12 @@ class BatchSource:
     """
 
     def __init__(
-        self, data: Any, batch_size_fn: Callable[[Any], int] | None, *, verify: bool
+        self,
+        data: Any,
+        batch_size_fn: Callable[[Any], int] | None,
+        *,
+        verify: bool,
+        max_batches: int | None = None,
     ) -> None:
         if data is None:
             raise EmptyDataError("data is None: pass one batch or a re-iterable of batches")
@@ -136,8 +189,20 @@ class BatchSource:
         self._batch_size_fn = batch_size_fn
         self.sizes: list[int] = []
         self.fingerprints: list[Fingerprint] = []
+        # per batch, the leading dimension of each tensor (None with batch_size_fn)
+        self._dims: list[list[tuple[str, int]] | None] = []
         self._first: tuple[int, Any] | None = None
+        self.reduction, self.reduction_reason = "mean", "not known yet (set_loss)"
+        limit = None if _has_len(self._source) else (max_batches or MAX_UNSIZED_BATCHES)
         for i, batch in enumerate(self._source):
+            if limit is not None and i >= limit:
+                raise UnboundedDataError(
+                    f"data ({type(data).__name__}) has no len() and yielded more than "
+                    f"{limit} batches on the first pass: it looks endless (an IterableDataset "
+                    "that never stops). hessfast needs a finite, fixed set of batches: take "
+                    "some, e.g. data=list(itertools.islice(loader, N)), or give the dataset "
+                    "a __len__"
+                )
             size = self._size(batch, i)
             if size > 0 and self._first is None:
                 self._first = (i, batch)
@@ -169,16 +234,17 @@ class BatchSource:
 
     def _size(self, batch: Any, index: int) -> int:
         if self._batch_size_fn is not None:
+            self._dims.append(None)
             return int(self._batch_size_fn(batch))
-        leaves = tensor_leaves(batch)
-        if not leaves:
+        if not tensor_leaves(batch):
             raise BatchError(
                 f"batch {index} is {describe(batch)} and holds no tensors that hessfast can "
                 "count samples in (it looks into tensors, tuples, lists and dicts). Pass "
                 "batch_size_fn=lambda batch: <number of samples>"
             )
-        t = leaves[0]
-        return int(t.shape[0]) if t.dim() > 0 else 1
+        dims = leading_dims(batch)
+        self._dims.append(dims)
+        return dims[0][1] if dims else 1  # only 0-d tensors: one sample
 
     def __iter__(self) -> Iterator[tuple[int, Any, float]]:
         """Yield ``(index, batch, weight = batch size / total)``, verifying the content."""
@@ -204,18 +270,97 @@ class BatchSource:
                 "drop_last with a random sampler); materialise it: data=list(loader)"
             )
 
-    def set_loss(self, loss_fn: Callable, loss_form: str) -> None:
-        """Record the loss the batches feed (its reduction decides the batch weights)."""
+    def set_loss(self, loss_fn: Callable, loss_form: str, reduction: str = "auto") -> None:
+        """Learn how ``loss_fn`` reduces over a batch, which decides the batch weights.
+
+        ``reduction``: ``"mean"`` or ``"sum"`` as declared by the user, or ``"auto"``: read
+        from ``loss_fn`` (:func:`~hessfast.curvature.lossform.loss_reduction`), else mean.
+
+        Raises:
+            LossError: ``loss_fn`` does not reduce (``reduction="none"``).
+            ConfigurationError: a declared reduction contradicts the one ``loss_fn`` has.
+            BatchError: a batch's tensors disagree on its number of samples and the weights
+                depend on which one counts.
+        """
+        from .lossform import loss_reduction  # lossform imports this module
+
         self._loss = (loss_fn, loss_form)
+        found, where = loss_reduction(loss_fn)
+        if found == "none":
+            raise LossError(
+                f"{where}: loss_fn returns one loss per sample, and the curvature needs one "
+                "scalar per batch. Use reduction='mean' (or 'sum')"
+            )
+        if reduction != "auto":
+            if found is not None and found != reduction:
+                raise ConfigurationError(
+                    f"loss_reduction={reduction!r} was given but {where}: drop the argument "
+                    "or make them agree"
+                )
+            self.reduction, self.reduction_reason = reduction, f"loss_reduction={reduction!r}"
+        elif found is not None:
+            self.reduction, self.reduction_reason = found, where
+        else:
+            self.reduction = "mean"
+            self.reduction_reason = f"{where}; loss_fn is assumed to return the batch MEAN"
+        self._check_sizes()
+
+    def _weights(self, sizes: list[int]) -> list[float] | None:
+        """The batch weights for these sizes under the loss's reduction (None: no samples)."""
+        total = sum(sizes)
+        if total <= 0:
+            return None
+        if self.reduction == "sum":
+            return [1.0 / total if s > 0 else 0.0 for s in sizes]
+        return [s / total for s in sizes]
+
+    def _check_sizes(self) -> None:
+        """Raise unless every reading of an ambiguous batch's size gives the same weights."""
+        ambiguous = [
+            i for i, d in enumerate(self._dims) if d is not None and len({n for _, n in d}) > 1
+        ]
+        if not ambiguous:
+            return
+        chosen = self._weights(self.sizes)
+        shapes = {len(d) if d is not None else -1 for d in self._dims}
+        agree = len(shapes) == 1 and chosen is not None
+        for j in range(shapes.pop() if agree else 0):
+            other = self._weights([d[j][1] for d in self._dims if d is not None])
+            if other is None or not all(
+                math.isclose(a, b, rel_tol=1e-12) for a, b in zip(chosen, other, strict=True)
+            ):
+                agree = False
+        if agree:
+            return
+        i = ambiguous[0]
+        found = ", ".join(f"{where} has {n}" for where, n in self._dims[i] or [])
+        raise BatchError(
+            f"batch {i}'s tensors disagree on its number of samples ({found}), and the batch "
+            f"weights depend on which counts (loss reduction {self.reduction!r}: "
+            f"{self.reduction_reason}). Pass batch_size_fn=lambda batch: <number of samples>"
+        )
 
     def weight(self, index: int) -> float:
-        """Batch ``index``'s share of the samples."""
+        """Batch ``index``'s weight: its share of the samples for a batch-mean loss
+        (``n_b / N``), ``1 / N`` for a batch-sum loss."""
+        if self.reduction == "sum":
+            return 1.0 / self.num_samples
         return self.sizes[index] / self.num_samples
 
     def first(self) -> tuple[int, Any]:
         """The first non-empty batch (kept from the first pass) and its index."""
         assert self._first is not None  # guaranteed by num_samples > 0
         return self._first
+
+
+def _has_len(source: Iterable) -> bool:
+    """Does ``source`` say how many batches it holds (a DataLoader over an IterableDataset
+    without ``__len__`` raises TypeError)?"""
+    try:
+        len(source)  # type: ignore[arg-type]
+    except (TypeError, NotImplementedError, AttributeError):
+        return False
+    return True
 
 
 def _rule(data: Any, single: bool, count: int) -> str:

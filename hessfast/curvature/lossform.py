@@ -23,6 +23,12 @@ The rule, first match wins (:func:`decide_loss_form`):
 4. No evidence: criterion when batch 0 is a pair, model form otherwise.
 
 The form and the reason are recorded on the operator (``loss_form``, ``loss_form_reason``).
+
+How ``loss_fn`` reduces over a batch (:func:`loss_reduction`) decides the batch weights
+(:mod:`.data`): ``loss_fn.reduction`` (torch's loss modules, or any callable given that
+attribute), else the default of a ``reduction`` parameter of its signature (torch's
+functional losses, a ``functools.partial(F.cross_entropy, reduction="sum")``, a user
+function ``def loss(out, y, reduction="sum")``); else unknown, and taken as the batch mean.
 """
 
 from __future__ import annotations
@@ -37,10 +43,28 @@ from torch import nn
 from ..errors import BatchError
 from .data import describe
 
-__all__ = ["LOSS_FORMS", "decide_loss_form", "is_pair"]
+__all__ = ["LOSS_FORMS", "REDUCTIONS", "decide_loss_form", "is_pair", "loss_reduction"]
 
 LOSS_FORMS = ("auto", "criterion", "model")
 MODEL_NAMES = ("model", "module", "net", "network")
+# torch's reduction names -> how hessfast weights the batch ("batchmean": KLDivLoss)
+REDUCTIONS = {"mean": "mean", "batchmean": "mean", "sum": "sum", "none": "none"}
+
+
+def loss_reduction(loss_fn: Callable) -> tuple[str | None, str]:
+    """``("mean" | "sum" | "none" | None, where it was read)``: how ``loss_fn`` reduces
+    over a batch, by the rule in this module's docstring (None: it does not say)."""
+    attr = getattr(loss_fn, "reduction", None)
+    if isinstance(attr, str) and attr in REDUCTIONS:
+        return REDUCTIONS[attr], f"loss_fn.reduction is {attr!r}"
+    try:
+        param = inspect.signature(loss_fn).parameters.get("reduction")
+    except (TypeError, ValueError):
+        param = None
+    default = None if param is None else param.default
+    if isinstance(default, str) and default in REDUCTIONS:
+        return REDUCTIONS[default], f"loss_fn's reduction argument is {default!r}"
+    return None, "loss_fn does not say how it reduces (no .reduction, no reduction= argument)"
 
 
 def is_pair(batch: Any) -> bool:
