@@ -63,6 +63,15 @@ def snapshot(model: nn.Module) -> dict:
             for n, p in model.named_parameters()
         ],
         "rng": torch.get_rng_state().clone(),
+        # identity: the user's optimizer holds these objects
+        "param_ids": [(n, id(p), type(p)) for n, p in model.named_parameters()],
+        "buffer_ids": [(n, id(b)) for n, b in model.named_buffers()],
+        "slots": module_slots(model),
+        "tracking": [
+            (name, m.track_running_stats)
+            for name, m in model.named_modules()
+            if hasattr(m, "track_running_stats")
+        ],
     }
 
 
@@ -83,6 +92,10 @@ def assert_same_state(model: nn.Module, before: dict) -> None:
             assert a[0] == b[0], f".grad of {n} was replaced by another tensor"
             assert torch.equal(a[1], b[1]), f".grad of {n} changed"
     assert torch.equal(after["rng"], before["rng"]), "global torch RNG state changed"
+    assert after["param_ids"] == before["param_ids"], "a Parameter object was replaced"
+    assert after["buffer_ids"] == before["buffer_ids"], "a buffer object was replaced"
+    assert after["slots"] == before["slots"], "a module's _parameters/_buffers entry changed"
+    assert after["tracking"] == before["tracking"], "track_running_stats changed"
 
 
 def reorder_reference(ref: torch.Tensor, model: nn.Module, ref_names, op_names) -> torch.Tensor:
@@ -101,3 +114,30 @@ def reorder_reference(ref: torch.Tensor, model: nn.Module, ref_names, op_names) 
 
 def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def module_slots(model: nn.Module) -> list[tuple[str, str, int, type]]:
+    """Every module's ``_parameters`` / ``_buffers`` entry, by path, as ``(path, key, id,
+    type)``: a module reused at two places is listed under both paths, so a tensor swapped
+    in at one path and left there shows."""
+    out = []
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                out.append((prefix, key, id(t), type(t)))
+    return out
+
+
+def shared_module_mlp(seed: int = 0) -> tuple[nn.Module, object, tuple]:
+    """``Sequential(shared, Tanh, shared, Tanh, Linear)`` in float64 (one Linear(3, 3)
+    instance at two places, n = 16), a squared-error loss and one batch of 8."""
+    with seeded(seed):
+        shared = nn.Linear(3, 3).double()
+        model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(3, 1).double())
+        x = torch.randn(8, 3, dtype=torch.float64)
+        y = torch.randn(8, 1, dtype=torch.float64)
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((out - target) ** 2).mean()
+
+    return model, loss_fn, (x, y)

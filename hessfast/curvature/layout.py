@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import ArgumentTypeError, ConfigurationError
+
 __all__ = ["ParamLayout"]
 
 
@@ -29,7 +31,23 @@ class ParamLayout:
         self._spans = list(zip(offsets[:-1], offsets[1:], strict=True))
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[..., n]`` -> ``{name: [..., *shape]}`` (views)."""
+        """``[..., n]`` -> ``{name: [..., *shape]}`` (views).
+
+        Raises:
+            ArgumentTypeError: ``v`` is not a tensor.
+            ConfigurationError: ``v``'s last dimension is not ``n``.
+        """
+        if not isinstance(v, torch.Tensor):
+            raise ArgumentTypeError(
+                f"unflatten expects a tensor [n] or [k, n] with n = {self.n}, got "
+                f"{type(v).__name__}"
+            )
+        if v.dim() == 0 or v.shape[-1] != self.n:
+            raise ConfigurationError(
+                f"unflatten expects a vector [{self.n}] or a block [k, {self.n}] (n = {self.n} "
+                f"entries of {len(self.names)} parameters), got shape {tuple(v.shape)}: pass "
+                "a vector of this operator's size"
+            )
         lead = tuple(v.shape[:-1])
         return {
             name: v[..., a:b].reshape(*lead, *shape)
@@ -37,9 +55,34 @@ class ParamLayout:
         }
 
     def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
-        """``{name: [*shape]}`` or a list in order -> ``[n]``."""
+        """``{name: [*shape]}`` or a list in order -> ``[n]``.
+
+        Raises:
+            ConfigurationError: a name is missing (other names are ignored), a list has
+                the wrong length, or a piece has the wrong number of entries.
+        """
         if isinstance(tensors, dict):
+            missing = [n for n in self.names if n not in tensors]
+            if missing:
+                raise ConfigurationError(
+                    f"flatten needs every parameter of the operator {self.names}; missing "
+                    f"{missing} (got {list(tensors)}): pass a dict with these names (as "
+                    "unflatten returns; other names are ignored) or a list in param_names order"
+                )
             tensors = [tensors[n] for n in self.names]
+        tensors = list(tensors)
+        if len(tensors) != len(self.names):
+            raise ConfigurationError(
+                f"flatten needs {len(self.names)} tensors (one per parameter in param_names "
+                f"order {self.names}), got {len(tensors)}"
+            )
+        for name, t, shape in zip(self.names, tensors, self.shapes, strict=True):
+            if not isinstance(t, torch.Tensor) or t.numel() != shape.numel():
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ConfigurationError(
+                    f"flatten: {name} must have shape {tuple(shape)} ({shape.numel()} "
+                    f"entries), got {got}"
+                )
         return torch.cat([t.reshape(-1) for t in tensors])
 
     def split(self, V: torch.Tensor) -> list[torch.Tensor]:

@@ -83,6 +83,15 @@ def select_params(
                 "params=[...]"
             )
         return [n for n, _ in chosen], [p for _, p in chosen]
+    if isinstance(params, (str, bytes, torch.Tensor, nn.Module)):
+        raise ArgumentTypeError(
+            f"params must be a list of parameter names or of the model's parameters, got a "
+            f"bare {type(params).__name__}: pass params=[{params!r}]"
+            if isinstance(params, str)
+            else f"params must be a list of parameter names or of the model's parameters, got "
+            f"a bare {type(params).__name__}: wrap it in a list (params=[p]) or pass "
+            "module.parameters()"
+        )
     params = list(params)
     if not params:
         raise NoParametersError("params=[] selects no parameters: pass names or tensors")
