@@ -25,6 +25,7 @@ __all__ = [
     "PROBES",
     "Products",
     "as_operator",
+    "check_basis_device",
     "check_basis_dtype",
     "check_budget",
     "check_choice",
@@ -32,6 +33,7 @@ __all__ = [
     "check_level",
     "check_positive",
     "check_seed",
+    "check_start_vectors",
     "probe_generator",
     "sample_probes",
     "unit_rows",
@@ -66,10 +68,13 @@ def check_int(name: str, value: Any, minimum: int, *, who: str | None = None) ->
 
 def check_seed(seed: Any, *, who: str | None = None) -> int:
     """An int seed in the range ``torch.Generator.manual_seed`` accepts."""
-    seed = check_int("seed", seed, _SEED_MIN, who=who)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < _SEED_MIN:
+        raise ConfigurationError(
+            f"{_where(who)}seed must be an integer in [-2**63, 2**64), got {seed!r}"
+        )
     if seed > _SEED_MAX:
         raise ConfigurationError(f"{_where(who)}seed must be < 2**64, got {seed}")
-    return seed
+    return int(seed)
 
 
 def check_positive(name: str, value: Any, *, who: str | None = None) -> float:
@@ -154,12 +159,68 @@ def check_basis_dtype(
     """The storage dtype of a Krylov basis: ``basis_dtype`` or, if None, ``work``."""
     if basis_dtype is None:
         return work
-    if basis_dtype not in BASIS_DTYPES:
+    if not isinstance(basis_dtype, torch.dtype) or basis_dtype not in BASIS_DTYPES:
         raise ConfigurationError(
             f"{_where(who)}basis_dtype must be None or one of {BASIS_DTYPES}, "
             f"got {basis_dtype!r}"
         )
     return basis_dtype
+
+
+def check_basis_device(basis_device: Any, *, who: str | None = None) -> torch.device | None:
+    """Where a Krylov basis may live: None (the operator's device) or a device torch can
+    allocate on now (not ``meta``, not a CUDA index beyond ``torch.cuda.device_count()``)."""
+    if basis_device is None:
+        return None
+    fix = "pass None (the operator's device), 'cpu', or an available 'cuda:<i>'"
+    try:
+        dev = torch.device(basis_device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"{_where(who)}basis_device {basis_device!r} is not a device ({exc}); {fix}"
+        ) from None
+    if dev.type == "meta":
+        raise ConfigurationError(
+            f"{_where(who)}basis_device='meta' holds no data, so a basis cannot live there; {fix}"
+        )
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise ConfigurationError(
+                f"{_where(who)}basis_device={str(dev)!r} is not available ({count} CUDA "
+                f"devices visible to torch); {fix}"
+            )
+    try:
+        torch.empty(1, device=dev)
+    except Exception as exc:  # noqa: BLE001 - any failure to allocate means "not usable"
+        raise ConfigurationError(
+            f"{_where(who)}basis_device={str(dev)!r} cannot allocate tensors here ({exc}); {fix}"
+        ) from None
+    return dev
+
+
+def check_start_vectors(v0: Any, n: int, *, who: str) -> torch.Tensor:
+    """``v0`` (one vector ``[n]`` or rows ``[j, n]``, ``j >= 1``) as a detached ``[j, n]``
+    tensor; refused with the expected shape otherwise (a flat ``[j n]`` vector is not split
+    into rows), or when it is not a real floating tensor or holds NaN/Inf. Zero rows are
+    allowed here (each algorithm decides)."""
+    if not isinstance(v0, torch.Tensor):
+        raise ArgumentTypeError(
+            f"{who}: v0 must be a torch.Tensor [{n}] or [j, {n}], got {type(v0).__name__}; "
+            "convert it with torch.as_tensor(v0)"
+        )
+    if v0.is_complex() or not v0.is_floating_point():
+        raise ArgumentTypeError(
+            f"{who}: v0 must be a real floating-point tensor, got dtype {v0.dtype}"
+        )
+    if v0.dim() not in (1, 2) or v0.shape[-1] != n or v0.numel() == 0:
+        raise ConfigurationError(
+            f"{who}: v0 must have shape [{n}] (one start vector) or [j, {n}] with j >= 1 "
+            f"(one per row), got {tuple(v0.shape)}"
+        )
+    if not bool(torch.isfinite(v0).all()):
+        raise NonFiniteError(f"{who}: v0 contains NaN or Inf; pass finite start vectors")
+    return v0.detach().reshape(-1, n)
 
 
 # ---------------------------------------------------------------------------------------------

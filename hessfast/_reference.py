@@ -27,13 +27,13 @@ def basis_dot(
 ) -> torch.Tensor:
     """``C[m, k] = V[m, n] @ W[k, n]^T`` in ``acc_dtype`` (default: float64 for a float64 basis,
     else float32)."""
-    acc = acc_dtype or _default_acc(V.dtype)
+    acc = torch.promote_types(acc_dtype or _default_acc(V.dtype), W.dtype)
     return V.to(acc) @ W.to(acc).T
 
 
 def basis_update(V: torch.Tensor, C: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``W[k, n] -= C[m, k]^T @ V[m, n]`` in place, computed in ``C.dtype``; returns ``W``."""
-    acc = C.dtype
+    acc = torch.promote_types(C.dtype, W.dtype)  # never round W below its own precision
     Wa = W.to(acc)
     Wa -= C.T @ V.to(acc)
     if Wa.data_ptr() != W.data_ptr():
@@ -58,7 +58,7 @@ def reorthogonalize(
     Returns ``C[m, k] = C1 + C2`` (``C2 = 0`` on rows without a second pass) and
     ``norms[3, k]``: ``||w_j||`` before, after pass 1, and final — all in ``acc_dtype``.
     """
-    acc = acc_dtype or _default_acc(V.dtype)
+    acc = torch.promote_types(acc_dtype or _default_acc(V.dtype), W.dtype)
     Va = V.to(acc)
     Wa = W.to(acc)
     before = torch.linalg.vector_norm(Wa, dim=1)

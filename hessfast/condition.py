@@ -7,6 +7,9 @@ import math
 import time
 from dataclasses import dataclass
 
+from ._checks import as_operator, check_int, check_positive, check_seed
+from ._probe import probe_operator
+from .errors import ConfigurationError
 from .linop import LinearOperator
 from .spectrum import eigsh
 
@@ -66,9 +69,21 @@ def condition_number(
     converge (``converged`` says so, with a warning from ``eigsh``).
     """
     t0 = time.perf_counter()
+    who = "hessfast.condition_number"
+    A = as_operator(A, who, allow_empty=False)
+    tol = check_positive("tol", tol, who=who)
+    if max_matvecs is not None:
+        max_matvecs = check_int("max_matvecs", max_matvecs, 1, who=who)
+    if not isinstance(density, bool):
+        raise ConfigurationError(f"{who}: density must be True or False, got {density!r}")
+    num_probes = check_int("num_probes", num_probes, 1, who=who)
+    num_steps = check_int("num_steps", num_steps, 1, who=who)
+    seed = check_seed(seed, who=who)
+    probe_operator(A, who)  # once, before counting: the result counts the algorithm's products
     mv0 = A.num_matvecs
     top = eigsh(A, k=1, which="LA", tol=tol, max_matvecs=max_matvecs, seed=seed)
-    bottom = eigsh(A, k=1, which="SA", tol=tol, max_matvecs=max_matvecs, seed=seed + 1)
+    seed2 = seed + 1 if seed < 2**64 - 1 else seed - 1  # the SA run's own start
+    bottom = eigsh(A, k=1, which="SA", tol=tol, max_matvecs=max_matvecs, seed=seed2)
     lmax, lmin = float(top.eigenvalues[0]), float(bottom.eigenvalues[0])
     zero = tol * max(abs(lmax), abs(lmin))
     if lmin > zero:

@@ -11,10 +11,11 @@ eigensolvers can depend on it alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
-from .errors import AsymmetricOperatorError, ConfigurationError
+from .errors import ArgumentTypeError, AsymmetricOperatorError, ConfigurationError
 
 __all__ = ["LinearOperator"]
 
@@ -26,7 +27,15 @@ class LinearOperator:
     casts it to the operator's dtype and device, and keeps the counters that explain the
     cost of a computation: ``num_matvecs`` (vectors multiplied) and ``num_passes`` (calls
     of ``matmat``: for a model operator, passes over the data).
+
+    ``checked`` is True once the operator is known to be symmetric and deterministic. Every
+    algorithm probes an unchecked operator once before using it (4 products, counted in
+    ``num_matvecs``; see :mod:`hessfast._probe`) and sets it; set it yourself to skip the
+    probe. A subclass whose constructor runs its own checks sets ``checks_itself = True``.
     """
+
+    #: True for subclasses that check symmetry and determinism themselves (never probed).
+    checks_itself: ClassVar[bool] = False
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
         if int(n) < 0:
@@ -36,6 +45,7 @@ class LinearOperator:
         self.device: torch.device = torch.device(device)
         self.num_matvecs: int = 0
         self.num_passes: int = 0
+        self.checked: bool = False
 
     # -- to implement -------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -61,7 +71,13 @@ class LinearOperator:
                 f"matmat expects a block of row vectors [k, {n}], got shape {tuple(V.shape)}; "
                 "for a single vector use matvec or `op @ v`"
             )
-        if not (V.is_floating_point() or V.is_complex()):
+        if V.is_complex():
+            raise ArgumentTypeError(
+                f"matmat expects real vectors, got dtype {V.dtype}: the operator is real, so "
+                "multiply the real and imaginary parts separately (A @ X.real, A @ X.imag) "
+                "and combine them"
+            )
+        if not V.is_floating_point():
             raise TypeError(f"matmat expects floating-point vectors, got dtype {V.dtype}")
         V = V.to(device=self.device, dtype=self.dtype)
         k = V.shape[0]
@@ -120,11 +136,22 @@ class LinearOperator:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        check: bool = True,
     ) -> LinearOperator:
-        """Wrap ``fn: [k, n] -> [k, n]``, a symmetric operator given by its block product."""
+        """Wrap ``fn: [k, n] -> [k, n]``, a symmetric operator given by its block product.
+
+        With ``check=True`` (default) the first algorithm that uses the operator probes it
+        once (4 products: symmetry ``u.(Av) = v.(Au)`` and determinism ``A x = A x`` to
+        rounding) and raises ``AsymmetricOperatorError`` / ``NonDeterministicError`` naming
+        the measured mismatch; ``check=False`` skips the probe (``checked`` is then True).
+        """
         if not callable(fn):
             raise TypeError(f"from_function expects a callable [k, n] -> [k, n], got {fn!r}")
-        return _FunctionOperator(fn, n, dtype, device)
+        if not isinstance(check, bool):
+            raise ConfigurationError(f"from_function: check must be True or False, got {check!r}")
+        op = _FunctionOperator(fn, n, dtype, device)
+        op.checked = not check
+        return op
 
 
 class _MatrixOperator(LinearOperator):
@@ -146,6 +173,7 @@ class _MatrixOperator(LinearOperator):
                 )
         super().__init__(M.shape[0], M.dtype, M.device)
         self.matrix = M
+        self.checked = True  # symmetric as checked above (or waived); a matrix is deterministic
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return V @ self.matrix.T

@@ -141,12 +141,17 @@ def _check_tensor(name: str, t: Any, dtypes: tuple[torch.dtype, ...], ndim: int 
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-def _check_acc(acc_dtype: torch.dtype | None, storage: torch.dtype) -> torch.dtype:
+def _check_acc(
+    acc_dtype: torch.dtype | None, storage: torch.dtype, work: torch.dtype
+) -> torch.dtype:
+    """The accumulation dtype: ``acc_dtype`` (default: float64 for a float64 basis, else
+    float32), raised to the block's own dtype ``work`` so that a float64 block is never
+    rounded to float32 (a float32/bf16 basis against float64 vectors keeps float64)."""
     if acc_dtype is None:
-        return torch.float64 if storage == torch.float64 else torch.float32
-    if acc_dtype not in WORK_DTYPES:
+        acc_dtype = torch.float64 if storage == torch.float64 else torch.float32
+    elif acc_dtype not in WORK_DTYPES:
         raise TypeError(f"acc_dtype must be torch.float32 or torch.float64, got {acc_dtype}")
-    return acc_dtype
+    return torch.float64 if work == torch.float64 else acc_dtype
 
 
 def _check_same_device(**tensors: torch.Tensor | None) -> torch.device:
@@ -192,13 +197,28 @@ def _readable(t: torch.Tensor) -> torch.Tensor:
     return t if _rows_ok(t) else t.contiguous()
 
 
+def _self_overlaps(t: torch.Tensor) -> bool:
+    """True unless t's elements provably sit at distinct addresses: the dims of size > 1,
+    ordered by stride, must each step over the whole extent of the previous ones (an
+    ``expand``ed tensor, or ``as_strided`` rows that share elements, fail)."""
+    dims = sorted((abs(st), size) for size, st in zip(t.shape, t.stride(), strict=True)
+                  if size > 1)
+    reach = 1  # elements spanned by the dims seen so far
+    for stride, size in dims:
+        if stride < reach:
+            return True
+        reach = stride * (size - 1) + reach
+    return False
+
+
 def _check_writable(name: str, t: torch.Tensor) -> None:
-    """The in-place operand must not overlap itself (e.g. an ``expand``ed tensor)."""
-    rows, n = t.shape
-    if (rows > 1 and n > 0 and t.stride(0) == 0) or (n > 1 and t.stride(1) == 0):
+    """The in-place operand must not overlap itself (e.g. an ``expand``ed tensor, or
+    ``as_strided`` rows that share memory)."""
+    if t.numel() > 1 and _self_overlaps(t):
         raise ValueError(
-            f"{name} has overlapping elements (stride {t.stride()}), so it cannot be updated in "
-            "place; pass a tensor that owns its memory (e.g. .clone())"
+            f"{name} has overlapping elements (shape {tuple(t.shape)}, stride {t.stride()}: "
+            "some of its entries share memory), so it cannot be updated in place; pass a "
+            f"tensor that owns its memory (e.g. {name}.clone())"
         )
 
 
@@ -225,12 +245,12 @@ def basis_dot(
     """Coefficients of a block against a basis: ``C[m, k] = V[m, n] @ W[k, n]^T``.
 
     V: basis in storage dtype (float32, bfloat16, float16, float64). W: float32/float64.
-    acc_dtype: float32 or float64 (default: float64 for a float64 basis, else float32); the
-    result has this dtype. The native kernels read V exactly once.
+    acc_dtype: float32 or float64 (default: float64 for a float64 basis, else float32), raised
+    to float64 when W is float64; the result has this dtype. The native kernels read V exactly once.
     """
     _check_tensor("V", V, STORAGE_DTYPES)
     _check_tensor("W", W, WORK_DTYPES)
-    acc = _check_acc(acc_dtype, V.dtype)
+    acc = _check_acc(acc_dtype, V.dtype, W.dtype)
     device = _check_same_device(V=V, W=W)
     if W.shape[1] != V.shape[1]:
         raise ValueError(f"W must have n={V.shape[1]} columns like V, got shape {tuple(W.shape)}")
@@ -247,8 +267,8 @@ def basis_dot(
 def basis_update(V: torch.Tensor, C: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Remove basis components from a block, in place: ``W[k, n] -= C[m, k]^T @ V[m, n]``.
 
-    V: storage dtype; C: float32/float64, the arithmetic dtype; W: float32/float64, must not
-    alias V. Returns ``W``. The native kernels read V exactly once.
+    V: storage dtype; C: float32/float64, the arithmetic dtype (float64 when W is float64:
+    W is never rounded); W: float32/float64, must not alias V or overlap itself. Returns ``W``. The native kernels read V exactly once.
     """
     _check_tensor("V", V, STORAGE_DTYPES)
     _check_tensor("C", C, WORK_DTYPES)
@@ -264,6 +284,8 @@ def basis_update(V: torch.Tensor, C: torch.Tensor, W: torch.Tensor) -> torch.Ten
     _check_writable("W", W)
     if m == 0 or k == 0 or n == 0:
         return W
+    if W.dtype == torch.float64 and C.dtype != torch.float64:
+        C = C.double()  # arithmetic in at least W's precision: a float64 W is never rounded
     if _pick("basis_update", device) == "reference":
         return _reference.basis_update(V, C, W)
     Wn = _writable(W.detach())
@@ -290,11 +312,12 @@ def reorthogonalize(
 
     Returns ``(C, norms)``: ``C[m, k] = C1 + C2`` (the total coefficients, ``C2 = 0`` on rows
     without a second pass) and ``norms[3, k]`` = ``||w_j||`` before, after pass 1, and final,
-    both in ``acc_dtype``. A row had a second pass iff ``norms[1] < eta * norms[0]``.
+    both in ``acc_dtype`` (float64 whenever W is float64, whatever the basis: W keeps its
+    precision). A row had a second pass iff ``norms[1] < eta * norms[0]``.
     """
     _check_tensor("V", V, STORAGE_DTYPES)
     _check_tensor("W", W, WORK_DTYPES)
-    acc = _check_acc(acc_dtype, V.dtype)
+    acc = _check_acc(acc_dtype, V.dtype, W.dtype)
     device = _check_same_device(V=V, W=W)
     if not isinstance(eta, (int, float)) or not eta >= 0:
         raise ValueError(f"eta must be a number >= 0, got {eta!r}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import as_operator, check_choice, check_int, check_positive, check_seed
+from ._probe import probe_operator
 from .linop import LinearOperator
 
 __all__ = ["PowerResult", "power_iteration"]
@@ -89,6 +90,7 @@ def power_iteration(
     tol = check_positive("tol", tol, who=who)
     max_matvecs = check_int("max_matvecs", max_matvecs, 1, who=who)
     seed = check_seed(seed, who=who)
+    probe_operator(A, who)
     n = A.shape[0]
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -15,13 +15,16 @@ import torch
 
 from ._checks import (
     as_operator,
+    check_basis_device,
     check_basis_dtype,
     check_choice,
     check_int,
     check_positive,
     check_seed,
+    check_start_vectors,
     work_dtype,
 )
+from ._probe import probe_operator
 from .errors import ConfigurationError
 from .lanczos import WHICH, block_lanczos, select
 from .linop import LinearOperator
@@ -154,6 +157,9 @@ def eigsh(
     basis_dtype = check_basis_dtype(basis_dtype, work_dtype(A.dtype), who=who)
     max_matvecs = check_int("max_matvecs", max(1000, 40 * k) if max_matvecs is None
                             else max_matvecs, 1, who=who)
+    basis_device = check_basis_device(basis_device, who=who)
+    if v0 is not None:
+        v0 = check_start_vectors(v0, n, who=who)
     if method == "power":
         if k != 1:
             raise ConfigurationError(
@@ -161,6 +167,7 @@ def eigsh(
             )
         if which not in ("LA", "LM"):
             raise ConfigurationError(f"method='power' supports which='LA' or 'LM', got {which}")
+        probe_operator(A, who)
         mv0, p0 = A.num_matvecs, A.num_passes
         r = power_iteration(A, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
         vec = r.eigenvector.unsqueeze(0)
@@ -183,12 +190,19 @@ def eigsh(
             f"densely ({n} products, float64 eigh)",
             stacklevel=2,
         )
+        probe_operator(A, who)
         return _dense_eigsh(A, k, which, tol, t0)
     b = block_size if block_size is not None else default_block_size(A, k)
-    if block_size is None and v0 is not None and v0.dim() == 2:
+    if block_size is None and v0 is not None:
         b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
     b = check_int("block_size", b, 1, who=who)
     b = min(b, n)
+    if max_matvecs < max(b, k):
+        raise ConfigurationError(
+            f"{who}: max_matvecs={max_matvecs} is below what one run needs: a first block "
+            f"of block_size={b} products and at least k={k} products for k pairs; raise "
+            f"max_matvecs to at least {max(b, k)} (or lower block_size / k)"
+        )
     cap = max_basis if max_basis is not None else max(2 * k + 2 * b, 32)
     cap = min(cap, n)
     if cap < k + 2 * b and cap < n:
@@ -196,6 +210,7 @@ def eigsh(
             f"max_basis={cap} is too small for k={k} and block_size={b}: it needs at least "
             f"k + 2*block_size = {k + 2 * b}"
         )
+    probe_operator(A, who)
     st = block_lanczos(
         A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs, v0=v0,
         seed=seed, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device,

@@ -16,11 +16,13 @@ from .._checks import (
     check_choice,
     check_int,
     check_seed,
+    check_start_vectors,
     probe_generator,
     sample_probes,
     unit_rows,
     work_dtype,
 )
+from .._probe import probe_operator
 from ..errors import ConfigurationError
 from ..lanczos.probes import REORTHS
 from ..linop import LinearOperator
@@ -131,6 +133,7 @@ def spectral_density(
         probe_name = "given"
     else:
         Z = draw_probes(n, num_probes, seed=seed, probe=probe, dtype=work, device=A.device)
+    probe_operator(A, _WHO)
 
     products = Products(A, work, _WHO)
     with torch.no_grad():
@@ -154,11 +157,5 @@ def spectral_density(
 
 def _start_vectors(v0: Any, n: int, work: torch.dtype, device: torch.device) -> torch.Tensor:
     """``v0`` as unit rows ``[P, n]`` in the working dtype on the operator's device."""
-    ok = isinstance(v0, torch.Tensor) and v0.dim() in (1, 2) and v0.shape[-1] == n
-    if not ok or v0.numel() == 0:
-        shape = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
-        raise ConfigurationError(
-            f"{_WHO}: v0 must be a tensor [P, {n}] (or [{n}]) with P >= 1, got {shape}"
-        )
-    Z = v0.detach().reshape(-1, n).to(device=device, dtype=work)
+    Z = check_start_vectors(v0, n, who=_WHO).to(device=device, dtype=work)
     return unit_rows(Z, "v0", who=_WHO)

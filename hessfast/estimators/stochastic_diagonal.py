@@ -9,6 +9,7 @@ import time
 import torch
 
 from .._checks import check_choice, check_seed
+from .._probe import probe_operator
 from ..linop import LinearOperator
 from ..results import DiagonalResult, Status
 from .exchangeable import Exchangeable, xdiag_estimates
@@ -58,6 +59,7 @@ def diagonal(
     seed = check_seed(seed, who=_WHO)
     sess = Session(A, f"diagonal({method})", seed=seed)
     m = sess.budget(method, max_matvecs)
+    probe_operator(sess.A, sess.products.who)
     status = Status.CONVERGED
     if sess.n == 0 or (method == "xdiag" and m >= sess.n):
         values = sess.exact_diagonal()

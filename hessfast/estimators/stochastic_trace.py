@@ -19,6 +19,7 @@ from .._checks import (
     check_positive,
     check_seed,
 )
+from .._probe import probe_operator
 from ..linop import LinearOperator
 from ..results import Status, TraceResult, z_value
 from .exchangeable import Exchangeable, orth_rows, xtrace_estimates
@@ -115,6 +116,7 @@ def trace(
     min_samples = check_int("min_samples", min_samples, 1, who=_WHO)
     if rtol is not None:
         stop = _Stop(rtol, z, max(min_samples, 2))
+    probe_operator(sess.A, sess.products.who)
 
     if sess.n == 0:
         out: _Outcome = (0.0, 0.0, 0, Status.EXACT)

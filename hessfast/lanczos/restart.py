@@ -130,7 +130,7 @@ class _Run:
         n, acc = self.n, self.acc
         X0 = self.random_rows(b)
         if v0 is not None:
-            v = v0.reshape(-1, n).to(device=self.bdev, dtype=self.wdtype)[:b]
+            v = v0.reshape(-1, n).to(device=self.bdev, dtype=self.wdtype)[:b]  # [j, n]
             X0[: v.shape[0]] = v
         Qh, R = torch.linalg.qr(X0.T.to(acc))
         diag = torch.diagonal(R).abs()
