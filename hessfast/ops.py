@@ -268,7 +268,8 @@ def basis_update(V: torch.Tensor, C: torch.Tensor, W: torch.Tensor) -> torch.Ten
     """Remove basis components from a block, in place: ``W[k, n] -= C[m, k]^T @ V[m, n]``.
 
     V: storage dtype; C: float32/float64, the arithmetic dtype (float64 when W is float64:
-    W is never rounded); W: float32/float64, must not alias V or overlap itself. Returns ``W``. The native kernels read V exactly once.
+    W is never rounded); W: float32/float64, must not alias V or overlap itself. Returns
+    ``W``. The native kernels read V exactly once.
     """
     _check_tensor("V", V, STORAGE_DTYPES)
     _check_tensor("C", C, WORK_DTYPES)
