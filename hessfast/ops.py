@@ -20,6 +20,7 @@ to a contiguous layout first (correct, at the cost of a copy); a strided-row bas
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -79,7 +80,27 @@ _CUDA_AUTO_REASON = (
 )
 
 
-def _pick(op: str, device: torch.device) -> str:
+#: Whether this process has warned that the native kernels are missing (once per process).
+_FALLBACK_WARNED = False
+
+
+def _warn_fallback() -> None:
+    """One UserWarning per process when ``auto`` falls back to the reference on the CPU because
+    ``hessfast._C`` did not import (a broken or missing build is otherwise invisible)."""
+    global _FALLBACK_WARNED
+    if _FALLBACK_WARNED:
+        return
+    _FALLBACK_WARNED = True
+    warnings.warn(
+        f"hessfast: native kernels unavailable ({_native.IMPORT_ERROR}); using the slower torch "
+        "reference path; rebuild with pip install . or set HESSFAST_BACKEND=reference to "
+        "silence",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _pick(op: str, device: torch.device, *, report: bool = False) -> str:
     forced = _forced()
     if forced == "reference":
         return "reference"
@@ -88,6 +109,8 @@ def _pick(op: str, device: torch.device) -> str:
         if forced == "auto" and device.type == "cuda" and op not in _CUDA_AUTO_NATIVE:
             return "reference"
         return "native"
+    if forced == "auto" and device.type == "cpu" and not _native.available() and not report:
+        _warn_fallback()
     if forced == "native":
         raise BackendUnavailableError(
             f"HESSFAST_BACKEND=native but the native {op} cannot run on {device.type}: "
@@ -115,7 +138,7 @@ def backend_report() -> dict[str, dict[str, Any]]:
                 reasons["native"] = reasons["native"] + ["no CUDA device visible to torch"]
                 reasons["reference"] = ["no CUDA device visible to torch"]
             try:
-                selected = _pick(op, torch.device(dev))
+                selected = _pick(op, torch.device(dev), report=True)
             except BackendUnavailableError as exc:
                 selected = f"error: {exc}"
             per_dev[dev] = {"selected": selected, "not_supported_reasons": reasons}
