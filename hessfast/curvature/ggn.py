@@ -177,6 +177,11 @@ def ggn(
     detection that takes ``loss_fn`` for ``loss_fn(model, batch)``. Other arguments as in
     :func:`~hessfast.hessian`.
 
+    Like :func:`~hessfast.hessian`, the operator is a SNAPSHOT of the curvature at the
+    parameters it is built at: a product after they changed (an optimizer step,
+    ``model.float()``) raises :class:`~hessfast.errors.ParametersChangedError`; build a new
+    operator at the new parameters. The model is never modified.
+
     Returns:
         :class:`GGNOperator`, ``matmat(V: [k, n]) -> [k, n]``.
     """

@@ -112,9 +112,20 @@ def hessian(
 ) -> HessianOperator:
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 
+    The operator is a SNAPSHOT of the curvature at the parameters (and buffer values) it is
+    built at: every product checks that the parameters are unchanged and raises
+    :class:`~hessfast.errors.ParametersChangedError` after an optimizer step,
+    ``model.float()``/``model.to(dtype)``, ``p.data = ...`` or a ``requires_grad`` change.
+    To follow training, build a new operator at each step.
+
     Args:
-        model: the network; never modified (modes restored, buffers untouched, no ``.grad``,
-            global RNG restored).
+        model: the network; never modified (Parameters and buffers stay the same objects
+            with the same values, modes restored, no ``.grad``, global RNG restored). A
+            forward that writes buffers (observers, counters) gets fresh copies of their
+            values at construction per batch, with a one-time warning. Float16 models warn
+            once (second derivatives overflow easily; bfloat16 or a float32 copy is safer).
+            A ``DataParallel`` model is unwrapped; ``DistributedDataParallel`` and models on
+            the meta device are refused.
         loss_fn: a criterion ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches,
             or ``loss_fn(model, batch) -> scalar`` for batches of any kind. Which one is
             decided by ``loss_form``, else by ``loss_fn`` itself (a torch loss; a first
@@ -151,14 +162,17 @@ def hessian(
         parameter entries; ``matmat(V: [k, n]) -> [k, n]``.
 
     Raises:
-        ConfigurationError, ArgumentTypeError, NoParametersError: bad arguments.
+        ConfigurationError, ArgumentTypeError, NoParametersError: bad arguments (also a
+            meta-device model, ``params`` as a bare string).
+        DistributedError: a ``DistributedDataParallel`` model.
         EmptyDataError, NotReiterableError, DataChangedError, BatchError: the data cannot
             be read, or a criterion gets batches that are not ``(inputs, targets)`` pairs.
         LossError, LossCallError, NonFiniteError, NonDeterministicError: the pre-flight
             (``check=True``) found a bad, failing, non-finite or random loss on batch 0.
         UnsupportedModelError: no path can differentiate the model twice.
         Products may raise ``NonFiniteError``, ``AsymmetricOperatorError`` (the first two
-        vectors, with ``check=True``), ``DataChangedError`` and, for an explicit
+        vectors, with ``check=True``), ``DataChangedError``, ``ParametersChangedError``
+        (the parameters changed since construction) and, for an explicit
         ``hvp_mode`` that cannot run, ``UnsupportedModelError``.
     """
     options = CurvatureOptions(

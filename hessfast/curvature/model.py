@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArgumentTypeError, BatchError, ConfigurationError, NoParametersError
+from ..errors import (
+    ArgumentTypeError,
+    BatchError,
+    ConfigurationError,
+    DistributedError,
+    NoParametersError,
+)
 from .data import describe
 
 __all__ = [
@@ -20,9 +26,11 @@ __all__ = [
     "LossModule",
     "OutputModule",
     "active_stochastic_modules",
+    "check_params",
     "model_modes",
     "select_params",
     "split_batch",
+    "unwrap_model",
 ]
 
 BN_MODES = ("eval", "train", "as_is")
@@ -169,3 +177,67 @@ def active_stochastic_modules(model: nn.Module) -> list[str]:
         if m.training and isinstance(m, nn.modules.dropout._DropoutNd):
             out.append(f"{name or '<root>'} ({type(m).__name__})")
     return out
+
+
+def check_params(
+    names: list[str], params: list[nn.Parameter]
+) -> tuple[torch.device, torch.dtype]:
+    """The one device and floating dtype of the selected parameters.
+
+    Raises:
+        ConfigurationError: several devices or dtypes, an integer dtype, the meta device.
+
+    Warns once for float16 (second derivatives overflow easily).
+    """
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ConfigurationError(
+            f"the selected parameters live on several devices {sorted(map(str, devices))}; "
+            "hessfast needs them on one device (move the model with model.to(device))"
+        )
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) > 1:
+        raise ConfigurationError(
+            f"the selected parameters have several dtypes {sorted(map(str, dtypes))}; "
+            "cast the model to one dtype"
+        )
+    dtype = dtypes.pop()
+    if not dtype.is_floating_point:
+        raise ConfigurationError(f"parameters must be floating point, got {dtype}")
+    device = devices.pop()
+    if device.type == "meta":
+        meta = names[:5]
+        raise ConfigurationError(
+            f"the selected parameters {meta}{' ...' if len(params) > 5 else ''} are "
+            "on the meta device (shapes only, no values): there is no curvature to "
+            "measure. Materialise the model first: model.to_empty(device='cpu' or 'cuda') "
+            "and then load its weights (model.load_state_dict(...))"
+        )
+    if dtype == torch.float16:
+        warnings.warn(
+            "hessfast: float16 model: second derivatives overflow float16's range (6.5e4) "
+            "easily; products are accumulated in float32, but each one is computed in "
+            "float16. Prefer bfloat16, or a float32 master copy of the model "
+            "(copy.deepcopy(model).float()) for measuring curvature",
+            stacklevel=4,
+        )
+    return device, dtype
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside an ``nn.DataParallel`` (one process: the same model).
+
+    Raises:
+        DistributedError: a ``DistributedDataParallel`` model, whose rank would measure the
+            curvature of its own data shard only.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise DistributedError(
+            "model is a DistributedDataParallel: each rank would measure the curvature of "
+            "its own data shard only (nothing is all-reduced), a different operator on "
+            "every rank. Pass model.module with ALL the data on one process, or wait for "
+            "hessfast's distributed operator"
+        )
+    if isinstance(model, nn.DataParallel):  # one process: the wrapped module is the model
+        model = model.module
+    return model
