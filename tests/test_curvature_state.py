@@ -161,3 +161,20 @@ def test_rng_untouched_by_plain_dataloader():
     assert_same_state(model, before)
     H.matmat(_V(H.shape[0]))
     assert_same_state(model, before)
+
+
+def test_operator_keeps_buffer_values_of_construction():
+    """Buffers are copied at construction (an operator is a snapshot): BN running statistics
+    the user changes afterwards (a train-mode forward) neither reach the operator nor are
+    reached by it."""
+    model, loss_fn, batches = make_cnn()
+    model.eval()
+    H = hf.hessian(model, loss_fn, batches)
+    V = _V(H.shape[0], 2)
+    first = H.matmat(V)
+    with torch.no_grad():
+        model.bn.running_mean.add_(0.5)
+        model.bn.running_var.mul_(2.0)
+    before = snapshot(model)
+    assert torch.equal(H.matmat(V), first)
+    assert_same_state(model, before)

@@ -82,6 +82,8 @@ def test_shared_module_keeps_parameters(kind, hvp_mode):
 def test_shared_module_every_public_call():
     """Every public entry point, then the user's optimizer still trains the shared layer."""
     model, loss_fn, batch = shared_module_mlp()
+    model[4].weight.grad = torch.ones_like(model[4].weight)
+    model.train()
     before = snapshot(model)
     H = hf.hessian(model, loss_fn, batch)
     n = H.shape[0]
@@ -107,19 +109,19 @@ def test_shared_module_every_public_call():
 
 
 def test_slot_guard_restores_swapped_parameters():
-    """The second line of defence: torch's own weight tying (tie_weights=True) on a shared
-    module leaves plain tensors in the model; the guard puts the Parameters back."""
-    model, _, (x, _) = shared_module_mlp()
-    before = snapshot(model)
-    leaves = {n: p.detach().clone() for n, p in model.named_parameters()}
-    torch.func.functional_call(model, leaves, (x,))  # the upstream bug, unguarded
-    assert type(model[0]._parameters["weight"]) is not nn.Parameter
+    """The second line of defence: whatever replaces a module's entries inside a guarded
+    computation (torch's own weight tying on a shared module, pytorch#164759, or a forward
+    that rebinds them) is put back by identity."""
     model, _, (x, _) = shared_module_mlp()
     before = snapshot(model)
     leaves = {n: p.detach().clone() for n, p in model.named_parameters()}
     with SlotGuard(model).hold():
-        torch.func.functional_call(model, leaves, (x,))
+        torch.func.functional_call(model, leaves, (x,))  # tie_weights=True, unguarded bug
+        model[0]._parameters["weight"] = torch.zeros(3, 3, dtype=torch.float64)
+        model[4]._parameters["extra"] = nn.Parameter(torch.zeros(1))
+        model[4]._buffers["stray"] = torch.zeros(1)
     assert_same_state(model, before)
+    assert "extra" not in model[4]._parameters and "stray" not in model[4]._buffers
 
 
 # ---------------------------------------------------------------------------------------
