@@ -140,7 +140,9 @@ class ParamFingerprint:
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)
         out = [0] * len(params)
-        for idx in by_device.values():
+        for device, idx in by_device.items():
+            if device.type == "meta":  # no values (an unselected, unmaterialised part)
+                continue
             sums = torch.stack([_checksum(params[i]) for i in idx]).tolist()
             for i, s in zip(idx, sums, strict=True):
                 out[i] = s
