@@ -3,10 +3,23 @@
 At construction, on the first batch, at the cost of one forward pass beyond batch 0's
 first-order graph (which graph reuse keeps, so it is built once):
 
+* the plain forward and loss run first, so an error in the user's model or loss is a
+  :class:`~hessfast.errors.LossCallError` with the user's exception chained and, when the
+  cause is recognisable, a hint (:func:`.forwardcheck.explain_call_error`);
 * the loss is a finite floating-point scalar that depends on the selected parameters
   (checked on batch 0's graph; every later graph is checked too);
 * the loss is repeatable: a second forward of batch 0 gives the same loss
   (``check_deterministic``), which catches dropout, noise and sampling in the model or loss;
+* every selected parameter gets a gradient: one used by the forward only with gradient
+  recording off (``torch.utils.checkpoint(use_reentrant=True)`` around the first layers)
+  raises :class:`~hessfast.errors.UnsupportedModelError`; one the loss does not use warns;
+  a curvature that is identically zero (a loss linear in the parameters) warns. Warnings
+  are UserWarnings starting "hessfast:", once per operator
+  (:func:`.forwardcheck.check_graph_structure`);
+* BatchNorm in training statistics and a later batch of one sample raises
+  :class:`~hessfast.errors.ConfigurationError` naming the batch
+  (:func:`.forwardcheck.check_small_batches`). These two checks cost one more forward of
+  batch 0, only when a parameter gets no gradient or a batch holds one sample;
 * with ``hvp_mode="fwd_rev"`` (or when double backward cannot build the graph), one
   forward-over-reverse product runs and, where double backward works, must agree with it.
 
@@ -31,10 +44,12 @@ import torch
 from ..errors import (
     AsymmetricOperatorError,
     HessfastError,
+    LossCallError,
     LossError,
     NonDeterministicError,
     NonFiniteError,
 )
+from .forwardcheck import check_graph_structure, check_small_batches, explain_call_error
 from .model import active_stochastic_modules
 from .plan import AGREE_EPS
 
@@ -64,6 +79,17 @@ def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
     # One guard for everything: the RNG advances from one evaluation to the next, so a
     # dropout layer draws a new mask for the repeat.
     with op._guard():
+        # The plain forward and loss first: an error in the user's code is reported as what
+        # it is, before any differentiation.
+        plain: torch.Tensor | None = None
+        try:
+            plain = op._loss_value(batch, index)
+        except LossCallError as exc:
+            raise explain_call_error(exc, op, batch) from exc.__cause__
+        except HessfastError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. not a tensor: the graph's check names it
+            plain = None
         try:
             state = op._first_graph()
         except HessfastError:
@@ -71,8 +97,12 @@ def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
         except Exception as exc:  # noqa: BLE001 - double backward cannot even start
             op._planner.path_failed("double_backward", exc)
         if check_deterministic:
-            first = state.loss if state is not None else op._loss_value(batch, index)
-            _check_repeatable(op, first, op._loss_value(batch, index), index)
+            first = plain if plain is not None else op._loss_value(batch, index)
+            again = state.loss if state is not None else op._loss_value(batch, index)
+            _check_repeatable(op, first, again, index)
+        if state is not None:
+            check_graph_structure(op, state, batch, index, stacklevel=5)
+        check_small_batches(op, batch, index)
         if op._planner.requested == "fwd_rev" or state is None:
             _check_fwd_rev(op, batch, index, state)
 
