@@ -173,7 +173,9 @@ def ggn(
 
     ``loss_fn`` must be a criterion ``loss_fn(outputs, targets)`` (e.g.
     ``nn.CrossEntropyLoss()``, ``nn.MSELoss()``, or any twice-differentiable function of
-    the outputs); batches are ``(inputs, targets)``. ``loss_form="criterion"`` overrides a
+    the outputs); batches are ``(inputs, targets)``. As for the Hessian, the GGN is that of
+    the loss averaged over samples, whatever the criterion's ``reduction`` (``"mean"`` or
+    ``"sum"``; see :func:`~hessfast.hessian`). ``loss_form="criterion"`` overrides a
     detection that takes ``loss_fn`` for ``loss_fn(model, batch)``. Other arguments as in
     :func:`~hessfast.hessian`.
 

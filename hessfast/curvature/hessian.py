@@ -118,6 +118,15 @@ def hessian(
     ``model.float()``/``model.to(dtype)``, ``p.data = ...`` or a ``requires_grad`` change.
     To follow training, build a new operator at each step.
 
+    The operator is the Hessian of the loss averaged over SAMPLES, ``(1/N) sum_i l_i`` for
+    ``N`` samples in all batches (the Hessian of the summed loss is ``N`` times it). A batch
+    loss that is a mean over its ``n_b`` samples is weighted ``n_b / N``, one that is a sum
+    ``1 / N``. How ``loss_fn`` reduces is read from ``loss_fn.reduction`` (torch's losses:
+    ``"mean"``, ``"sum"``; ``"none"`` is refused) or from the default of a ``reduction``
+    argument (``functools.partial(F.cross_entropy, reduction="sum")``); any other callable
+    is assumed to return the batch MEAN: give a callable that returns the batch sum the
+    attribute ``loss_fn.reduction = "sum"``.
+
     Args:
         model: the network; never modified (Parameters and buffers stay the same objects
             with the same values, modes restored, no ``.grad``, global RNG restored). A
@@ -137,7 +146,9 @@ def hessian(
         data: ONE batch if it is a tensor, a tuple (e.g. ``(inputs, targets)``) or a dict;
             otherwise (a list, a DataLoader without shuffling, any re-iterable) a SEQUENCE
             of batches: ``[ids_0, ids_1, ids_2]`` is three batches. To pass one batch of
-            another kind, wrap it: ``data=[batch]``.
+            another kind, wrap it: ``data=[batch]``. Data without ``len()`` (an
+            ``IterableDataset``) may hold at most ``hessfast.curvature.data.
+            MAX_UNSIZED_BATCHES`` (100_000) batches, else ``UnboundedDataError``.
         params: parameter names or tensors to differentiate; default all trainable ones.
         bn_mode: ``"eval"`` (dropout off, BatchNorm running statistics), ``"train"``
             (BatchNorm with each batch's statistics, running statistics never updated,
@@ -147,11 +158,15 @@ def hessian(
         check: run the pre-flight on batch 0 (a valid, finite loss; forward-over-reverse
             agreeing with double backward when it is used) and check the first products
             (finite, ``u.(Hv) == v.(Hu)`` for the first two vectors multiplied). Costs one
-            forward beyond batch 0's graph, which graph reuse keeps.
+            forward beyond batch 0's graph, which graph reuse keeps. Also warns (once, a
+            ``UserWarning`` starting "hessfast:") about parameters that get no gradient on
+            batch 0 and an identically zero Hessian (a loss linear in the parameters).
         check_deterministic: in the pre-flight, also evaluate the loss twice and require
             equality (catches dropout, noise); False accepts a random operator and skips
             the symmetry check.
-        batch_size_fn: number of samples of a batch (default: first dim of its first tensor).
+        batch_size_fn: number of samples of a batch (default: the leading dimension of its
+            tensors that have one; when they disagree and the weights depend on which
+            counts, ``BatchError`` asks for this).
         loss_form: ``"auto"``, ``"criterion"`` (``loss_fn(model(inputs), targets)``) or
             ``"model"`` (``loss_fn(model, batch)``).
         chunk_size: rows of a block per batched call (default: chosen by timing / up to 32).
@@ -169,7 +184,10 @@ def hessian(
             be read, or a criterion gets batches that are not ``(inputs, targets)`` pairs.
         LossError, LossCallError, NonFiniteError, NonDeterministicError: the pre-flight
             (``check=True``) found a bad, failing, non-finite or random loss on batch 0.
-        UnsupportedModelError: no path can differentiate the model twice.
+        UnboundedDataError: data without ``len()`` did not end within the batch limit.
+        UnsupportedModelError: no path can differentiate the model twice, or the forward
+            uses parameters only with gradient recording off (reentrant checkpoint).
+        ConfigurationError: also BatchNorm in batch statistics with a batch of one sample.
         Products may raise ``NonFiniteError``, ``AsymmetricOperatorError`` (the first two
         vectors, with ``check=True``), ``DataChangedError``, ``ParametersChangedError``
         (the parameters changed since construction) and, for an explicit
