@@ -424,8 +424,8 @@ def test_diagonal_by_param_on_model_hessian(float64_default):
     params = dict(model.named_parameters())
 
     before = (op.num_matvecs, op.num_passes)
-    d = diagonal(op, 400, method="hutchinson", seed=0)
-    assert (op.num_matvecs - before[0], op.num_passes - before[1]) == (400, 1)
+    d = diagonal(op, n - 1, method="hutchinson", seed=0)  # below n: sampled, not exact
+    assert (op.num_matvecs - before[0], op.num_passes - before[1]) == (n - 1, 1)
     assert d.by_param is not None and set(d.by_param) == set(op.param_names)
     for name, t in d.by_param.items():
         assert t.shape == params[name].shape

@@ -28,7 +28,7 @@ from ..lanczos.probes import REORTHS
 from ..linop import LinearOperator
 from .kpm import kpm
 from .result import SpectralDensity
-from .slq import slq
+from .slq import slq, slq_group_size, slq_grouped
 
 __all__ = ["METHODS", "draw_probes", "spectral_density"]
 
@@ -79,7 +79,8 @@ def spectral_density(
         A: symmetric :class:`~hessfast.linop.LinearOperator` ``[n, n]``, ``n >= 1`` (a dense
             square tensor is wrapped with :meth:`LinearOperator.from_matrix`).
         num_probes: P >= 1 random probes, advanced together (one ``A.matmat`` of ``[P, n]``
-            per step).
+            per step). SLQ with more probes than fit in 256 MB (and more than 64) runs them in
+            groups, so memory does not grow with P (passes: ``m`` per group).
         num_steps: SLQ: Lanczos steps per probe, m >= 1 (clipped to ``n``: the rule is then
             exact). Data passes: ``m``. KPM: sets the default ``num_moments = 2 m``.
         method: ``"slq"`` (stochastic Lanczos quadrature) or ``"kpm"`` (kernel polynomial
@@ -128,17 +129,29 @@ def spectral_density(
         num_moments = check_int("num_moments", num_moments, 1, who=_WHO)
     n = A.shape[0]
     probe_name = probe
+    m = min(num_steps, n)
+    group = slq_group_size(n, m, reorth, work, bdtype)
+    Z: torch.Tensor | None = None
     if v0 is not None:
         Z = _start_vectors(v0, n, work, A.device)
         probe_name = "given"
-    else:
+    elif method == "kpm" or num_probes <= group:
         Z = draw_probes(n, num_probes, seed=seed, probe=probe, dtype=work, device=A.device)
     probe_operator(A, _WHO)
 
     products = Products(A, work, _WHO)
     with torch.no_grad():
-        if method == "slq":
-            fields = slq(products, Z, min(num_steps, n), reorth, bdtype)
+        if method == "slq" and Z is not None:
+            fields = slq(products, Z, m, reorth, bdtype)
+        elif method == "slq":  # many probes: streamed in groups, memory bounded
+            gen = probe_generator(seed)
+
+            def draw(count: int) -> torch.Tensor:
+                G = sample_probes(gen, count, n, probe)
+                G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
+                return G.to(device=A.device, dtype=work)
+
+            fields = slq_grouped(products, draw, num_probes, m, reorth, bdtype, group)
         else:
             M = num_moments if num_moments is not None else 2 * num_steps
             fields = kpm(products, Z, M, bdtype)

@@ -14,7 +14,13 @@ from ..lanczos.probes import probe_lanczos
 from ..results import Status
 from .result import slq_sigma
 
-__all__ = ["slq"]
+__all__ = ["GROUP_BYTES", "MIN_GROUP", "slq", "slq_grouped", "slq_group_size"]
+
+#: Probes advance together (one product per step for all of them) unless their memory (bases
+#: and recurrence vectors) exceeds this: then they run in groups of this size...
+GROUP_BYTES = 2**28
+#: ...but never in groups of fewer probes than this (ordinary runs are one group).
+MIN_GROUP = 64
 
 
 def slq(
@@ -50,3 +56,39 @@ def slq(
         default_sigma=slq_sigma(bounds, m),
         status=Status.CONVERGED,
     )
+
+
+def slq_group_size(n: int, m: int, reorth: str, work: torch.dtype, bdtype: torch.dtype) -> int:
+    """Probes per group: ``GROUP_BYTES`` of per-probe memory (4 working vectors, plus the
+    ``m``-row basis with ``reorth="full"``), at least ``MIN_GROUP``."""
+    wbytes = torch.finfo(work).bits // 8
+    bbytes = torch.finfo(bdtype).bits // 8 if reorth == "full" else 0
+    per_probe = max(n, 1) * (4 * wbytes + m * bbytes)
+    return max(MIN_GROUP, GROUP_BYTES // per_probe)
+
+
+def slq_grouped(
+    products: Callable[[torch.Tensor], torch.Tensor],
+    draw: Callable[[int], torch.Tensor],
+    P: int,
+    m: int,
+    reorth: str,
+    bdtype: torch.dtype,
+    group: int,
+) -> dict[str, Any]:
+    """:func:`slq` on ``P`` probes drawn ``group`` at a time by ``draw(count) -> [count, n]``
+    (unit rows): memory stays one group's whatever ``P``; the fields are those of one run on
+    all probes (nodes and weights ``[P, m]``), at ``ceil(P / group)`` times the passes."""
+    parts = []
+    for start in range(0, P, group):
+        parts.append(slq(products, draw(min(group, P - start)), m, reorth, bdtype))
+    if len(parts) == 1:
+        return parts[0]
+    out = dict(parts[0])
+    for key in ("nodes", "weights", "steps"):
+        out[key] = torch.cat([f[key] for f in parts])
+    out["trace_weights"] = out["weights"]
+    bounds = (min(f["bounds"][0] for f in parts), max(f["bounds"][1] for f in parts))
+    out["bounds"] = bounds
+    out["default_sigma"] = slq_sigma(bounds, m)
+    return out

@@ -27,6 +27,9 @@ __all__ = ["MIN_MATVECS", "Session", "max_matvecs_arg", "mean_stderr", "next_blo
 MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 2, "xdiag": 2}
 #: Unit vectors per pass on the exact path when no block_size is given (memory: rows x n).
 EXACT_BLOCK = 1024
+#: Most bytes of one block of probes (and of its products): a budget of any size streams
+#: through blocks of at most this many rows x n, so memory never grows with the budget.
+BLOCK_BYTES = 2**28
 _DEFAULT_BUDGET = 99
 
 
@@ -61,9 +64,16 @@ class Session:
         """``[k, n]`` probes in the working dtype on ``A.device``."""
         return sample_probes(self.gen, k, self.n, self.probe, dtype=self.work, device=self.device)
 
+    @property
+    def max_rows(self) -> int:
+        """Most rows of one block: ``BLOCK_BYTES`` of probes in the working dtype (>= 1)."""
+        row = max(self.n, 1) * torch.finfo(self.work).bits // 8
+        return max(1, BLOCK_BYTES // row)
+
     def chunks(self, k: int, default_cap: int | None = None) -> list[int]:
-        """Rows per ``matmat`` call for a block of k rows (``block_size`` caps them)."""
-        cap = self.block_size or default_cap or max(k, 1)
+        """Rows per ``matmat`` call for a block of k rows: ``block_size`` (or ``default_cap``,
+        else all k) caps them, and so does :attr:`max_rows` (memory bounded whatever k)."""
+        cap = min(self.block_size or default_cap or max(k, 1), self.max_rows)
         return [min(cap, k - i) for i in range(0, k, cap)]
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,10 @@ def diagonal(
         A: the operator (or a dense square tensor).
         max_matvecs: budget of products. ``"hutchinson"`` uses all of it in one pass of
             Rademacher probes: ``d = sum_i z_i * (A z_i) / sum_i z_i * z_i`` (Bekas et al.;
-            the denominator is m for Rademacher probes). ``"xdiag"`` uses ``k = m // 2``
-            probes and ``A Q`` (two passes); with ``max_matvecs >= n`` it reads the exact
-            diagonal from the n unit vectors instead (n products, status ``EXACT``).
+            the denominator is m for Rademacher probes), streamed through blocks of at most
+            256 MB. ``"xdiag"`` uses ``k = m // 2`` probes and ``A Q`` (two passes). With
+            ``max_matvecs >= n`` both read the exact diagonal from the n unit vectors instead
+            (n products, status ``EXACT``).
         method: ``"hutchinson"`` (default) or ``"xdiag"``.
         seed: seed of the private probe generator.
         num_matvecs: deprecated name of ``max_matvecs`` (a DeprecationWarning; removed in
@@ -61,7 +62,7 @@ def diagonal(
     m = sess.budget(method, max_matvecs)
     probe_operator(sess.A, sess.products.who)
     status = Status.CONVERGED
-    if sess.n == 0 or (method == "xdiag" and m >= sess.n):
+    if sess.n == 0 or m >= sess.n:
         values = sess.exact_diagonal()
         stderr = torch.zeros_like(values)
         status = Status.EXACT

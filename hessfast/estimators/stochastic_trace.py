@@ -71,6 +71,9 @@ def trace(
             ``"xtrace"`` compute the trace exactly from the n unit vectors (n products,
             ``stderr = 0``, status ``EXACT``) instead of spending the budget on a sketch that
             covers R^n; this holds in the adaptive mode too (the cost is then at most n).
+            ``"hutchinson"`` does the same with a fixed budget ``>= n``; in the adaptive mode
+            it samples (stopping on ``rtol``). Probes stream through blocks of at most
+            ``session.BLOCK_BYTES`` (256 MB), so memory does not grow with the budget.
         method: ``"hutchinson"``, ``"hutch++"`` (default) or ``"xtrace"``.
         seed: seed of the private probe generator (the global RNG is not used).
         rtol: adaptive mode: stop once the ``confidence`` interval half-width
@@ -120,7 +123,7 @@ def trace(
 
     if sess.n == 0:
         out: _Outcome = (0.0, 0.0, 0, Status.EXACT)
-    elif method != "hutchinson" and m >= sess.n:
+    elif m >= sess.n and (method != "hutchinson" or stop is None):
         d = sess.exact_diagonal()
         out = (float(d.sum(dtype=torch.float64)), 0.0, 0, Status.EXACT)
     elif method == "xtrace":
