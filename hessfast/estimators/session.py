@@ -140,11 +140,11 @@ def mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
 
 
 def next_block(
-    count: int, est: float, stderr: float, z: float, rtol: float, remaining: int, floor_frac: float
+    count: int, stderr: float, z: float, target: float, remaining: int, floor_frac: float
 ) -> int:
     """Size of the next adaptive block: the 1/sqrt(m) prediction of the samples still
-    needed (+10%), at least ``floor_frac * count`` (few passes), at most ``remaining``."""
-    target = rtol * abs(est)
+    needed (+10%) to bring ``z * stderr`` to ``target`` (the half-width asked for), at least
+    ``floor_frac * count`` (few passes), at most ``remaining``."""
     if target > 0 and math.isfinite(stderr):
         needed = count * (z * stderr / target) ** 2
         want = math.ceil(1.1 * needed) - count if needed < 1e15 else remaining

@@ -33,15 +33,20 @@ _WHO = "trace"
 
 @dataclass(frozen=True)
 class _Stop:
-    """The adaptive rule: stop once ``z * stderr <= rtol * |estimate|`` with at least
-    ``min_samples`` samples."""
+    """The adaptive rule: stop once ``z * stderr <= max(atol, rtol * |estimate|)`` with at
+    least ``min_samples`` samples."""
 
     rtol: float
     z: float
     min_samples: int
+    atol: float = 0.0
+
+    def target(self, est: float) -> float:
+        """The half-width asked for at this estimate."""
+        return max(self.atol, self.rtol * abs(est))
 
     def met(self, est: float, err: float, count: int) -> bool:
-        return count >= self.min_samples and self.z * err <= self.rtol * abs(est)
+        return count >= self.min_samples and self.z * err <= self.target(est)
 
 
 # (value, stderr, samples, status) of one run
@@ -55,6 +60,7 @@ def trace(
     method: str = "hutch++",
     seed: int = 0,
     rtol: float | None = None,
+    atol: float | None = None,
     confidence: float = 0.95,
     min_samples: int = 10,
     block_size: int | None = None,
@@ -80,6 +86,9 @@ def trace(
             ``z * stderr <= rtol * |estimate|`` with at least ``min_samples`` samples, or
             when the budget is spent (then status ``MAX_MATVECS``, ``converged=False`` and a
             warning).
+        atol: adaptive mode with an absolute target: stop once the half-width
+            ``<= max(atol, rtol * |estimate|)`` (alone, or with ``rtol``; a trace near 0 can
+            never meet a relative target).
         confidence: level of that interval, in (0, 1).
         min_samples: fewest samples (probes behind the standard error) before the adaptive
             rule may stop; at least 2 are always used.
@@ -115,10 +124,12 @@ def trace(
     stop = None
     if rtol is not None:
         rtol = check_positive("rtol", rtol, who=_WHO)
+    if atol is not None:
+        atol = check_positive("atol", atol, who=_WHO)
     z = z_value(check_level("confidence", confidence, who=_WHO))
     min_samples = check_int("min_samples", min_samples, 1, who=_WHO)
-    if rtol is not None:
-        stop = _Stop(rtol, z, max(min_samples, 2))
+    if rtol is not None or atol is not None:
+        stop = _Stop(rtol or 0.0, z, max(min_samples, 2), atol or 0.0)
     probe_operator(sess.A, sess.products.who)
 
     if sess.n == 0:
@@ -140,11 +151,15 @@ def trace(
     if not res.converged:
         warnings.warn(
             f"hessfast: trace(method={method!r}) spent its budget of {m} matvecs before the "
-            f"{confidence:.0%} interval reached rtol={rtol:g}: estimate {res.value:.6g} "
+            f"{confidence:.0%} interval reached {_asked(rtol, atol)}: estimate {res.value:.6g} "
             f"+/- {z * res.stderr:.3g} from {res.num_samples} samples; raise max_matvecs",
             stacklevel=2,
         )
     return res
+
+
+def _asked(rtol: float | None, atol: float | None) -> str:
+    return " or ".join(f"{k}={v:g}" for k, v in (("rtol", rtol), ("atol", atol)) if v is not None)
 
 
 def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Tensor:
@@ -179,7 +194,7 @@ def _hutchinson(sess: Session, m: int, hutchpp: bool, stop: _Stop | None) -> _Ou
         if count < stop.min_samples:
             j = min(stop.min_samples - count, remaining)
         else:
-            j = next_block(count, offset + mean, err, stop.z, stop.rtol, remaining, 0.25)
+            j = next_block(count, err, stop.z, stop.target(offset + mean), remaining, 0.25)
         samples = torch.cat([samples, _hutchinson_block(sess, j, Q)])
         remaining -= j
         mean, err = mean_stderr(samples)
@@ -208,5 +223,5 @@ def _xtrace(sess: Session, m: int, stop: _Stop | None) -> _Outcome:
         if st.k < stop.min_samples:
             j = min(stop.min_samples - st.k, room)
         else:  # XTrace beats 1/sqrt(m): cap the prediction by doubling
-            j = min(next_block(st.k, mean, err, stop.z, stop.rtol, room, 0.25), st.k)
+            j = min(next_block(st.k, err, stop.z, stop.target(mean), room, 0.25), st.k)
         st.grow(j)
