@@ -141,6 +141,13 @@ def eigsh(
 
     Returns:
         :class:`EigshResult`.
+
+    Raises:
+        ConfigurationError: a bad argument, named (``max_matvecs`` below one block or k,
+            ``v0`` of the wrong shape, ``basis_dtype``, ``basis_device``, ``seed``...).
+        AsymmetricOperatorError, NonDeterministicError: the one-time probe of an unchecked
+            operator (:mod:`hessfast._probe`; 4 products, not in ``num_matvecs``) found it
+            asymmetric or random.
     """
     t0 = time.perf_counter()
     who = "hessfast.eigsh"
