@@ -3,9 +3,10 @@
 At construction, on the first batch, at the cost of one forward pass beyond batch 0's
 first-order graph (which graph reuse keeps, so it is built once):
 
-* the plain forward and loss run first, so an error in the user's model or loss is a
-  :class:`~hessfast.errors.LossCallError` with the user's exception chained and, when the
-  cause is recognisable, a hint (:func:`.forwardcheck.explain_call_error`);
+* an error in the user's model or loss (on batch 0's forward, before any differentiation)
+  is a :class:`~hessfast.errors.LossCallError` with the user's exception chained and, when
+  the cause is recognisable, a hint (:func:`.forwardcheck.explain_call_error`); only a
+  failure of the differentiation itself is an :class:`~hessfast.errors.UnsupportedModelError`;
 * the loss is a finite floating-point scalar that depends on the selected parameters
   (checked on batch 0's graph; every later graph is checked too);
 * the loss is repeatable: a second forward of batch 0 gives the same loss
@@ -75,36 +76,34 @@ def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
             one cannot.
     """
     index, batch = op._batch0()
-    state: Any = None
     # One guard for everything: the RNG advances from one evaluation to the next, so a
     # dropout layer draws a new mask for the repeat.
     with op._guard():
-        # The plain forward and loss first: an error in the user's code is reported as what
-        # it is, before any differentiation.
-        plain: torch.Tensor | None = None
         try:
-            plain = op._loss_value(batch, index)
+            _checks(op, batch, index, check_deterministic)
         except LossCallError as exc:
+            # the user's forward or loss raised: say so, with a hint for the cause
             raise explain_call_error(exc, op, batch) from exc.__cause__
-        except HessfastError:
-            raise
-        except Exception:  # noqa: BLE001 - e.g. not a tensor: the graph's check names it
-            plain = None
-        try:
-            state = op._first_graph()
-        except HessfastError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - double backward cannot even start
-            op._planner.path_failed("double_backward", exc)
-        if check_deterministic:
-            first = plain if plain is not None else op._loss_value(batch, index)
-            again = state.loss if state is not None else op._loss_value(batch, index)
-            _check_repeatable(op, first, again, index)
-        if state is not None:
-            check_graph_structure(op, state, batch, index, stacklevel=5)
-        check_small_batches(op, batch, index)
-        if op._planner.requested == "fwd_rev" or state is None:
-            _check_fwd_rev(op, batch, index, state)
+
+
+def _checks(op: CurvatureOperator, batch: Any, index: int, check_deterministic: bool) -> None:
+    state: Any = None
+    try:
+        # the forward is wrapped by op._call_loss: the user's errors are LossCallErrors,
+        # anything else is double backward failing
+        state = op._first_graph()
+    except HessfastError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - double backward cannot even start
+        op._planner.path_failed("double_backward", exc)
+    if check_deterministic:
+        first = state.loss if state is not None else op._loss_value(batch, index)
+        _check_repeatable(op, first, op._loss_value(batch, index), index)
+    if state is not None:
+        check_graph_structure(op, state, batch, index, stacklevel=6)
+    check_small_batches(op, batch, index)
+    if op._planner.requested == "fwd_rev" or state is None:
+        _check_fwd_rev(op, batch, index, state)
 
 
 def check_loss(loss: Any, index: int) -> None:
