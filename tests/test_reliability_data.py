@@ -69,6 +69,31 @@ def test_sum_criterion_ggn_is_the_mean_loss_ggn():
     assert rel_err(dense(G), ref) < TOL
 
 
+def _plain_summed_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def test_loss_reduction_argument_declares_a_sum():
+    """A callable that returns the batch sum, declared by loss_reduction="sum", gives the
+    mean-loss Hessian; undeclared it is read as a mean and the reason says so."""
+    model, mean_ce, batches = make_mlp(sizes=(8, 8, 5))
+    ref = dense_hessian_reference(model, mean_ce, batches)
+    H = hf.hessian(model, _plain_summed_ce, batches, loss_reduction="sum")
+    assert rel_err(dense(H), ref) < TOL
+    assert H.loss_reduction == "sum" and "loss_reduction='sum'" in H.loss_reduction_reason
+    H2 = hf.hessian(model, _plain_summed_ce, batches)
+    assert H2.loss_reduction == "mean" and "assumed" in H2.loss_reduction_reason
+    assert rel_err(dense(H2), ref) > 1.0  # the undeclared sum is (wrongly) weighted n_b/N
+
+
+def test_loss_reduction_argument_contradicting_the_criterion_raises():
+    model, _, batches = make_mlp()
+    with pytest.raises(errors.ConfigurationError, match="loss_reduction='sum' was given"):
+        hf.hessian(model, nn.CrossEntropyLoss(), batches, loss_reduction="sum")
+    with pytest.raises(errors.ConfigurationError, match="loss_reduction must be one of"):
+        hf.hessian(model, nn.CrossEntropyLoss(), batches, loss_reduction="batchmean")
+
+
 def test_reduction_none_is_refused_naming_the_fix():
     model, _, batches = make_mlp()
     with pytest.raises(errors.LossError, match="reduction is 'none'.*reduction='mean'"):
@@ -149,6 +174,14 @@ def test_endless_iterable_dataset_raises_instead_of_hanging(monkeypatch):
         hf.hessian(model, loss_fn, DataLoader(_Stream(None), batch_size=None))
     assert time.perf_counter() - start < 1.0
     assert_same_state(model, before)
+
+
+def test_max_batches_argument_bounds_the_first_pass():
+    model, loss_fn, _ = make_mlp()
+    with pytest.raises(errors.UnboundedDataError, match="more than 7 batches"):
+        hf.hessian(model, loss_fn, DataLoader(_Stream(None), batch_size=None), max_batches=7)
+    with pytest.raises(errors.ConfigurationError, match="max_batches must be a positive"):
+        hf.hessian(model, loss_fn, DataLoader(_Stream(3), batch_size=None), max_batches=0)
 
 
 def test_finite_unsized_data_within_the_limit_works(monkeypatch):

@@ -109,6 +109,8 @@ def hessian(
     loss_form: str = "auto",
     chunk_size: int | None = None,
     reuse_graph: bool | None = None,
+    loss_reduction: str = "auto",
+    max_batches: int | None = None,
 ) -> HessianOperator:
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 
@@ -171,6 +173,13 @@ def hessian(
             ``"model"`` (``loss_fn(model, batch)``).
         chunk_size: rows of a block per batched call (default: chosen by timing / up to 32).
         reuse_graph: force graph reuse on/off in auto mode (default: when it fits memory).
+        loss_reduction: ``"auto"`` (read from ``loss_fn`` as above, else mean), ``"mean"``
+            or ``"sum"``: how ``loss_fn`` reduces over a batch; a declared value that
+            contradicts ``loss_fn.reduction`` raises. Recorded as ``H.loss_reduction`` with
+            ``H.loss_reduction_reason``.
+        max_batches: for data without ``len()`` (an ``IterableDataset`` loader), the most
+            batches the first pass reads before raising ``UnboundedDataError`` (default
+            100_000): an endless stream fails fast instead of hanging.
 
     Returns:
         :class:`HessianOperator` with ``shape == (n, n)``, n the number of selected
@@ -197,5 +206,6 @@ def hessian(
         params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
         loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
+        loss_reduction=loss_reduction, max_batches=max_batches,
     )
     return HessianOperator(model, loss_fn, data, options)

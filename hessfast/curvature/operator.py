@@ -59,6 +59,8 @@ class CurvatureOperator(LinearOperator):
     Attributes:
         model, loss_fn, bn_mode: as given (a ``DataParallel`` model unwrapped).
         loss_form: ``"criterion"`` or ``"model"``: how ``loss_fn`` is called.
+        loss_reduction, loss_reduction_reason: ``"mean"`` or ``"sum"`` (how a batch's loss
+            reduces over its samples, which sets the batch weights), and where it was read.
         param_names, param_shapes, param_dtype: the selected parameters.
         num_samples, num_batches: the data (empty batches not counted).
         hvp_mode, hvp_mode_reason: the path of the last product, and why.
@@ -97,12 +99,17 @@ class CurvatureOperator(LinearOperator):
         # Iterating a DataLoader draws a seed from the global RNG: fork it (once around
         # both passes, so a shuffling loader still shows itself in the second one).
         with torch.random.fork_rng(devices=self._rng_devices(device)):
-            self._data = BatchSource(data, options.batch_size_fn, verify=options.check)
+            self._data = BatchSource(
+                data, options.batch_size_fn, verify=options.check,
+                max_batches=options.max_batches,
+            )
         self.num_samples = self._data.num_samples
         self.num_batches = self._data.num_batches
         self.loss_form, self.loss_form_reason = self._decide_loss_form(options.loss_form)
         # The batch weights depend on how the loss reduces over a batch (mean or sum).
-        self._data.set_loss(self.loss_fn, self.loss_form)
+        self._data.set_loss(self.loss_fn, self.loss_form, options.loss_reduction)
+        self.loss_reduction = self._data.reduction
+        self.loss_reduction_reason = self._data.reduction_reason
         selected = {id(p) for p in self._params}
         self._other_params = {
             n: p for n, p in model.named_parameters() if id(p) not in selected

@@ -13,7 +13,9 @@ from .lossform import LOSS_FORMS
 from .model import BN_MODES
 from .plan import HVP_MODES
 
-__all__ = ["CurvatureOptions"]
+__all__ = ["LOSS_REDUCTIONS", "CurvatureOptions"]
+
+LOSS_REDUCTIONS = ("auto", "mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class CurvatureOptions:
         loss_form: ``"auto"``, ``"criterion"`` or ``"model"``.
         chunk_size: rows of a block per batched call; None: chosen.
         reuse_graph: force graph reuse on or off in auto mode; None: when it fits.
+        loss_reduction: ``"auto"``, ``"mean"`` or ``"sum"``: how ``loss_fn`` reduces.
+        max_batches: the first pass's batch limit for data without ``len()``; None: default.
     """
 
     params: Sequence[str] | Sequence[torch.Tensor] | None = None
@@ -41,6 +45,8 @@ class CurvatureOptions:
     loss_form: str = "auto"
     chunk_size: int | None = None
     reuse_graph: bool | None = None
+    loss_reduction: str = "auto"
+    max_batches: int | None = None
 
     def __post_init__(self) -> None:
         if self.hvp_mode not in HVP_MODES:
@@ -52,6 +58,18 @@ class CurvatureOptions:
         if self.loss_form not in LOSS_FORMS:
             raise ConfigurationError(
                 f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}"
+            )
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigurationError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}"
+            )
+        if self.max_batches is not None and (
+            isinstance(self.max_batches, bool)
+            or not isinstance(self.max_batches, int)
+            or self.max_batches < 1
+        ):
+            raise ConfigurationError(
+                f"max_batches must be a positive integer or None, got {self.max_batches!r}"
             )
         if self.chunk_size is not None and int(self.chunk_size) < 1:
             raise ConfigurationError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
