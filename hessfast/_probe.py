@@ -10,7 +10,7 @@ its arguments and before its first product. An operator is probed once: afterwar
   waived it with ``check_symmetric=False``);
 * ``LinearOperator.from_function(..., check=False)``, or any operator with
   ``A.checked = True`` set by its owner;
-* operators whose class sets ``checks_itself = True`` (they run their own pre-flight), and
+* operators whose class sets ``checks_itself = True`` because they run their own pre-flight:
   the model operators of :mod:`hessfast.curvature` (pre-flight ``check=True``; the user's
   ``check=False`` is respected too).
 
@@ -58,11 +58,8 @@ _FIX = (
 
 
 def _skip(A: Any) -> bool:
-    if getattr(A, "checked", False) or getattr(type(A), "checks_itself", False):
-        return True
-    # model operators run their own pre-flight (hessfast.curvature.preflight); recognised by
-    # their module so that the algorithms never import hessfast.curvature
-    return type(A).__module__.startswith("hessfast.curvature")
+    # model operators (hessfast.curvature) set checks_itself: they run their own pre-flight
+    return bool(getattr(A, "checked", False) or getattr(type(A), "checks_itself", False))
 
 
 def _mark(A: Any) -> None:

@@ -79,11 +79,6 @@ class ParametersChangedError(HessfastError, RuntimeError):
     built at. Build a new one at the new parameters."""
 
 
-class ModelForwardError(HessfastError, RuntimeError):
-    """The user's model or loss raised on a plain forward (before any differentiation): a
-    dtype or device mismatch, an output of the wrong kind, targets of the wrong shape."""
-
-
 class UnboundedDataError(HessfastError, ValueError):
     """The data has no length and did not end within the batch limit (an endless
     ``IterableDataset``): hessfast needs a finite, fixed set of batches."""
@@ -106,7 +101,6 @@ __all__ = [
     "HessfastError",
     "LossCallError",
     "LossError",
-    "ModelForwardError",
     "NoParametersError",
     "NonDeterministicError",
     "NonFiniteError",

@@ -68,6 +68,8 @@ class CurvatureOperator(LinearOperator):
     """
 
     _kind = "curvature"
+    # the pre-flight (check=True) replaces the algorithms' one-time probe (hessfast._probe)
+    checks_itself = True
 
     def __init__(
         self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions

@@ -61,14 +61,20 @@ def compute_loss(model, loss_fn, batch, loss_form: str = "auto") -> torch.Tensor
 
 
 def default_batch_size(batch) -> int:
-    """Samples in a batch: the leading dimension of its first tensor (dicts, tuples, lists)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, dict):
-        return default_batch_size(next(iter(batch.values())))
-    if isinstance(batch, (tuple, list)):
-        return default_batch_size(batch[0])
-    raise TypeError(f"cannot size batch of type {type(batch).__name__}")
+    """Samples in a batch: the leading dimension of its first tensor that has one (dicts,
+    tuples, lists; 0-d tensors such as a temperature are skipped)."""
+    stack = [batch]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, torch.Tensor):
+            if item.dim() > 0:
+                return int(item.shape[0])
+        elif isinstance(item, dict):
+            stack[:0] = list(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack[:0] = list(item)
+    raise TypeError(f"cannot size a batch of type {type(batch).__name__}: no tensor has a "
+                    "leading dimension (pass batch_size_fn)")
 
 
 def select_params(model: nn.Module, params=None) -> list[tuple[str, torch.Tensor]]:
