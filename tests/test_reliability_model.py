@@ -3,7 +3,7 @@
 * a module reused at two places keeps its nn.Parameters through every public call;
 * a forward that writes buffers (counters, running averages, FakeQuantize observers) leaves
   the user's buffers bit-identical, and the operator is a fixed function;
-* DistributedDataParallel is refused, DataParallel unwrapped;
+* DistributedDataParallel is refused without a process group, DataParallel unwrapped;
 * flatten/unflatten refuse wrong sizes and missing names;
 * an operator is a snapshot: a product after the parameters changed raises;
 * meta models, bare-string ``params`` and fp16 models get clear answers.
@@ -216,7 +216,7 @@ def test_fakequantize_observer_buffers_untouched():
 
 
 # ---------------------------------------------------------------------------------------
-# 3. DistributedDataParallel refused, DataParallel unwrapped
+# 3. DistributedDataParallel refused without a group, DataParallel unwrapped
 # ---------------------------------------------------------------------------------------
 
 
@@ -226,7 +226,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_refused():
+def test_ddp_refused_without_group_unwrapped_with_one():
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("gloo not available")
@@ -238,7 +238,12 @@ def test_ddp_refused():
         ddp = nn.parallel.DistributedDataParallel(model)
         before = snapshot(model)
         with pytest.raises(errors.DistributedError, match=r"model\.module.*one process"):
-            hf.hessian(ddp, loss_fn, batch)
+            hf.hessian(ddp, loss_fn, batch, process_group=None)
+        assert_same_state(model, before)
+        # its own group (one rank here): unwrapped, the curvature of model.module
+        H = hf.hessian(ddp, loss_fn, batch)
+        assert H.model is model
+        assert rel_err(H.to_dense(), dense_hessian_reference(model, loss_fn, batch)) < 1e-12
         assert_same_state(model, before)
     finally:
         dist.destroy_process_group()

@@ -165,6 +165,7 @@ class BatchSource:
         *,
         verify: bool,
         max_batches: int | None = None,
+        allow_empty: bool = False,
     ) -> None:
         if data is None:
             raise EmptyDataError("data is None: pass one batch or a re-iterable of batches")
@@ -210,7 +211,7 @@ class BatchSource:
             self.fingerprints.append(fingerprint(batch))
         self.rule = _rule(data, single, len(self.sizes))
         self.num_samples = sum(self.sizes)
-        if self.num_samples == 0:
+        if self.num_samples == 0 and not allow_empty:  # allowed: a rank of a process group
             raise EmptyDataError(
                 f"data yielded {len(self.sizes)} batches and 0 samples: the Hessian of a loss "
                 "over no data is undefined. Check the dataset / DataLoader is not empty"

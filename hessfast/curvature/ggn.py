@@ -170,6 +170,7 @@ def ggn(
     reuse_graph: bool | None = None,
     loss_reduction: str = "auto",
     max_batches: int | None = None,
+    process_group: Any = "auto",
 ) -> GGNOperator:
     """The generalized Gauss-Newton ``J^T H_loss J`` of the mean loss (PSD for convex losses).
 
@@ -193,6 +194,6 @@ def ggn(
         params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
         loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
-        loss_reduction=loss_reduction, max_batches=max_batches,
+        loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
     )
     return GGNOperator(model, loss_fn, data, options)

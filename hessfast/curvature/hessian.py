@@ -111,6 +111,7 @@ def hessian(
     reuse_graph: bool | None = None,
     loss_reduction: str = "auto",
     max_batches: int | None = None,
+    process_group: Any = "auto",
 ) -> HessianOperator:
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 
@@ -135,8 +136,9 @@ def hessian(
             forward that writes buffers (observers, counters) gets fresh copies of their
             values at construction per batch, with a one-time warning. Float16 models warn
             once (second derivatives overflow easily; bfloat16 or a float32 copy is safer).
-            A ``DataParallel`` model is unwrapped; ``DistributedDataParallel`` and models on
-            the meta device are refused.
+            ``DataParallel`` and ``DistributedDataParallel`` models are unwrapped (DDP's
+            products are reduced over its process group); models on the meta device are
+            refused.
         loss_fn: a criterion ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches,
             or ``loss_fn(model, batch) -> scalar`` for batches of any kind. Which one is
             decided by ``loss_form``, else by ``loss_fn`` itself (a torch loss; a first
@@ -180,6 +182,15 @@ def hessian(
         max_batches: for data without ``len()`` (an ``IterableDataset`` loader), the most
             batches the first pass reads before raising ``UnboundedDataError`` (default
             100_000): an endless stream fails fast instead of hanging.
+        process_group: the ranks whose data shards make up the data (torch.distributed).
+            ``"auto"`` (default): a ``DistributedDataParallel`` model's group, else the
+            default group when ``torch.distributed`` is initialised with more than one
+            process, else none. A group: that one. ``None``: this process's data only.
+            Under a group EVERY rank must build the operator (each with its own shard,
+            possibly empty) and run the same algorithm with the same arguments; each
+            product ends in one all-reduce, so every rank gets the same result, that of one
+            process on all the data. An error on one rank raises on all ranks
+            (``DistributedError`` on the others). See :mod:`hessfast.curvature.dataparallel`.
 
     Returns:
         :class:`HessianOperator` with ``shape == (n, n)``, n the number of selected
@@ -188,7 +199,9 @@ def hessian(
     Raises:
         ConfigurationError, ArgumentTypeError, NoParametersError: bad arguments (also a
             meta-device model, ``params`` as a bare string).
-        DistributedError: a ``DistributedDataParallel`` model.
+        DistributedError: a ``DistributedDataParallel`` model with ``process_group=None``,
+            a shuffling ``DistributedSampler``, an error on another rank, a collective
+            that failed or timed out (the group's timeout).
         EmptyDataError, NotReiterableError, DataChangedError, BatchError: the data cannot
             be read, or a criterion gets batches that are not ``(inputs, targets)`` pairs.
         LossError, LossCallError, NonFiniteError, NonDeterministicError: the pre-flight
@@ -206,6 +219,6 @@ def hessian(
         params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
         loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
-        loss_reduction=loss_reduction, max_batches=max_batches,
+        loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
     )
     return HessianOperator(model, loss_fn, data, options)

@@ -16,7 +16,6 @@ from ..errors import (
     ArgumentTypeError,
     BatchError,
     ConfigurationError,
-    DistributedError,
     NoParametersError,
 )
 from .data import describe
@@ -225,19 +224,24 @@ def check_params(
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside an ``nn.DataParallel`` (one process: the same model).
+    """The module inside an ``nn.DataParallel`` or ``DistributedDataParallel`` (hessfast
+    never calls the wrapper's forward; a DDP model's products are reduced over its process
+    group by :mod:`.dataparallel`, which refuses DDP without a group).
 
-    Raises:
-        DistributedError: a ``DistributedDataParallel`` model, whose rank would measure the
-            curvature of its own data shard only.
+    An ``nn.DataParallel`` over several GPUs warns: the curvature is computed on
+    ``model.module``'s device only (its replicas cannot run double backward reliably);
+    several GPUs take one process each (torchrun) with ``process_group=``.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise DistributedError(
-            "model is a DistributedDataParallel: each rank would measure the curvature of "
-            "its own data shard only (nothing is all-reduced), a different operator on "
-            "every rank. Pass model.module with ALL the data on one process, or wait for "
-            "hessfast's distributed operator"
-        )
-    if isinstance(model, nn.DataParallel):  # one process: the wrapped module is the model
+        return model.module
+    if isinstance(model, nn.DataParallel):
+        if len(model.device_ids or []) > 1:
+            warnings.warn(
+                f"hessfast: model is an nn.DataParallel over GPUs {model.device_ids}: the "
+                "curvature is computed with model.module on one device (DataParallel "
+                "replicates per forward and cannot double-backward reliably). For several "
+                "GPUs run one process per GPU (torchrun) and pass each rank's data shard",
+                stacklevel=5,
+            )
         model = model.module
     return model

@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..linop import LinearOperator
 from .data import BatchSource, to_device
+from .dataparallel import data_parallel_init
 from .guard import BufferCopies, ParamFingerprint, SlotGuard, tensor_slots
 from .layout import ParamLayout
 from .lossform import decide_loss_form
@@ -62,7 +63,7 @@ class CurvatureOperator(LinearOperator):
         loss_reduction, loss_reduction_reason: ``"mean"`` or ``"sum"`` (how a batch's loss
             reduces over its samples, which sets the batch weights), and where it was read.
         param_names, param_shapes, param_dtype: the selected parameters.
-        num_samples, num_batches: the data (empty batches not counted).
+        num_samples, num_batches: the data (empty batches not counted; of all ranks).
         hvp_mode, hvp_mode_reason: the path of the last product, and why.
         plans: the plan per block size used so far.
     """
@@ -71,6 +72,7 @@ class CurvatureOperator(LinearOperator):
     # the pre-flight (check=True) replaces the algorithms' one-time probe (hessfast._probe)
     checks_itself = True
 
+    @data_parallel_init  # under a process group: each rank its part, all raise if one does
     def __init__(
         self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions
     ) -> None:
@@ -103,11 +105,11 @@ class CurvatureOperator(LinearOperator):
         with torch.random.fork_rng(devices=self._rng_devices(device)):
             self._data = BatchSource(
                 data, options.batch_size_fn, verify=options.check,
-                max_batches=options.max_batches,
+                max_batches=options.max_batches, allow_empty=self._ranks.active,
             )
         self.num_samples = self._data.num_samples
         self.num_batches = self._data.num_batches
-        self.loss_form, self.loss_form_reason = self._decide_loss_form(options.loss_form)
+        self.loss_form, self.loss_form_reason = self._ranks.loss_form(self, options.loss_form)
         # The batch weights depend on how the loss reduces over a batch (mean or sum).
         self._data.set_loss(self.loss_fn, self.loss_form, options.loss_reduction)
         self.loss_reduction = self._data.reduction
@@ -124,7 +126,7 @@ class CurvatureOperator(LinearOperator):
         self._slots = tensor_slots(model)
         fixed_chunk = None if options.chunk_size is None else int(options.chunk_size)
         self._planner = Planner(
-            options.hvp_mode, fixed_chunk, options.reuse_graph, self.num_batches
+            options.hvp_mode, fixed_chunk, options.reuse_graph, self._data.num_batches
         )
         # index -> (weight, graph state); batch 0's entry is shared with the pre-flight
         self._graph_cache: dict[int, tuple[float, Any]] = {}
@@ -137,11 +139,11 @@ class CurvatureOperator(LinearOperator):
         )
         self._symmetry: SymmetryProbe | None = None
         self._build_wrappers()
-        if options.check:
+        if options.check and self._data.num_samples:  # a rank without batches: others check
             preflight(self, options.check_deterministic)
-            if options.check_deterministic:
-                eps = torch.finfo(self.param_dtype).eps
-                self._symmetry = SymmetryProbe(self._kind, eps)
+        if options.check and options.check_deterministic:
+            eps = torch.finfo(self.param_dtype).eps
+            self._symmetry = SymmetryProbe(self._kind, eps)
 
     # -- hooks for subclasses ----------------------------------------------------------
     def _decide_loss_form(self, loss_form: str) -> tuple[str, str]:
@@ -285,7 +287,7 @@ class CurvatureOperator(LinearOperator):
         _, batch = self._batch0()
         if self._planner.needs_graph_size:
             state, nbytes = measure_saved(lambda: self._graph(batch, index))
-            self._planner.record_graph_size(nbytes, self.num_batches, self.device)
+            self._planner.record_graph_size(nbytes, self._data.num_batches, self.device)
         else:
             state = self._graph(batch, index)
         if self._planner.keeps_graphs:
@@ -294,7 +296,7 @@ class CurvatureOperator(LinearOperator):
 
     def _cached_graphs(self) -> dict[int, tuple[float, Any]]:
         """Every batch's graph, built on first use (batch 0's may be there already)."""
-        if len(self._graph_cache) < self.num_batches:
+        if len(self._graph_cache) < self._data.num_batches:
             for index, batch, weight in self._data:
                 if index not in self._graph_cache:
                     state = self._graph(to_device(batch, self.device), index)
@@ -327,7 +329,15 @@ class CurvatureOperator(LinearOperator):
         return self._planner.plans
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self._fingerprint.check(self._kind)
+        with self._ranks.barrier("a product"):  # every rank raises if one does
+            self._fingerprint.check(self._kind)  # a rank without batches adds zeros:
+            out = self._local_matmat(V) if self._data.num_samples else self._zeros(len(V))
+        out = self._ranks.reduce(out)  # one all-reduce under a process group
+        if self._symmetry is not None and not self._symmetry.done:
+            self._symmetry.observe(V, out)
+        return out
+
+    def _local_matmat(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[0]
         while True:
             plan = self._planner.plan_for(self, k)
@@ -347,8 +357,6 @@ class CurvatureOperator(LinearOperator):
         self.hvp_mode = plan.mode
         if self._planner.requested == "auto":
             self.hvp_mode_reason = plan.reason
-        if self._symmetry is not None and not self._symmetry.done:
-            self._symmetry.observe(V, out)
         return out
 
     def _run(self, plan: HVPPlan, V: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,8 @@ class CurvatureOptions:
         reuse_graph: force graph reuse on or off in auto mode; None: when it fits.
         loss_reduction: ``"auto"``, ``"mean"`` or ``"sum"``: how ``loss_fn`` reduces.
         max_batches: the first pass's batch limit for data without ``len()``; None: default.
+        process_group: ``"auto"``, None or a ``torch.distributed`` process group: the ranks
+            whose data shards make up the data (:mod:`.dataparallel`).
     """
 
     params: Sequence[str] | Sequence[torch.Tensor] | None = None
@@ -47,6 +49,7 @@ class CurvatureOptions:
     reuse_graph: bool | None = None
     loss_reduction: str = "auto"
     max_batches: int | None = None
+    process_group: Any = "auto"
 
     def __post_init__(self) -> None:
         if self.hvp_mode not in HVP_MODES:

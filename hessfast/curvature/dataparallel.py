@@ -1,0 +1,210 @@
+"""Data-parallel curvature operators over ``torch.distributed``: each rank passes its own
+shard of the data, and every block product ends in one all-reduce.
+
+The operator is the curvature of the loss averaged over the samples of ALL ranks. A rank
+computes its shard's product with its local batch weights (``n_b / N_rank`` for a batch-mean
+loss, ``1 / N_rank`` for a batch-sum one), scales it by ``N_rank / N`` (``N`` the global
+sample count, all-reduced at construction), and the ranks sum their products in ONE flat
+all-reduce of the operator's dtype (:meth:`hessfast.distributed.Comm.allreduce_sum_`). Ranks
+may hold unequal shards, or none: a rank without batches contributes zeros and skips the
+pre-flight (the others run it on their own first batch).
+
+Every rank's local work (construction, each product) runs inside an error barrier
+(:meth:`~hessfast.distributed.Comm.error_barrier`): when one rank raises, every rank raises
+before the big collective and none hangs. Every rank then sees the same products, so the
+algorithms (whose random vectors come from private seeded generators, never from the rank)
+produce the same result on every rank, equal to the single-process run on all the data up
+to rounding.
+
+Which group (``process_group=`` of :func:`~hessfast.hessian` / :func:`~hessfast.ggn`):
+
+* ``"auto"`` (default): a ``DistributedDataParallel`` model's own group; else the default
+  group when ``torch.distributed`` is initialised with more than one process; else none;
+* a process group: that group;
+* ``None``: no group, the operator of this process's data only (a ``DistributedDataParallel``
+  model is then refused: each rank would measure a different operator).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..errors import DistributedError, EmptyDataError
+
+if TYPE_CHECKING:
+    from .operator import CurvatureOperator
+    from .options import CurvatureOptions
+
+__all__ = ["RankGroup", "check_sampler", "data_parallel_init"]
+
+# Loss forms and reductions as codes for the construction's one small all-reduce.
+_FORMS = ("criterion", "model")
+_REDUCTIONS = ("mean", "sum")
+
+
+def _group_of(model: nn.Module, process_group: Any) -> Any:
+    """The process group to reduce over (None: a single-process operator)."""
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if isinstance(process_group, str):
+        if process_group != "auto":
+            raise DistributedError(
+                f"process_group must be 'auto', None or a torch.distributed process group, "
+                f"got {process_group!r}"
+            )
+        if ddp:
+            return model.process_group
+        if distributed.is_initialized() and distributed.world_size() > 1:
+            return torch.distributed.group.WORLD
+        return None
+    if process_group is None and ddp:
+        raise DistributedError(
+            "model is a DistributedDataParallel and process_group=None: each rank would "
+            "measure the curvature of its own data shard only, a different operator on every "
+            "rank. Pass process_group='auto' (DDP's group: the products are all-reduced over "
+            "the ranks), or model.module with ALL the data on one process"
+        )
+    if process_group is not None and not distributed.is_initialized():
+        raise DistributedError(
+            "a process_group was given but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group (or hessfast.distributed.init()) first"
+        )
+    return process_group
+
+
+def check_sampler(data: Any) -> None:
+    """Refuse a DataLoader whose sampler is a shuffling ``DistributedSampler``; warn when one
+    pads the data (repeats samples to make the shards equal).
+
+    Raises:
+        DistributedError: ``DistributedSampler(shuffle=True)``.
+    """
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = getattr(data, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        return
+    if sampler.shuffle:
+        raise DistributedError(
+            "data's sampler is DistributedSampler(shuffle=True): which samples a rank holds "
+            "depends on the sampler's epoch (set_epoch), so the operator is not a fixed "
+            "function of the data. Use DistributedSampler(dataset, shuffle=False)"
+        )
+    extra = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+    if extra > 0 and not sampler.drop_last and distributed.is_main_process():
+        warnings.warn(
+            f"hessfast: the DistributedSampler repeats {extra} sample(s) to give every rank "
+            f"{sampler.num_samples} (dataset of {len(sampler.dataset)} over "  # type: ignore
+            f"{sampler.num_replicas} ranks): they count twice in the curvature. Use a "
+            "dataset size divisible by the world size, or drop_last=True",
+            stacklevel=5,
+        )
+
+
+def data_parallel_init(setup: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a curvature operator's ``__init__(model, loss_fn, data, options)``: the process
+    group is resolved first (``op._ranks``), the set-up runs inside the error barrier, and
+    the ranks agree on the counts and loss reading afterwards (:meth:`RankGroup.finish`)."""
+
+    @functools.wraps(setup)
+    def __init__(
+        op: CurvatureOperator, model: nn.Module, loss_fn: Callable, data: Any,
+        options: CurvatureOptions,
+    ) -> None:
+        op._ranks = RankGroup(model, data, options.process_group)
+        with op._ranks.barrier("the operator's construction"):
+            setup(op, model, loss_fn, data, options)
+        op._ranks.finish(op)
+
+    return __init__
+
+
+class RankGroup:
+    """The ranks a curvature operator reduces over (a no-op without a process group).
+
+    Attributes:
+        comm: the :class:`~hessfast.distributed.Comm`, or None (one process).
+        process_group: the group (None: one process).
+        rank, world_size: this process's rank and the group's size (0 and 1 without one).
+        scale: ``N_rank / N``, the factor applied to this rank's product before the sum.
+    """
+
+    def __init__(self, model: nn.Module, data: Any, process_group: Any) -> None:
+        group = _group_of(model, process_group)
+        check_sampler(data)
+        self.process_group = group
+        self.comm = None if group is None else distributed.Comm(group)
+        if self.comm is not None and self.comm.size == 1:
+            self.comm = None  # a group of one: nothing to reduce
+        self.rank = 0 if self.comm is None else self.comm.rank
+        self.world_size = 1 if self.comm is None else self.comm.size
+        self.scale = 1.0
+
+    @property
+    def active(self) -> bool:
+        """Are products reduced over more than one process?"""
+        return self.comm is not None
+
+    def barrier(self, what: str) -> Any:
+        """An error barrier around a block of local work (a no-op with one process)."""
+        return nullcontext() if self.comm is None else self.comm.error_barrier(what)
+
+    def loss_form(self, op: CurvatureOperator, loss_form: str) -> tuple[str, str]:
+        """``op._decide_loss_form`` on a rank with batches; a rank without batches takes
+        the other ranks' form in :meth:`finish`."""
+        if op._data.num_samples:
+            return op._decide_loss_form(loss_form)
+        form = "criterion" if loss_form == "auto" else loss_form
+        return form, "this rank has no batches: the loss form the other ranks decided"
+
+    def finish(self, op: CurvatureOperator) -> None:
+        """After every rank built its part: the global sample and batch counts (the batch
+        weights' denominator), and one loss form and reduction for all ranks.
+
+        Raises:
+            EmptyDataError: no rank has a sample.
+            DistributedError: ranks read the loss differently (form or reduction).
+        """
+        data = op._data
+        op.local_num_samples, op.local_num_batches = data.num_samples, data.num_batches
+        if self.comm is None:
+            return
+        has = data.num_samples > 0
+        votes = [data.num_samples, data.num_batches]
+        votes += [int(has and op.loss_form == f) for f in _FORMS]
+        votes += [int(has and op.loss_reduction == r) for r in _REDUCTIONS]
+        counts = self.comm.allreduce_ints(votes, "the sample counts at construction")
+        total, batches, forms, reductions = counts[0], counts[1], counts[2:4], counts[4:6]
+        if total == 0:
+            raise EmptyDataError(
+                f"no rank of the {self.world_size} holds a sample: the curvature of a loss "
+                "over no data is undefined. Check each rank's dataset / DataLoader"
+            )
+        if min(forms) > 0 or min(reductions) > 0:
+            raise DistributedError(
+                "the ranks read loss_fn differently (loss forms criterion/model on "
+                f"{forms} ranks, reductions mean/sum on {reductions}): pass loss_form= and "
+                "loss_reduction= explicitly so that every rank agrees"
+            )
+        if not has:
+            op.loss_form = _FORMS[forms.index(max(forms))]
+            op.loss_reduction = _REDUCTIONS[reductions.index(max(reductions))]
+        op.num_samples, op.num_batches = total, batches
+        self.scale = data.num_samples / total
+
+    def reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """This rank's product ``[k, n]`` (weighted within its shard) to the global one:
+        scaled by ``N_rank / N`` and summed over the ranks in one all-reduce."""
+        if self.comm is None:
+            return out
+        if self.scale != 1.0:
+            out.mul_(self.scale)
+        return self.comm.allreduce_sum_(out)
+

@@ -1,0 +1,217 @@
+"""hessfast's one communication module: every collective hessfast runs goes through here.
+
+Collectives run outside autograd on detached, contiguous float32/float64 buffers (a plain
+``dist.all_reduce`` has no autograd kernel, and gloo has no bfloat16 reductions), so a
+product's buffer is never part of a graph. Two kinds of collective exist:
+
+* :meth:`Comm.allreduce_sum_`: ONE flat all-reduce of a block product ``[k, n]`` in its own
+  dtype (float32, or float64 for float64 operators);
+* :meth:`Comm.error_barrier`: a small int all-reduce of a per-rank error flag run before
+  every large collective. When one rank raised (a NaN batch, a changed parameter, a bad
+  batch), every rank raises: the failing rank its own error, the others
+  :class:`~hessfast.errors.DistributedError` naming the failing rank(s) and their error.
+  No rank is left waiting in the big collective.
+
+Timeouts are the process group's (``init_process_group(timeout=...)``; torch's default is
+30 minutes for gloo and 10 for NCCL). A rank waits at the barrier for the slowest rank's
+pass over its shard, so the timeout must exceed one pass over the largest shard. A rank
+that never arrives (it crashed, or only some ranks build the operator) ends in a
+:class:`~hessfast.errors.DistributedError` after that timeout, never in a hang.
+
+Helpers: :func:`init` (from torchrun's environment), :func:`is_initialized`,
+:func:`world_size`, :func:`rank`, :func:`is_main_process` (rank 0, or no process group:
+where to print and write).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .errors import DistributedError
+
+__all__ = [
+    "Comm",
+    "init",
+    "is_initialized",
+    "is_main_process",
+    "rank",
+    "world_size",
+]
+
+# The longest failure message one rank sends to the others.
+_MESSAGE_CHARS = 600
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_initialized() -> bool:
+    """Is a default process group initialised (``torch.distributed`` present and set up)?"""
+    dist = _dist()
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+def world_size(group: Any = None) -> int:
+    """Processes in ``group`` (default group); 1 without an initialised process group."""
+    return _dist().get_world_size(group) if is_initialized() else 1
+
+
+def rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (default group); 0 without a process group."""
+    return _dist().get_rank(group) if is_initialized() else 0
+
+
+def is_main_process(group: Any = None) -> bool:
+    """True on rank 0, or without a process group: the one process that prints and writes."""
+    return rank(group) == 0
+
+
+def init(backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Initialise the default process group from torchrun's environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); a no-op when one exists.
+
+    Args:
+        backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available (each rank
+            then uses GPU ``LOCAL_RANK``), else gloo.
+        timeout_s: the group's collective timeout in seconds (default torch's). It must
+            exceed one pass over the largest rank's data: ranks wait for each other there.
+    """
+    dist = _dist()
+    if not dist.is_available():
+        raise DistributedError(
+            "torch.distributed is not available in this torch build: install a torch with "
+            "distributed support, or run on one process (process_group=None)"
+        )
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kwargs: dict[str, Any] = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=float(timeout_s))
+    dist.init_process_group(backend, **kwargs)
+
+
+class Comm:
+    """A process group as hessfast uses it.
+
+    Args:
+        group: a ``torch.distributed`` process group (None: the default group).
+
+    Attributes:
+        group, rank, size: the group, this process's rank in it and its size.
+        backend: the group's backend name (``"gloo"``, ``"nccl"``, ...).
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        dist = _dist()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group)).lower()
+
+    def _device(self, like: torch.device | None = None) -> torch.device:
+        """Where a buffer must live for this backend: NCCL needs CUDA, gloo takes the CPU
+        (a mixed ``cpu:gloo,cuda:nccl`` group keeps a buffer where it is)."""
+        if "nccl" in self.backend:
+            if like is not None and like.type == "cuda":
+                return like
+            if "gloo" not in self.backend:
+                return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _all_reduce(self, buf: torch.Tensor, op: Any, what: str) -> None:
+        dist = _dist()
+        try:
+            dist.all_reduce(buf, op=op, group=self.group)
+        except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
+            raise DistributedError(
+                f"rank {self.rank} of {self.size}: the all-reduce of {what} failed "
+                f"({type(exc).__name__}: {exc}). Another rank stopped (it crashed or was "
+                "killed), did not take part (every rank of the process group must build the "
+                "operator and run the same algorithm; for an operator on one process only, "
+                "pass process_group=None), or its pass over the data took longer than the "
+                "group's timeout (init_process_group(timeout=...))"
+            ) from exc
+
+    def allreduce_sum_(self, buf: torch.Tensor, what: str = "a block product") -> torch.Tensor:
+        """Sum ``buf`` (any shape, e.g. ``[k, n]``) over the ranks in ONE flat all-reduce, in
+        place where the backend allows; returns the summed tensor (same dtype and device).
+
+        float32 and float64 reduce as they are; other floating dtypes are reduced in
+        float32 (gloo has no bfloat16). The buffer is detached: no autograd involvement.
+        """
+        if self.size == 1:
+            return buf
+        src = buf.detach()
+        dtype = src.dtype if src.dtype in (torch.float32, torch.float64) else torch.float32
+        device = self._device(src.device)
+        work = src.to(device=device, dtype=dtype).contiguous()
+        with torch.no_grad():
+            self._all_reduce(work.view(-1), _dist().ReduceOp.SUM, what)
+        if work.data_ptr() == src.data_ptr():
+            return src
+        return work.to(device=src.device, dtype=src.dtype)
+
+    def allreduce_ints(self, values: Sequence[int], what: str, op: str = "sum") -> list[int]:
+        """Elementwise ``sum`` or ``max`` of a few integers over the ranks."""
+        buf = torch.tensor(list(values), dtype=torch.int64, device=self._device())
+        reduce_op = _dist().ReduceOp.SUM if op == "sum" else _dist().ReduceOp.MAX
+        with torch.no_grad():
+            self._all_reduce(buf, reduce_op, what)
+        return [int(x) for x in buf.tolist()]
+
+    @contextmanager
+    def error_barrier(self, what: str) -> Iterator[None]:
+        """Run the block, then agree on whether any rank raised in it.
+
+        Every rank enters the barrier whether its block raised or not (one small int
+        all-reduce of ``[size]`` flags). None raised: nothing happens. Some raised: the
+        failing ranks re-raise their own error, every other rank raises
+        :class:`~hessfast.errors.DistributedError` naming the failing ranks and their
+        errors (gathered in one extra collective on this error path only).
+        """
+        failure: Exception | None = None
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the barrier
+            failure = exc
+        if self.size == 1:
+            if failure is not None:
+                raise failure
+            return
+        flags = [0] * self.size
+        flags[self.rank] = 1 if failure is not None else 0
+        try:
+            failed = [r for r, f in enumerate(self.allreduce_ints(flags, what)) if f]
+        except DistributedError as exc:
+            if failure is not None:
+                raise failure from exc
+            raise
+        if not failed:
+            return
+        mine = "" if failure is None else f"{type(failure).__name__}: {failure}"
+        messages: list[Any] = [None] * self.size
+        try:
+            _dist().all_gather_object(messages, mine[:_MESSAGE_CHARS], group=self.group)
+        except Exception:  # noqa: BLE001 - the flags alone still name the failing ranks
+            messages = [""] * self.size
+        if failure is not None:
+            raise failure
+        said = "; ".join(f"rank {r}: {messages[r] or 'an error'}" for r in failed)
+        raise DistributedError(
+            f"rank {self.rank} of {self.size} stops because rank(s) {failed} raised during "
+            f"{what} ({said}). Fix the cause on that rank; every rank stops so that none "
+            "waits forever in a collective"
+        )
