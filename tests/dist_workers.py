@@ -1,0 +1,172 @@
+"""Rank processes for tests/test_distributed.py: ``python tests/dist_workers.py SCENARIO RANK
+WORLD PORT OUTDIR``. Each rank joins a gloo group on 127.0.0.1:PORT (30 s timeout, one
+thread), runs the scenario and writes ``OUTDIR/SCENARIO-RANK.pt`` (a dict); the test
+compares the ranks with each other and with one process on all the data.
+
+The problem (model, batches, how the batches split over the ranks) is built here, so the
+test process builds the same one for its single-process reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+# 8 batches of unequal sizes; 3 ranks hold 5/3/0 of them, 2 ranks 3/5.
+BATCH_SIZES = (3, 5, 4, 7, 2, 6, 5, 3)
+SHARDS = {1: [list(range(8))], 2: [[0, 1, 2], [3, 4, 5, 6, 7]], 3: [[0, 1, 2, 3, 4], [5, 6, 7], []]}
+D_IN, HIDDEN, CLASSES = 5, 7, 3  # 5*7 + 7 + 7*3 + 3 = 66 parameters
+
+
+def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A float64 tanh MLP and 8 classification batches, the same in every process."""
+    gen = torch.Generator().manual_seed(1234)
+    model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
+    model = model.double()
+    batches = [
+        (torch.randn(s, D_IN, generator=gen, dtype=torch.float64),
+         torch.randint(0, CLASSES, (s,), generator=gen))
+        for s in BATCH_SIZES
+    ]
+    return model, batches
+
+
+def shard(batches: list, world: int, rank: int) -> list:
+    """This rank's batches."""
+    return [batches[i] for i in SHARDS[world][rank]]
+
+
+def vectors(n: int) -> torch.Tensor:
+    """Three fixed float64 vectors ``[3, n]``."""
+    return torch.randn(3, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+def measure(model: nn.Module, batches: list, **kwargs: Any) -> dict[str, Any]:
+    """Every quantity the test compares, for one operator configuration."""
+    import hessfast as hf
+
+    out: dict[str, Any] = {}
+    mean, summed = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
+    H = hf.hessian(model, mean, batches, **kwargs)
+    V = vectors(H.shape[0])
+    out["hvp"] = H.matvec(V[0])
+    out["block"] = H.matmat(V)
+    out["lambda_max"] = torch.tensor(hf.lambda_max(H, tol=1e-10))
+    res = hf.eigsh(H, k=3, tol=1e-10)
+    out["eig_values"] = res.eigenvalues
+    out["eig_vectors"] = res.eigenvectors
+    out["trace"] = torch.tensor(hf.trace(H, method="hutchinson", max_matvecs=12, seed=3).value)
+    dens = hf.spectral_density(H, num_probes=3, num_steps=12, seed=5)
+    out["slq_nodes"], out["slq_weights"] = dens.nodes, dens.weights
+    out["num_samples"] = torch.tensor([H.num_samples, H.num_batches])
+    out["sum_hvp"] = hf.hessian(model, summed, batches, **kwargs).matmat(V)
+    out["ggn_block"] = hf.ggn(model, mean, batches, **kwargs).matmat(V)
+    return out
+
+
+def scenario_equal(rank: int, world: int) -> dict[str, Any]:
+    """Every algorithm on the rank's shard (5/3/0 batches at 3 ranks): the test compares
+    with one process on all the data."""
+    model, batches = problem()
+    return measure(model, shard(batches, world, rank))
+
+
+def _expect_failure(name: str, out: dict[str, Any], run: Callable[[], Any]) -> None:
+    """Run a step that must raise on this rank; record the error's class, message and time."""
+    t0 = time.perf_counter()
+    try:
+        run()
+    except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
+        out[name] = (type(exc).__name__, str(exc), time.perf_counter() - t0)
+    else:
+        out[name] = ("no error", "", time.perf_counter() - t0)
+
+
+def scenario_faults(rank: int, world: int) -> dict[str, Any]:
+    """2 ranks: a DDP model; then rank 1 fails at construction (a NaN batch), in the 2nd
+    product of lambda_max (a NaN output), after a parameter change, and by exiting."""
+    import hessfast as hf
+
+    out: dict[str, Any] = {}
+    model, batches = problem()
+    mine = shard(batches, world, rank)
+    loss = nn.CrossEntropyLoss()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    H = hf.hessian(ddp, loss, mine)
+    out["ddp_block"] = H.matmat(vectors(H.shape[0]))
+    out["ddp_unwrapped"] = H.model is model
+
+    bad = list(mine)
+    if rank == 1:
+        bad[0] = (torch.full_like(bad[0][0], float("nan")), bad[0][1])
+    _expect_failure("nan_at_construction", out, lambda: hf.hessian(model, loss, bad))
+
+    state = {"armed": False, "calls": 0}
+
+    def nan_in_second_pass(module: nn.Module, args: Any, output: torch.Tensor) -> Any:
+        if not state["armed"] or rank != 1:
+            return None
+        state["calls"] += 1
+        return output * float("nan") if state["calls"] == len(mine) + 1 else None
+
+    handle = model.register_forward_hook(nan_in_second_pass)
+    H2 = hf.hessian(model, loss, mine, hvp_mode="double_backward")
+    state["armed"] = True
+    _expect_failure("nan_mid_run", out, lambda: hf.lambda_max(H2))
+    handle.remove()
+
+    H3 = hf.hessian(model, loss, mine)
+    H3.matvec(vectors(H3.shape[0])[0])
+    if rank == 1:
+        with torch.no_grad():
+            model[0].weight.mul_(1.0)  # a change of version: the snapshot is stale
+    _expect_failure("params_changed", out, lambda: H3.matvec(vectors(H3.shape[0])[1]))
+    return out
+
+
+def scenario_peer_exit(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 exits before its first product; rank 0 must raise, not hang."""
+    import hessfast as hf
+
+    model, batches = problem()
+    H = hf.hessian(model, nn.CrossEntropyLoss(), shard(batches, world, rank))
+    if rank == 1:
+        os._exit(7)
+    out: dict[str, Any] = {}
+    _expect_failure("peer_exit", out, lambda: H.matvec(vectors(H.shape[0])[0]))
+    return out
+
+
+SCENARIOS = {"equal": scenario_equal, "faults": scenario_faults, "peer_exit": scenario_peer_exit}
+
+
+def main(argv: list[str]) -> int:
+    scenario, rank, world, port, outdir = argv[0], int(argv[1]), int(argv[2]), argv[3], argv[4]
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    out = SCENARIOS[scenario](rank, world)
+    torch.save(out, os.path.join(outdir, f"{scenario}-{rank}.pt"))
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a peer already gone (peer_exit); results are saved
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
