@@ -42,6 +42,7 @@ from ..errors import DistributedError, EmptyDataError
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
     from .options import CurvatureOptions
+    from .preflight import SymmetryProbe
 
 __all__ = ["RankGroup", "check_sampler", "data_parallel_init"]
 
@@ -198,6 +199,17 @@ class RankGroup:
             op.loss_reduction = _REDUCTIONS[reductions.index(max(reductions))]
         op.num_samples, op.num_batches = total, batches
         self.scale = data.num_samples / total
+
+    def check_symmetry(
+        self, probe: SymmetryProbe | None, V: torch.Tensor, HV: torch.Tensor
+    ) -> None:
+        """Let ``probe`` look at the (global) products ``HV [k, n]`` of ``V [k, n]``; under a
+        process group inside an error barrier, so that ranks whose tolerances differ (an
+        empty rank did not see the model's compute precision) all stop together."""
+        if probe is None or probe.done:
+            return
+        with self.barrier("the symmetry check of the first products"):
+            probe.observe(V, HV)
 
     def reduce(self, out: torch.Tensor) -> torch.Tensor:
         """This rank's product ``[k, n]`` (weighted within its shard) to the global one:

@@ -333,8 +333,7 @@ class CurvatureOperator(LinearOperator):
             self._fingerprint.check(self._kind)  # a rank without batches adds zeros:
             out = self._local_matmat(V) if self._data.num_samples else self._zeros(len(V))
         out = self._ranks.reduce(out)  # one all-reduce under a process group
-        if self._symmetry is not None and not self._symmetry.done:
-            self._symmetry.observe(V, out)
+        self._ranks.check_symmetry(self._symmetry, V, out)
         return out
 
     def _local_matmat(self, V: torch.Tensor) -> torch.Tensor:
