@@ -11,6 +11,13 @@
 * :func:`check_small_batches`: a later batch of one sample that BatchNorm in training
   statistics cannot normalise, found at construction rather than in the middle of a product.
 
+* :class:`GraphWatch`: watches batch 0's first-order graph being built, at no extra
+  forward: the precision the model really computes in (:attr:`GraphWatch.compute_dtype`,
+  which scales the pre-flight's tolerances), and custom ``autograd.Function`` nodes whose
+  backward returns gradients that carry no graph (fused losses such as Liger's or Cut
+  Cross-Entropy's linear-cross-entropy, kernels with a hand-written backward), refused by
+  :func:`check_custom_functions`.
+
 The parameter uses and BatchNorm calls come from one extra forward of batch 0 under a
 :class:`~torch.overrides.TorchFunctionMode` (:class:`ForwardRecord`), run only when a check
 needs it (a parameter without gradient, or a batch of one with batch statistics).
@@ -33,7 +40,14 @@ from .data import tensor_leaves
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
 
-__all__ = ["ForwardRecord", "check_graph_structure", "check_small_batches", "explain_call_error"]
+__all__ = [
+    "ForwardRecord",
+    "GraphWatch",
+    "check_custom_functions",
+    "check_graph_structure",
+    "check_small_batches",
+    "explain_call_error",
+]
 
 
 class ForwardRecord(TorchFunctionMode):
@@ -79,6 +93,131 @@ class ForwardRecord(TorchFunctionMode):
             if training and isinstance(args[0], torch.Tensor):
                 self.batch_norm_inputs.append(args[0].shape)
         return out
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for t in obj if isinstance(t, torch.Tensor)]
+    return []
+
+
+class GraphWatch(TorchFunctionMode):
+    """Watches a first-order graph being built (the forward and its ``create_graph``
+    backward), for what the finished graph no longer shows.
+
+    * :attr:`compute_dtype`: the least precise floating dtype among the results of torch
+      calls that depend on the parameters (they require grad): a float64 model whose norm
+      or softmax runs in float32 inside (transformers' RMSNorm, its causal-LM loss's
+      ``logits.float()``) computes to float32's rounding, not float64's, and its products
+      are symmetric and repeatable only to that. Tensors without a graph (masks, rotary
+      tables) do not count: they are constants of the function.
+    * :attr:`flat_functions`: custom ``torch.autograd.Function`` nodes of the graph whose
+      backward, under ``create_graph=True``, returned non-zero gradients without a graph for
+      inputs that depend on the parameters: ``{name: did a graph come in}``. Such a
+      backward is not differentiated by the second pass, so the curvature through it would
+      be silently wrong (zero where it is not).
+
+    Args:
+        dtype: the parameters' dtype (the most precise the answer can be).
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.compute_dtype = dtype
+        self._eps = torch.finfo(dtype).eps
+        self.flat_functions: dict[str, bool] = {}
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.autograd.grad and kwargs.get("create_graph", False):
+            return self._watched_grad(args, kwargs)
+        out = func(*args, **kwargs)
+        for t in _tensors(out):
+            if t.requires_grad and (t.is_floating_point() or t.is_complex()):
+                eps = torch.finfo(t.dtype).eps
+                if eps > self._eps:
+                    self._eps, self.compute_dtype = eps, t.dtype
+        return out
+
+    def _watched_grad(self, args: tuple, kwargs: dict) -> Any:
+        """``torch.autograd.grad`` with a hook on every custom Function node of the graph."""
+        outputs = args[0] if args else kwargs["outputs"]
+        stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+        seen: set[int] = set()
+        handles = []
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
+                handles.append(node.register_hook(self._hook_for(node)))
+            stack.extend(fn for fn, _ in node.next_functions)
+        try:
+            return torch.autograd.grad(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook_for(self, node: Any) -> Any:
+        cls = getattr(node, "_forward_cls", None)
+        name = getattr(cls, "__name__", type(node).__name__)
+
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            grads = [g for g in grad_inputs if isinstance(g, torch.Tensor)]
+            if any(g.requires_grad for g in grads) or not any(
+                bool(g.count_nonzero()) for g in grads
+            ):
+                return  # differentiable, or an exact zero (a step function's derivative)
+            graph_in = any(
+                isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs
+            )
+            self.flat_functions[name] = self.flat_functions.get(name, False) or graph_in
+
+        return hook
+
+
+def check_custom_functions(op: CurvatureOperator, watch: GraphWatch) -> None:
+    """Refuse a graph with a custom ``autograd.Function`` whose backward is not
+    differentiable (:attr:`GraphWatch.flat_functions`).
+
+    Raises:
+        UnsupportedModelError: naming the Function, the likely cause and the fix.
+    """
+    if not watch.flat_functions:
+        return
+    names = ", ".join(sorted(watch.flat_functions))
+    if any(watch.flat_functions.values()):
+        cause = (
+            "its backward gets gradients with a graph and returns gradients without one: it "
+            "is computed outside autograd (a fused Triton/CUDA kernel, such as Liger's "
+            "RMSNorm, SwiGLU or RoPE, or a backward under torch.no_grad()/.detach())"
+        )
+        fix = (
+            "use the model's plain PyTorch layers for curvature (unpatch the fused "
+            "kernels), or write the backward with differentiable torch operations"
+        )
+    else:
+        cause = (
+            "it returns gradients computed without autograd, as fused losses that compute "
+            "the gradient in the forward do (Liger's or Cut Cross-Entropy's "
+            "linear-cross-entropy)"
+        )
+        fix = (
+            "for curvature use the plain head: logits from the model's lm_head and "
+            "torch.nn.functional.cross_entropy (unpatch the fused loss, or pass "
+            "ggn/hessian a loss built from model(...).logits, e.g. causal_lm=True). If the "
+            "Function is linear in its inputs, its second derivative is zero and the "
+            "operator would be right: check=False skips this check"
+        )
+    raise UnsupportedModelError(
+        f"the custom torch.autograd.Function {names} has no usable second derivative: "
+        f"{cause}, so the {op._kind} through it would be silently wrong. Fix: {fix}"
+    )
 
 
 def record_forward(op: CurvatureOperator, batch: Any, index: int) -> ForwardRecord:

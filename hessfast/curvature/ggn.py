@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigurationError
 from .autodiff import graph_vjp, scalar_vjp
-from .model import OutputModule, split_batch
+from .model import OutputModule
 from .operator import CurvatureOperator
 from .options import CurvatureOptions
 from .preflight import check_loss
@@ -52,6 +52,15 @@ class GGNGraph:
     live: list[int]
 
 
+# How to name the outputs and targets of batches that are not (inputs, targets) pairs.
+_NAME = (
+    "For other batches (a tokenizer's dict) name them: hf.ggn(model, criterion, data, "
+    "outputs=lambda model, batch: model(**inputs).logits, targets=lambda batch: "
+    "batch['labels']), or hf.ggn(model, None, data, causal_lm=True) for a causal language "
+    "model (next-token cross-entropy, labels -100 ignored)"
+)
+
+
 class GGNOperator(CurvatureOperator):
     """The generalized Gauss-Newton ``sum_b w_b J_b^T H_b J_b``: J the Jacobian of the model
     outputs, H the Hessian of the criterion w.r.t. the outputs. PSD for convex criteria."""
@@ -63,7 +72,7 @@ class GGNOperator(CurvatureOperator):
             raise ConfigurationError(
                 "ggn needs a criterion loss_fn(outputs, targets), so that it can split the "
                 "loss from the model outputs: loss_form='model' cannot be used with ggn. Pass "
-                "a criterion (e.g. nn.CrossEntropyLoss()) and (inputs, targets) batches"
+                f"a criterion (e.g. nn.CrossEntropyLoss()) and (inputs, targets) batches. {_NAME}"
             )
         form, why = super()._decide_loss_form(loss_form)
         if form == "model":
@@ -71,23 +80,26 @@ class GGNOperator(CurvatureOperator):
                 "ggn needs a criterion loss_fn(outputs, targets) with (inputs, targets) "
                 "batches, so that it can split the loss from the model outputs; loss_fn was "
                 f"taken as loss_fn(model, batch) because {why}. Pass a criterion (e.g. "
-                "nn.CrossEntropyLoss()), or loss_form='criterion' if loss_fn is one"
+                "nn.CrossEntropyLoss()), or loss_form='criterion' if loss_fn is one. "
+                + _NAME
             )
         return form, why
 
     def _build_wrappers(self) -> None:
-        self._wrapper = OutputModule(self.model)
+        self._wrapper = OutputModule(self.model, self._batch_split)
 
     def _outputs(self, leaves: Sequence[torch.Tensor], inputs: Any) -> torch.Tensor:
         out = self._functional_call(self._wrapper, leaves, (inputs,))
         if not isinstance(out, torch.Tensor):
             raise ConfigurationError(
-                f"ggn needs the model to return one tensor of outputs, got {type(out).__name__}"
+                f"ggn needs the model to return one tensor of outputs, got "
+                f"{type(out).__name__}: pass outputs=lambda model, batch: ... that returns it "
+                "(e.g. model(**batch).logits)"
             )
         return out
 
     def _graph(self, batch: Any, index: int) -> GGNGraph:
-        inputs, targets = self._call_loss(split_batch, index, batch)
+        inputs, targets = self._call_loss(self._batch_split.split, index, batch)
         leaves = self._leaves()
         with torch.enable_grad():
             out = self._call_loss(self._outputs, index, leaves, inputs)
@@ -101,7 +113,7 @@ class GGNOperator(CurvatureOperator):
         return GGNGraph(leaves, loss.detach(), out, out_d, g_out, u, jt_u, live)
 
     def _loss_value(self, batch: Any, index: int) -> torch.Tensor:
-        inputs, targets = self._call_loss(split_batch, index, batch)
+        inputs, targets = self._call_loss(self._batch_split.split, index, batch)
         with torch.enable_grad():  # the same code path as the graph's forward
             out = self._call_loss(self._outputs, index, self._leaves(), inputs).detach()
             return self._call_loss(self.loss_fn, index, out, targets).detach()
@@ -121,7 +133,7 @@ class GGNOperator(CurvatureOperator):
         return self._cat(res, c)
 
     def _fwd_rev_product(self, batch: Any, V: list[torch.Tensor]) -> torch.Tensor:
-        inputs, targets = split_batch(batch)
+        inputs, targets = self._batch_split.split(batch)
         primals = tuple(p.detach() for p in self._params)
         c = V[0].shape[0]
 
@@ -171,6 +183,9 @@ def ggn(
     loss_reduction: str = "auto",
     max_batches: int | None = None,
     process_group: Any = "auto",
+    outputs: Callable[[nn.Module, Any], Any] | None = None,
+    targets: Callable[[Any], Any] | None = None,
+    causal_lm: bool = False,
 ) -> GGNOperator:
     """The generalized Gauss-Newton ``J^T H_loss J`` of the mean loss (PSD for convex losses).
 
@@ -180,7 +195,24 @@ def ggn(
     the loss averaged over samples, whatever the criterion's ``reduction`` (``"mean"`` or
     ``"sum"``; see :func:`~hessfast.hessian`). ``loss_form="criterion"`` overrides a
     detection that takes ``loss_fn`` for ``loss_fn(model, batch)``. Other arguments as in
-    :func:`~hessfast.hessian`.
+    :func:`~hessfast.hessian`, including attention (the math SDPA backend: O(S^2) memory in
+    the sequence length), compiled code and precision.
+
+    Batches of other kinds name their outputs and targets (see ``outputs``, ``targets`` and
+    ``causal_lm`` in :func:`~hessfast.hessian`). The GGN of a causal language model on a
+    tokenizer's batches ``{"input_ids", "attention_mask", "labels"}``, labels -100 at
+    padding, in one call::
+
+        G = hf.ggn(model, None, batches, causal_lm=True)
+        # the same, spelled out:
+        G = hf.ggn(model, nn.CrossEntropyLoss(), batches, causal_lm=True,
+                   outputs=lambda model, b: model(input_ids=b["input_ids"],
+                                                  attention_mask=b["attention_mask"]).logits,
+                   targets=lambda b: b["labels"])
+
+    A sequence classifier (BERT): ``hf.ggn(model, nn.CrossEntropyLoss(), batches,
+    targets=lambda b: b["labels"])``; the outputs default to the ``.logits`` of
+    ``model(**b)`` without the labels.
 
     Like :func:`~hessfast.hessian`, the operator is a SNAPSHOT of the curvature at the
     parameters it is built at: a product after they changed (an optimizer step,
@@ -195,5 +227,6 @@ def ggn(
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
         loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
         loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
+        outputs=outputs, targets=targets, causal_lm=causal_lm,
     )
     return GGNOperator(model, loss_fn, data, options)

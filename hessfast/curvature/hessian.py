@@ -44,7 +44,7 @@ class HessianOperator(CurvatureOperator):
     _kind = "Hessian"
 
     def _build_wrappers(self) -> None:
-        self._wrapper = LossModule(self.model, self.loss_fn, self.loss_form)
+        self._wrapper = LossModule(self.model, self.loss_fn, self.loss_form, self._batch_split)
 
     def _loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
         return self._functional_call(self._wrapper, leaves, (batch,))
@@ -112,6 +112,9 @@ def hessian(
     loss_reduction: str = "auto",
     max_batches: int | None = None,
     process_group: Any = "auto",
+    outputs: Callable[[nn.Module, Any], Any] | None = None,
+    targets: Callable[[Any], Any] | None = None,
+    causal_lm: bool = False,
 ) -> HessianOperator:
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 
@@ -129,6 +132,26 @@ def hessian(
     argument (``functools.partial(F.cross_entropy, reduction="sum")``); any other callable
     is assumed to return the batch MEAN: give a callable that returns the batch sum the
     attribute ``loss_fn.reduction = "sum"``.
+
+    Attention, compiled code, precision. Every product and the pre-flight run under
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused kernels of
+    ``scaled_dot_product_attention`` (flash, memory-efficient, cuDNN, CPU flash) have
+    neither a double backward nor forward-mode AD. The math backend stores the attention
+    weights, ``batch x heads x S x S`` entries per layer for sequences of length S, a few
+    times over in the graph a product keeps: attention's memory grows as O(S^2) (GPT-2
+    small at 8 x 1024 tokens in float32: about 0.4 GB per layer per copy), as with
+    transformers' ``attn_implementation="eager"``; both choices work. ``torch.compile``d
+    code runs eagerly for the products (double backward through compiled code is
+    unsupported; a compiled model is unwrapped to its ``_orig_mod``, with a warning).
+    Activation checkpointing works with ``use_reentrant=False`` (the reentrant variant hides
+    parameters from autograd and is refused). The pre-flight's symmetry and repeatability
+    tolerances follow the least precise dtype the model really computes in,
+    ``H.compute_dtype`` (a float64 transformers LLaMA runs its RMSNorm in float32, its LM
+    loss upcasts to float32); products are accumulated in at least float32, so bfloat16
+    models give float32 vectors. A custom ``autograd.Function`` whose backward returns
+    gradients without a graph (fused linear-cross-entropy losses such as Liger's or Cut
+    Cross-Entropy's, which compute the gradient in the forward) has no usable second
+    derivative and is refused by the pre-flight.
 
     Args:
         model: the network; never modified (Parameters and buffers stay the same objects
@@ -191,6 +214,16 @@ def hessian(
             product ends in one all-reduce, so every rank gets the same result, that of one
             process on all the data. An error on one rank raises on all ranks
             (``DistributedError`` on the others). See :mod:`hessfast.curvature.dataparallel`.
+        outputs, targets, causal_lm: name the outputs and targets of batches of any kind for
+            a criterion ``loss_fn(outputs, targets)`` (e.g. a tokenizer's dict):
+            ``outputs(model, batch) -> Tensor`` (default: ``model(**batch)`` without its
+            ``"labels"`` for a dict, ``model(batch[0])`` for a pair, the ``.logits`` of a
+            transformers output), ``targets(batch)`` (default: ``batch["labels"]`` of a
+            dict, ``batch[1]`` of a pair). ``causal_lm=True``: next-token prediction, the
+            logits ``[B, T, V]`` lose their last position and the labels ``[B, T]`` their
+            first, flattened to ``[B(T-1), V]`` and ``[B(T-1)]``; ``loss_fn=None`` is then
+            ``nn.CrossEntropyLoss()`` (the mean over the tokens whose label is not -100,
+            as transformers' causal-LM loss). Then the batch weights count sequences.
 
     Returns:
         :class:`HessianOperator` with ``shape == (n, n)``, n the number of selected
@@ -220,5 +253,6 @@ def hessian(
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
         loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
         loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
+        outputs=outputs, targets=targets, causal_lm=causal_lm,
     )
     return HessianOperator(model, loss_fn, data, options)

@@ -74,16 +74,23 @@ def is_pair(batch: Any) -> bool:
 
 def decide_loss_form(
     loss_fn: Callable, loss_form: str, batch: Any, model: nn.Module, data_rule: str,
-    rng_devices: list[int],
+    rng_devices: list[int], *, named_split: bool = False,
 ) -> tuple[str, str]:
     """``("criterion" | "model", why)`` for ``loss_fn`` on ``batch`` (batch 0), by the rule of
     this module. ``data_rule`` says how the data was split into batches (for the errors);
     the trial call forks the RNG of the CPU and of ``rng_devices`` (CUDA indices).
+    ``named_split``: ``outputs=``, ``targets=`` or ``causal_lm=`` name the criterion's
+    arguments in batches of any kind (a criterion then, whatever the batch).
 
     Raises:
         BatchError: ``loss_fn`` is (or was declared) a criterion, but batch 0 is not an
             ``(inputs, targets)`` pair.
     """
+    if named_split:
+        return "criterion", (
+            "outputs=, targets= or causal_lm= name the outputs and targets of a batch for "
+            "a criterion"
+        )
     if loss_form != "auto":
         form, why = loss_form, f"loss_form={loss_form!r} given"
     else:

@@ -1,12 +1,13 @@
 """Model plumbing for the curvature operators: the loss and output wrappers that
 ``torch.func.functional_call`` re-parametrises, the loss form, the parameter selection and
-the model modes a computation runs in (restored afterwards)."""
+the model modes and kernels a computation runs in (restored afterwards)."""
 
 from __future__ import annotations
 
+import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -22,11 +23,13 @@ from .data import describe
 
 __all__ = [
     "BN_MODES",
+    "BatchSplit",
     "LossModule",
     "OutputModule",
     "active_stochastic_modules",
     "check_params",
     "model_modes",
+    "twice_differentiable",
     "select_params",
     "split_batch",
     "unwrap_model",
@@ -35,34 +38,120 @@ __all__ = [
 BN_MODES = ("eval", "train", "as_is")
 
 
+class BatchSplit:
+    """How a criterion's two arguments come from a batch: ``loss_fn(outputs, targets)``.
+
+    By default batches are ``(inputs, targets)`` pairs and the outputs are
+    ``model(inputs)``. ``outputs``, ``targets`` or ``causal_lm`` name them in batches of any
+    kind (a dict of a tokenizer, say):
+
+    * ``outputs(model, batch) -> Tensor``; default: ``model(**batch)`` without its
+      ``"labels"`` for a dict, ``model(batch[0])`` for a pair, ``model(batch)`` otherwise,
+      and the ``.logits`` of a result that has them (transformers' ``ModelOutput``);
+    * ``targets(batch)``; default: ``batch["labels"]`` for a dict, ``batch[1]`` for a pair;
+    * ``causal_lm=True``: position t predicts token t+1, so the outputs ``[B, T, V]`` lose
+      their last position and the targets ``[B, T]`` their first, flattened to ``[B(T-1), V]``
+      and ``[B(T-1)]`` (what ``nn.CrossEntropyLoss`` takes; its ``ignore_index=-100`` drops
+      padding and prompt tokens), as transformers' causal-LM loss does.
+
+    Args:
+        outputs, targets: the callables, or None for the defaults.
+        causal_lm: shift and flatten for next-token prediction.
+    """
+
+    def __init__(
+        self,
+        outputs: Callable[[nn.Module, Any], Any] | None = None,
+        targets: Callable[[Any], Any] | None = None,
+        causal_lm: bool = False,
+    ) -> None:
+        self._outputs = outputs
+        self._targets = targets
+        self.causal_lm = causal_lm
+        # the batch is split by the callables (or their defaults), not as a pair
+        self.named = outputs is not None or targets is not None or causal_lm
+
+    def describe(self) -> str:
+        """How ``loss_fn`` is called, for messages."""
+        if not self.named:
+            return "loss_fn(model(inputs), targets)"
+        out = "outputs(model, batch)" if self._outputs else "the model's outputs"
+        tgt = "targets(batch)" if self._targets else "the batch's labels"
+        shift = ", shifted for next-token prediction (causal_lm=True)" if self.causal_lm else ""
+        return f"loss_fn({out}, {tgt}){shift}"
+
+    def split(self, batch: Any) -> tuple[Any, Any]:
+        """``(what the outputs are computed from, targets)`` of a batch."""
+        if not self.named:
+            return split_batch(batch)
+        if self._targets is not None:
+            targets = self._targets(batch)
+        elif isinstance(batch, Mapping) and "labels" in batch:
+            targets = batch["labels"]
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            targets = batch[1]
+        else:
+            raise BatchError(
+                f"the targets of a batch that is {describe(batch)} are not known: pass "
+                "targets=lambda batch: ... (the default reads batch['labels'] of a dict and "
+                "batch[1] of a pair)"
+            )
+        if self.causal_lm:
+            targets = targets[..., 1:].reshape(-1)
+        return batch, targets
+
+    def outputs(self, model: nn.Module, batch: Any) -> Any:
+        """The outputs the criterion takes, from ``split(batch)[0]``."""
+        if not self.named:
+            return model(batch)
+        if self._outputs is not None:
+            out = self._outputs(model, batch)
+        else:
+            if isinstance(batch, Mapping):
+                out = model(**{k: v for k, v in batch.items() if k != "labels"})
+            elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+                out = model(batch[0])
+            else:
+                out = model(batch)
+            if not isinstance(out, torch.Tensor) and hasattr(out, "logits"):
+                out = out.logits
+        if self.causal_lm and isinstance(out, torch.Tensor):
+            out = out[..., :-1, :].reshape(-1, out.shape[-1])
+        return out
+
+
 class LossModule(nn.Module):
     """model + loss as one module, so ``functional_call`` re-parametrises the model also
     when the loss is a ``loss_fn(model, batch)`` callable that calls it."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, form: str) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, form: str, split: BatchSplit
+    ) -> None:
         super().__init__()
         self.model = model
         # A list, so an nn.Module criterion is not registered as a submodule.
         self._loss = [loss_fn]
         self._form = form
+        self._split = split
 
     def forward(self, batch: Any) -> torch.Tensor:
         loss_fn = self._loss[0]
         if self._form == "model":
             return loss_fn(self.model, batch)
-        inputs, targets = split_batch(batch)
-        return loss_fn(self.model(inputs), targets)
+        inputs, targets = self._split.split(batch)
+        return loss_fn(self._split.outputs(self.model, inputs), targets)
 
 
 class OutputModule(nn.Module):
     """The model's outputs, for the GGN (criterion form only)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, split: BatchSplit) -> None:
         super().__init__()
         self.model = model
+        self._split = split
 
     def forward(self, inputs: Any) -> torch.Tensor:
-        return self.model(inputs)
+        return self._split.outputs(self.model, inputs)
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -71,7 +160,8 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         return batch[0], batch[1]
     raise BatchError(
         "a criterion loss_fn(outputs, targets) needs (inputs, targets) batches, and this batch "
-        f"is {describe(batch)}"
+        f"is {describe(batch)}; name them in batches of other kinds with outputs= and "
+        "targets= (or causal_lm=True)"
     )
 
 
@@ -167,6 +257,38 @@ def model_modes(model: nn.Module, bn_mode: str) -> Iterator[None]:
             m.training = flag
         for m, flag in tracked:
             m.track_running_stats = flag
+
+
+@contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Kernels that autograd can differentiate twice and ``torch.func`` can push tangents
+    through, for the computations inside (restored afterwards).
+
+    * ``scaled_dot_product_attention`` on its math backend: the fused kernels (flash,
+      memory-efficient, cuDNN, and CPU flash) have neither a double backward
+      (pytorch/pytorch#116350) nor forward-mode AD (#128971). The math backend materialises
+      the ``[batch, heads, S, S]`` attention weights, so attention's activation memory grows
+      as O(S^2) per layer (what ``attn_implementation="eager"`` costs too).
+    * ``torch.compile``d code (a compiled model, submodule or loss) runs eagerly: double
+      backward through compiled code is unsupported (#91469). The numbers are those of the
+      same function. Checked only once ``torch._dynamo`` is imported (a compiled function
+      cannot exist before), so a model without one never pays for importing it.
+    """
+    with ExitStack() as stack:
+        stack.enter_context(_math_attention())
+        if "torch._dynamo" in sys.modules and hasattr(torch.compiler, "set_stance"):
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        yield
+
+
+def _math_attention():  # noqa: ANN202 - a context manager of torch's
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(
+            enable_flash=False, enable_math=True, enable_mem_efficient=False
+        )
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def active_stochastic_modules(model: nn.Module) -> list[str]:

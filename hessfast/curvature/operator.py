@@ -33,7 +33,14 @@ from .dataparallel import data_parallel_init
 from .guard import BufferCopies, ParamFingerprint, SlotGuard, tensor_slots
 from .layout import ParamLayout
 from .lossform import decide_loss_form
-from .model import check_params, model_modes, select_params, unwrap_model
+from .model import (
+    BatchSplit,
+    check_params,
+    model_modes,
+    select_params,
+    twice_differentiable,
+    unwrap_model,
+)
 from .options import CurvatureOptions
 from .plan import HVPPlan, Planner, measure_saved
 from .preflight import SymmetryProbe, check_finite, preflight
@@ -63,6 +70,9 @@ class CurvatureOperator(LinearOperator):
         loss_reduction, loss_reduction_reason: ``"mean"`` or ``"sum"`` (how a batch's loss
             reduces over its samples, which sets the batch weights), and where it was read.
         param_names, param_shapes, param_dtype: the selected parameters.
+        compute_dtype: the least precise dtype the model computes in (seen by the
+            pre-flight: a float64 model with float32 pieces inside computes in float32);
+            the pre-flight's symmetry and repeatability tolerances follow it.
         num_samples, num_batches: the data (empty batches not counted; of all ranks).
         hvp_mode, hvp_mode_reason: the path of the last product, and why.
         plans: the plan per block size used so far.
@@ -81,16 +91,22 @@ class CurvatureOperator(LinearOperator):
                 f"model must be a torch.nn.Module, got {type(model).__name__}"
             )
         model = unwrap_model(model)
+        if loss_fn is None and options.causal_lm:
+            loss_fn = nn.CrossEntropyLoss()  # the mean over tokens; ignore_index=-100
         if not callable(loss_fn):
             raise ArgumentTypeError(
                 f"loss_fn must be callable (a criterion loss_fn(outputs, targets) or "
-                f"loss_fn(model, batch)), got {type(loss_fn).__name__}"
+                f"loss_fn(model, batch); None only with causal_lm=True), got "
+                f"{type(loss_fn).__name__}"
             )
+        # how a criterion's outputs and targets come from a batch
+        self._batch_split = BatchSplit(options.outputs, options.targets, options.causal_lm)
         self.model = model
         self.loss_fn = loss_fn
         self.bn_mode = options.bn_mode
         self.param_names, self._params = select_params(model, options.params)
         device, self.param_dtype = check_params(self.param_names, self._params)
+        self.compute_dtype = self.param_dtype  # the pre-flight sees what the forward uses
         # The operator is the curvature at these parameters: checked before every product.
         self._fingerprint = ParamFingerprint(model)
         self._slot_guard = SlotGuard(model)
@@ -142,8 +158,7 @@ class CurvatureOperator(LinearOperator):
         if options.check and self._data.num_samples:  # a rank without batches: others check
             preflight(self, options.check_deterministic)
         if options.check and options.check_deterministic:
-            eps = torch.finfo(self.param_dtype).eps
-            self._symmetry = SymmetryProbe(self._kind, eps)
+            self._symmetry = SymmetryProbe(self._kind, self.compute_dtype)
 
     # -- hooks for subclasses ----------------------------------------------------------
     def _decide_loss_form(self, loss_form: str) -> tuple[str, str]:
@@ -151,7 +166,7 @@ class CurvatureOperator(LinearOperator):
         _, batch = self._data.first()
         return decide_loss_form(
             self.loss_fn, loss_form, batch, self.model, self._data.rule,
-            self._rng_devices(self.device),
+            self._rng_devices(self.device), named_split=self._batch_split.named,
         )
 
     def _build_wrappers(self) -> None:
@@ -232,12 +247,14 @@ class CurvatureOperator(LinearOperator):
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
-        """Modes set and restored; the global RNG restored after the block."""
+        """Modes and differentiable kernels set and restored; the global RNG restored after
+        the block."""
         devices = self._rng_devices(self.device)
         with (
             torch.random.fork_rng(devices=devices),
             self._slot_guard.hold(),
             model_modes(self.model, self.bn_mode),
+            twice_differentiable(),  # SDPA's math backend, compiled code run eagerly
         ):
             yield
 
@@ -266,7 +283,7 @@ class CurvatureOperator(LinearOperator):
         if self.loss_form == "model":
             call, other = "loss_fn(model, batch)", "'criterion'"
         else:
-            call, other = "loss_fn(model(inputs), targets)", "'model'"
+            call, other = self._batch_split.describe(), "'model'"
         return (
             f"Read as: {self._data.rule}; loss_fn called as {call} because "
             f"{self.loss_form_reason}; if loss_fn takes the other form, pass loss_form={other}"

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigurationError
+from ..errors import ArgumentTypeError, ConfigurationError
 from .lossform import LOSS_FORMS
 from .model import BN_MODES
 from .plan import HVP_MODES
@@ -36,6 +36,8 @@ class CurvatureOptions:
         max_batches: the first pass's batch limit for data without ``len()``; None: default.
         process_group: ``"auto"``, None or a ``torch.distributed`` process group: the ranks
             whose data shards make up the data (:mod:`.dataparallel`).
+        outputs, targets, causal_lm: how a criterion's outputs and targets come from a
+            batch of any kind (:class:`~hessfast.curvature.model.BatchSplit`).
     """
 
     params: Sequence[str] | Sequence[torch.Tensor] | None = None
@@ -50,8 +52,25 @@ class CurvatureOptions:
     loss_reduction: str = "auto"
     max_batches: int | None = None
     process_group: Any = "auto"
+    outputs: Callable[[Any, Any], Any] | None = None
+    targets: Callable[[Any], Any] | None = None
+    causal_lm: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("outputs", "targets"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise ArgumentTypeError(
+                    f"{name} must be a callable or None, got {type(fn).__name__}"
+                )
+        if not isinstance(self.causal_lm, bool):
+            raise ConfigurationError(f"causal_lm must be True or False, got {self.causal_lm!r}")
+        if self.loss_form == "model" and (self.outputs or self.targets or self.causal_lm):
+            raise ConfigurationError(
+                "loss_form='model' calls loss_fn(model, batch), which computes the outputs "
+                "itself: outputs=, targets= and causal_lm= name them for a criterion "
+                "loss_fn(outputs, targets). Drop one or the other"
+            )
         if self.hvp_mode not in HVP_MODES:
             raise ConfigurationError(
                 f"hvp_mode must be one of {HVP_MODES}, got {self.hvp_mode!r}"

@@ -311,5 +311,5 @@ class Planner:
         for (mode, c), ref in results.items():
             other = results.get(("fwd_rev", c))
             if mode != "fwd_rev" and other is not None:
-                self.check_agreement(ref, other, op.param_dtype)
+                self.check_agreement(ref, other, op.compute_dtype)
         return per_vector

@@ -50,7 +50,13 @@ from ..errors import (
     NonDeterministicError,
     NonFiniteError,
 )
-from .forwardcheck import check_graph_structure, check_small_batches, explain_call_error
+from .forwardcheck import (
+    GraphWatch,
+    check_custom_functions,
+    check_graph_structure,
+    check_small_batches,
+    explain_call_error,
+)
 from .model import active_stochastic_modules
 from .plan import AGREE_EPS
 
@@ -88,14 +94,19 @@ def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
 
 def _checks(op: CurvatureOperator, batch: Any, index: int, check_deterministic: bool) -> None:
     state: Any = None
+    watch = GraphWatch(op.param_dtype)
     try:
         # the forward is wrapped by op._call_loss: the user's errors are LossCallErrors,
         # anything else is double backward failing
-        state = op._first_graph()
+        with watch:
+            state = op._first_graph()
     except HessfastError:
         raise
     except Exception as exc:  # noqa: BLE001 - double backward cannot even start
         op._planner.path_failed("double_backward", exc)
+    finally:
+        op.compute_dtype = watch.compute_dtype
+    check_custom_functions(op, watch)
     if check_deterministic:
         first = state.loss if state is not None else op._loss_value(batch, index)
         _check_repeatable(op, first, op._loss_value(batch, index), index)
@@ -147,7 +158,7 @@ def _check_repeatable(
     op: CurvatureOperator, first: torch.Tensor, again: torch.Tensor, index: int
 ) -> None:
     a, b = float(first), float(again)
-    eps = torch.finfo(op.param_dtype).eps
+    eps = torch.finfo(op.compute_dtype).eps
     if a == b or abs(a - b) <= REPEAT_EPS * eps * max(abs(a), abs(b)):
         return
     active = active_stochastic_modules(op.model)
@@ -159,7 +170,8 @@ def _check_repeatable(
         "non-deterministic kernels"
     )
     raise NonDeterministicError(
-        f"two evaluations of the loss on batch {index} differ ({a:.9g} vs {b:.9g}): the "
+        f"two evaluations of the loss on batch {index} differ ({a:.9g} vs {b:.9g}, more "
+        f"than {op.compute_dtype}'s rounding, the precision the model computes in): the "
         f"curvature is random. Cause: {cause}. check_deterministic=False skips this check"
     )
 
@@ -183,23 +195,25 @@ def _check_fwd_rev(op: CurvatureOperator, batch: Any, index: int, state: Any) ->
         ref = op._graph_product(state, Vs, retain=True)
     except Exception:  # noqa: BLE001 - no reference to compare with; the products will tell
         return
-    op._planner.check_agreement(ref, hv, op.param_dtype)
+    op._planner.check_agreement(ref, hv, op.compute_dtype)
 
 
 class SymmetryProbe:
     """Completes the pre-flight's symmetry check on the operator's first products.
 
     Keeps the first vector multiplied and its product; when a second, non-parallel vector
-    comes (in the same block or a later one) compares ``u.(Hv)`` with ``v.(Hu)`` once.
+    comes (in the same block or a later one) compares ``u.(Hv)`` with ``v.(Hu)`` once, to
+    the rounding of the precision the model computes in.
 
     Args:
         kind: the operator's name for messages ("Hessian", "GGN").
-        eps: unit roundoff of the parameters' dtype.
+        dtype: the least precise dtype the model computes in (``op.compute_dtype``).
     """
 
-    def __init__(self, kind: str, eps: float) -> None:
+    def __init__(self, kind: str, dtype: torch.dtype) -> None:
         self._kind = kind
-        self._eps = eps
+        self._dtype = dtype
+        self._eps = torch.finfo(dtype).eps
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
         self.done = False
 
@@ -232,10 +246,12 @@ class SymmetryProbe:
         tol = AGREE_EPS * self._eps * math.sqrt(u.numel()) * bound
         if abs(uHv - vHu) > tol:
             raise AsymmetricOperatorError(
-                f"u.(Hv) = {uHv:.6g} but v.(Hu) = {vHu:.6g} for the first two vectors "
-                f"multiplied: the {self._kind} product is not symmetric, so the loss is not "
-                "a fixed function of the parameters (randomness, in-place updates of model "
-                "state, a custom autograd.Function whose backward is not its derivative). "
-                "Make the loss deterministic; check_deterministic=False accepts a random "
-                "operator and skips this check"
+                f"u.(Hv) = {uHv:.9g} but v.(Hu) = {vHu:.9g} for the first two vectors "
+                f"multiplied, further apart than the rounding of {self._dtype} (the least "
+                f"precise dtype the model computes in allows {tol:.3g}): the {self._kind} "
+                "product is not symmetric, so the loss is not a fixed function of the "
+                "parameters (randomness, in-place updates of model state, a custom "
+                "autograd.Function whose backward is not its derivative). Make the loss "
+                "deterministic; check_deterministic=False accepts a random operator and "
+                "skips this check"
             )
