@@ -125,6 +125,8 @@ def scenario_faults(rank: int, world: int) -> dict[str, Any]:
     _expect_failure("nan_mid_run", out, lambda: hf.lambda_max(H2))
     handle.remove()
 
+    _expect_failure("all_empty", out, lambda: hf.hessian(model, loss, []))
+
     H3 = hf.hessian(model, loss, mine)
     H3.matvec(vectors(H3.shape[0])[0])
     if rank == 1:

@@ -122,6 +122,8 @@ def test_ddp_model_and_a_failing_rank_stop_every_rank(tmp_path):
         assert name0 == "DistributedError", (step, name0, msg0)
         assert "rank(s) [1]" in msg0 and own in msg0, msg0
         assert t0 < 15 and t1 < 15, (step, t0, t1)
+    for r in (r0, r1):  # no rank holds a sample: every rank says so
+        assert r["all_empty"][0] == "EmptyDataError", r["all_empty"]
 
 
 def test_a_rank_that_exits_does_not_hang_the_others(tmp_path):
@@ -165,3 +167,12 @@ def test_process_group_argument_checked():
         hf.hessian(model, nn.CrossEntropyLoss(), batches, process_group=object())
     H = hf.hessian(model, nn.CrossEntropyLoss(), batches)  # auto without a group: local
     assert (H.num_samples, H.local_num_samples) == (35, 35)
+
+
+def test_multi_gpu_data_parallel_warns_and_uses_the_module():
+    model, batches = dist_workers.problem()
+    wrapped = nn.DataParallel(model)
+    wrapped.device_ids = [0, 1]  # as over two GPUs (this machine may have none)
+    with pytest.warns(UserWarning, match="DataParallel over GPUs"):
+        H = hf.hessian(wrapped, nn.CrossEntropyLoss(), batches)
+    assert H.model is model
