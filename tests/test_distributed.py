@@ -90,6 +90,10 @@ def test_three_ranks_5_3_0_batches_equal_one_process(tmp_path):
     model, batches = dist_workers.problem()
     ref = dist_workers.measure(model, batches)
     assert ranks[0]["num_samples"].tolist() == [sum(dist_workers.BATCH_SIZES), 8]
+    mixed = ranks[0]["mixed_block"]
+    for r in ranks:  # every rank, the empty one too, took the precision the others saw
+        assert r.pop("mixed_compute_dtype") == "torch.float32"
+        assert torch.equal(r.pop("mixed_block"), mixed)
     for key, want in ref.items():
         if key == "eig_vectors":  # signs are free
             dots = (ranks[0][key] * want).sum(1).abs()

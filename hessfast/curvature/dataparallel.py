@@ -49,6 +49,8 @@ __all__ = ["RankGroup", "check_sampler", "data_parallel_init"]
 # Loss forms and reductions as codes for the construction's one small all-reduce.
 _FORMS = ("criterion", "model")
 _REDUCTIONS = ("mean", "sum")
+# Compute precisions, most precise first: the ranks agree on the least precise one seen.
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _group_of(model: nn.Module, process_group: Any) -> Any:
@@ -181,8 +183,11 @@ class RankGroup:
         votes = [data.num_samples, data.num_batches]
         votes += [int(has and op.loss_form == f) for f in _FORMS]
         votes += [int(has and op.loss_reduction == r) for r in _REDUCTIONS]
+        compute = getattr(op, "compute_dtype", None)
+        votes += [int(has and compute == d) for d in _DTYPES]
         counts = self.comm.allreduce_ints(votes, "the sample counts at construction")
         total, batches, forms, reductions = counts[0], counts[1], counts[2:4], counts[4:6]
+        self._agree_precision(op, counts[6:])
         if total == 0:
             raise EmptyDataError(
                 f"no rank of the {self.world_size} holds a sample: the curvature of a loss "
@@ -199,6 +204,19 @@ class RankGroup:
             op.loss_reduction = _REDUCTIONS[reductions.index(max(reductions))]
         op.num_samples, op.num_batches = total, batches
         self.scale = data.num_samples / total
+
+    @staticmethod
+    def _agree_precision(op: CurvatureOperator, seen: list[int]) -> None:
+        """Every rank takes the least precise compute dtype any rank's pre-flight saw (a rank
+        without batches saw none), so that all apply the same symmetry tolerance."""
+        from .preflight import SymmetryProbe
+
+        least = [d for d, c in zip(_DTYPES, seen, strict=True) if c]
+        if not least or getattr(op, "compute_dtype", None) in (None, least[-1]):
+            return
+        op.compute_dtype = least[-1]
+        if op._symmetry is not None:
+            op._symmetry = SymmetryProbe(op._kind, least[-1])
 
     def check_symmetry(
         self, probe: SymmetryProbe | None, V: torch.Tensor, HV: torch.Tensor
