@@ -15,6 +15,7 @@ from .curvature import GGNOperator, HessianOperator, ggn, hessian
 from .density import SpectralDensity, spectral_density
 from .estimators import DiagonalResult, TraceResult, diagonal, trace
 from .linop import LinearOperator
+from .memory import MemoryPlan, estimate_memory
 from .power import PowerResult, power_iteration
 from .results import Status
 from .spectrum import EigshResult, eigsh, lambda_max
@@ -38,6 +39,8 @@ __all__ = [
     "PowerResult",
     "__version__",
     "eigsh",
+    "estimate_memory",
+    "MemoryPlan",
     "errors",
     "ggn",
     "hessian",

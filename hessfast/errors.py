@@ -109,3 +109,13 @@ __all__ = [
     "UnboundedDataError",
     "UnsupportedModelError",
 ]
+
+
+class OutOfMemoryPlanError(HessfastError, MemoryError):
+    """The memory plan of a run (:func:`hessfast.estimate_memory`) does not fit the device
+    with any basis storage allowed: the message carries the plan's table and the fixes
+    (smaller ``max_basis`` / ``num_steps``, fewer probes, ``basis_device='cpu'``,
+    ``basis_dtype=torch.bfloat16``)."""
+
+
+__all__ += ["OutOfMemoryPlanError"]

@@ -7,6 +7,7 @@ path for tiny operators, and :func:`lambda_max`. Power iteration lives in
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from ._checks import (
 from ._probe import probe_operator
 from .errors import ConfigurationError
 from .lanczos import WHICH, block_lanczos, select
+from .lanczos.checkpoint import Checkpoint, fingerprint_tensor
 from .linop import LinearOperator
+from .memory import choose_basis
 from .power import power_iteration
 from .results import Status
 
@@ -109,6 +112,8 @@ def eigsh(
     basis_device: torch.device | str | None = None,
     method: str = "lanczos",
     dense_below: int = 32,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | float | None = None,
 ) -> EigshResult:
     """k eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
@@ -133,18 +138,28 @@ def eigsh(
         seed: seed of the private generator for the random start (global RNG untouched).
         reorth: ``full`` (CGS2, default), ``partial`` or ``none``.
         basis_dtype: storage of the Krylov basis, e.g. ``torch.bfloat16`` (coefficients
-            and the projection stay in fp32/fp64).
-        basis_device: where the basis lives, e.g. ``"cpu"`` while A runs on a GPU.
+            and the projection stay in fp32/fp64). Default: chosen by the memory plan
+            (:func:`hessfast.estimate_memory`): the working dtype, else float32/bfloat16,
+            else the host (pinned for CUDA), with a warning saying why.
+        basis_device: where the basis lives, e.g. ``"cpu"`` while A runs on a GPU (default:
+            the memory plan's choice, as for ``basis_dtype``). Given values are used as
+            given, and refused only when the plan shows they cannot fit.
         method: ``lanczos`` or ``power`` (k = 1 only; for parity with PyHessian).
         dense_below: operators with ``n <= dense_below`` are solved densely (n products),
             with a warning.
+        checkpoint: a file path: the run saves its state there every ``checkpoint_every``
+            (an int: block steps; a float: seconds; default 60.0) and a call with the same
+            path and arguments resumes from it, giving the uninterrupted result
+            (:mod:`hessfast.lanczos.checkpoint`; only rank 0 writes).
 
     Returns:
         :class:`EigshResult`.
 
     Raises:
         ConfigurationError: a bad argument, named (``max_matvecs`` below one block or k,
-            ``v0`` of the wrong shape, ``basis_dtype``, ``basis_device``, ``seed``...).
+            ``v0`` of the wrong shape, ``basis_dtype``, ``basis_device``, ``seed``...), or a
+            checkpoint file made by a different run.
+        OutOfMemoryPlanError: no basis storage fits the device (the message has the plan).
         AsymmetricOperatorError, NonDeterministicError: the one-time probe of an unchecked
             operator (:mod:`hessfast._probe`; 4 products, not in ``num_matvecs``) found it
             asymmetric or random.
@@ -161,6 +176,7 @@ def eigsh(
     check_choice("reorth", reorth, ("full", "partial", "none"), who=who)
     check_choice("method", method, ("lanczos", "power"), who=who)
     seed = check_seed(seed, who=who)
+    explicit_dtype = basis_dtype
     basis_dtype = check_basis_dtype(basis_dtype, work_dtype(A.dtype), who=who)
     max_matvecs = check_int("max_matvecs", max(1000, 40 * k) if max_matvecs is None
                             else max_matvecs, 1, who=who)
@@ -217,10 +233,19 @@ def eigsh(
             f"max_basis={cap} is too small for k={k} and block_size={b}: it needs at least "
             f"k + 2*block_size = {k + 2 * b}"
         )
+    given = None if explicit_dtype is None else basis_dtype
+    bd, basis_device, pin = choose_basis(A, "eigsh", given, basis_device, who, k=k,
+                                         block_size=b, max_basis=cap)
+    basis_dtype = bd or basis_dtype
+    ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
+        n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
+        seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=fingerprint_tensor(v0),
+    ), checkpoint_every, who)
     probe_operator(A, who)
     st = block_lanczos(
         A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs, v0=v0,
         seed=seed, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device,
+        pin_memory=pin, checkpoint=ckpt,
     )
     lost = 100 * math.sqrt(torch.finfo(basis_dtype).eps)  # the basis' own precision
     if st.orthogonality > lost:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from .._checks import (
     PROBES,
     Products,
     as_operator,
+    check_basis_device,
     check_basis_dtype,
     check_choice,
     check_int,
@@ -24,11 +26,13 @@ from .._checks import (
 )
 from .._probe import probe_operator
 from ..errors import ConfigurationError
+from ..lanczos.checkpoint import Checkpoint, fingerprint_tensor
 from ..lanczos.probes import REORTHS
 from ..linop import LinearOperator
+from ..memory import choose_basis
 from .kpm import kpm
 from .result import SpectralDensity
-from .slq import slq, slq_group_size, slq_grouped
+from .slq import slq_group_size, slq_grouped
 
 __all__ = ["METHODS", "draw_probes", "spectral_density"]
 
@@ -72,6 +76,9 @@ def spectral_density(
     basis_dtype: torch.dtype | None = None,
     num_moments: int | None = None,
     v0: torch.Tensor | None = None,
+    basis_device: torch.device | str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | float | None = None,
 ) -> SpectralDensity:
     """Estimate the spectral density of a symmetric operator by SLQ or KPM.
 
@@ -93,7 +100,10 @@ def spectral_density(
             distort the weights). Only SLQ stores a basis.
         basis_dtype: storage dtype of the Lanczos basis (``torch.float64``, ``float32``,
             ``bfloat16``, ``float16``); default: the working dtype (float64 for a float64
-            operator, else float32). Coefficients and current vectors stay in the working dtype.
+            operator, else float32), or the memory plan's choice when that does not fit
+            (:func:`hessfast.estimate_memory`: float32, bfloat16, then the host, with a
+            warning; nothing fitting raises ``OutOfMemoryPlanError``). Coefficients and
+            current vectors stay in the working dtype.
         num_moments: KPM: Chebyshev moments M >= 1 (default ``2 num_steps``). The doubling
             ``mu_{2k} = 2 <T_k u, T_k u> - mu_0``, ``mu_{2k+1} = 2 <T_{k+1} u, T_k u> - mu_1``
             gives them in ``ceil((M - 1)/2)`` data passes, plus ``min(n, 10)`` Lanczos passes
@@ -101,6 +111,12 @@ def spectral_density(
         v0: optional start vectors ``[P, n]`` (or one ``[n]``) instead of random probes (rows
             are normalised); overrides ``num_probes``, ``seed`` and ``probe``. The name is
             :func:`hessfast.eigsh`'s.
+        basis_device: where the SLQ bases live, e.g. ``"cpu"`` for a CUDA operator
+            (default: the operator's device, or the memory plan's choice).
+        checkpoint, checkpoint_every: SLQ only: save the run's state to this file every
+            ``checkpoint_every`` (an int: steps; a float: seconds; default 60.0) and resume
+            from it when called again with the same arguments (the uninterrupted result;
+            :mod:`hessfast.lanczos.checkpoint`).
 
     Returns:
         :class:`SpectralDensity` with ``status`` ``CONVERGED`` (or ``OUT_OF_BOUNDS`` for a
@@ -120,6 +136,7 @@ def spectral_density(
     seed = check_seed(seed, who=_WHO)
     work = work_dtype(A.dtype)
     bdtype = check_basis_dtype(basis_dtype, work, who=_WHO)
+    bdev = check_basis_device(basis_device, who=_WHO)
     if num_moments is not None:
         if method != "kpm":
             raise ConfigurationError(
@@ -130,7 +147,19 @@ def spectral_density(
     n = A.shape[0]
     probe_name = probe
     m = min(num_steps, n)
+    pin = False
+    if method == "slq":
+        given = None if basis_dtype is None else bdtype
+        chosen, bdev, pin = choose_basis(A, "slq", given, bdev, _WHO, num_steps=m,
+                                         num_probes=num_probes, reorth=reorth)
+        bdtype = chosen or bdtype
+    elif checkpoint is not None:
+        raise ConfigurationError(f"{_WHO}: checkpoint applies to method='slq' only; drop it")
     group = slq_group_size(n, m, reorth, work, bdtype)
+    ckpt = None if checkpoint is None else Checkpoint(checkpoint, "slq", dict(
+        n=n, dtype=str(A.dtype), num_probes=num_probes, num_steps=m, seed=seed, probe=probe,
+        reorth=reorth, basis_dtype=str(bdtype), group=group, v0=fingerprint_tensor(v0),
+    ), checkpoint_every, _WHO)
     Z: torch.Tensor | None = None
     if v0 is not None:
         Z = _start_vectors(v0, n, work, A.device)
@@ -141,17 +170,19 @@ def spectral_density(
 
     products = Products(A, work, _WHO)
     with torch.no_grad():
-        if method == "slq" and Z is not None:
-            fields = slq(products, Z, m, reorth, bdtype)
-        elif method == "slq":  # many probes: streamed in groups, memory bounded
-            gen = probe_generator(seed)
+        if method == "slq":  # many probes: streamed in groups, memory bounded
+            gen = probe_generator(seed) if Z is None else None
 
             def draw(count: int) -> torch.Tensor:
+                if Z is not None:
+                    return Z
                 G = sample_probes(gen, count, n, probe)
                 G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
                 return G.to(device=A.device, dtype=work)
 
-            fields = slq_grouped(products, draw, num_probes, m, reorth, bdtype, group)
+            fields = slq_grouped(products, draw, Z.shape[0] if Z is not None else num_probes,
+                                 m, reorth, bdtype, group if Z is None else Z.shape[0],
+                                 gen=gen, checkpoint=ckpt, basis_device=bdev, pin_memory=pin)
         else:
             M = num_moments if num_moments is not None else 2 * num_steps
             fields = kpm(products, Z, M, bdtype)

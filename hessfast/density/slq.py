@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..lanczos.checkpoint import Checkpoint
 from ..lanczos.probes import probe_lanczos
 from ..results import Status
 from .result import slq_sigma
@@ -29,11 +30,13 @@ def slq(
     m: int,
     reorth: str,
     bdtype: torch.dtype,
+    **lanczos: Any,
 ) -> dict[str, Any]:
     """SLQ from the unit probes ``Z: [P, n]`` with ``m <= n`` steps: the fields of
-    :class:`SpectralDensity` (nodes and weights ``[P, m]``, padded after a breakdown)."""
+    :class:`SpectralDensity` (nodes and weights ``[P, m]``, padded after a breakdown).
+    ``lanczos``: basis_device, pin_memory, save, resume of :func:`probe_lanczos`."""
     P = Z.shape[0]
-    tri = probe_lanczos(products, Z, m, reorth=reorth, basis_dtype=bdtype)
+    tri = probe_lanczos(products, Z, m, reorth=reorth, basis_dtype=bdtype, **lanczos)
     nodes = torch.empty((P, m), dtype=torch.float64)
     weights = torch.zeros((P, m), dtype=torch.float64)
     lo, hi = math.inf, -math.inf
@@ -75,13 +78,37 @@ def slq_grouped(
     reorth: str,
     bdtype: torch.dtype,
     group: int,
+    *,
+    gen: torch.Generator | None = None,
+    checkpoint: Checkpoint | None = None,
+    **lanczos: Any,
 ) -> dict[str, Any]:
     """:func:`slq` on ``P`` probes drawn ``group`` at a time by ``draw(count) -> [count, n]``
     (unit rows): memory stays one group's whatever ``P``; the fields are those of one run on
-    all probes (nodes and weights ``[P, m]``), at ``ceil(P / group)`` times the passes."""
-    parts = []
-    for start in range(0, P, group):
-        parts.append(slq(products, draw(min(group, P - start)), m, reorth, bdtype))
+    all probes (nodes and weights ``[P, m]``), at ``ceil(P / group)`` times the passes.
+
+    With a ``checkpoint`` the state (finished groups, ``gen``'s state before the current
+    group's draw, its Lanczos state, the product counters of ``products``) is saved when
+    due and a saved state is resumed: the current group is drawn again from the saved
+    generator state, so the result is the uninterrupted one."""
+    saved = checkpoint.load() if checkpoint is not None else None
+    parts = [dict(f, status=Status(f["status"])) for f in saved["parts"]] if saved else []
+    if saved:
+        products.num_matvecs, products.num_passes = saved["used"], saved["passes"]
+    for start in range(saved["start"] if saved else 0, P, group):
+        resume = saved["probe"] if saved and start == saved["start"] else None
+        if resume is not None and gen is not None:
+            gen.set_state(saved["gen"])
+        g_state = gen.get_state() if gen is not None else None
+
+        def save(state: dict[str, Any], start: int = start, g: Any = g_state) -> None:
+            if checkpoint is not None and checkpoint.due():
+                done = [dict(f, status=str(f["status"].value)) for f in parts]
+                checkpoint.save(dict(parts=done, start=start, gen=g, probe=state,
+                                     used=products.num_matvecs, passes=products.num_passes))
+
+        Z = draw(min(group, P - start))
+        parts.append(slq(products, Z, m, reorth, bdtype, save=save, resume=resume, **lanczos))
     if len(parts) == 1:
         return parts[0]
     out = dict(parts[0])

@@ -41,8 +41,9 @@ def select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
 class Basis:
     """Row basis ``Q[:m]`` in a storage dtype/device, and the float64 projection T."""
 
-    def __init__(self, capacity: int, n: int, dtype: torch.dtype, device: torch.device):
-        self.Q = torch.empty(capacity, n, dtype=dtype, device=device)
+    def __init__(self, capacity: int, n: int, dtype: torch.dtype, device: torch.device,
+                 pin: bool = False):
+        self.Q = torch.empty(capacity, n, dtype=dtype, device=device, pin_memory=pin)
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64)
         self.m = 0
 

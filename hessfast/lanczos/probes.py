@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -80,6 +81,10 @@ def probe_lanczos(
     *,
     reorth: str = "full",
     basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | None = None,
+    pin_memory: bool = False,
+    save: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> ProbeTridiagonals:
     """``num_steps`` Lanczos steps from each row of ``Z`` (see the module docstring).
 
@@ -91,6 +96,10 @@ def probe_lanczos(
         reorth: ``"full"`` (each probe against its whole basis; memory ``P m n`` in
             ``basis_dtype``) or ``"none"`` (the plain three-term recurrence).
         basis_dtype: storage of the bases (default: ``Z.dtype``).
+        basis_device: where the bases live (default: ``Z``'s device), pinned with
+            ``pin_memory`` (host bases of a CUDA operator).
+        save: called with the state at the top of each step (a checkpoint decides whether
+            to write it); resume: such a state to continue from (same arguments).
 
     Returns:
         :class:`ProbeTridiagonals` with ``[P, num_steps]`` coefficients.
@@ -103,17 +112,31 @@ def probe_lanczos(
     steps = torch.zeros(P, dtype=torch.int64)
     last_beta = torch.zeros(P, dtype=torch.float64)
     Q = None
+    bdev = basis_device or dev
     if reorth == "full":
-        Q = torch.empty((P, m, n), dtype=basis_dtype or work, device=dev)
+        Q = torch.empty((P, m, n), dtype=basis_dtype or work, device=bdev, pin_memory=pin_memory)
         Q[:, 0] = Z
     active = torch.arange(P)
     q = Z.clone()
     q_prev: torch.Tensor | None = None
     b_prev: torch.Tensor | None = None
     anorm = 0.0
+    j0 = 0
+    if resume is not None:
+        j0, anorm, active = resume["j"], resume["anorm"], resume["active"]
+        for t, name in ((alpha, "alpha"), (beta, "beta"), (steps, "steps"), (last_beta, "last")):
+            t.copy_(resume[name])
+        q, q_prev, b_prev = (None if resume[x] is None else resume[x].to(dev)
+                             for x in ("q", "q_prev", "b_prev"))
+        if Q is not None:
+            Q[:, : j0 + 1] = resume["Q"].to(device=bdev, dtype=Q.dtype)
     # roundoff of a product is ~ sqrt(n) eps ||A||: a residual below it is an invariant subspace
     tol = max(BREAKDOWN_EPS, math.sqrt(n)) * torch.finfo(work).eps
-    for j in range(m):
+    for j in range(j0, m):
+        if save is not None:
+            save(dict(j=j, anorm=anorm, active=active, alpha=alpha, beta=beta, steps=steps,
+                      last=last_beta, q=q, q_prev=q_prev, b_prev=b_prev,
+                      Q=None if Q is None else Q[:, : j + 1]))
         W = products(q)
         anorm = max(anorm, float(torch.linalg.vector_norm(W, dim=1).max()))
         a = torch.linalg.vecdot(q, W)
@@ -122,7 +145,12 @@ def probe_lanczos(
             W.addcmul_(q_prev, b_prev[:, None], value=-1.0)
         if Q is not None:
             for i, p in enumerate(active.tolist()):
-                ops.reorthogonalize(Q[p, : j + 1], W[i : i + 1])
+                if Q.device == W.device:
+                    ops.reorthogonalize(Q[p, : j + 1], W[i : i + 1])
+                else:  # a host basis: the row travels (pinned: asynchronously fast)
+                    w = W[i : i + 1].to(Q.device)
+                    ops.reorthogonalize(Q[p, : j + 1], w)
+                    W[i : i + 1] = w.to(W.device)
         b = torch.linalg.vector_norm(W, dim=1)
         a_c, b_c = a.double().cpu(), b.double().cpu()
         alpha[active, j] = a_c
@@ -140,6 +168,6 @@ def probe_lanczos(
         q = q_new
         active = active[keep]
         if Q is not None:
-            Q[active.to(dev), j + 1] = q_new.to(Q.dtype)
+            Q[active.to(bdev), j + 1] = q_new.to(device=bdev, dtype=Q.dtype)
     return ProbeTridiagonals(alpha, beta, steps, last_beta)
 

@@ -62,19 +62,22 @@ This module imports nothing from torch.func and no kernel backend except through
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import ops
 from .._checks import probe_generator, sample_probes, work_dtype
-from ..errors import NonFiniteError
 from ..linop import LinearOperator
 from .basis import Basis, orthonormal_block, select
+from .checkpoint import Checkpoint, lanczos_state, restore_lanczos
 from .verify import beaten, first_seen, verify_steps
+from .wanted import wanted_pairs
 
 __all__ = ["LanczosState", "block_lanczos"]
+
+#: Ritz vectors are formed in column chunks of about this many bytes (no full-basis copy).
+CHUNK_BYTES = 2**26
 
 
 @dataclass
@@ -103,7 +106,7 @@ class _Run:
 
     def __init__(self, A: LinearOperator, k: int, which: str, tol: float, cap: int, seed: int,
                  reorth: str, basis_dtype: torch.dtype | None,
-                 basis_device: torch.device | str | None) -> None:
+                 basis_device: torch.device | str | None, pin: bool = False) -> None:
         self.A, self.k, self.which, self.tol, self.reorth = A, k, which, tol, reorth
         self.n = A.shape[0]
         # vectors and accumulation in the working precision (float64 or float32)
@@ -111,7 +114,7 @@ class _Run:
         self.bdtype = basis_dtype or self.wdtype
         self.bdev = torch.device(basis_device) if basis_device is not None else A.device
         self.gen = probe_generator(seed)
-        self.basis = Basis(cap, self.n, self.bdtype, self.bdev)
+        self.basis = Basis(cap, self.n, self.bdtype, self.bdev, pin)
         # dropped coupling of each verification round: A Q^T = ... + sum_r Q_r^T G_r
         self.G: list[torch.Tensor] = []  # each [b_r, m] float64
         self.coupling = torch.zeros(0, 0, dtype=torch.float64)  # L^T Y[last]: [b', m]
@@ -120,6 +123,15 @@ class _Run:
         self.Y = torch.zeros(0, 0, dtype=torch.float64)
         self.res = torch.zeros(0, dtype=torch.float64)
         self.ok = torch.zeros(0, dtype=torch.bool)
+        # the loop's progress (saved by a checkpoint with the above): the next block, restarts,
+        # converged count and (max, min) Ritz values per step, the verification round
+        self.block, self.restarts = torch.zeros(0), 0
+        self.history: list[int] = []
+        self.extremes: list[tuple[float, float]] = []
+        self.ref: torch.Tensor | None = None  # the candidates being verified
+        self.ref_res = self.ref_vecs = torch.zeros(0)
+        self.ref_slack = torch.zeros(0, dtype=torch.float64)
+        self.verify_left = self.n_verify = self.n_miss = self.verify_mv = self.verify_mv0 = 0
 
     def random_rows(self, count: int) -> torch.Tensor:
         """``[count, n]`` Gaussian rows from the run's private generator."""
@@ -195,10 +207,18 @@ class _Run:
         """The convergence tolerance of each value: tol * max(|theta|, 1e-3 ||A||_est)."""
         return self.tol * torch.clamp(vals.abs(), min=1e-3 * self.norm_est)
 
-    def ritz_vectors(self, idx: torch.Tensor) -> torch.Tensor:
-        """Ritz vectors ``[len(idx), n]`` of the last Rayleigh-Ritz, in the basis dtype."""
+    def ritz_vectors(self, idx: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Ritz vectors ``[len(idx), n]`` of the last Rayleigh-Ritz in the basis dtype, formed
+        in column chunks of ~CHUNK_BYTES; ``into`` may be the basis' own first rows (each
+        column chunk is read whole before it is written)."""
         Yi = self.Y[:, idx].T.to(self.acc).to(self.bdev)
-        return (Yi @ self.basis.rows().to(self.acc)).to(self.bdtype)
+        Q = self.basis.rows()
+        out = torch.empty(len(idx), self.n, dtype=self.bdtype, device=self.bdev) \
+            if into is None else into
+        step = max(1, CHUNK_BYTES // (8 * max(Q.shape[0], 1)))
+        for c in range(0, self.n, step):
+            out[:, c : c + step] = (Yi @ Q[:, c : c + step].to(self.acc)).to(self.bdtype)
+        return out
 
     def restart(self, idx: torch.Tensor, drop_residual_block: bool = False) -> None:
         """Keep the Ritz vectors ``idx`` (T becomes their diagonal).
@@ -208,7 +228,7 @@ class _Run:
         (a verification round), its coupling becomes a new G.
         """
         p, basis = idx.numel(), self.basis
-        basis.Q[:p] = self.ritz_vectors(idx)
+        self.ritz_vectors(idx, into=basis.Q[:p])
         basis.m = p
         basis.T.zero_()
         basis.T[:p, :p] = torch.diag(self.theta[idx])
@@ -242,6 +262,8 @@ def block_lanczos(
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     verify: bool = True,
+    pin_memory: bool = False,
+    checkpoint: Checkpoint | None = None,
 ) -> LanczosState:
     """Thick-restart block Lanczos with locking and a verified wanted set (module docstring).
 
@@ -262,26 +284,30 @@ def block_lanczos(
         basis_device: device of the basis (default: the operator's device).
         verify: verify the converged wanted set before ``CONVERGED`` (default; off only for
             experiments: without it a multiple eigenvalue can be missed silently).
+        pin_memory: allocate a host basis in pinned memory (operator on CUDA).
+        checkpoint: save the state every so often and resume from it (:mod:`.checkpoint`).
     """
-    run = _Run(A, k, which, tol, max_basis, seed, reorth, basis_dtype, basis_device)
+    run = _Run(A, k, which, tol, max_basis, seed, reorth, basis_dtype, basis_device, pin_memory)
     b, cap, n = block_size, max_basis, A.shape[0]
-    start_mv, start_passes = A.num_matvecs, A.num_passes
-    block = run.start_block(b, v0)
-    num_restarts = 0
-    history: list[int] = []
-    extremes: list[tuple[float, float]] = []  # each step's (max, min) Ritz value
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is None:
+        run.block = run.start_block(b, v0)
+    else:
+        restore_lanczos(run, saved)
+    start_mv = A.num_matvecs - (saved["used"] if saved else 0)
+    start_passes = A.num_passes - (saved["passes"] if saved else 0)
     status = "MAX_MATVECS"
-    # verification: the candidate set (values, slack, basis rows) and the steps left
-    ref: torch.Tensor | None = None
-    ref_res = ref_vecs = torch.zeros(0)
-    ref_slack = torch.zeros(0, dtype=torch.float64)
-    verify_left, n_verify, n_miss, verify_mv, verify_mv0 = 0, 0, 0, 0, 0
+
+    def used() -> int:
+        return A.num_matvecs - start_mv
 
     while True:
-        if A.num_matvecs - start_mv + block.shape[0] > max_matvecs:
+        if checkpoint is not None and checkpoint.due():
+            checkpoint.save(lanczos_state(run, used(), A.num_passes - start_passes))
+        if used() + run.block.shape[0] > max_matvecs:
             status = "MAX_MATVECS"
             break
-        out = run.step(block)
+        out = run.step(run.block)
         if out is None:
             status = "NONFINITE"
             break
@@ -289,15 +315,15 @@ def block_lanczos(
         m = run.basis.m
         want = select(run.theta, k, which)
         nconv = int(run.ok[want].sum())
-        history.append(nconv)
-        extremes.append((float(run.theta[-1]), float(run.theta[0])))
-        if ref is not None:  # -- a verification round is running -------------------------
-            verify_left -= 1
-            if beaten(run.theta, k, which, ref, ref_slack):
-                n_miss += 1  # a better eigenvalue: iterate on, verify again when converged
-                verify_mv += A.num_matvecs - verify_mv0
-                ref = None
-            elif verify_left <= 0 or Qn.shape[0] == 0:
+        run.history.append(nconv)
+        run.extremes.append((float(run.theta[-1]), float(run.theta[0])))
+        if run.ref is not None:  # -- a verification round is running ---------------------
+            run.verify_left -= 1
+            if beaten(run.theta, k, which, run.ref, run.ref_slack):
+                run.n_miss += 1  # a better eigenvalue: iterate on, verify again when converged
+                run.verify_mv += used() - run.verify_mv0
+                run.ref = None
+            elif run.verify_left <= 0 or Qn.shape[0] == 0:
                 status = "CONVERGED"
                 break
         elif nconv >= min(k, m) and m >= k:
@@ -306,17 +332,18 @@ def block_lanczos(
                 status = "CONVERGED"
                 break
             # -- start a verification round: lock the k candidates, fresh random block --------
-            ref = run.theta[want].clone()
-            ref_slack = run.slack(ref)
-            ref_res = run.res[want].clone()
+            run.ref = ref = run.theta[want].clone()
+            run.ref_slack = run.slack(ref)
+            run.ref_res = run.res[want].clone()
             run.restart(want, drop_residual_block=True)
-            ref_vecs = run.basis.rows(0, want.numel()).clone()
-            num_restarts += 1
-            n_verify += 1
-            verify_left = verify_steps(k, first_seen(extremes, ref, ref_slack, which), n_miss)
-            verify_mv0 = A.num_matvecs
-            block = run.fresh_block(b)
-            if block.shape[0] == 0:  # no room left: the candidates are the whole space
+            run.ref_vecs = run.basis.rows(0, want.numel()).clone()
+            run.restarts += 1
+            run.n_verify += 1
+            seen = first_seen(run.extremes, ref, run.ref_slack, which)
+            run.verify_left = verify_steps(k, seen, run.n_miss)
+            run.verify_mv0 = used()
+            run.block = run.fresh_block(b)
+            if run.block.shape[0] == 0:  # no room left: the candidates are the whole space
                 status = "CONVERGED"
                 break
             continue
@@ -328,51 +355,16 @@ def block_lanczos(
             keep_n = min(m - Qn.shape[0], max(k + (m - k) // 2, k + b))
             idx = select(run.theta, keep_n, which)
             run.restart(idx)
-            num_restarts += 1
-        block = Qn
-    if ref is not None:  # the round that ended the run (verified, or cut by the budget)
-        verify_mv += A.num_matvecs - verify_mv0
-    verified = ref is not None and status == "CONVERGED"
-    answer = (ref, ref_vecs, ref_res) if verified else None
-    theta, vecs, res, ok, status, ortho = _wanted(run, k, which, status, answer)
+            run.restarts += 1
+        run.block = Qn
+    if run.ref is not None:  # the round that ended the run (verified, or cut by the budget)
+        run.verify_mv += used() - run.verify_mv0
+    verified = run.ref is not None and status == "CONVERGED"
+    answer = (run.ref, run.ref_vecs, run.ref_res) if verified and run.ref is not None else None
+    theta, vecs, res, ok, status, ortho = wanted_pairs(run, k, which, status, answer)
     return LanczosState(
         theta=theta, vectors=vecs, residuals=res, converged=ok, status=status,
-        num_matvecs=A.num_matvecs - start_mv, num_passes=A.num_passes - start_passes,
-        num_restarts=num_restarts, norm_estimate=run.norm_est, orthogonality=ortho,
-        history=history, verified=verified, num_verifications=n_verify, num_misses=n_miss,
-        verify_matvecs=verify_mv)
-
-
-def _wanted(run: _Run, k: int, which: str, status: str,
-            answer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, float]:
-    """The returned pairs ``(theta [k], vectors [k, n], residuals [k], converged [k], status,
-    orthogonality)``: the verified candidates ``answer`` (values, basis-dtype vectors,
-    residuals, as they were when verification started: a verification changes nothing, it
-    only certifies), or else the wanted pairs of the last Rayleigh-Ritz (which matches the
-    basis in place)."""
-    m = run.basis.m
-    if m == 0 or run.theta.numel() == 0:
-        raise NonFiniteError(
-            "the first operator product is not finite (NaN/Inf): check the operator"
-        )
-    if answer is not None:
-        theta, V, res = answer
-        ok = torch.ones(theta.numel(), dtype=torch.bool)
-        want = torch.arange(theta.numel())
-    else:
-        theta, res, ok = run.theta, run.res, run.ok
-        want = select(theta, k, which)[: min(k, m)]
-        V = run.ritz_vectors(want)
-    vecs = V.to(run.acc).to(run.A.dtype).to(run.A.device)
-    gram = vecs.double() @ vecs.double().T
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    ortho = float((gram - eye).abs().max()) if gram.numel() else 0.0
-    if status == "INVARIANT_SUBSPACE" and not bool(ok[want].all()):
-        status = "MAX_MATVECS"
-    if status == "INVARIANT_SUBSPACE" and want.numel() < k:
-        warnings.warn(
-            f"hessfast: the Krylov space became invariant at dimension {m} < k={k}",
-            stacklevel=4,
-        )
-    return theta[want].clone(), vecs, res[want].clone(), ok[want].clone(), status, ortho
+        num_matvecs=used(), num_passes=A.num_passes - start_passes,
+        num_restarts=run.restarts, norm_estimate=run.norm_est, orthogonality=ortho,
+        history=run.history, verified=verified, num_verifications=run.n_verify,
+        num_misses=run.n_miss, verify_matvecs=run.verify_mv)

@@ -1,0 +1,395 @@
+"""A memory plan before a long run: :func:`estimate_memory` and the basis storage choice
+:func:`choose_basis` that :func:`hessfast.eigsh` and :func:`hessfast.spectral_density` make
+when ``basis_dtype`` / ``basis_device`` are not given.
+
+What is exact and what is a model:
+
+- **Exact** (allocation sizes read from the code): the Krylov basis (eigsh: ``max_basis`` rows
+  of ``n`` in ``basis_dtype``, allocated up front; SLQ with ``reorth="full"``: ``P m n``, one
+  group of probes at a time; divided by the world size with ``basis_sharding``) and the
+  parameters and buffers (the operator keeps two copies of each buffer and clones one per
+  evaluation, so buffers count three times).
+- **Measured**: the HVP's activations. The saved-tensor bytes ``S`` of batch 0's first-order
+  graph (forward plus the gradient with ``create_graph=True``, each storage once), counted by
+  ``curvature.plan.measure_saved`` while :func:`graph_bytes` builds that graph once more
+  (about one gradient; cached per operator).
+- **A model**: the product's peak is ``S (ACT_BASE + ACT_PER_ROW c)`` for chunks of ``c``
+  rows (``S num_batches`` plus the product when every batch's graph is kept,
+  ``reuse_graph``); the working vectors (block, product, next block, returned vectors) are
+  counted in rows of ``n``; a fixed scratch (``SCRATCH_BYTES``) covers restarts and QR.
+  Calibrated on the CPU (rise of ``VmHWM`` after ``malloc_trim``; two MLPs and a CNN, S of
+  16-22 MiB, double backward): peak/S was 2.9-4.2 at c = 1, 8.0-11.1 at c = 4, 12.4-13.8 at
+  c = 8 (graph reuse, graph included: 2.8-3.5, 8.1-10.4, 12.5-15.6); the model's 3.9, 8.1 and
+  13.7 are within 1.4x of each (tests/test_memory.py checks 1.5x at c = 4).
+- On CUDA the torch backend of ``ops.reorthogonalize`` casts a low-precision basis to the
+  working dtype on every call: that transient (``m n`` working-dtype bytes) is counted, so a
+  bf16 basis on a GPU saves memory only with ``HESSFAST_BACKEND=native``.
+
+"Capacity" is the device's free memory plus what the plan already finds resident there (the
+model's parameters and buffers), or ``available=`` when given (plan for another machine).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ops
+from ._checks import work_dtype
+from .curvature.plan import available_memory, measure_saved
+from .errors import ConfigurationError, OutOfMemoryPlanError
+from .linop import LinearOperator
+
+__all__ = ["ALGORITHMS", "MemoryItem", "MemoryPlan", "choose_basis", "estimate_memory",
+           "graph_bytes"]
+
+ALGORITHMS = ("eigsh", "slq", "kpm", "trace", "power")
+#: Product peak in units of the measured saved bytes S: S (ACT_BASE + ACT_PER_ROW c).
+ACT_BASE = 2.5
+ACT_PER_ROW = 1.4
+#: Restart / QR scratch (Ritz vectors are formed in column chunks of about this size).
+SCRATCH_BYTES = 2**26
+#: The automatic choice measures activations only when the basis needs more than this
+#: fraction of the capacity (smaller runs skip the extra graph build).
+MEASURE_FRACTION = 8
+GROUP_BYTES = 2**28  # = density.slq.GROUP_BYTES (SLQ probe groups)
+MIN_GROUP = 64
+BLOCK_BYTES = 2**28  # = estimators.session.BLOCK_BYTES (probe blocks of the estimators)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _fmt(x: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    unit = next(u for u in range(4, -1, -1) if x >= 1024**u or u == 0)
+    return f"{x / 1024**unit:.4g} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One line of a plan: ``bytes`` on ``where`` (``"device"`` or ``"host"``)."""
+
+    name: str
+    bytes: int
+    where: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device of one run (see the module docstring for what is measured).
+
+    Attributes:
+        algorithm, n: the run and the operator size (parameters).
+        device, basis_device, basis_dtype, pinned: where the products run and the basis lives.
+        world_size, basis_sharding: ranks, and whether each stores 1/R of the basis.
+        items: the lines of the table (parameters, basis, vectors, activations, ...).
+        capacity: ``{"device": bytes, "host": bytes}`` the plan may use.
+        resident: bytes of ``items`` already allocated (counted in the capacity).
+        activations_measured: False when activations were not measured (counted as 0).
+        settings: the algorithm's arguments the plan used.
+    """
+
+    algorithm: str
+    n: int
+    device: torch.device
+    basis_device: torch.device
+    basis_dtype: torch.dtype
+    pinned: bool
+    world_size: int
+    basis_sharding: bool
+    items: tuple[MemoryItem, ...]
+    capacity: dict[str, int]
+    resident: int
+    activations_measured: bool
+    settings: dict[str, Any]
+    _rebuild: Callable[[int], MemoryPlan] | None = field(default=None, repr=False, compare=False)
+
+    def _sum(self, *names: str) -> int:
+        return sum(i.bytes for i in self.items if i.name in names)
+
+    parameters = property(lambda self: self._sum("parameters"), doc="bytes")
+    basis = property(lambda self: self._sum("basis"), doc="bytes of the Krylov basis")
+    activations = property(lambda self: self._sum("activations"), doc="bytes (0: unmeasured)")
+    vectors = property(lambda self: self._sum("vectors", "working vectors", "scratch",
+                                              "reorth cast"), doc="bytes of working vectors")
+
+    def total(self, where: str = "device") -> int:
+        """Bytes the plan needs on ``where`` (``"device"`` or ``"host"``)."""
+        return sum(i.bytes for i in self.items if i.where == where)
+
+    @property
+    def fits(self) -> bool:
+        """Every place's total within its capacity."""
+        return all(self.total(w) <= cap for w, cap in self.capacity.items())
+
+    def at(self, n: int) -> MemoryPlan:
+        """The same plan (settings, bytes per parameter, activations) for ``n`` parameters."""
+        if self._rebuild is None:
+            raise ConfigurationError("this plan cannot be rescaled")
+        return self._rebuild(int(n))
+
+    @property
+    def largest_n(self) -> int:
+        """The most parameters for which :meth:`at` still fits (0 if none does)."""
+        if not self.at(1).fits:
+            return 0
+        lo, hi = 1, 2
+        while self.at(hi).fits and hi < 2**60:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.at(mid).fits else (lo, mid)
+        return lo
+
+    def __str__(self) -> str:
+        head = (
+            f"memory plan: {self.algorithm}, n={self.n:,}, device={self.device}, basis "
+            f"{str(self.basis_dtype).replace('torch.', '')} on {self.basis_device}"
+            f"{' (pinned)' if self.pinned else ''}, world_size={self.world_size}"
+            f"{' (sharded basis)' if self.basis_sharding else ''}"
+        )
+        rows = [head, f"  {'item':<20}{'where':<8}{'size':>15}  note"]
+        for i in self.items:
+            rows.append(f"  {i.name:<20}{i.where:<8}{_fmt(i.bytes):>14}  {i.note}")
+        for w, cap in self.capacity.items():
+            ok = "fits" if self.total(w) <= cap else "DOES NOT FIT"
+            rows.append(f"  {'total ' + w:<28}{_fmt(self.total(w)):>14}  of {_fmt(cap)} "
+                        f"capacity: {ok}")
+        if self._rebuild is not None:
+            rows.append(f"  largest n with these settings: {self.largest_n:,}")
+        return "\n".join(rows)
+
+
+def _model_bytes(model: nn.Module | None) -> tuple[int, int, torch.device | None]:
+    """(parameter bytes, buffer bytes, device) of a model (0, 0, None without one)."""
+    if model is None:
+        return 0, 0, None
+    def nbytes(ts: Any) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+    dev = next((p.device for p in model.parameters()), None)
+    return nbytes(model.parameters()), nbytes(model.buffers()), dev
+
+
+def _rows(alg: str, s: dict[str, Any], n: int, wb: int, bb: int) -> tuple[int, int, int]:
+    """(basis rows, working rows in the working dtype, product rows) of a run at size n."""
+    P = s["num_probes"]
+    if alg == "eigsh":
+        k, b = s["k"], s["block_size"]
+        return min(s["max_basis"] or max(2 * k + 2 * b, 32), n), 3 * b + k, 2 * b
+    if alg == "slq":  # one group of probes (density.slq.slq_group_size)
+        m, full = min(s["num_steps"], n), s["reorth"] == "full"
+        P = min(P, max(MIN_GROUP, GROUP_BYTES // (max(n, 1) * (4 * wb + m * bb * full))))
+        return P * m * full, 4 * P, 2 * P
+    if alg == "trace":  # probe blocks of at most BLOCK_BYTES
+        P = min(P, max(1, BLOCK_BYTES // max(n * wb, 1)))
+    return (0, 5 * P, 2 * P) if alg != "power" else (0, 3, 2)
+
+
+def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
+           dev: torch.device, bdev: torch.device, bdtype: torch.dtype, pinned: bool,
+           params: tuple[int, int, int, int], act: int | None, act_note: str,
+           capacity: dict[str, int], resident: int) -> MemoryPlan:
+    wb, bb = _size(w), _size(bdtype)
+    shard = -(-n // (s["world_size"] if s["basis_sharding"] else 1))
+    where_b = "device" if bdev == dev else "host"
+    scale = (n / params[2]) ** params[3] if params[2] else 1.0  # a matrix grows as n^2
+    what = "the matrix" if params[3] == 2 else "parameters + 3x buffers"
+    items = [MemoryItem("parameters", int(params[0] * scale) + 3 * int(params[1] * scale),
+                        "device", what if params[0] else "not known")]
+    brows, vrows, drows = _rows(alg, s, n, wb, bb)
+    rows_note = {"eigsh": "max_basis rows", "slq": "probes x steps rows (one group)"}
+    items.append(MemoryItem("basis", brows * shard * bb, where_b, rows_note.get(alg, "none")))
+    items.append(MemoryItem("working vectors", vrows * n * wb,
+                            where_b if alg == "eigsh" else "device", f"{vrows} rows"))
+    items.append(MemoryItem("vectors", drows * n * a_bytes, "device",
+                            f"{drows} rows: block and product"))
+    items.append(MemoryItem("scratch", min(SCRATCH_BYTES, max(brows, 1) * n * wb), where_b,
+                            "restart / QR chunks"))
+    if brows and bdtype != w and bdev.type == "cuda" and ops._pick("reorthogonalize", bdev) \
+            == "reference":
+        cast = (brows if alg == "eigsh" else min(s["num_steps"], n)) * shard * wb
+        items.append(MemoryItem("reorth cast", cast, where_b,
+                                "torch backend casts the basis (HESSFAST_BACKEND=native avoids)"))
+    items.append(MemoryItem("activations", act or 0, "device", act_note))
+    if alg in ("eigsh", "slq"):
+        side = brows * brows * 8 if alg == "eigsh" else 16 * brows
+        items.append(MemoryItem("projection", side, "host" if dev.type != "cpu" else "device",
+                                "float64 T / coefficients on the CPU"))
+    caps = {k: v for k, v in capacity.items() if k == "device" or where_b == "host"}
+    if dev.type != "cpu" and alg in ("eigsh", "slq"):
+        caps.setdefault("host", capacity.get("host", 0))
+
+    def rebuild(n2: int) -> MemoryPlan:
+        return _build(n2, alg, s, w, a_bytes, dev, bdev, bdtype, pinned, params, act,
+                      act_note, capacity, resident)
+
+    return MemoryPlan(alg, n, dev, bdev, bdtype, pinned, s["world_size"], s["basis_sharding"],
+                      tuple(items), caps, resident, act is not None, dict(s), rebuild)
+
+
+def estimate_memory(
+    A: LinearOperator | nn.Module,
+    algorithm: str = "eigsh",
+    *,
+    k: int = 6,
+    block_size: int | None = None,
+    max_basis: int | None = None,
+    num_steps: int = 64,
+    num_probes: int = 8,
+    reorth: str = "full",
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    world_size: int = 1,
+    basis_sharding: bool = False,
+    available: int | None = None,
+    measure: bool = True,
+) -> MemoryPlan:
+    """The memory plan of a run, before running it (see the module docstring).
+
+    Args:
+        A: the operator ``[n, n]`` (a model's Hessian/GGN: activations are measured on batch
+            0, about one gradient's cost; any LinearOperator: no activations), or an
+            ``nn.Module`` (nothing is built: n is its trainable parameters, activations are
+            not measured and count as 0, said in the table).
+        algorithm: ``eigsh`` (also for ``lambda_max``), ``slq`` (``spectral_density``),
+            ``kpm``, ``trace`` (Hutchinson, Hutch++, XTrace, diagonal) or ``power``.
+        k, block_size, max_basis: eigsh's arguments (defaults as in eigsh).
+        num_steps, num_probes, reorth: SLQ/KPM/trace arguments.
+        basis_dtype, basis_device: basis storage (default: working dtype, operator device).
+        world_size, basis_sharding: ranks, and 1/R of the basis per rank.
+        available: capacity in bytes of the operator's device (default: free now plus the
+            plan's resident parameters); plan for another machine by giving it.
+        measure: False skips the activation measurement.
+
+    Returns:
+        :class:`MemoryPlan` (``print(plan)`` shows the table).
+    """
+    algorithm = {"lambda_max": "eigsh", "spectral_density": "slq"}.get(algorithm, algorithm)
+    if algorithm not in ALGORITHMS:
+        raise ConfigurationError(
+            f"estimate_memory: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigurationError(f"estimate_memory: world_size must be an int >= 1, got "
+                                 f"{world_size!r}")
+    model: nn.Module | None
+    if isinstance(A, nn.Module):
+        model = A
+        ps = [p for p in A.parameters() if p.requires_grad]
+        if not ps:
+            raise ConfigurationError("estimate_memory: the model has no trainable parameters")
+        n, dev = sum(p.numel() for p in ps), ps[0].device
+        dtype = torch.promote_types(ps[0].dtype, torch.float32)
+    elif isinstance(A, LinearOperator):
+        model = getattr(A, "model", None)
+        n, dev, dtype = A.shape[0], torch.device(A.device), A.dtype
+    else:
+        raise ConfigurationError(
+            f"estimate_memory: pass a LinearOperator or an nn.Module, got {type(A).__name__}")
+    w = work_dtype(dtype)
+    bdtype = basis_dtype or w
+    bdev = torch.device(basis_device) if basis_device is not None else dev
+    b = block_size or (1 if dev.type == "cpu" else min(k, 4))
+    s = dict(k=k, block_size=b, max_basis=max_basis, num_steps=num_steps,
+             num_probes=num_probes, reorth=reorth, world_size=world_size,
+             basis_sharding=basis_sharding)
+    pb, bufb, mdev = _model_bytes(model)
+    quad = model is None and isinstance(getattr(A, "matrix", None), torch.Tensor)
+    if quad:
+        pb = A.matrix.numel() * A.matrix.element_size()
+    params = (pb, bufb, n, 2 if quad else 1)
+    act, note = _activations(A, model, measure, b)
+    resident = pb + bufb if (mdev == dev or model is None) and available is None else 0
+    cap = {"device": available if available is not None else available_memory(dev) + resident}
+    cap["host"] = available_memory(torch.device("cpu"))
+    pinned = bdev.type == "cpu" and dev.type == "cuda"
+    return _build(n, algorithm, s, w, _size(dtype), dev, bdev, bdtype, pinned, params, act,
+                  note, cap, resident)
+
+
+def _activations(A: Any, model: nn.Module | None, measure: bool, b: int
+                 ) -> tuple[int | None, str]:
+    """Measured activation bytes of a product of ``b`` rows, and the table's note."""
+    if isinstance(A, nn.Module):
+        return None, "not measured (a model was given: pass its operator)"
+    if not all(hasattr(A, f) for f in ("_graph", "_batch0", "_guard")):
+        return 0, "none (not a model operator)"
+    if not measure:
+        return None, "not measured (measure=False)"
+    S = graph_bytes(A)
+    plan = A.plans.get(b) if hasattr(A, "plans") else None
+    c = plan.chunk if plan is not None else min(b, 32)
+    keep = A.num_batches if (plan is not None and plan.mode == "reuse_graph") else 1
+    peak = int(S * (keep - 1 + ACT_BASE + ACT_PER_ROW * c))
+    return peak, f"measured S={S / 2**20:.1f} MiB x ({keep - 1} kept + {ACT_BASE} + {c} rows)"
+
+
+_GRAPH_BYTES: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def graph_bytes(H: Any) -> int:
+    """Bytes autograd saves for batch 0's first-order graph of a curvature operator (forward
+    and gradient with its graph, each storage once): measured by building that graph once
+    (about one gradient, the user's model untouched: the operator's own guard), cached."""
+    if H not in _GRAPH_BYTES:
+        with H._guard():
+            index, batch = H._batch0()
+            _GRAPH_BYTES[H] = measure_saved(lambda: H._graph(batch, index))[1]
+    return _GRAPH_BYTES[H]
+
+
+def choose_basis(A: LinearOperator, algorithm: str, basis_dtype: torch.dtype | None,
+                 basis_device: torch.device | None, who: str, **settings: Any
+                 ) -> tuple[torch.dtype | None, torch.device | None, bool]:
+    """The basis storage a run uses: ``(dtype, device, pinned)``.
+
+    Candidates in order: the working dtype on the operator's device, float32 (float64
+    operators), bfloat16, then the host (pinned, when the operator is on CUDA) in the same
+    dtypes; a given ``basis_dtype`` / ``basis_device`` fixes that coordinate. The first that
+    fits is used; a fallback warns once with the reason; none fitting raises
+    :class:`~hessfast.errors.OutOfMemoryPlanError` with the plan and the fixes. Activations
+    are measured only when the basis needs more than 1/MEASURE_FRACTION of the capacity.
+    """
+    dev = torch.device(A.device)
+    w = work_dtype(A.dtype)
+    dtypes = [basis_dtype] if basis_dtype is not None else list(
+        dict.fromkeys([w, torch.float32 if w == torch.float64 else w, torch.bfloat16]))
+    devs = [basis_device] if basis_device is not None else list(
+        dict.fromkeys([dev, torch.device("cpu")]))
+    cands = [(d, v) for v in devs for d in dtypes]
+
+    def plan(d: torch.dtype, v: torch.device, measure: bool) -> MemoryPlan:
+        return estimate_memory(A, algorithm, basis_dtype=d, basis_device=v, measure=measure,
+                               **settings)
+
+    first = plan(*cands[0], measure=False)
+    if first.fits and first.basis <= first.capacity["device"] // MEASURE_FRACTION:
+        return basis_dtype, basis_device, False  # small: as given, nothing measured
+    for i, (d, v) in enumerate(cands):
+        p = plan(d, v, measure=True)
+        if i == 0:
+            first = p
+        if p.fits:
+            if i > 0:
+                warnings.warn(
+                    f"{who}: the basis in {str(cands[0][0]).replace('torch.', '')} on "
+                    f"{cands[0][1]} does not fit ({_fmt(first.total())} needed, "
+                    f"{_fmt(first.capacity['device'])} capacity); using "
+                    f"{str(d).replace('torch.', '')} on {v}{' (pinned)' if p.pinned else ''}"
+                    f". Pass basis_dtype/basis_device to choose. Plan:\n{p}",
+                    stacklevel=3,
+                )
+            return d, v, p.pinned
+    raise OutOfMemoryPlanError(
+        f"{who}: no basis storage fits ({', '.join(f'{d} on {v}' for d, v in cands)}).\n"
+        f"{first}\nFixes: a smaller max_basis / num_steps, fewer probes, "
+        "basis_device='cpu', basis_dtype=torch.bfloat16, or basis_sharding over more ranks"
+    )
