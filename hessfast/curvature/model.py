@@ -346,16 +346,21 @@ def check_params(
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside an ``nn.DataParallel`` or ``DistributedDataParallel`` (hessfast
-    never calls the wrapper's forward; a DDP model's products are reduced over its process
-    group by :mod:`.dataparallel`, which refuses DDP without a group).
+    """The module inside an ``nn.DataParallel``, ``DistributedDataParallel`` or
+    ``torch.compile`` wrapper (hessfast never calls the wrapper's forward; a DDP model's
+    products are reduced over its process group by :mod:`.dataparallel`, which refuses DDP
+    without a group).
 
     An ``nn.DataParallel`` over several GPUs warns: the curvature is computed on
     ``model.module``'s device only (its replicas cannot run double backward reliably);
-    several GPUs take one process each (torchrun) with ``process_group=``.
+    several GPUs take one process each (torchrun) with ``process_group=``. A compiled model
+    warns that its original module runs eagerly: double backward through compiled code is
+    unsupported (pytorch/pytorch#91469), and the eager module is the same function with the
+    same Parameters (compiled submodules run eagerly too: :func:`twice_differentiable`).
     """
+    model = _uncompiled(model)
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
+        return _uncompiled(model.module)
     if isinstance(model, nn.DataParallel):
         if len(model.device_ids or []) > 1:
             warnings.warn(
@@ -365,5 +370,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
                 "GPUs run one process per GPU (torchrun) and pass each rank's data shard",
                 stacklevel=5,
             )
-        model = model.module
+        model = _uncompiled(model.module)
     return model
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (``_orig_mod``), with a warning; the
+    model itself otherwise. (The wrapper's class exists only once torch._dynamo is
+    imported: nothing to look for before.)"""
+    frames = sys.modules.get("torch._dynamo.eval_frame")
+    if frames is None or not isinstance(model, frames.OptimizedModule):
+        return model
+    warnings.warn(
+        "hessfast: model is torch.compile'd: its curvature is computed with the original "
+        "module (model._orig_mod, the same Parameters) run eagerly, because double backward "
+        "through compiled code is unsupported (pytorch/pytorch#91469). The numbers are "
+        "those of the same function; only the products' speed differs",
+        stacklevel=6,  # the user's hf.hessian / hf.ggn call
+    )
+    return model._orig_mod
