@@ -150,8 +150,9 @@ def spectral_density(
     pin = False
     if method == "slq":
         given = None if basis_dtype is None else bdtype
+        rows = num_probes if v0 is None else _start_vectors(v0, n, work, A.device).shape[0]
         chosen, bdev, pin = choose_basis(A, "slq", given, bdev, _WHO, num_steps=m,
-                                         num_probes=num_probes, reorth=reorth)
+                                         num_probes=rows, reorth=reorth)
         bdtype = chosen or bdtype
     elif checkpoint is not None:
         raise ConfigurationError(f"{_WHO}: checkpoint applies to method='slq' only; drop it")
