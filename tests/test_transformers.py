@@ -477,6 +477,33 @@ def test_custom_function_with_a_non_differentiable_backward_refused():
     assert H.shape[0] == 26
 
 
+class _LossModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+
+    def forward(self, batch):
+        x, y = batch
+        return F.cross_entropy(torch.tanh(self.lin(x)), y)
+
+
+def test_full_backward_hook_on_the_loss_is_not_refused():
+    """A full backward hook wraps the module's output in torch's BackwardHookFunction, whose
+    backward passes the (here constant) gradient through unchanged: the identity, whose
+    second derivative is zero, not a missing one."""
+    with seeded(0):
+        model, plain_model = _LossModel(), _LossModel()
+    plain_model.load_state_dict(model.state_dict())
+    model.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: the hook fires on outputs only
+        H = hf.hessian(model, lambda model, batch: model(batch), (x, y))
+        plain = hf.hessian(plain_model, lambda model, batch: model(batch), (x, y))
+        eye = torch.eye(H.shape[0], dtype=torch.float64)
+        assert rel_err(H.matmat(eye), plain.matmat(eye)) <= 1e-14
+
+
 # ---------------------------------------------------------------------------------------
 # set-up cost on a transformers GPT-2, counted
 # ---------------------------------------------------------------------------------------

@@ -173,6 +173,8 @@ class GraphWatch(TorchFunctionMode):
                 bool(g.count_nonzero()) for g in grads
             ):
                 return  # differentiable, or an exact zero (a step function's derivative)
+            if all(any(g is o for o in grad_outputs) for g in grads):
+                return  # passed through unchanged (full backward hooks): the identity
             graph_in = any(
                 isinstance(g, torch.Tensor) and g.requires_grad for g in grad_outputs
             )
@@ -195,11 +197,13 @@ def check_custom_functions(op: CurvatureOperator, watch: GraphWatch) -> None:
         cause = (
             "its backward gets gradients with a graph and returns gradients without one: it "
             "is computed outside autograd (a fused Triton/CUDA kernel, such as Liger's "
-            "RMSNorm, SwiGLU or RoPE, or a backward under torch.no_grad()/.detach())"
+            "RMSNorm, SwiGLU or RoPE, flash-attn's attention, or a backward under "
+            "torch.no_grad()/.detach())"
         )
         fix = (
             "use the model's plain PyTorch layers for curvature (unpatch the fused "
-            "kernels), or write the backward with differentiable torch operations"
+            "kernels; attn_implementation='sdpa' or 'eager' for transformers' attention), "
+            "or write the backward with differentiable torch operations"
         )
     else:
         cause = (
