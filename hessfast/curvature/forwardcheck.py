@@ -10,7 +10,6 @@
   a warning otherwise) and an identically zero curvature (a warning).
 * :func:`check_small_batches`: a later batch of one sample that BatchNorm in training
   statistics cannot normalise, found at construction rather than in the middle of a product.
-
 * :class:`GraphWatch`: watches batch 0's first-order graph being built, at no extra
   forward: the precision the model really computes in (:attr:`GraphWatch.compute_dtype`,
   which scales the pre-flight's tolerances), and custom ``autograd.Function`` nodes whose

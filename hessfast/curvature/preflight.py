@@ -9,6 +9,15 @@ first-order graph (which graph reuse keeps, so it is built once):
   failure of the differentiation itself is an :class:`~hessfast.errors.UnsupportedModelError`;
 * the loss is a finite floating-point scalar that depends on the selected parameters
   (checked on batch 0's graph; every later graph is checked too);
+* the precision the model really computes in: the least precise dtype of the tensors that
+  depend on the parameters while batch 0's graph is built (``op.compute_dtype``, seen by
+  :class:`.forwardcheck.GraphWatch` at no extra forward). A float64 model with float32
+  pieces inside (transformers' RMSNorm, its causal-LM loss) computes to float32's rounding;
+  the repeatability, symmetry and forward-over-reverse tolerances below follow it;
+* every custom ``autograd.Function`` of the graph has a usable second derivative: one whose
+  backward returns gradients without a graph (a fused linear-cross-entropy loss, a fused
+  kernel) raises :class:`~hessfast.errors.UnsupportedModelError`
+  (:func:`.forwardcheck.check_custom_functions`);
 * the loss is repeatable: a second forward of batch 0 gives the same loss
   (``check_deterministic``), which catches dropout, noise and sampling in the model or loss;
 * every selected parameter gets a gradient: one used by the forward only with gradient
