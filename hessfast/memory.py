@@ -21,9 +21,9 @@ What is exact and what is a model:
   16-22 MiB, double backward): peak/S was 2.9-4.2 at c = 1, 8.0-11.1 at c = 4, 12.4-13.8 at
   c = 8 (graph reuse, graph included: 2.8-3.5, 8.1-10.4, 12.5-15.6); the model's 3.9, 8.1 and
   13.7 are within 1.4x of each (tests/test_memory.py checks 1.5x at c = 4).
-- On CUDA the torch backend of ``ops.reorthogonalize`` casts a low-precision basis to the
-  working dtype on every call: that transient (``m n`` working-dtype bytes) is counted, so a
-  bf16 basis on a GPU saves memory only with ``HESSFAST_BACKEND=native``.
+- On CUDA the torch backend of ``ops.reorthogonalize`` converts a low-precision basis to the
+  working dtype in row chunks of ``_reference.CAST_CHUNK_BYTES`` (64 MiB): that transient is
+  counted (at most one chunk, or the whole basis when smaller).
 
 "Capacity" is the device's free memory plus what the plan already finds resident there (the
 model's parameters and buffers), or ``available=`` when given (plan for another machine).
@@ -45,6 +45,7 @@ from ._checks import work_dtype
 from .curvature.plan import available_memory, measure_saved
 from .errors import ConfigurationError, OutOfMemoryPlanError
 from .linop import LinearOperator
+from .ops import CAST_CHUNK_BYTES
 
 __all__ = ["ALGORITHMS", "MemoryItem", "MemoryPlan", "choose_basis", "estimate_memory",
            "graph_bytes"]
@@ -217,8 +218,9 @@ def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
     if brows and bdtype != w and bdev.type == "cuda" and ops._pick("reorthogonalize", bdev) \
             == "reference":
         cast = (brows if alg == "eigsh" else min(s["num_steps"], n)) * shard * wb
+        cast = min(cast, max(CAST_CHUNK_BYTES, shard * wb))  # at least one row
         items.append(MemoryItem("reorth cast", cast, where_b,
-                                "torch backend casts the basis (HESSFAST_BACKEND=native avoids)"))
+                                "torch backend converts the basis in row chunks"))
     items.append(MemoryItem("activations", act or 0, "device", act_note))
     if alg in ("eigsh", "slq"):
         side = brows * brows * 8 if alg == "eigsh" else 16 * brows

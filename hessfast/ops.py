@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from hessfast import _native, _reference
-from hessfast._reference import DGKS_ETA
+from hessfast._reference import CAST_CHUNK_BYTES, DGKS_ETA
 from hessfast.errors import BackendUnavailableError
 
 __all__ = [
+    "CAST_CHUNK_BYTES",
     "basis_dot",
     "basis_update",
     "reorthogonalize",

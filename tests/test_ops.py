@@ -298,3 +298,37 @@ def test_auto_on_cuda_uses_native_only_where_it_measured_faster(monkeypatch):
         assert ops._pick(op, torch.device("cpu")) == "native"
     monkeypatch.setenv("HESSFAST_BACKEND", "native")
     assert ops._pick("reorthogonalize", cuda) == "native"
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
+def test_reference_casts_a_low_precision_basis_in_row_chunks(monkeypatch, storage) -> None:
+    """The reference backend converts a bf16/fp16 basis chunk by chunk (its fp32 copy never
+    exists whole); the chunked results equal the one-shot ones to rounding."""
+    import hessfast._reference as ref
+
+    g = torch.Generator().manual_seed(5)
+    V = torch.linalg.qr(torch.randn(300, 37, generator=g, dtype=torch.float64))[0].T
+    V = V.contiguous().to(storage)
+    W = torch.randn(3, 300, generator=g)
+    C_one, W_one = ref.basis_dot(V, W), W.clone()
+    Cr_one, norms_one = ref.reorthogonalize(V, W_one)
+    seen: list[int] = []
+    original = ref._rows
+
+    def spy(Vx, acc):
+        for rows, Vc in original(Vx, acc):
+            seen.append(Vc.shape[0])
+            yield rows, Vc
+
+    monkeypatch.setattr(ref, "CAST_CHUNK_BYTES", 5 * 300 * 4)  # 5 rows of fp32 at a time
+    monkeypatch.setattr(ref, "_rows", spy)
+    W_chunk = W.clone()
+    Cr_chunk, norms_chunk = ref.reorthogonalize(V, W_chunk)
+    torch.testing.assert_close(ref.basis_dot(V, W), C_one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(Cr_chunk, Cr_one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(W_chunk, W_one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norms_chunk, norms_one, rtol=1e-5, atol=1e-6)
+    if storage == torch.float32:
+        assert set(seen) == {37}  # no cast needed: the basis is used as it is
+    else:
+        assert max(seen) == 5 and sum(seen) % 37 == 0
