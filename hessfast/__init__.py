@@ -9,7 +9,7 @@ See README.md for the quickstart and docs/architecture.md for the layers.
 
 from __future__ import annotations
 
-from . import errors
+from . import distributed, errors
 from .condition import ConditionResult, condition_number
 from .curvature import GGNOperator, HessianOperator, ggn, hessian
 from .density import SpectralDensity, spectral_density
@@ -41,6 +41,7 @@ __all__ = [
     "eigsh",
     "estimate_memory",
     "MemoryPlan",
+    "distributed",
     "errors",
     "ggn",
     "hessian",
