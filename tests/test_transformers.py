@@ -543,3 +543,20 @@ def test_setup_cost_counts(monkeypatch):
         assert H.hvp_mode == "reuse_graph"
     finally:
         handle.remove()
+
+
+def test_small_block_chunk_is_timed():
+    """Graph reuse at 1 < k <= 4: one batched double backward or k single ones, whichever
+    timed faster (a large-vocabulary LM on a CPU loses with the batched one); the same
+    numbers either way."""
+    model, batch = _build("gpt2"), _batch("gpt2")
+    H = hf.hessian(model, model_loss, batch)
+    V = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    out = H.matmat(V)
+    plan = H.plans[3]
+    assert plan.mode == "reuse_graph"
+    assert set(plan.seconds_per_vector) == {"reuse_graph/chunk=1", "reuse_graph/chunk=3"}
+    assert plan.chunk == (1 if plan.seconds_per_vector["reuse_graph/chunk=1"]
+                          <= plan.seconds_per_vector["reuse_graph/chunk=3"] else 3)
+    assert rel_err(out, V @ _hessian_ref("gpt2")) <= 1e-5

@@ -5,7 +5,8 @@ An explicit ``hvp_mode`` is used as given. ``hvp_mode="auto"`` decides per block
 * the graph path: ``reuse_graph`` when the graphs of all batches fit in a quarter of the free
   memory (measured on batch 0's graph, which is built once and kept), else
   ``double_backward``;
-* k <= ``REUSE_WITHOUT_TIMING``: the graph path, untimed;
+* k <= ``REUSE_WITHOUT_TIMING``: the graph path, untimed; with graph reuse, its chunk (all k
+  rows in one batched call, or one by one) is timed once per k > 1;
 * larger k: graph reuse timed over chunk sizes; without reuse, ``double_backward`` and
   ``fwd_rev`` timed against each other (their results on the same vectors must agree);
 * ``fwd_rev`` alone when double backward cannot differentiate the model.
@@ -241,10 +242,17 @@ class Planner:
             )
         if k <= REUSE_WITHOUT_TIMING:
             mode = candidates[0]
-            why = "untimed (fastest at k <= 4 on every benchmark model, CPU and H200)"
+            why = "untimed (the fastest path at k <= 4 on every benchmark model, CPU and H200)"
             if mode == "fwd_rev":
                 why = "the only path left"
-            return HVPPlan(mode, self.fixed_chunk or k,
+            chunk, timings = self.fixed_chunk or k, {}
+            if mode == "reuse_graph" and chunk > 1:
+                timings = self._small_chunk_timings(op, k)
+                if not timings:  # reuse failed while timed: now unavailable
+                    return self._auto_plan(op, k)
+                chunk = min(timings, key=timings.__getitem__)
+                why += f"; chunk {chunk} timed fastest of {sorted(timings)}"
+            return HVPPlan(mode, chunk, {f"reuse_graph/chunk={c}": t for c, t in timings.items()},
                            reason=self._reason(f"auto for k={k}: {mode} {why}", why_fits))
         per_vector = self._time(op, candidates, k)
         usable = {key: t for key, t in per_vector.items() if key[0] not in self.unavailable}
@@ -260,6 +268,17 @@ class Planner:
         )
         return HVPPlan(mode, c, timings, self._reason(reason, why_fits))
 
+    def _small_chunk_timings(self, op: CurvatureOperator, k: int) -> dict[int, float]:
+        """Seconds per vector of graph reuse for a small block (1 < k <= 4) in one batched
+        double backward (chunk k) or k single ones (chunk 1). The batched one won on the
+        MLPs and CNNs of bench/bench_hvp.py, and lost on a GPT-2 with a 50k vocabulary on
+        the 2-core CPU (5.4 vs 3.0 gradients per vector at k=4, 2 x 64 tokens): batching
+        copies its ``[k, tokens, vocab]`` intermediates. Graph reuse runs no forward, so
+        this costs about 3 products of the block, once per block size. Empty when reuse
+        failed (it is then unavailable)."""
+        per_vector = self._time(op, ["reuse_graph"], k, chunks=[1, k])
+        return {c: t for (m, c), t in per_vector.items() if m not in self.unavailable}
+
     def _reason(self, reason: str, why_fits: str) -> str:
         reason += f"; {why_fits}"
         if self.unavailable:
@@ -269,18 +288,19 @@ class Planner:
         return reason
 
     def _time(
-        self, op: CurvatureOperator, modes: list[str], k: int
+        self, op: CurvatureOperator, modes: list[str], k: int, chunks: list[int] | None = None
     ) -> dict[tuple[str, int], float]:
         """Seconds per vector of each mode and chunk size on batch 0, with the same vectors
         for every mode, so that forward-over-reverse is also checked against double
         backward. A mode that fails or disagrees is marked unavailable."""
         index, batch = op._batch0()
         gen = torch.Generator(device="cpu").manual_seed(1234)
-        chunks = (
-            [self.fixed_chunk]
-            if self.fixed_chunk
-            else sorted({c for c in CHUNK_CANDIDATES if c <= k} or {k})
-        )
+        if chunks is None:
+            chunks = (
+                [self.fixed_chunk]
+                if self.fixed_chunk
+                else sorted({c for c in CHUNK_CANDIDATES if c <= k} or {k})
+            )
         blocks = {c: torch.randn(c, op.shape[0], generator=gen, dtype=op.dtype) for c in chunks}
         per_vector: dict[tuple[str, int], float] = {}
         results: dict[tuple[str, int], torch.Tensor] = {}
