@@ -144,6 +144,21 @@ def test_hessian_equals_dense_reference(arch, attn):
     assert H.hvp_mode == "reuse_graph"
 
 
+@pytest.mark.parametrize("mode", ["double_backward", "fwd_rev"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_product_path_equals_dense_reference(arch, mode):
+    """Double backward and forward-over-reverse (torch.func through the math SDPA backend)
+    agree with the reference to the precision the model computes in."""
+    H = hf.hessian(_build(arch), model_loss, _batch(arch), hvp_mode=mode)
+    V = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    assert rel_err(H.matmat(V), V @ _hessian_ref(arch)) <= _tol(H.compute_dtype)
+    if arch != "bert":
+        G = hf.ggn(_build(arch), None, _batch(arch), causal_lm=True, hvp_mode=mode)
+        ref = hf.ggn(_build(arch), None, _batch(arch), causal_lm=True, hvp_mode="reuse_graph")
+        assert rel_err(G.matmat(V), ref.matmat(V)) <= 1e-12
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_eigsh_top_k_matches_eigh(arch):
     H = hf.hessian(_build(arch), model_loss, _batch(arch))
