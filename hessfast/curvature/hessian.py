@@ -240,8 +240,10 @@ def hessian(
         LossError, LossCallError, NonFiniteError, NonDeterministicError: the pre-flight
             (``check=True``) found a bad, failing, non-finite or random loss on batch 0.
         UnboundedDataError: data without ``len()`` did not end within the batch limit.
-        UnsupportedModelError: no path can differentiate the model twice, or the forward
-            uses parameters only with gradient recording off (reentrant checkpoint).
+        UnsupportedModelError: no path can differentiate the model twice, the forward
+            uses parameters only with gradient recording off (reentrant checkpoint), or a
+            custom ``autograd.Function`` returns gradients without a graph (a fused
+            linear-cross-entropy loss, a fused kernel's backward).
         ConfigurationError: also BatchNorm in batch statistics with a batch of one sample.
         Products may raise ``NonFiniteError``, ``AsymmetricOperatorError`` (the first two
         vectors, with ``check=True``), ``DataChangedError``, ``ParametersChangedError``
