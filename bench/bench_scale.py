@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -63,24 +62,15 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _median_seconds(fn, repeats: int, sync) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _block_seconds(H, k: int, gen, sync) -> float:
+def _block_seconds(H, k: int, gen) -> float:
     """Median seconds of ``H.matmat`` of a ``[k, n]`` block, after one planning call (the
     block is freed on return: at 124M parameters, 2 GB for k=4)."""
     import torch
 
+    from hessfast.testing import timeit
+
     V = torch.randn(k, H.shape[0], generator=gen, dtype=H.dtype).to(H.device)
-    H.matmat(V)
-    return _median_seconds(lambda: H.matmat(V), 3, sync)
+    return timeit(lambda: H.matmat(V), repeats=3, warmup=1, device=H.device).median
 
 
 def child(spec: dict) -> dict:
@@ -90,6 +80,7 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     transformers = _import_transformers()
     import hessfast as hf
+    from hessfast.testing import timeit
 
     device = torch.device(spec["device"])
 
@@ -118,10 +109,7 @@ def child(spec: dict) -> dict:
 
     rec: dict = {"size": spec["size"], "layers": layers, "embd": embd, "heads": heads,
                  "vocab": spec["vocab"], "tokens": spec["batch"] * spec["seq"]}
-    for _ in range(2):
-        gradient()
-    sync()
-    grad_s = _median_seconds(gradient, 3, sync)
+    grad_s = timeit(gradient, repeats=3, warmup=2, device=device).median
     rec["gradient_s"] = round(grad_s, 5)
     rec["peak_rss_model_bytes"] = _peak_rss()
 
@@ -140,8 +128,8 @@ def child(spec: dict) -> dict:
         "build_s": round(t1 - t0, 4), "first_product_s": round(t2 - t1, 4),
         "setup_grads": round((t2 - t0) / grad_s, 2),
     })
-    k1 = _median_seconds(lambda: H.matmat(V1), 3, sync)
-    k4 = _block_seconds(H, 4, gen_v, sync)
+    k1 = timeit(lambda: H.matmat(V1), repeats=3, warmup=0, device=device).median
+    k4 = _block_seconds(H, 4, gen_v)
     rec.update({
         "product_k1_s": round(k1, 5), "product_k1_grads": round(k1 / grad_s, 2),
         "product_k4_s": round(k4, 5),
@@ -186,15 +174,6 @@ def child(spec: dict) -> dict:
     return rec
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=LADDER, help="comma-separated LAYERSxEMBDxHEADS")
@@ -225,6 +204,8 @@ def main() -> None:
             ap.error(f"--sizes: {size!r}: the embedding width must divide by the heads")
     out = args.out or os.path.join(ROOT, "bench", "results",
                                    f"scale_{args.device.split(':')[0]}.jsonl")
+    from bench.bench_setup import _commit
+
     commit = _commit()
     for size in args.sizes.split(","):
         spec = {"size": size, "vocab": args.vocab, "batch": args.batch, "seq": args.seq,
