@@ -9,7 +9,8 @@ runs two warm-up gradients, and then:
 * ``build_s``, ``first_product_s``: ``hf.hessian(model, loss_fn, batch)`` and its first
   ``matmat`` of one vector; ``setup_grads``: both, in gradients;
 * ``product_k1_grads``, ``product_k4_grads_per_vector``: one product of ``[1, n]``, and of
-  ``[4, n]`` per vector, in gradients (median of 3, after a warm-up);
+  ``[4, n]`` per vector, in gradients (median of 3, after the pre-flight's symmetry probe
+  has seen two vectors, as in a solver's run);
 * ``lambda_max``: ``hf.eigsh(H, k=1, tol=--tol)``: value, products, seconds, status;
 * ``slq``: ``hf.spectral_density(H, --slq-probes, --slq-steps)``: products, seconds (sizes
   up to ``--slq-max-params`` only; 0: every size);
@@ -128,6 +129,9 @@ def child(spec: dict) -> dict:
         "build_s": round(t1 - t0, 4), "first_product_s": round(t2 - t1, 4),
         "setup_grads": round((t2 - t0) / grad_s, 2),
     })
+    # a second, independent vector completes the pre-flight's symmetry probe (as a solver's
+    # second step does); until then every product of the parallel V1 waits for one (copies)
+    H.matmat(torch.randn(1, H.shape[0], generator=gen_v, dtype=H.dtype).to(device))
     k1 = timeit(lambda: H.matmat(V1), repeats=3, warmup=0, device=device).median
     k4 = _block_seconds(H, 4, gen_v)
     rec.update({
