@@ -233,13 +233,13 @@ class SymmetryProbe:
         for v, hv in zip(V, HV, strict=True):
             if self.done:
                 return
-            v, hv = v.double(), hv.double()
-            v_norm = v.norm().item()
+            v_norm = torch.linalg.vector_norm(v, dtype=torch.float64).item()
             if v_norm == 0.0:
                 continue
-            if self._first is None:
-                self._first = (v.clone(), hv.clone())
+            if self._first is None:  # one float64 copy each (a block row is a view)
+                self._first = (v.to(torch.float64, copy=True), hv.to(torch.float64, copy=True))
                 continue
+            v, hv = v.double(), hv.double()
             u, hu = self._first
             if abs(torch.dot(u, v).item()) > PARALLEL_COS * u.norm().item() * v_norm:
                 continue
