@@ -230,16 +230,19 @@ class SymmetryProbe:
 
     def observe(self, V: torch.Tensor, HV: torch.Tensor) -> None:
         """Look at a block ``V: [k, n]`` and its products ``HV: [k, n]``."""
+        # In the products' dtype (the operator's, at least float32: BLAS dots, no float64
+        # copies, 5 ms against 45 ms per conversion of 16M entries): its rounding, about
+        # sqrt(n) (at worst n) of its eps relative to ||u|| ||Hv||, is far inside the
+        # tolerance, AGREE_EPS sqrt(n) eps of the compute dtype (never more precise).
         for v, hv in zip(V, HV, strict=True):
             if self.done:
                 return
-            v_norm = torch.linalg.vector_norm(v, dtype=torch.float64).item()
+            v_norm = v.norm().item()
             if v_norm == 0.0:
                 continue
-            if self._first is None:  # one float64 copy each (a block row is a view)
-                self._first = (v.to(torch.float64, copy=True), hv.to(torch.float64, copy=True))
+            if self._first is None:  # a block row is a view: keep copies
+                self._first = (v.clone(), hv.clone())
                 continue
-            v, hv = v.double(), hv.double()
             u, hu = self._first
             if abs(torch.dot(u, v).item()) > PARALLEL_COS * u.norm().item() * v_norm:
                 continue
