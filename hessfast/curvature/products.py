@@ -1,0 +1,151 @@
+"""Graphs and products of a curvature operator, batch by batch: batch 0's first-order graph
+(built once, shared by the pre-flight, the graph-size probe and the reuse cache), the graph
+cache, and the one loop that multiplies a block batch by batch, chunk by chunk, on the path
+the planner chose (a path that raises on its first pass is reported for an explicit
+``hvp_mode`` or replaced by the next one in auto mode).
+
+:class:`BatchProducts` is a mixin of :class:`~hessfast.curvature.operator.CurvatureOperator`;
+it uses the operator's data source, planner, guard and the subclass's batch-level pieces
+(``_graph``, ``_graph_product``, ``_fwd_rev_product``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from ..errors import HessfastError
+from .data import to_device
+from .plan import HVPPlan, measure_saved
+from .preflight import check_finite
+
+__all__ = ["BatchProducts", "ChunkProduct"]
+
+# One batch's product with a chunk: (V per parameter [c, *shape], last chunk?) -> [c, n].
+ChunkProduct = Callable[[list[torch.Tensor], bool], torch.Tensor]
+
+
+class BatchProducts:
+    """The graph cache and the chunk loop of a curvature operator (a mixin)."""
+
+    # set by CurvatureOperator.__init__
+    _data: Any
+    _planner: Any
+    _graph_cache: dict[int, tuple[float, Any]]
+    _proven: set[str]
+    _kind: str
+    device: torch.device
+    hvp_mode: str
+    hvp_mode_reason: str
+
+    # -- graphs --------------------------------------------------------------------------
+    def _batch0(self) -> tuple[int, Any]:
+        """The first non-empty batch's index, and the batch on the operator's device."""
+        index, batch = self._data.first()
+        return index, to_device(batch, self.device)
+
+    def _first_graph(self) -> Any:
+        """Batch 0's first-order graph, built once (call inside :meth:`_guard`): the
+        pre-flight checks its loss, the planner measures its size, graph reuse keeps it."""
+        index = self._data.first()[0]
+        if index in self._graph_cache:
+            return self._graph_cache[index][1]
+        _, batch = self._batch0()
+        if self._planner.needs_graph_size:
+            state, nbytes = measure_saved(lambda: self._graph(batch, index))
+            self._planner.record_graph_size(nbytes, self._data.num_batches, self.device)
+        else:
+            state = self._graph(batch, index)
+        if self._planner.keeps_graphs:
+            self._graph_cache[index] = (self._data.weight(index), state)
+        return state
+
+    def _cached_graphs(self) -> dict[int, tuple[float, Any]]:
+        """Every batch's graph, built on first use (batch 0's may be there already)."""
+        if len(self._graph_cache) < self._data.num_batches:
+            for index, batch, weight in self._data:
+                if index not in self._graph_cache:
+                    state = self._graph(to_device(batch, self.device), index)
+                    self._graph_cache[index] = (weight, state)
+            self._graph_cache = dict(sorted(self._graph_cache.items()))
+        return self._graph_cache
+
+    def free_graphs(self) -> None:
+        """Release the cached gradient graphs (the next product rebuilds them if needed)."""
+        self._graph_cache = {}
+
+    def _batch0_product(
+        self, mode: str, batch: Any, index: int, V: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """One product of batch 0 by ``mode`` (what auto mode times)."""
+        if mode == "reuse_graph":
+            return self._graph_product(self._first_graph(), V, retain=True)
+        if mode == "double_backward":
+            return self._graph_product(self._graph(batch, index), V, retain=False)
+        return self._fwd_rev_product(batch, V)
+
+    # -- products ----------------------------------------------------------------------
+    @property
+    def plans(self) -> Mapping[int, HVPPlan]:
+        """The plan (path, chunk, timings, reason) per block size used so far."""
+        return MappingProxyType(self._planner.plans)
+
+    @property
+    def _plans(self) -> dict[int, HVPPlan]:  # read by bench/bench_spectrum.py
+        return self._planner.plans
+
+    def _local_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        k = V.shape[0]
+        while True:
+            plan = self._planner.plan_for(self, k)
+            try:
+                out = self._run(plan, V)
+                break
+            except (HessfastError, MemoryError, torch.cuda.OutOfMemoryError):
+                raise
+            except Exception as exc:
+                if plan.mode in self._proven:
+                    raise
+                # The path cannot run on this model: raises for an explicit hvp_mode, else
+                # the next plan takes another path.
+                self._planner.path_failed(plan.mode, exc)
+                self.free_graphs()
+        self._proven.add(plan.mode)
+        self.hvp_mode = plan.mode
+        if self._planner.requested == "auto":
+            self.hvp_mode_reason = plan.reason
+        return out
+
+    def _run(self, plan: HVPPlan, V: torch.Tensor) -> torch.Tensor:
+        """The one chunk loop: every batch, every chunk of ``plan.chunk`` rows."""
+        k = V.shape[0]
+        out = self._zeros(k)
+        chunk = max(1, min(plan.chunk, k))
+        with self._guard():
+            for index, weight, product in self._batch_products(plan.mode):
+                for a in range(0, k, chunk):
+                    part = product(self._split(V[a : a + chunk]), a + chunk >= k)
+                    check_finite(part, index, self._kind)
+                    out[a : a + chunk].add_(part, alpha=weight)
+        return out
+
+    def _batch_products(self, mode: str) -> Iterator[tuple[int, float, ChunkProduct]]:
+        """``(index, weight, product of this batch with a chunk)`` for every batch."""
+        if mode == "reuse_graph":
+            for index, (weight, state) in self._cached_graphs().items():
+                yield index, weight, lambda Vs, last, s=state: self._graph_product(
+                    s, Vs, retain=True
+                )
+            return
+        for index, batch, weight in self._data:
+            batch = to_device(batch, self.device)
+            if mode == "double_backward":
+                state = self._graph(batch, index)
+                yield index, weight, lambda Vs, last, s=state: self._graph_product(
+                    s, Vs, retain=not last
+                )
+            else:
+                yield index, weight, lambda Vs, last, b=batch: self._fwd_rev_product(b, Vs)
