@@ -28,6 +28,7 @@ Which group (``process_group=`` of :func:`~hessfast.hessian` / :func:`~hessfast.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..errors import DistributedError, EmptyDataError
+from ..errors import DistributedError, EmptyDataError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
@@ -238,3 +239,34 @@ class RankGroup:
             out.mul_(self.scale)
         return self.comm.allreduce_sum_(out)
 
+
+
+def refuse_fsdp(model: nn.Module) -> None:
+    """Refuse a model sharded by FSDP (``FullyShardedDataParallel`` or ``fully_shard``).
+
+    Exact double backward is not supported under FSDP (FSDP1 warns that it is unsupported;
+    FSDP2 frees the gathered parameters and reduce-scatters in post-backward hooks, so a
+    second backward sees freed storage and unreduced gradients), and forward-over-reverse
+    fails on its hooks. Nothing is imported: FSDP is looked for only when the user's code
+    has loaded it.
+
+    Raises:
+        UnsupportedModelError: some module of ``model`` is FSDP-sharded.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return
+    kinds = tuple(
+        cls for cls in (getattr(fsdp, "FullyShardedDataParallel", None),
+                        getattr(fsdp, "FSDPModule", None)) if isinstance(cls, type)
+    )
+    sharded = [name or "<root>" for name, m in model.named_modules() if isinstance(m, kinds)]
+    if sharded:
+        raise UnsupportedModelError(
+            f"modules {sharded[:4]} are sharded by FSDP: torch cannot differentiate an FSDP "
+            "model twice (its parameters are freed and its gradients reduce-scattered in "
+            "backward hooks), so no exact Hessian product exists. Measure the unsharded "
+            "model: load its full state dict into a plain model on each rank and pass each "
+            "rank's data shard (process_group='auto' reduces the products), or measure a "
+            "sub-model that fits one device"
+        )

@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..linop import LinearOperator
 from .data import BatchSource
-from .dataparallel import data_parallel_init
+from .dataparallel import data_parallel_init, refuse_fsdp
 from .guard import BufferCopies, ParamFingerprint, SlotGuard, tensor_slots
 from .layout import ParamLayout
 from .lossform import decide_loss_form
@@ -87,6 +87,7 @@ class CurvatureOperator(BatchProducts, LinearOperator):
                 f"model must be a torch.nn.Module, got {type(model).__name__}"
             )
         model = unwrap_model(model)
+        refuse_fsdp(model)
         if loss_fn is None and options.causal_lm:
             loss_fn = nn.CrossEntropyLoss()  # the mean over tokens; ignore_index=-100
         if not callable(loss_fn):
