@@ -8,6 +8,9 @@ Messages name the argument, the value received and what would be accepted; every
 Probes come from ONE private generator per call: a CPU ``torch.Generator`` seeded with
 ``seed``; probes are drawn on the CPU in float64 and then cast and moved, so the same seed
 gives the same probes (to the cast) on every device, and the global RNG is never touched.
+Probe-parallel runs (``mesh=``) draw probe ``i`` instead from its own generator seeded with
+:func:`probe_key` ``(seed, i)`` (:func:`keyed_probes`), so any subset of the indices gives
+the same rows as the whole run, whichever ranks draw them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ __all__ = [
     "check_positive",
     "check_seed",
     "check_start_vectors",
+    "keyed_probes",
+    "probe_key",
     "probe_generator",
     "sample_probes",
     "unit_rows",
@@ -45,6 +50,7 @@ PROBES = ("rademacher", "gaussian")
 #: Storage dtypes of a Krylov basis (what ``hessfast.ops`` accepts for a basis).
 BASIS_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+_KEY_MOD = 2**64
 _OPERATOR_ATTRS = ("matmat", "shape", "dtype", "device")
 
 
@@ -252,6 +258,34 @@ def sample_probes(
         Z = torch.randn((k, n), dtype=torch.float64, generator=gen)
     else:
         raise ConfigurationError(f"probe must be one of {PROBES}, got {probe!r}")
+    return Z.to(device=device, dtype=dtype)
+
+
+def probe_key(seed: int, index: int) -> int:
+    """The seed of probe ``index``'s own generator under ``seed``: the SplitMix64 finaliser
+    of ``seed + (index + 1) * golden`` (mod 2**64), in ``[0, 2**64)``. Nearby seeds and
+    indices give unrelated keys."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) % _KEY_MOD
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % _KEY_MOD
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % _KEY_MOD
+    return z ^ (z >> 31)
+
+
+def keyed_probes(
+    seed: int,
+    indices: range | list[int],
+    n: int,
+    probe: str,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[len(indices), n]`` probes, row j drawn by :func:`sample_probes` from its own CPU
+    generator seeded with ``probe_key(seed, indices[j])``: a row depends on (seed, its
+    index, n, probe) only, so probe groups drawing disjoint index ranges reproduce the rows
+    of one process drawing them all (the probes of ``mesh=`` runs)."""
+    rows = [sample_probes(probe_generator(probe_key(seed, i)), 1, n, probe) for i in indices]
+    Z = torch.cat(rows) if rows else torch.empty((0, n), dtype=torch.float64)
     return Z.to(device=device, dtype=dtype)
 
 

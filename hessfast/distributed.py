@@ -18,6 +18,10 @@ pass over its shard, so the timeout must exceed one pass over the largest shard.
 that never arrives (it crashed, or only some ranks build the operator) ends in a
 :class:`~hessfast.errors.DistributedError` after that timeout, never in a hang.
 
+Probe parallelism: :class:`Mesh` lays the ranks out as ``probe x data``; each probe group
+builds its operator over :attr:`Mesh.data_group`, runs its share of the SLQ or Hutchinson
+probes and the per-probe results are all-gathered over :attr:`Mesh.probe_group` at the end.
+
 Helpers: :func:`init` (from torchrun's environment), :func:`is_initialized`,
 :func:`world_size`, :func:`rank`, :func:`is_main_process` (rank 0, or no process group:
 where to print and write).
@@ -37,6 +41,7 @@ from .errors import DistributedError
 
 __all__ = [
     "Comm",
+    "Mesh",
     "init",
     "is_initialized",
     "is_main_process",
@@ -215,3 +220,7 @@ class Comm:
             f"{what} ({said}). Fix the cause on that rank; every rank stops so that none "
             "waits forever in a collective"
         )
+
+
+# Mesh builds on Comm and the helpers above; it lives in _mesh.py to keep this module small.
+from ._mesh import Mesh  # noqa: E402

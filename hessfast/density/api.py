@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -19,11 +20,13 @@ from .._checks import (
     check_int,
     check_seed,
     check_start_vectors,
+    keyed_probes,
     probe_generator,
     sample_probes,
     unit_rows,
     work_dtype,
 )
+from .._mesh import Mesh
 from .._probe import probe_operator
 from ..errors import ConfigurationError
 from ..lanczos.checkpoint import Checkpoint, fingerprint_tensor
@@ -32,7 +35,7 @@ from ..linop import LinearOperator
 from ..memory import choose_basis
 from .kpm import kpm
 from .result import SpectralDensity
-from .slq import slq_group_size, slq_grouped
+from .slq import gather_slq, slq_group_size, slq_grouped
 
 __all__ = ["METHODS", "draw_probes", "spectral_density"]
 
@@ -79,6 +82,7 @@ def spectral_density(
     basis_device: torch.device | str | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | float | None = None,
+    mesh: Mesh | None = None,
 ) -> SpectralDensity:
     """Estimate the spectral density of a symmetric operator by SLQ or KPM.
 
@@ -117,6 +121,14 @@ def spectral_density(
             ``checkpoint_every`` (an int: steps; a float: seconds; default 60.0) and resume
             from it when called again with the same arguments (the uninterrupted result;
             :mod:`hessfast.lanczos.checkpoint`).
+        mesh: SLQ only: a :class:`hessfast.distributed.Mesh` (probe x data). ``A`` must be
+            built with ``process_group=mesh.data_group``; each probe group runs a contiguous
+            share of the probe indices (at least one each) and the nodes, weights and steps
+            are all-gathered over the probe groups, so every rank returns the result of one
+            process on all the data with ``mesh=Mesh()``. Probe ``i`` is drawn from its own
+            generator keyed by ``(seed, i)`` (other probes than without ``mesh=``); ``v0``
+            rows are split the same way. ``num_matvecs`` counts every group's products,
+            ``num_passes`` this group's. No ``checkpoint`` with a mesh.
 
     Returns:
         :class:`SpectralDensity` with ``status`` ``CONVERGED`` (or ``OUT_OF_BOUNDS`` for a
@@ -144,15 +156,25 @@ def spectral_density(
                 "method='kpm'"
             )
         num_moments = check_int("num_moments", num_moments, 1, who=_WHO)
+    if mesh is not None:
+        mesh = Mesh.checked(mesh, _WHO)
+        if method != "slq" or checkpoint is not None:
+            raise ConfigurationError(
+                f"{_WHO}: mesh= runs method='slq' without checkpoint= only (KPM's bounds and "
+                "moments are not split over probe groups, and one checkpoint file cannot "
+                "hold every group's state); drop mesh=, or use SLQ without a checkpoint"
+            )
+        mesh.check_operator(A, _WHO)
     n = A.shape[0]
     probe_name = probe
+    total = num_probes if v0 is None else _start_vectors(v0, n, work, A.device).shape[0]
+    share = range(total) if mesh is None else mesh.share(total, _WHO)
     m = min(num_steps, n)
     pin = False
     if method == "slq":
         given = None if basis_dtype is None else bdtype
-        rows = num_probes if v0 is None else _start_vectors(v0, n, work, A.device).shape[0]
         chosen, bdev, pin = choose_basis(A, "slq", given, bdev, _WHO, num_steps=m,
-                                         num_probes=rows, reorth=reorth)
+                                         num_probes=len(share), reorth=reorth)
         bdtype = chosen or bdtype
     elif checkpoint is not None:
         raise ConfigurationError(f"{_WHO}: checkpoint applies to method='slq' only; drop it")
@@ -163,36 +185,44 @@ def spectral_density(
     ), checkpoint_every, _WHO)
     Z: torch.Tensor | None = None
     if v0 is not None:
-        Z = _start_vectors(v0, n, work, A.device)
+        Z = _start_vectors(v0, n, work, A.device)[share.start : share.stop]
         probe_name = "given"
-    elif method == "kpm" or num_probes <= group:
+    elif mesh is None and (method == "kpm" or num_probes <= group):
         Z = draw_probes(n, num_probes, seed=seed, probe=probe, dtype=work, device=A.device)
     probe_operator(A, _WHO)
 
     products = Products(A, work, _WHO)
-    with torch.no_grad():
+    barrier = nullcontext() if mesh is None else mesh.barrier(f"{_WHO}'s probes")
+    with torch.no_grad(), barrier:
         if method == "slq":  # many probes: streamed in groups, memory bounded
-            gen = probe_generator(seed) if Z is None else None
+            gen = probe_generator(seed) if Z is None and mesh is None else None
+            key = [share.start]  # mesh: the next probe index, drawn from its keyed generator
 
             def draw(count: int) -> torch.Tensor:
                 if Z is not None:
                     return Z
-                G = sample_probes(gen, count, n, probe)
+                if gen is None:
+                    G = keyed_probes(seed, range(key[0], key[0] + count), n, probe)
+                    key[0] += count
+                else:
+                    G = sample_probes(gen, count, n, probe)
                 G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
                 return G.to(device=A.device, dtype=work)
 
-            fields = slq_grouped(products, draw, Z.shape[0] if Z is not None else num_probes,
+            fields = slq_grouped(products, draw, len(share) if Z is None else Z.shape[0],
                                  m, reorth, bdtype, group if Z is None else Z.shape[0],
                                  gen=gen, checkpoint=ckpt, basis_device=bdev, pin_memory=pin)
         else:
             M = num_moments if num_moments is not None else 2 * num_steps
             fields = kpm(products, Z, M, bdtype)
+    if mesh is not None:
+        fields = gather_slq(fields, mesh, total)
     return SpectralDensity(
         method=method,
         n=n,
         probe=probe_name,
         seed=seed,
-        num_matvecs=products.num_matvecs,
+        num_matvecs=fields.pop("num_matvecs", products.num_matvecs),
         num_passes=products.num_passes,
         converged=fields["status"] == "CONVERGED",
         seconds=time.perf_counter() - t0,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,7 +15,10 @@ from ..lanczos.probes import probe_lanczos
 from ..results import Status
 from .result import slq_sigma
 
-__all__ = ["GROUP_BYTES", "MIN_GROUP", "slq", "slq_grouped", "slq_group_size"]
+if TYPE_CHECKING:
+    from .._mesh import Mesh
+
+__all__ = ["GROUP_BYTES", "MIN_GROUP", "gather_slq", "slq", "slq_grouped", "slq_group_size"]
 
 #: Probes advance together (one product per step for all of them) unless their memory (bases
 #: and recurrence vectors) exceeds this: then they run in groups of this size...
@@ -118,4 +121,27 @@ def slq_grouped(
     bounds = (min(f["bounds"][0] for f in parts), max(f["bounds"][1] for f in parts))
     out["bounds"] = bounds
     out["default_sigma"] = slq_sigma(bounds, m)
+    return out
+
+
+def gather_slq(fields: dict[str, Any], mesh: Mesh, num: int) -> dict[str, Any]:
+    """A probe group's :func:`slq_grouped` fields (its ``[p, m]`` share of the probes) to
+    those of all ``num`` probes, on every rank: nodes, weights, steps and each group's
+    bounds travel as one ``[p, 2m + 3]`` float64 block in ONE all-gather over the probe
+    dimension (:meth:`Mesh.gather_rows`); the bounds are the extremes over all groups and
+    ``num_matvecs`` the products of all groups (one per probe step: ``steps.sum()``)."""
+    m = fields["num_steps"]
+    lo, hi = fields["bounds"]
+    p = fields["nodes"].shape[0]
+    rows = torch.cat([fields["nodes"], fields["weights"], fields["steps"].double()[:, None],
+                      torch.tensor([[lo, hi]], dtype=torch.float64).expand(p, 2)], dim=1)
+    every = mesh.gather_rows(rows, num, "the SLQ nodes and weights").cpu()
+    out = dict(fields)
+    out["nodes"], out["weights"] = every[:, :m].contiguous(), every[:, m : 2 * m].contiguous()
+    out["trace_weights"] = out["weights"]
+    out["steps"] = every[:, 2 * m].to(torch.int64)
+    bounds = (float(every[:, 2 * m + 1].min()), float(every[:, 2 * m + 2].max()))
+    out["bounds"] = bounds
+    out["default_sigma"] = slq_sigma(bounds, m)
+    out["num_matvecs"] = int(out["steps"].sum())
     return out

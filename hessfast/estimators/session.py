@@ -14,6 +14,7 @@ from .._checks import (
     Products,
     as_operator,
     check_budget,
+    keyed_probes,
     probe_generator,
     sample_probes,
     work_dtype,
@@ -48,7 +49,11 @@ class Session:
         self.work = work_dtype(self.A.dtype)
         self.device = torch.device(self.A.device)
         self.gen = probe_generator(seed)
+        self.seed = seed
         self.probe = probe
+        #: mesh runs: the index of the next probe, drawn from its own generator keyed by
+        #: (seed, index) (:func:`hessfast._checks.keyed_probes`); None: the stream of ``gen``
+        self.key: int | None = None
         self.block_size = block_size
         self.products = Products(self.A, self.work, who)
 
@@ -61,8 +66,14 @@ class Session:
         return self.products.num_passes
 
     def probes(self, k: int) -> torch.Tensor:
-        """``[k, n]`` probes in the working dtype on ``A.device``."""
-        return sample_probes(self.gen, k, self.n, self.probe, dtype=self.work, device=self.device)
+        """``[k, n]`` probes in the working dtype on ``A.device``: the next k of ``gen``'s
+        stream, or with :attr:`key` set the probes of indices ``key .. key + k - 1``."""
+        if self.key is None:
+            return sample_probes(self.gen, k, self.n, self.probe, dtype=self.work,
+                                 device=self.device)
+        first, self.key = self.key, self.key + k
+        return keyed_probes(self.seed, range(first, first + k), self.n, self.probe,
+                            dtype=self.work, device=self.device)
 
     @property
     def max_rows(self) -> int:

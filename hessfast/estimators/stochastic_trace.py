@@ -19,7 +19,9 @@ from .._checks import (
     check_positive,
     check_seed,
 )
+from .._mesh import Mesh
 from .._probe import probe_operator
+from ..errors import ConfigurationError
 from ..linop import LinearOperator
 from ..results import Status, TraceResult, z_value
 from .exchangeable import Exchangeable, orth_rows, xtrace_estimates
@@ -66,6 +68,7 @@ def trace(
     block_size: int | None = None,
     probe: str = "rademacher",
     num_matvecs: int | None = None,
+    mesh: Mesh | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` of a symmetric ``n x n`` operator from block products.
 
@@ -96,6 +99,15 @@ def trace(
         probe: ``"rademacher"`` (default) or ``"gaussian"``.
         num_matvecs: deprecated name of ``max_matvecs`` (a DeprecationWarning; removed in
             the next release).
+        mesh: ``"hutchinson"`` with a fixed budget only: a
+            :class:`hessfast.distributed.Mesh` (probe x data); ``A`` built with
+            ``process_group=mesh.data_group``. Each probe group computes the samples of a
+            contiguous share of the ``max_matvecs`` probe indices (probe ``i`` from its own
+            generator keyed by ``(seed, i)``), and the samples are all-gathered, so every
+            rank returns the result of one process on all the data with ``mesh=Mesh()``
+            (``num_matvecs`` counts every group's products, ``num_passes`` this group's).
+            Hutch++ and XTrace orthonormalise a sketch of ALL probes (a global QR), and the
+            adaptive mode decides from all samples after each block: both refuse a mesh.
 
     Returns:
         :class:`TraceResult`. Budget use with ``rtol=None``: Hutchinson m probes in one
@@ -130,6 +142,8 @@ def trace(
     min_samples = check_int("min_samples", min_samples, 1, who=_WHO)
     if rtol is not None or atol is not None:
         stop = _Stop(rtol or 0.0, z, max(min_samples, 2), atol or 0.0)
+    if mesh is not None:
+        _check_mesh(mesh, method, stop, sess)
     probe_operator(sess.A, sess.products.who)
 
     if sess.n == 0:
@@ -137,13 +151,16 @@ def trace(
     elif m >= sess.n and (method != "hutchinson" or stop is None):
         d = sess.exact_diagonal()
         out = (float(d.sum(dtype=torch.float64)), 0.0, 0, Status.EXACT)
+    elif mesh is not None:
+        out = _hutchinson_mesh(sess, m, mesh)
     elif method == "xtrace":
         out = _xtrace(sess, m, stop)
     else:
         out = _hutchinson(sess, m, method == "hutch++", stop)
     value, stderr, samples, status = out
+    spent = samples if mesh is not None and status != Status.EXACT else sess.matvecs
     res = TraceResult(
-        value=float(value), stderr=float(stderr), num_matvecs=sess.matvecs,
+        value=float(value), stderr=float(stderr), num_matvecs=spent,
         num_passes=sess.passes, method=method, seed=seed,
         converged=status != Status.MAX_MATVECS, status=status,
         seconds=time.perf_counter() - t0, num_samples=samples,
@@ -160,6 +177,38 @@ def trace(
 
 def _asked(rtol: float | None, atol: float | None) -> str:
     return " or ".join(f"{k}={v:g}" for k, v in (("rtol", rtol), ("atol", atol)) if v is not None)
+
+
+def _check_mesh(mesh: Mesh, method: str, stop: _Stop | None, sess: Session) -> None:
+    """Refuse ``mesh=`` where the probes cannot be split over probe groups."""
+    Mesh.checked(mesh, _WHO)
+    if method != "hutchinson":
+        raise ConfigurationError(
+            f"{_WHO}: method={method!r} cannot run over a mesh: it orthonormalises a sketch "
+            "of ALL its probes (a global QR), which probe groups holding disjoint probes "
+            "cannot split. Use method='hutchinson' with mesh=, or drop mesh= and build the "
+            "operator data-parallel over all ranks (process_group='auto')"
+        )
+    if stop is not None:
+        raise ConfigurationError(
+            f"{_WHO}: mesh= needs a fixed budget (rtol=None, atol=None): the adaptive rule "
+            "sizes each block from all samples so far, which the probe groups do not share. "
+            "Pass max_matvecs as the number of probes"
+        )
+    mesh.check_operator(sess.A, _WHO)
+
+
+def _hutchinson_mesh(sess: Session, m: int, mesh: Mesh) -> _Outcome:
+    """Fixed-budget Hutchinson over a mesh: this probe group's share of the m probe
+    indices (keyed draws, :attr:`Session.key`), the samples ``[m]`` all-gathered in probe
+    order: the samples of one process running all m probes with ``mesh=Mesh()``."""
+    share = mesh.share(m, _WHO)
+    sess.key = share.start
+    with mesh.barrier(f"{_WHO}'s probes"):
+        mine = _hutchinson_block(sess, len(share), None)
+    samples = mesh.gather_rows(mine[:, None], m, "the Hutchinson samples")[:, 0]
+    mean, err = mean_stderr(samples)
+    return mean, err, m, Status.CONVERGED
 
 
 def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Tensor:
