@@ -25,6 +25,10 @@ probes and the per-probe results are all-gathered over :attr:`Mesh.probe_group` 
 Helpers: :func:`init` (from torchrun's environment), :func:`is_initialized`,
 :func:`world_size`, :func:`rank`, :func:`is_main_process` (rank 0, or no process group:
 where to print and write).
+
+Sharded vectors (:mod:`hessfast.lanczos.sharded`): :func:`shard_bounds` gives each rank a
+contiguous 128-aligned slice of ``[0, n)`` and :meth:`Comm.allgather_cols` rebuilds full rows
+from the slices.
 """
 
 from __future__ import annotations
@@ -40,17 +44,38 @@ import torch
 from .errors import DistributedError
 
 __all__ = [
+    "SHARD_ALIGN",
     "Comm",
     "Mesh",
     "init",
     "is_initialized",
     "is_main_process",
     "rank",
+    "shard_bounds",
+    "shard_size",
     "world_size",
 ]
 
 # The longest failure message one rank sends to the others.
 _MESSAGE_CHARS = 600
+#: Shard boundaries of a sharded vector are multiples of this many entries (or n).
+SHARD_ALIGN = 128
+
+
+def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
+    """The contiguous slice ``[lo, hi)`` of ``[0, n)`` that ``rank`` of ``size`` stores: the
+    ``ceil(n / 128)`` aligned units are split as evenly as possible (earlier ranks get the
+    fewer), so boundaries are multiples of :data:`SHARD_ALIGN` and may straddle parameters;
+    a rank's slice may be empty when ``n`` is small."""
+    units = -(-n // SHARD_ALIGN)
+    lo = min(n, SHARD_ALIGN * (rank * units // size))
+    hi = min(n, SHARD_ALIGN * ((rank + 1) * units // size))
+    return lo, hi
+
+
+def shard_size(n: int, size: int) -> int:
+    """The largest slice :func:`shard_bounds` gives any of ``size`` ranks (entries)."""
+    return max(hi - lo for lo, hi in (shard_bounds(n, size, r) for r in range(size)))
 
 
 def _dist() -> Any:
@@ -168,6 +193,35 @@ class Comm:
         if work.data_ptr() == src.data_ptr():
             return src
         return work.to(device=src.device, dtype=src.dtype)
+
+    def allgather_cols(self, local: torch.Tensor, n: int, what: str) -> torch.Tensor:
+        """Rows sharded by columns to full rows: this rank's ``local [r, hi - lo]`` (its
+        :func:`shard_bounds` slice of ``n``) -> ``[r, n]`` on every rank, same dtype and
+        device. One ``all_gather`` of equal buffers padded to the largest shard (float32, or
+        float64 for float64 rows)."""
+        lo, hi = shard_bounds(n, self.size, self.rank)
+        if local.shape[1] != hi - lo:
+            raise ValueError(f"local must have {hi - lo} columns (shard [{lo}, {hi}) of "
+                             f"{n}), got shape {tuple(local.shape)}")
+        rows, width = local.shape[0], shard_size(n, self.size)
+        dtype = torch.float64 if local.dtype == torch.float64 else torch.float32
+        device = self._device(local.device)
+        buf = torch.zeros(rows, width, dtype=dtype, device=device)
+        buf[:, : hi - lo] = local.detach().to(device=device, dtype=dtype)
+        parts = [torch.empty_like(buf) for _ in range(self.size)]
+        try:
+            with torch.no_grad():
+                _dist().all_gather(parts, buf, group=self.group)
+        except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
+            raise DistributedError(
+                f"rank {self.rank} of {self.size}: the all-gather of {what} failed "
+                f"({type(exc).__name__}: {exc}). Another rank stopped or did not take part"
+            ) from exc
+        out = torch.empty(rows, n, dtype=local.dtype, device=local.device)
+        for r, part in enumerate(parts):
+            a, b = shard_bounds(n, self.size, r)
+            out[:, a:b] = part[:, : b - a].to(device=local.device, dtype=local.dtype)
+        return out
 
     def allreduce_ints(self, values: Sequence[int], what: str, op: str = "sum") -> list[int]:
         """Elementwise ``sum`` or ``max`` of a few integers over the ranks."""

@@ -5,8 +5,8 @@ when ``basis_dtype`` / ``basis_device`` are not given.
 What is exact and what is a model:
 
 - **Exact** (allocation sizes read from the code): the Krylov basis (eigsh: ``max_basis`` rows
-  of ``n`` in ``basis_dtype``, allocated up front; SLQ with ``reorth="full"``: ``P m n``, one
-  group of probes at a time; divided by the world size with ``basis_sharding``) and the
+  of ``n`` in ``basis_dtype``, allocated up front, or of the largest rank's 128-aligned slice
+  of n with ``basis_sharding``; SLQ with ``reorth="full"``: ``P m n``, one group) and the
   parameters and buffers (the operator keeps two copies of each buffer and clones one per
   evaluation, so buffers count three times).
 - **Measured**: the HVP's activations. The saved-tensor bytes ``S`` of batch 0's first-order
@@ -43,6 +43,7 @@ from torch import nn
 from . import ops
 from ._checks import work_dtype
 from .curvature.plan import available_memory, measure_saved
+from .distributed import shard_size
 from .errors import ConfigurationError, OutOfMemoryPlanError
 from .linop import LinearOperator
 from .ops import CAST_CHUNK_BYTES
@@ -200,7 +201,7 @@ def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
            params: tuple[int, int, int, int], act: int | None, act_note: str,
            capacity: dict[str, int], resident: int) -> MemoryPlan:
     wb, bb = _size(w), _size(bdtype)
-    shard = -(-n // (s["world_size"] if s["basis_sharding"] else 1))
+    shard = shard_size(n, s["world_size"]) if s["basis_sharding"] else n  # the largest
     where_b = "device" if bdev == dev else "host"
     scale = (n / params[2]) ** params[3] if params[2] else 1.0  # a matrix grows as n^2
     what = "the matrix" if params[3] == 2 else "parameters + 3x buffers"
@@ -267,7 +268,8 @@ def estimate_memory(
         k, block_size, max_basis: eigsh's arguments (defaults as in eigsh).
         num_steps, num_probes, reorth: SLQ/KPM/trace arguments.
         basis_dtype, basis_device: basis storage (default: working dtype, operator device).
-        world_size, basis_sharding: ranks, and 1/R of the basis per rank.
+        world_size, basis_sharding: ranks, and each rank's ~1/R slice of the basis (the
+            largest of :func:`hessfast.distributed.shard_bounds`, as eigsh allocates it).
         available: capacity in bytes of the operator's device (default: free now plus the
             plan's resident parameters); plan for another machine by giving it.
         measure: False skips the activation measurement.

@@ -6,6 +6,7 @@ path for tiny operators, and :func:`lambda_max`. Power iteration lives in
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -26,9 +27,10 @@ from ._checks import (
     work_dtype,
 )
 from ._probe import probe_operator
-from .errors import ConfigurationError
+from .errors import ArgumentTypeError, ConfigurationError
 from .lanczos import WHICH, block_lanczos, select
 from .lanczos.checkpoint import Checkpoint, fingerprint_tensor
+from .lanczos.sharded import check_sharded, sharded_lanczos, sharding_comm
 from .linop import LinearOperator
 from .memory import choose_basis
 from .power import power_iteration
@@ -114,6 +116,7 @@ def eigsh(
     dense_below: int = 32,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | float | None = None,
+    basis_sharding: bool = False,
 ) -> EigshResult:
     """k eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
@@ -151,6 +154,12 @@ def eigsh(
             (an int: block steps; a float: seconds; default 60.0) and a call with the same
             path and arguments resumes from it, giving the uninterrupted result
             (:mod:`hessfast.lanczos.checkpoint`; only rank 0 writes).
+        basis_sharding: under a process group (a data-parallel operator's, else the
+            default group; the operator must be the same on every rank), each rank stores
+            only its 1/R slice of every basis vector; every rank returns the same result,
+            equal to the unsharded run up to rounding (:mod:`hessfast.lanczos.sharded`).
+            Block size 1 (the default then), ``reorth="full"``, no checkpoint; a group of
+            one process runs unsharded; no process group raises ConfigurationError.
 
     Returns:
         :class:`EigshResult`.
@@ -183,6 +192,9 @@ def eigsh(
     basis_device = check_basis_device(basis_device, who=who)
     if v0 is not None:
         v0 = check_start_vectors(v0, n, who=who)
+    if not isinstance(basis_sharding, bool):
+        raise ArgumentTypeError(f"{who}: basis_sharding must be a bool, got {basis_sharding!r}")
+    comm = sharding_comm(A, who) if basis_sharding else None
     if method == "power":
         if k != 1:
             raise ConfigurationError(
@@ -218,6 +230,9 @@ def eigsh(
     b = block_size if block_size is not None else default_block_size(A, k)
     if block_size is None and v0 is not None:
         b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
+    if comm is not None:
+        b = 1 if block_size is None else b
+        check_sharded(b, reorth, checkpoint, who)
     b = check_int("block_size", b, 1, who=who)
     b = min(b, n)
     if max_matvecs < max(b, k):
@@ -234,15 +249,17 @@ def eigsh(
             f"k + 2*block_size = {k + 2 * b}"
         )
     given = None if explicit_dtype is None else basis_dtype
+    shards = {} if comm is None else dict(world_size=comm.size, basis_sharding=True)
     bd, basis_device, pin = choose_basis(A, "eigsh", given, basis_device, who, k=k,
-                                         block_size=b, max_basis=cap)
+                                         block_size=b, max_basis=cap, **shards)
     basis_dtype = bd or basis_dtype
     ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
         n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
         seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=fingerprint_tensor(v0),
     ), checkpoint_every, who)
     probe_operator(A, who)
-    st = block_lanczos(
+    lanczos = block_lanczos if comm is None else functools.partial(sharded_lanczos, comm=comm)
+    st = lanczos(
         A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs, v0=v0,
         seed=seed, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device,
         pin_memory=pin, checkpoint=ckpt,

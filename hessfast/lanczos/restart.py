@@ -62,6 +62,7 @@ This module imports nothing from torch.func and no kernel backend except through
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -114,7 +115,7 @@ class _Run:
         self.bdtype = basis_dtype or self.wdtype
         self.bdev = torch.device(basis_device) if basis_device is not None else A.device
         self.gen = probe_generator(seed)
-        self.basis = Basis(cap, self.n, self.bdtype, self.bdev, pin)
+        self.basis = self.make_basis(cap, pin)
         # dropped coupling of each verification round: A Q^T = ... + sum_r Q_r^T G_r
         self.G: list[torch.Tensor] = []  # each [b_r, m] float64
         self.coupling = torch.zeros(0, 0, dtype=torch.float64)  # L^T Y[last]: [b', m]
@@ -132,6 +133,10 @@ class _Run:
         self.ref_res = self.ref_vecs = torch.zeros(0)
         self.ref_slack = torch.zeros(0, dtype=torch.float64)
         self.verify_left = self.n_verify = self.n_miss = self.verify_mv = self.verify_mv0 = 0
+
+    def make_basis(self, cap: int, pin: bool) -> Basis:
+        """The basis storage: ``cap`` rows of n (a sharded run stores its columns only)."""
+        return Basis(cap, self.n, self.bdtype, self.bdev, pin)
 
     def random_rows(self, count: int) -> torch.Tensor:
         """``[count, n]`` Gaussian rows from the run's private generator."""
@@ -180,20 +185,30 @@ class _Run:
             basis.m = s
             return None
         self.norm_est = max(self.norm_est, float(W.norm(dim=1).max()))
-        Cd = self._coefficients(W, s, bb).double().cpu()
+        tiny = self.rayleigh_ritz(self._coefficients(W, s, bb).double().cpu(), s, bb)
+        Qn, L = orthonormal_block(W, basis.rows(), tiny, self.gen, self.acc)
+        self.residuals(L, s, bb)
+        return Qn, L
+
+    def rayleigh_ritz(self, Cd: torch.Tensor, s: int, bb: int) -> float:
+        """Store the new block's coefficients ``Cd [m, bb]`` as T's column block ``s``, solve
+        the Ritz problem of T; the rank-deficiency threshold of the next block."""
+        basis = self.basis
         basis.T[: basis.m, s : s + bb] = Cd
         basis.T[s : s + bb, : basis.m] = Cd.T
         Tjj = basis.T[s : s + bb, s : s + bb]  # average the two rounding errors
         basis.T[s : s + bb, s : s + bb] = 0.5 * (Tjj + Tjj.T)
-        m = basis.m
-        T = basis.T[:m, :m]
+        T = basis.T[: basis.m, : basis.m]
         self.theta, self.Y = torch.linalg.eigh(0.5 * (T + T.T))
         self.norm_est = max(self.norm_est, float(self.theta.abs().max()))
-        tiny = max(self.norm_est, torch.finfo(self.acc).tiny) * 64 * torch.finfo(self.acc).eps
-        Qn, L = orthonormal_block(W, basis.rows(), tiny, self.gen, self.acc)
+        return max(self.norm_est, torch.finfo(self.acc).tiny) * 64 * torch.finfo(self.acc).eps
+
+    def residuals(self, L: torch.Tensor, s: int, bb: int) -> None:
+        """Residuals and convergence flags of the Ritz pairs from the next block's coupling
+        ``L [bb, b']``."""
         # residual of Ritz pair i: ||L^T y_i[last block]||, plus the dropped couplings of
         # verification rounds (triangle inequality: an upper bound)
-        Y = self.Y
+        Y, m = self.Y, self.basis.m
         self.coupling = L.T @ Y[s : s + bb] if L.numel() else torch.zeros(0, m, dtype=torch.float64)
         self.G = [torch.cat([g, g.new_zeros(g.shape[0], m - g.shape[1])], 1) for g in self.G]
         res = self.coupling.norm(dim=0) if L.numel() else torch.zeros_like(self.theta)
@@ -201,7 +216,6 @@ class _Run:
             res = res + (g @ Y).norm(dim=0)
         self.res = res
         self.ok = self.res <= self.slack(self.theta)
-        return Qn, L
 
     def slack(self, vals: torch.Tensor) -> torch.Tensor:
         """The convergence tolerance of each value: tol * max(|theta|, 1e-3 ||A||_est)."""
@@ -213,10 +227,10 @@ class _Run:
         column chunk is read whole before it is written)."""
         Yi = self.Y[:, idx].T.to(self.acc).to(self.bdev)
         Q = self.basis.rows()
-        out = torch.empty(len(idx), self.n, dtype=self.bdtype, device=self.bdev) \
+        out = torch.empty(len(idx), Q.shape[1], dtype=self.bdtype, device=self.bdev) \
             if into is None else into
         step = max(1, CHUNK_BYTES // (8 * max(Q.shape[0], 1)))
-        for c in range(0, self.n, step):
+        for c in range(0, Q.shape[1], step):  # Q.shape[1]: n, or a sharded run's columns
             out[:, c : c + step] = (Yi @ Q[:, c : c + step].to(self.acc)).to(self.bdtype)
         return out
 
@@ -264,6 +278,7 @@ def block_lanczos(
     verify: bool = True,
     pin_memory: bool = False,
     checkpoint: Checkpoint | None = None,
+    make_run: Callable[..., _Run] | None = None,
 ) -> LanczosState:
     """Thick-restart block Lanczos with locking and a verified wanted set (module docstring).
 
@@ -286,8 +301,10 @@ def block_lanczos(
             experiments: without it a multiple eigenvalue can be missed silently).
         pin_memory: allocate a host basis in pinned memory (operator on CUDA).
         checkpoint: save the state every so often and resume from it (:mod:`.checkpoint`).
+        make_run: the run's class (default ``_Run``; :mod:`.sharded` passes its own).
     """
-    run = _Run(A, k, which, tol, max_basis, seed, reorth, basis_dtype, basis_device, pin_memory)
+    run = (make_run or _Run)(A, k, which, tol, max_basis, seed, reorth, basis_dtype,
+                             basis_device, pin_memory)
     b, cap, n = block_size, max_basis, A.shape[0]
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is None:
