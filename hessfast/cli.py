@@ -55,6 +55,12 @@ def info() -> dict[str, Any]:
         out["ops"] = ops.backend_report()
     except Exception as exc:  # noqa: BLE001
         out["ops"] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        from .kernels import ce_curvature
+
+        out["ce_curvature"] = ce_curvature.backend_report()
+    except Exception as exc:  # noqa: BLE001
+        out["ce_curvature"] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
 
 

@@ -65,3 +65,19 @@ def test_demo_function_refuses_bad_arguments() -> None:
         demo(steps=-1)
     with pytest.raises(hf.errors.ConfigurationError, match="device"):
         demo(device="meta")
+
+
+def test_info_reports_the_ce_curvature_backend(monkeypatch) -> None:
+    """hessfast info says which implementation the CE curvature product uses, and why."""
+    import hessfast.kernels.ce_curvature as ce
+
+    data = info()
+    assert data["ce_curvature"]["cpu"]["selected"] == "reference"
+    if not ce.torch.cuda.is_available():
+        assert data["ce_curvature"]["cuda"] == {"selected": "none", "why": "no CUDA device visible"}
+    monkeypatch.setattr(ce.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ce, "triton_available", lambda: False)
+    assert ce.backend_report()["cuda"]["selected"] == "reference"
+    assert "pip install triton" in ce.backend_report()["cuda"]["why"]
+    monkeypatch.setattr(ce, "triton_available", lambda: True)
+    assert ce.backend_report()["cuda"]["selected"] == "triton"

@@ -246,3 +246,23 @@ def ce_hessian_product(
     if logits.is_cuda and U.is_cuda and triton_available():
         return ce_hessian_product_triton(logits, U, mask=mask, scale=scale)
     return ce_hessian_product_reference(logits, U, mask=mask, scale=scale)
+
+
+def backend_report() -> dict[str, dict[str, str]]:
+    """Which implementation :func:`ce_hessian_product` uses on each device, and why (what
+    ``hessfast info`` prints): ``{"cpu": {"selected": ..., "why": ...}, "cuda": {...}}``.
+
+    Note: nothing in hessfast calls the product yet (issue 10: the GGN/Hessian wiring).
+    """
+    triton_ok = triton_available()
+    cuda_ok = torch.cuda.is_available()
+    if triton_ok and cuda_ok:
+        cuda = {"selected": "triton", "why": "CUDA inputs and Triton imports"}
+    elif not cuda_ok:
+        cuda = {"selected": "none", "why": "no CUDA device visible"}
+    else:
+        cuda = {"selected": "reference", "why": "Triton does not import (pip install triton)"}
+    return {
+        "cpu": {"selected": "reference", "why": "the Triton kernel runs on CUDA only"},
+        "cuda": cuda,
+    }
