@@ -166,15 +166,10 @@ class Mesh:
         buf = torch.zeros((most, rows.shape[1]), dtype=torch.float64)
         buf[: rows.shape[0]] = rows.cpu()
         buf = buf.to(comm._device(rows.device))
-        parts = [torch.empty_like(buf) for _ in range(self.probe)]
-        try:
-            with torch.no_grad():
-                _dist().all_gather(parts, buf, group=self.probe_group)
-        except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
-            raise DistributedError(
-                f"rank {self.rank} of {self.size}: the all-gather of {what} over the probe "
-                f"groups failed ({type(exc).__name__}: {exc}). Another rank stopped or did "
-                "not run the same call with the same mesh"
-            ) from exc
+        parts = comm._all_gather(
+            buf, f"{what} over the probe groups",
+            f"(World rank {self.rank} of {self.size}.) Another rank stopped or did not run "
+            "the same call with the same mesh",
+        )
         out = [parts[i][: len(_share(num, self.probe, i))] for i in range(self.probe)]
         return torch.cat(out).to(rows.device)

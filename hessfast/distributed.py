@@ -175,6 +175,20 @@ class Comm:
                 "group's timeout (init_process_group(timeout=...))"
             ) from exc
 
+    def _all_gather(self, buf: torch.Tensor, what: str, hint: str) -> list[torch.Tensor]:
+        """Every rank's ``buf`` (equal shapes), in rank order; a failed collective becomes a
+        DistributedError whose message ends with ``hint``."""
+        parts = [torch.empty_like(buf) for _ in range(self.size)]
+        try:
+            with torch.no_grad():
+                _dist().all_gather(parts, buf, group=self.group)
+        except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
+            raise DistributedError(
+                f"rank {self.rank} of {self.size}: the all-gather of {what} failed "
+                f"({type(exc).__name__}: {exc}). {hint}"
+            ) from exc
+        return parts
+
     def allreduce_sum_(self, buf: torch.Tensor, what: str = "a block product") -> torch.Tensor:
         """Sum ``buf`` (any shape, e.g. ``[k, n]``) over the ranks in ONE flat all-reduce, in
         place where the backend allows; returns the summed tensor (same dtype and device).
@@ -208,15 +222,7 @@ class Comm:
         device = self._device(local.device)
         buf = torch.zeros(rows, width, dtype=dtype, device=device)
         buf[:, : hi - lo] = local.detach().to(device=device, dtype=dtype)
-        parts = [torch.empty_like(buf) for _ in range(self.size)]
-        try:
-            with torch.no_grad():
-                _dist().all_gather(parts, buf, group=self.group)
-        except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
-            raise DistributedError(
-                f"rank {self.rank} of {self.size}: the all-gather of {what} failed "
-                f"({type(exc).__name__}: {exc}). Another rank stopped or did not take part"
-            ) from exc
+        parts = self._all_gather(buf, what, "Another rank stopped or did not take part")
         out = torch.empty(rows, n, dtype=local.dtype, device=local.device)
         for r, part in enumerate(parts):
             a, b = shard_bounds(n, self.size, r)
