@@ -25,25 +25,30 @@ SHARDS = {1: [list(range(8))], 2: [[0, 1, 2], [3, 4, 5, 6, 7]], 3: [[0, 1, 2, 3,
 D_IN, HIDDEN, CLASSES = 5, 7, 3  # 5*7 + 7 + 7*3 + 3 = 66 parameters
 
 
-def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """A float64 tanh MLP and 8 classification batches, the same in every process."""
-    gen = torch.Generator().manual_seed(1234)
-    model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+def problem(
+    *, seed: int = 1234, sizes: tuple[int, ...] = BATCH_SIZES,
+    dims: tuple[int, int, int] = (D_IN, HIDDEN, CLASSES), weight_scale: float = 0.7,
+) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A float64 tanh MLP ``d_in -> hidden -> classes`` and one classification batch per
+    entry of ``sizes``, the same in every process."""
+    d_in, hidden, classes = dims
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
+            p.copy_(torch.randn(p.shape, generator=gen) * weight_scale)
     model = model.double()
     batches = [
-        (torch.randn(s, D_IN, generator=gen, dtype=torch.float64),
-         torch.randint(0, CLASSES, (s,), generator=gen))
-        for s in BATCH_SIZES
+        (torch.randn(s, d_in, generator=gen, dtype=torch.float64),
+         torch.randint(0, classes, (s,), generator=gen))
+        for s in sizes
     ]
     return model, batches
 
 
-def shard(batches: list, world: int, rank: int) -> list:
-    """This rank's batches."""
-    return [batches[i] for i in SHARDS[world][rank]]
+def shard(batches: list, world: int, rank: int, shards: dict | None = None) -> list:
+    """This rank's batches (``shards``: world size -> each rank's batch indices)."""
+    return [batches[i] for i in (shards or SHARDS)[world][rank]]
 
 
 def vectors(n: int) -> torch.Tensor:

@@ -24,23 +24,14 @@ MATRIX_N = 700  # a replicated matrix operator (700 = 5 x 128 + 60: the last sha
 
 def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     """A float64 tanh MLP and 6 classification batches, the same in every process."""
-    gen = torch.Generator().manual_seed(4321)
-    model = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    model = model.double()
-    batches = [
-        (torch.randn(s, D_IN, generator=gen, dtype=torch.float64),
-         torch.randint(0, CLASSES, (s,), generator=gen))
-        for s in BATCH_SIZES
-    ]
-    return model, batches
+    return dist_workers.problem(
+        seed=4321, sizes=BATCH_SIZES, dims=(D_IN, HIDDEN, CLASSES), weight_scale=0.5
+    )
 
 
 def shard(batches: list, world: int, rank: int) -> list:
     """This rank's batches."""
-    return [batches[i] for i in SHARDS[world][rank]]
+    return dist_workers.shard(batches, world, rank, SHARDS)
 
 
 def matrix() -> torch.Tensor:
