@@ -7,9 +7,14 @@ and here. Dispatch, per call:
 2. native CPU — tensors on the CPU and ``hessfast._C`` importable;
 3. reference — plain PyTorch, runs everywhere.
 
-``HESSFAST_BACKEND=native|reference|auto`` (default ``auto``) forces a choice; a forced
-``native`` that cannot run raises :class:`hessfast.errors.BackendUnavailableError` with the
-reason. :func:`backend_report` says, per op and device, what would run and why the others cannot.
+A fourth backend, ``triton`` (:mod:`hessfast.kernels.basis_triton`), runs on CUDA tensors (on
+the CPU only under the Triton interpreter, ``TRITON_INTERPRET=1``, for tests); ``auto`` uses it
+only for the ops listed in :data:`_CUDA_AUTO_TRITON` (none until measured on a GPU).
+
+``HESSFAST_BACKEND=native|triton|reference|auto`` (default ``auto``) forces a choice; a forced
+``native`` or ``triton`` that cannot run raises
+:class:`hessfast.errors.BackendUnavailableError` with the reason. :func:`backend_report` says,
+per op and device, what would run and why the others cannot.
 
 Validation happens here, once: dtypes, devices, shapes, aliasing and layout, with ValueError /
 TypeError naming the argument and its value. Inputs whose rows are not unit-stride are copied
@@ -28,6 +33,7 @@ import torch
 from hessfast import _native, _reference
 from hessfast._reference import CAST_CHUNK_BYTES, DGKS_ETA
 from hessfast.errors import BackendUnavailableError
+from hessfast.kernels import basis_triton
 
 __all__ = [
     "CAST_CHUNK_BYTES",
@@ -42,7 +48,7 @@ __all__ = [
 OPS = ("basis_dot", "basis_update", "reorthogonalize")
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 WORK_DTYPES = (torch.float32, torch.float64)
-_BACKENDS = ("auto", "native", "reference")
+_BACKENDS = ("auto", "native", "triton", "reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +87,34 @@ _CUDA_AUTO_REASON = (
 )
 
 
+# The Triton kernels (hessfast/kernels/basis_triton.py) have been checked under the Triton
+# interpreter only: no GPU has timed them yet, so auto keeps torch's path on CUDA for every op.
+# bench/bench_ops.py --device cuda --backend triton measures them against torch; an op joins
+# this table only where the kernel measured faster there. HESSFAST_BACKEND=triton forces them.
+_CUDA_AUTO_TRITON: frozenset[str] = frozenset()
+_CUDA_AUTO_TRITON_REASON = (
+    "auto does not use the Triton kernels on CUDA yet: not measured on a GPU (fill "
+    "ops._CUDA_AUTO_TRITON from bench/bench_ops.py --device cuda --backend triton); "
+    "HESSFAST_BACKEND=triton forces them"
+)
+
+
+def _triton_reasons(device_type: str) -> list[str]:
+    """Why the Triton backend cannot run on this device type (empty: it can). Imports Triton
+    (once per process) only when asked."""
+    err = basis_triton.triton_import_error()
+    if err is not None:
+        return [f"triton failed to import ({err}); install it with `pip install triton`"]
+    if device_type == "cuda":
+        return [] if torch.cuda.is_available() else ["no CUDA device visible to torch"]
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return []
+        return ["the Triton kernels run on CUDA; on the CPU only under the Triton interpreter "
+                "(TRITON_INTERPRET=1 set before triton is imported; slow, for tests)"]
+    return [f"no Triton kernels for device type {device_type!r}"]
+
+
 #: Whether this process has warned that the native kernels are missing (once per process).
 _FALLBACK_WARNED = False
 
@@ -105,6 +139,18 @@ def _pick(op: str, device: torch.device, *, report: bool = False) -> str:
     forced = _forced()
     if forced == "reference":
         return "reference"
+    if forced == "triton":
+        why = _triton_reasons(device.type)
+        if why:
+            raise BackendUnavailableError(
+                f"HESSFAST_BACKEND=triton but the Triton {op} cannot run on {device.type}: "
+                f"{'; '.join(why)}. Unset HESSFAST_BACKEND (or set it to 'auto') to use the "
+                "native kernels or the PyTorch reference."
+            )
+        return "triton"
+    if (forced == "auto" and device.type == "cuda" and op in _CUDA_AUTO_TRITON
+            and not _triton_reasons("cuda")):
+        return "triton"
     reasons = _native_reasons(device.type)
     if not reasons:
         if forced == "auto" and device.type == "cuda" and op not in _CUDA_AUTO_NATIVE:
@@ -127,7 +173,13 @@ def backend_report() -> dict[str, dict[str, Any]]:
 
         {"basis_dot": {"cpu": {"selected": "native",
                                "not_supported_reasons": {"native": [], "reference": []}},
-                       "cuda": {...}}, ...}
+                       "cuda": {...}}, ...,
+         "_triton": {"auto_on_cuda": [...], "why": ...,
+                     "not_supported_reasons": {"basis_dot": {"cpu": [...], "cuda": [...]}, ...}},
+         "_build": {...}}
+
+    The Triton backend's reasons sit under ``"_triton"`` (per op and device) so that each op's
+    entry keeps the native/reference layout.
     """
     forced = os.environ.get("HESSFAST_BACKEND", "auto")
     out: dict[str, dict[str, Any]] = {}
@@ -146,6 +198,13 @@ def backend_report() -> dict[str, dict[str, Any]]:
             if dev == "cuda" and selected == "reference" and not reasons["native"]:
                 per_dev[dev]["why"] = _CUDA_AUTO_REASON
         out[op] = per_dev
+    triton_reasons = {dev: _triton_reasons(dev) for dev in ("cpu", "cuda")}
+    out["_triton"] = {
+        "auto_on_cuda": sorted(_CUDA_AUTO_TRITON),
+        "why": _CUDA_AUTO_TRITON_REASON,
+        "not_supported_reasons": {op: {d: list(r) for d, r in triton_reasons.items()}
+                                  for op in OPS},
+    }
     out["_build"] = {"forced": forced, "native": _native.build_info()}
     return out
 
@@ -282,8 +341,11 @@ def basis_dot(
     k = W.shape[0]
     if m == 0 or k == 0 or n == 0:
         return torch.zeros((m, k), dtype=acc, device=device)
-    if _pick("basis_dot", device) == "reference":
+    backend = _pick("basis_dot", device)
+    if backend == "reference":
         return _reference.basis_dot(V, W, acc_dtype=acc)
+    if backend == "triton":
+        return basis_triton.basis_dot_triton(V.detach(), W.detach(), acc_dtype=acc)
     return _native.basis_dot(_readable(V.detach()), _readable(W.detach()), acc)
 
 
@@ -311,8 +373,12 @@ def basis_update(V: torch.Tensor, C: torch.Tensor, W: torch.Tensor) -> torch.Ten
         return W
     if W.dtype == torch.float64 and C.dtype != torch.float64:
         C = C.double()  # arithmetic in at least W's precision: a float64 W is never rounded
-    if _pick("basis_update", device) == "reference":
+    backend = _pick("basis_update", device)
+    if backend == "reference":
         return _reference.basis_update(V, C, W)
+    if backend == "triton":  # reads any strides and writes W in place
+        basis_triton.basis_update_triton(V.detach(), C.detach(), W.detach())
+        return W
     Wn = _writable(W.detach())
     _native.basis_update(_readable(V.detach()), C.detach().contiguous(), Wn)
     _writeback(W, Wn)
@@ -355,8 +421,12 @@ def reorthogonalize(
     if k == 0 or m == 0 or n == 0:
         nrm = torch.linalg.vector_norm(W.to(acc), dim=1) if n > 0 else W.new_zeros(k, dtype=acc)
         return torch.zeros((m, k), dtype=acc, device=device), nrm.expand(3, k).clone()
-    if _pick("reorthogonalize", device) == "reference":
+    backend = _pick("reorthogonalize", device)
+    if backend == "reference":
         return _reference.reorthogonalize(V, W, acc_dtype=acc, eta=eta)
+    if backend == "triton":
+        return basis_triton.reorthogonalize_triton(V.detach(), W.detach(), acc_dtype=acc,
+                                                   eta=float(eta))
     Wn = _writable(W.detach())
     out = _native.reorthogonalize(_readable(V.detach()), Wn, acc, float(eta))
     _writeback(W, Wn)
