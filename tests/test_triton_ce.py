@@ -38,12 +38,13 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def oracle(logits: torch.Tensor, U: torch.Tensor, mask: torch.Tensor | None,
            scale: float) -> torch.Tensor:
     """fp64 ``[k, N, V]``: ``scale * H u_j`` with H the Hessian of the summed cross-entropy
-    w.r.t. ``logits [N, V]`` (masked rows as ``ignore_index``), by double backward."""
+    w.r.t. ``logits [N, V]`` (masked rows as ``ignore_index``), by double backward, on
+    ``logits``' device (also used by tests/test_gpu_kernels.py)."""
     ld = logits.detach().double().requires_grad_(True)
     n, v = ld.shape
-    target = torch.arange(n) % v
+    target = torch.arange(n, device=ld.device) % v
     if mask is not None:
-        target = torch.where(mask, target, torch.full_like(target, IGNORE))
+        target = torch.where(mask.to(ld.device), target, torch.full_like(target, IGNORE))
     loss = F.cross_entropy(ld, target, ignore_index=IGNORE, reduction="sum")
     (g,) = torch.autograd.grad(loss, ld, create_graph=True)
     rows = [torch.autograd.grad((g * u).sum(), ld, retain_graph=True)[0]
