@@ -21,6 +21,11 @@ and for low-precision inputs a float32 accumulator for ``gW`` ``[k, V, d]`` plus
 ``[k, V, d]`` chunk partial. ``c`` is ``chunk_tokens``, or by default the largest count whose
 ``[k, c, V]`` compute-dtype buffer fits ``chunk_bytes`` (256 MiB).
 
+Chunk size trade-off (not measured here): every chunk reads and writes the ``[k, V, d]``
+``gW`` accumulator once, while its matmuls do ``O(k c V d)`` work, so very small chunks
+(large k and V under a small budget) spend their time on that traffic rather than on the
+matmuls; raise ``chunk_bytes`` when memory allows.
+
 Precision: float64 inputs are computed in float64 throughout. For float32/bfloat16/float16
 inputs the matmuls run in the input dtype (cuBLAS accumulates in float32; upcasting ``W`` or
 ``dW`` would cost a ``[V, d]``-sized copy each), their results are upcast to float32 for the
