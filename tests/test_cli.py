@@ -72,12 +72,14 @@ def test_info_reports_the_ce_curvature_backend(monkeypatch) -> None:
     import hessfast.kernels.ce_curvature as ce
 
     data = info()
-    assert data["ce_curvature"]["cpu"]["selected"] == "reference"
+    assert data["ce_curvature"]["cpu"]["selected"] == "torch"
     if not ce.torch.cuda.is_available():
         assert data["ce_curvature"]["cuda"] == {"selected": "none", "why": "no CUDA device visible"}
     monkeypatch.setattr(ce.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ce, "triton_available", lambda: False)
-    assert ce.backend_report()["cuda"]["selected"] == "reference"
+    assert ce.backend_report()["cuda"]["selected"] == "torch"
     assert "pip install triton" in ce.backend_report()["cuda"]["why"]
     monkeypatch.setattr(ce, "triton_available", lambda: True)
     assert ce.backend_report()["cuda"]["selected"] == "triton"
+    monkeypatch.setenv("HESSFAST_CE_BACKEND", "torch")
+    assert ce.backend_report()["cuda"] == {"selected": "torch", "why": "HESSFAST_CE_BACKEND=torch"}

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigurationError
 from .autodiff import graph_vjp, scalar_vjp
+from .cehead import CEHead
 from .model import OutputModule
 from .operator import CurvatureOperator
 from .options import CurvatureOptions
@@ -35,21 +36,30 @@ class GGNGraph:
         loss: the batch's loss, detached (a scalar).
         out: the model outputs ``[*out]``, with their graph back to ``leaves``.
         out_d: ``out`` detached and made a leaf, the criterion's input.
-        g_out: the criterion's gradient w.r.t. ``out_d`` ``[*out]``, with its graph.
+        g_out: the criterion's gradient w.r.t. ``out_d`` ``[*out]``, with its graph; None
+            when ``head`` gives the criterion's curvature.
         u: a zero ``[*out]`` leaf; ``jt_u = J^T u`` is linear in it, so the vjp of ``jt_u``
             with a vector v is ``J v`` (the double-vjp trick, no forward mode).
         jt_u: ``J^T u`` per parameter, with its graph.
         live: indices of the parameters whose ``jt_u`` depends on ``u``.
+        head: the fused cross-entropy's curvature w.r.t. ``out`` (:mod:`.cehead`), or None.
     """
 
     leaves: list[torch.Tensor]
     loss: torch.Tensor
     out: torch.Tensor
     out_d: torch.Tensor
-    g_out: torch.Tensor
+    g_out: torch.Tensor | None
     u: torch.Tensor
     jt_u: tuple[torch.Tensor | None, ...]
     live: list[int]
+    head: CEHead | None = None
+
+    def criterion_product(self, jv: torch.Tensor) -> torch.Tensor:
+        """The criterion's Hessian w.r.t. the outputs applied to ``jv [c, *out]``."""
+        if self.head is not None:
+            return self.head.product(jv)
+        return graph_vjp([self.g_out], [self.out_d], [jv], retain=True)[0]
 
 
 # How to name the outputs and targets of batches that are not (inputs, targets) pairs.
@@ -106,11 +116,14 @@ class GGNOperator(CurvatureOperator):
             out_d = out.detach().requires_grad_(True)
             loss = self._call_loss(self.loss_fn, index, out_d, targets)
             check_loss(loss, index)
-            g_out = torch.autograd.grad(loss, out_d, create_graph=True)[0]
+            head = CEHead.build(self._ce_spec, out_d, targets)
+            g_out = None
+            if head is None:
+                g_out = torch.autograd.grad(loss, out_d, create_graph=True)[0]
             u = torch.zeros_like(out, requires_grad=True)
             jt_u = scalar_vjp([out], leaves, [u], retain=True, create_graph=True)
         live = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
-        return GGNGraph(leaves, loss.detach(), out, out_d, g_out, u, jt_u, live)
+        return GGNGraph(leaves, loss.detach(), out, out_d, g_out, u, jt_u, live, head)
 
     def _loss_value(self, batch: Any, index: int) -> torch.Tensor:
         inputs, targets = self._call_loss(self._batch_split.split, index, batch)
@@ -122,13 +135,14 @@ class GGNOperator(CurvatureOperator):
         self, state: GGNGraph, V: list[torch.Tensor], *, retain: bool
     ) -> torch.Tensor:
         c = V[0].shape[0]
-        if not state.live or not state.g_out.requires_grad:
+        linear = state.head is None and not state.g_out.requires_grad
+        if not state.live or linear:
             return self._zeros(c)
         vs = [V[i].to(self.param_dtype) for i in state.live]
         outs = [state.jt_u[i] for i in state.live]
         with torch.enable_grad():
             jv = graph_vjp(outs, [state.u], vs, retain=True)[0]
-            hjv = graph_vjp([state.g_out], [state.out_d], [jv], retain=True)[0]
+            hjv = state.criterion_product(jv)
             res = graph_vjp([state.out], state.leaves, [hjv], retain=retain)
         return self._cat(res, c)
 
@@ -153,12 +167,17 @@ class GGNOperator(CurvatureOperator):
             jv = torch.func.vmap(
                 lambda *t: torch.func.jvp(f, primals, t)[1], randomness="same"
             )(*tangents)
-        with torch.enable_grad():
-            out_d = out.requires_grad_(True)
-            g_out = torch.autograd.grad(self.loss_fn(out_d, targets), out_d, create_graph=True)[0]
-            if not g_out.requires_grad:  # loss linear in the outputs: H = 0
-                return self._zeros(c)
-            hjv = graph_vjp([g_out], [out_d], [jv], retain=False)[0]
+        head = CEHead.build(self._ce_spec, out, targets)
+        if head is not None:
+            hjv = head.product(jv)
+        else:
+            with torch.enable_grad():
+                out_d = out.requires_grad_(True)
+                loss = self.loss_fn(out_d, targets)
+                g_out = torch.autograd.grad(loss, out_d, create_graph=True)[0]
+                if not g_out.requires_grad:  # loss linear in the outputs: H = 0
+                    return self._zeros(c)
+                hjv = graph_vjp([g_out], [out_d], [jv], retain=False)[0]
         if c == 1:
             res = tuple(r.unsqueeze(0) for r in vjp_fn(hjv[0]))
         else:
@@ -186,6 +205,7 @@ def ggn(
     outputs: Callable[[nn.Module, Any], Any] | None = None,
     targets: Callable[[Any], Any] | None = None,
     causal_lm: bool = False,
+    fused_loss: bool = True,
 ) -> GGNOperator:
     """The generalized Gauss-Newton ``J^T H_loss J`` of the mean loss (PSD for convex losses).
 
@@ -214,6 +234,10 @@ def ggn(
     targets=lambda b: b["labels"])``; the outputs default to the ``.logits`` of
     ``model(**b)`` without the labels.
 
+    With torch's cross-entropy (``fused_loss=True``, the default; see
+    :func:`~hessfast.hessian`) the criterion's Hessian ``diag(p) - p p^T`` is applied to
+    ``J V`` by the fused product, and no double-backward graph of the loss is built or kept.
+
     Like :func:`~hessfast.hessian`, the operator is a SNAPSHOT of the curvature at the
     parameters it is built at: a product after they changed (an optimizer step,
     ``model.float()``) raises :class:`~hessfast.errors.ParametersChangedError`; build a new
@@ -227,6 +251,6 @@ def ggn(
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
         loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
         loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
-        outputs=outputs, targets=targets, causal_lm=causal_lm,
+        outputs=outputs, targets=targets, causal_lm=causal_lm, fused_loss=fused_loss,
     )
     return GGNOperator(model, loss_fn, data, options)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .autodiff import graph_vjp
+from .cehead import FusedCriterion
 from .model import LossModule
 from .operator import CurvatureOperator
 from .options import CurvatureOptions
@@ -45,14 +46,23 @@ class HessianOperator(CurvatureOperator):
 
     def _build_wrappers(self) -> None:
         self._wrapper = LossModule(self.model, self.loss_fn, self.loss_form, self._batch_split)
+        # The double-backward graph takes the fused cross-entropy where it applies
+        # (torch.func's forward-over-reverse keeps the plain loss).
+        self._graph_wrapper = self._wrapper
+        if self._ce_spec is not None:
+            fused = FusedCriterion(self.loss_fn, self._ce_spec)
+            self._graph_wrapper = LossModule(self.model, fused, self.loss_form, self._batch_split)
 
     def _loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
         return self._functional_call(self._wrapper, leaves, (batch,))
 
+    def _graph_loss(self, leaves: Sequence[torch.Tensor], batch: Any) -> torch.Tensor:
+        return self._functional_call(self._graph_wrapper, leaves, (batch,))
+
     def _graph(self, batch: Any, index: int) -> HessianGraph:
         leaves = self._leaves()
         with torch.enable_grad():
-            loss = self._call_loss(self._loss, index, leaves, batch)
+            loss = self._call_loss(self._graph_loss, index, leaves, batch)
             check_loss(loss, index)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -115,6 +125,7 @@ def hessian(
     outputs: Callable[[nn.Module, Any], Any] | None = None,
     targets: Callable[[Any], Any] | None = None,
     causal_lm: bool = False,
+    fused_loss: bool = True,
 ) -> HessianOperator:
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 
@@ -224,6 +235,13 @@ def hessian(
             first, flattened to ``[B(T-1), V]`` and ``[B(T-1)]``; ``loss_fn=None`` is then
             ``nn.CrossEntropyLoss()`` (the mean over the tokens whose label is not -100,
             as transformers' causal-LM loss). Then the batch weights count sequences.
+        fused_loss: when ``loss_fn`` is torch's cross-entropy (``nn.CrossEntropyLoss``
+            without class weights, ``F.cross_entropy`` or a ``functools.partial`` of it) and
+            the targets are class indices, its second derivative w.r.t. the logits,
+            ``p*u - p*(p.u)`` per row, is computed by a fused kernel (Triton on CUDA, plain
+            torch on the CPU) instead of autograd's double backward of the softmax; same
+            numbers to rounding, in float32 for bf16/fp16 logits. ``False``: autograd.
+            Recorded as ``H.loss_head`` with ``H.loss_head_reason``.
 
     Returns:
         :class:`HessianOperator` with ``shape == (n, n)``, n the number of selected
@@ -255,6 +273,6 @@ def hessian(
         check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
         loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
         loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
-        outputs=outputs, targets=targets, causal_lm=causal_lm,
+        outputs=outputs, targets=targets, causal_lm=causal_lm, fused_loss=fused_loss,
     )
     return HessianOperator(model, loss_fn, data, options)

@@ -27,6 +27,7 @@ from ..errors import (
     LossCallError,
 )
 from ..linop import LinearOperator
+from .cehead import CESpec, ce_spec, head_backend
 from .data import BatchSource
 from .dataparallel import data_parallel_init, refuse_fsdp
 from .guard import BufferCopies, ParamFingerprint, SlotGuard, tensor_slots
@@ -71,6 +72,8 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             the pre-flight's symmetry and repeatability tolerances follow it.
         num_samples, num_batches: the data (empty batches not counted; of all ranks).
         hvp_mode, hvp_mode_reason: the path of the last product, and why.
+        loss_head, loss_head_reason: how the criterion's curvature w.r.t. the outputs is
+            computed (``"autograd"`` or ``"fused cross-entropy (triton|torch)"``), and why.
         plans: the plan per block size used so far.
     """
 
@@ -151,6 +154,7 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             else "requested"
         )
         self._symmetry: SymmetryProbe | None = None
+        self._ce_spec = self._decide_loss_head(options.fused_loss)
         self._build_wrappers()
         if options.check and self._data.num_samples:  # a rank without batches: others check
             preflight(self, options.check_deterministic)
@@ -165,6 +169,28 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             self.loss_fn, loss_form, batch, self.model, self._data.rule,
             self._rng_devices(self.device), named_split=self._batch_split.named,
         )
+
+    def _decide_loss_head(self, fused: bool) -> CESpec | None:
+        """Whether the criterion's curvature w.r.t. the outputs comes from the fused
+        cross-entropy product (:mod:`.cehead`); sets ``loss_head`` and its reason."""
+        spec = ce_spec(self.loss_fn) if self.loss_form == "criterion" else None
+        if not fused:
+            self.loss_head, self.loss_head_reason = "autograd", "fused_loss=False"
+            return None
+        if spec is None:
+            self.loss_head = "autograd"
+            self.loss_head_reason = (
+                "loss_fn is not a cross-entropy hessfast fuses (nn.CrossEntropyLoss without "
+                "class weights, F.cross_entropy, or a partial of it, called as a criterion)"
+            )
+            return None
+        self.loss_head = f"fused cross-entropy ({head_backend(self.device)})"
+        self.loss_head_reason = (
+            "loss_fn is torch's cross-entropy: its curvature w.r.t. the logits is the fused "
+            "product p*u - p*(p.u) for class-index targets (probability targets fall back "
+            "to autograd); fused_loss=False turns it off"
+        )
+        return spec
 
     def _build_wrappers(self) -> None:
         raise NotImplementedError

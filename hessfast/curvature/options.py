@@ -38,6 +38,8 @@ class CurvatureOptions:
             whose data shards make up the data (:mod:`.dataparallel`).
         outputs, targets, causal_lm: how a criterion's outputs and targets come from a
             batch of any kind (:class:`~hessfast.curvature.model.BatchSplit`).
+        fused_loss: compute a torch cross-entropy's curvature w.r.t. the logits with the
+            fused product (:mod:`.cehead`) instead of autograd.
     """
 
     params: Sequence[str] | Sequence[torch.Tensor] | None = None
@@ -55,6 +57,7 @@ class CurvatureOptions:
     outputs: Callable[[Any, Any], Any] | None = None
     targets: Callable[[Any], Any] | None = None
     causal_lm: bool = False
+    fused_loss: bool = True
 
     def __post_init__(self) -> None:
         for name in ("outputs", "targets"):
@@ -63,8 +66,11 @@ class CurvatureOptions:
                 raise ArgumentTypeError(
                     f"{name} must be a callable or None, got {type(fn).__name__}"
                 )
-        if not isinstance(self.causal_lm, bool):
-            raise ConfigurationError(f"causal_lm must be True or False, got {self.causal_lm!r}")
+        for flag in ("causal_lm", "fused_loss"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigurationError(
+                    f"{flag} must be True or False, got {getattr(self, flag)!r}"
+                )
         if self.loss_form == "model" and (self.outputs or self.targets or self.causal_lm):
             raise ConfigurationError(
                 "loss_form='model' calls loss_fn(model, batch), which computes the outputs "

@@ -17,7 +17,8 @@ loss reduction's factor (``1 / num_valid`` for ``reduction="mean"``, 1 for ``"su
   ``exp(m_old - m_new)`` when the max grows; then ``p . u_j = d_j / s``. Pass 2 writes the
   product. No buffer besides the output is allocated; ``scale`` and ``mask`` are read from
   device tensors (no host synchronisation).
-- :func:`ce_hessian_product`: Triton on CUDA when it imports, else the reference.
+- :func:`ce_hessian_product`: Triton on CUDA when it imports, else the reference
+  (:func:`ce_backend`; ``HESSFAST_CE_BACKEND`` forces one).
 
 Precision: softmax and the dots are computed in float32 for float32/bfloat16/float16 inputs
 and in float64 for float64 inputs (the kernel's accumulation dtype follows the input, so a
@@ -26,11 +27,15 @@ float64 call stays float64 end to end); the output has the dtype of ``U``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hessfast.errors import BackendUnavailableError, ConfigurationError
 
 __all__ = [
+    "CE_BACKENDS",
+    "ce_backend",
     "ce_hessian_product",
     "ce_hessian_product_reference",
     "ce_hessian_product_triton",
@@ -226,6 +231,38 @@ def ce_hessian_product_triton(
     return out
 
 
+CE_BACKENDS = ("auto", "triton", "torch")
+
+
+def ce_backend(device: torch.device) -> tuple[str, str]:
+    """``("triton" | "torch", why)``: what :func:`ce_hessian_product` runs for tensors on
+    ``device``. ``HESSFAST_CE_BACKEND=auto|triton|torch`` (default auto: Triton on CUDA when it
+    imports, torch otherwise); ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (tests)."""
+    forced = os.environ.get("HESSFAST_CE_BACKEND", "auto").strip().lower() or "auto"
+    if forced not in CE_BACKENDS:
+        raise ConfigurationError(
+            f"HESSFAST_CE_BACKEND must be one of {CE_BACKENDS}, got {forced!r}")
+    if forced == "torch":
+        return "torch", "HESSFAST_CE_BACKEND=torch"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if forced == "triton":
+        if not triton_available():
+            raise BackendUnavailableError(
+                "HESSFAST_CE_BACKEND=triton but Triton does not import: pip install triton, "
+                "or unset HESSFAST_CE_BACKEND")
+        if device.type != "cuda" and not interpreted:
+            raise BackendUnavailableError(
+                f"HESSFAST_CE_BACKEND=triton but the tensors are on {device.type}: the Triton "
+                "kernel runs on CUDA (or anywhere under TRITON_INTERPRET=1); unset "
+                "HESSFAST_CE_BACKEND")
+        return "triton", "HESSFAST_CE_BACKEND=triton"
+    if device.type == "cuda":
+        if triton_available():
+            return "triton", "CUDA tensors and Triton imports"
+        return "torch", "Triton does not import (pip install triton)"
+    return "torch", f"the Triton kernel runs on CUDA only; {device.type} uses plain torch"
+
+
 def ce_hessian_product(
     logits: torch.Tensor,
     U: torch.Tensor,
@@ -233,8 +270,8 @@ def ce_hessian_product(
     mask: torch.Tensor | None = None,
     scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """``scale * (p * u - p * (p . u))`` per row: the Triton kernel for CUDA inputs when Triton
-    imports, else :func:`ce_hessian_product_reference`.
+    """``scale * (p * u - p * (p . u))`` per row: the Triton kernel or
+    :func:`ce_hessian_product_reference`, as :func:`ce_backend` decides.
 
     Args:
         logits: ``[N, V]``. U: ``[k, N, V]``. mask: ``[N]`` bool or None. scale: float or 0-d
@@ -243,7 +280,7 @@ def ce_hessian_product(
     Returns:
         ``[k, N, V]`` in ``U``'s dtype.
     """
-    if logits.is_cuda and U.is_cuda and triton_available():
+    if ce_backend(logits.device)[0] == "triton":
         return ce_hessian_product_triton(logits, U, mask=mask, scale=scale)
     return ce_hessian_product_reference(logits, U, mask=mask, scale=scale)
 
@@ -251,18 +288,15 @@ def ce_hessian_product(
 def backend_report() -> dict[str, dict[str, str]]:
     """Which implementation :func:`ce_hessian_product` uses on each device, and why (what
     ``hessfast info`` prints): ``{"cpu": {"selected": ..., "why": ...}, "cuda": {...}}``.
-
-    Note: nothing in hessfast calls the product yet (issue 10: the GGN/Hessian wiring).
-    """
-    triton_ok = triton_available()
-    cuda_ok = torch.cuda.is_available()
-    if triton_ok and cuda_ok:
-        cuda = {"selected": "triton", "why": "CUDA inputs and Triton imports"}
-    elif not cuda_ok:
-        cuda = {"selected": "none", "why": "no CUDA device visible"}
-    else:
-        cuda = {"selected": "reference", "why": "Triton does not import (pip install triton)"}
-    return {
-        "cpu": {"selected": "reference", "why": "the Triton kernel runs on CUDA only"},
-        "cuda": cuda,
-    }
+    The GGN and the Hessian use it for a torch cross-entropy criterion (``fused_loss``)."""
+    out: dict[str, dict[str, str]] = {}
+    for dev in ("cpu", "cuda"):
+        if dev == "cuda" and not torch.cuda.is_available():
+            out[dev] = {"selected": "none", "why": "no CUDA device visible"}
+            continue
+        try:
+            selected, why = ce_backend(torch.device(dev))
+        except (BackendUnavailableError, ConfigurationError) as exc:
+            selected, why = "error", str(exc)
+        out[dev] = {"selected": selected, "why": why}
+    return out
