@@ -2,11 +2,12 @@
 # Everything that needs a GPU, in one call (the device machine's time is scarce):
 # build hessfast._C for this card, CUDA op tests + op benchmark (gpu_check.sh), the
 # pipeline on CUDA against the CPU float64 reference, the Triton kernel tests on CUDA, the CE
-# curvature kernel benchmark, the Triton basis ops and linear-head CE benchmarks when present,
+# curvature kernel benchmark, the Triton basis ops (with the issue-10 target shape), the fused loss head and
+# linear-head CE benchmarks,
 # HVP and SLQ benchmarks on the GPU. Results land in $OUT (JSON lines and logs).
 # Usage: bash bench/gpu_run.sh
 #
-# Every step has a timeout; they sum to 465 s so the whole run stays under 8 minutes on an
+# Every step has a timeout; they sum to 470 s so the whole run stays under 8 minutes on an
 # H200. A step that times out is reported (rc 124) and the next one runs. The machine has no
 # network: when Triton does not import there, the Triton steps are skipped and say so.
 set -uo pipefail
@@ -58,8 +59,9 @@ if [ "$HAVE_TRITON" = 1 ]; then
   rm -f "$OUT/bench_ce.jsonl"
   step 45 bench_ce.txt $PY bench/bench_ce.py --device cuda --repeats 3 --out "$OUT/bench_ce.jsonl"
   if $PY bench/bench_ops.py --help 2>/dev/null | grep -q triton; then
-    stamp "basis ops benchmark, Triton backend"                                            # 25 s
-    step 25 bench_ops_triton.txt $PY bench/bench_ops.py --device cuda --quick --backend triton
+    stamp "basis ops benchmark, Triton backend"                                            # 30 s
+    step 30 bench_ops_triton.txt \
+      $PY bench/bench_ops.py --device cuda --quick --backend triton --modes fma,dot --target
   else
     echo "bench/bench_ops.py has no Triton backend: skipped"
   fi
@@ -69,20 +71,24 @@ else
 fi
 
 if [ -f bench/bench_linear_ce.py ]; then
-  stamp "linear-head CE GGN benchmark"                                                     # 30 s
+  stamp "linear-head CE GGN benchmark"                                                     # 25 s
   rm -f "$OUT/bench_linear_ce.jsonl"
-  step 30 bench_linear_ce.txt \
+  step 25 bench_linear_ce.txt \
     $PY bench/bench_linear_ce.py --device cuda --out "$OUT/bench_linear_ce.jsonl"
 else
   echo "bench/bench_linear_ce.py absent: skipped"
 fi
 
-stamp "HVP benchmark on the GPU"                                                            # 70 s
-timeout -k 5 70 $PY bench/bench_hvp.py --device cuda --quick --out "$OUT/bench_hvp_cuda.jsonl" \
+stamp "fused cross-entropy loss head vs autograd in ggn/hessian products"              # 30 s
+step 30 bench_fused_loss.txt \
+  $PY bench/bench_fused_loss.py --device cuda --repeats 3 --out "$OUT/bench_fused_loss.jsonl"
+
+stamp "HVP benchmark on the GPU"                                                            # 55 s
+timeout -k 5 55 $PY bench/bench_hvp.py --device cuda --quick --out "$OUT/bench_hvp_cuda.jsonl" \
   > /dev/null 2> "$OUT/bench_hvp_cuda.txt" || echo "!! bench_hvp: exit $?"
 cat "$OUT/bench_hvp_cuda.txt"
-stamp "SLQ block vs one probe at a time on the GPU"                                         # 45 s
-timeout -k 5 45 $PY bench/bench_spectrum.py --only slq --device cuda \
+stamp "SLQ block vs one probe at a time on the GPU"                                         # 30 s
+timeout -k 5 30 $PY bench/bench_spectrum.py --only slq --device cuda \
   > "$OUT/bench_slq_cuda.jsonl" 2> "$OUT/bench_slq_cuda.txt" || echo "!! bench_slq: exit $?"
 cat "$OUT/bench_slq_cuda.txt"
 stamp "done"
