@@ -4,9 +4,11 @@ breakdown, determinism and errors (docs/architecture.md, "How results are proven
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -436,9 +438,40 @@ def test_plot_smoke_and_missing_matplotlib(monkeypatch: pytest.MonkeyPatch) -> N
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ax = r.plot(log=True)
-        assert ax.get_yscale() == "log" and len(ax.lines) == 1
+        ax = r.plot()  # log scale by default: the outliers stay visible
+        assert ax.get_yscale() == "log" and len(ax.lines) == 4  # curve, rug, max/min markers
+        curve = ax.lines[0].get_ydata()
+        peak = float(np.nanmax(curve))
+        lo, hi = ax.get_ylim()
+        assert lo == pytest.approx(1e-6 * peak)  # floor relative to the peak, not 1e-14
+        assert np.nanmin(curve) >= lo
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any(f"σ = {r.default_sigma:.3g}" in t for t in texts)
+        rug = ax.lines[1].get_xdata()
+        assert max(rug) == pytest.approx(float(r.nodes.max()))
+        assert min(rug) == pytest.approx(float(r.nodes[r.weights > 0].min()))
+        assert "eigenvalue" in ax.get_xlabel() and "density" in ax.get_ylabel()
+        plt.close(ax.figure)
+        ax = r.plot(log=False, ritz=False)
+        assert ax.get_yscale() == "linear" and len(ax.lines) == 1
         plt.close(ax.figure)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         r.plot()
+
+
+@pytest.mark.parametrize("method", ["slq", "kpm"])
+def test_to_dict_json_round_trip(method: str) -> None:
+    M, _ = spectra.clustered(50)
+    r = spectral_density(op(M), num_probes=3, num_steps=7, method=method, seed=4)
+    text = json.dumps(r.to_dict())  # JSON-safe: no tensors, no tuples of tensors
+    back = SpectralDensity.from_dict(json.loads(text))
+    assert back.to_dict() == r.to_dict()
+    for name in ("nodes", "weights", "trace_weights", "steps"):
+        assert torch.equal(getattr(back, name), getattr(r, name))
+    grid = torch.linspace(-1, 2, 17, dtype=torch.float64)
+    assert torch.equal(back.density(grid), r.density(grid))
+    assert back.trace(lambda x: x) == r.trace(lambda x: x)
+    assert SpectralDensity.from_dict(json.loads(r.to_json())).to_dict() == r.to_dict()
+    with pytest.raises(ConfigurationError, match="missing fields"):
+        SpectralDensity.from_dict({"nodes": [[0.0]]})

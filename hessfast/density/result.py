@@ -3,6 +3,7 @@ it answers (densities, traces of functions, moments, plots)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from .._checks import check_int, check_positive
+from ..errors import ArgumentTypeError, ConfigurationError
 from ..results import Status
 from .kpm import cheb_series, jackson
 
@@ -201,50 +203,135 @@ class SpectralDensity:
         out = self.trace(lambda x: x**p, per_probe=per_probe)
         return out / self.n
 
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe fields (lists, floats, ints, strs, None): ``from_dict`` rebuilds an equal
+        result (float64 values round-trip exactly through :mod:`json`)."""
+        d: dict[str, Any] = {}
+        for name in _FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, torch.Tensor):
+                v = v.detach().cpu().tolist()
+            elif isinstance(v, tuple):
+                v = [float(b) for b in v]
+            elif isinstance(v, Status):
+                v = v.value
+            d[name] = v
+        return d
+
+    def to_json(self, **kwargs: Any) -> str:
+        """``json.dumps(self.to_dict(), **kwargs)``."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpectralDensity:
+        """Inverse of :meth:`to_dict` (also accepts the output of ``json.loads``)."""
+        if not isinstance(d, dict):
+            raise ArgumentTypeError(
+                f"SpectralDensity.from_dict: expected a dict from to_dict(), got {type(d).__name__}"
+            )
+        missing = [f for f in _FIELDS if f not in d and f != "chebyshev_moments"]
+        if missing:
+            raise ConfigurationError(
+                f"SpectralDensity.from_dict: missing fields {missing}; pass the dict that "
+                "SpectralDensity.to_dict() produced"
+            )
+        f64 = torch.float64
+        cheb = d.get("chebyshev_moments")
+        return cls(
+            nodes=torch.tensor(d["nodes"], dtype=f64),
+            weights=torch.tensor(d["weights"], dtype=f64),
+            trace_weights=torch.tensor(d["trace_weights"], dtype=f64),
+            method=str(d["method"]), n=int(d["n"]), num_steps=int(d["num_steps"]),
+            steps=torch.tensor(d["steps"], dtype=torch.int64), probe=str(d["probe"]),
+            seed=int(d["seed"]), bounds=(float(d["bounds"][0]), float(d["bounds"][1])),
+            default_sigma=float(d["default_sigma"]), num_matvecs=int(d["num_matvecs"]),
+            num_passes=int(d["num_passes"]), status=Status(d["status"]),
+            converged=bool(d["converged"]), seconds=float(d["seconds"]),
+            chebyshev_moments=None if cheb is None else torch.tensor(cheb, dtype=f64),
+        )
+
     # -- plotting -----------------------------------------------------------------------------
     def plot(
         self,
         ax: Any = None,
         grid: Any = None,
-        log: bool = False,
+        log: bool = True,
         sigma: float | None = None,
+        *,
+        floor: float = 1e-6,
+        ritz: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Plot the density on ``ax`` (a new figure when None) and return the axes.
 
-        ``grid`` defaults to 1000 points over ``bounds`` widened by 3 sigma; ``log=True`` uses
-        a logarithmic y axis (the spike at 0 of a network Hessian next to its outliers).
-        Needs matplotlib (imported here only).
+        ``grid`` defaults to 1000 points over ``bounds`` widened by 3 sigma. ``log=True`` (the
+        default) uses a logarithmic y axis down to ``floor`` times the peak, so the outliers
+        (a few eigenvalues of weight ~1/n far from the bulk, which a linear axis flattens to
+        zero) stay visible next to the spike at 0. The Gaussian smoothing width is in the
+        legend. ``ritz=True`` also marks every quadrature node (Ritz value) with positive
+        weight as a tick at the bottom, and the largest and smallest with triangles: the
+        extreme eigenvalue estimates that the smoothed curve can hide. Needs matplotlib
+        (imported here only); extra ``kwargs`` go to ``ax.plot`` of the curve.
         """
         try:
             import matplotlib.pyplot as plt
+            from matplotlib.transforms import blended_transform_factory
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "SpectralDensity.plot needs matplotlib, which is not installed: "
                 "pip install matplotlib (the rest of hessfast works without it)"
             ) from exc
+        floor = check_positive("floor", floor, who="SpectralDensity.plot")
+        smoothed = self.method == "slq" or sigma is not None
+        s = self._sigma(sigma) if smoothed else None
         if grid is None:
             lo, hi = self.bounds
-            pad = 3 * self._sigma(sigma) if (self.method == "slq" or sigma is not None) else 0.0
-            width = hi - lo
-            if width <= 0 and pad <= 0:
+            pad = 3 * s if s is not None else 0.0
+            if hi - lo <= 0 and pad <= 0:
                 pad = max(abs(lo), 1.0) * 1e-3
             grid = torch.linspace(lo - pad, hi + pad, 1000, dtype=torch.float64)
         x = _as_grid(grid)
         rho = self.density(x, sigma)
         if ax is None:
-            _, ax = plt.subplots()
-        xs, ys = x.numpy(), rho.numpy()
+            _, ax = plt.subplots(figsize=(7, 4))
+        label = kwargs.pop("label", None)
+        if label is None:
+            label = (f"smoothed density (Gaussian width σ = {s:.3g})" if s is not None
+                     else "density (Jackson-damped Chebyshev series)")
+        ys = rho
         if log:
-            floor = max(float(rho.max()) * 1e-14, 1e-300)
-            ys = rho.clamp_min(floor).numpy()
+            peak = float(rho.max()) if rho.numel() else 1.0
+            lowest = max(peak * floor, 1e-300)
+            # below the floor: not drawn (a flat line there would look like a measurement)
+            ys = torch.where(rho >= lowest, rho, torch.full_like(rho, math.nan))
             ax.set_yscale("log")
-        ax.plot(xs, ys, **kwargs)
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        ax.set_title(f"{self.method.upper()} spectral density (n={self.n}, P={self.num_probes})")
+            ax.set_ylim(lowest, max(peak, lowest) * 3)
+        ax.plot(x.numpy(), ys.numpy(), label=label, **kwargs)
+        if ritz:
+            keep = self.weights > 0
+            nodes = self.nodes[keep].numpy()
+            tr = blended_transform_factory(ax.transData, ax.transAxes)
+            ax.plot(nodes, [0.015] * len(nodes), "|", color="0.35", ms=8, alpha=0.5,
+                    transform=tr, label="quadrature nodes (Ritz values)")
+            if len(nodes):
+                top, bottom = float(nodes.max()), float(nodes.min())
+                ax.plot([top], [0.06], "v", color="C3", ms=8, transform=tr,
+                        label=f"largest Ritz value {top:.4g}")
+                ax.plot([bottom], [0.06], "^", color="C0", ms=8, transform=tr,
+                        label=f"smallest Ritz value {bottom:.4g}")
+        ax.set_xlabel("eigenvalue λ")
+        ax.set_ylabel("spectral density (per unit λ)")
+        how = "stochastic Lanczos quadrature" if self.method == "slq" else "kernel polynomial"
+        ax.set_title(f"Estimated eigenvalue distribution of a {self.n:,}-dimensional operator\n"
+                     f"({how}, {self.num_probes} random probes)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper right")
         return ax
 
+
+_FIELDS = ("nodes", "weights", "trace_weights", "method", "n", "num_steps", "steps", "probe",
+           "seed", "bounds", "default_sigma", "num_matvecs", "num_passes", "status",
+           "converged", "seconds", "chebyshev_moments")
 
 
 def _as_grid(grid: Any) -> torch.Tensor:
