@@ -11,13 +11,21 @@ eigensolvers can depend on it alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
 
 from .errors import ArgumentTypeError, AsymmetricOperatorError, ConfigurationError
 
-__all__ = ["LinearOperator"]
+__all__ = ["PRODUCT_LISTENERS", "LinearOperator"]
+
+#: Callbacks ``fn(k)`` told of every ``matmat`` of k vectors made in this context, by any
+#: operator (:func:`hessfast.progress.track` installs one for a progress bar). Empty by
+#: default: one context-variable lookup per ``matmat``, no synchronisation (k is a shape).
+PRODUCT_LISTENERS: ContextVar[tuple[Callable[[int], None], ...]] = ContextVar(
+    "hessfast_product_listeners", default=()
+)
 
 
 class LinearOperator:
@@ -91,6 +99,8 @@ class LinearOperator:
             )
         self.num_matvecs += k
         self.num_passes += 1
+        for listener in PRODUCT_LISTENERS.get():
+            listener(k)
         return out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
