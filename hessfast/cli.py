@@ -1,17 +1,63 @@
-"""Command line: ``hessfast info`` and ``hessfast demo`` (also ``python -m hessfast ...``)."""
+"""Command line: ``hessfast analyze``, ``hessfast demo``, ``hessfast info`` and
+``hessfast --version`` (also ``python -m hessfast ...``).
+
+Exit status: 0 success; 1 a hessfast error (its message, e.g. a pre-flight check that
+failed); 2 a usage error or a bad argument value (argparse-style message naming the
+argument, no traceback); 3 the user's code failed (importing --model/--data/--loss, a factory,
+the data or the loss raised: one line with the exception's type and text; --debug prints the
+traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
-import time
+import traceback
+from pathlib import Path
 from typing import Any
 
-from .errors import ConfigurationError
+from ._cli_demo import demo
+from ._cli_load import UsageError, UserCodeError, describe
+from .errors import HessfastError
 
-__all__ = ["demo", "info", "main"]
+__all__ = ["EXIT_HESSFAST", "EXIT_OK", "EXIT_USAGE", "EXIT_USER_CODE", "demo", "info", "main"]
+
+EXIT_OK, EXIT_HESSFAST, EXIT_USAGE, EXIT_USER_CODE = 0, 1, 2, 3
+
+_EPILOG = """exit status: 0 success; 1 a hessfast error (its message says the cause and the fix);
+2 a bad argument (the message names it); 3 your code failed (importing --model/--data/--loss,
+a factory, the data or the loss raised; --debug shows the traceback)."""
+
+_NO_CUDA = "no CUDA device visible to torch"
+
+
+# ---------------------------------------------------------------------------------------------
+# info and --version
+# ---------------------------------------------------------------------------------------------
+
+
+def _ops_report() -> dict[str, Any]:
+    """``ops.backend_report()``, with each op's cuda entry said plainly when no CUDA device is
+    visible: nothing runs there (``selected: "none"``) and why."""
+    import torch
+
+    from . import ops
+
+    report = ops.backend_report()
+    if torch.cuda.is_available():
+        return report
+    for op, per_dev in report.items():
+        if op.startswith("_") or not isinstance(per_dev, dict) or "cuda" not in per_dev:
+            continue
+        per_dev["cuda"] = {
+            "selected": "none",
+            "why": f"{_NO_CUDA}: no op runs on cuda here",
+            "not_supported_reasons": per_dev["cuda"].get("not_supported_reasons", {}),
+        }
+    return report
 
 
 def info() -> dict[str, Any]:
@@ -50,9 +96,7 @@ def info() -> dict[str, Any]:
         out["triton"] = None
         out["triton_error"] = f"{type(exc).__name__}: {exc}"
     try:
-        from . import ops
-
-        out["ops"] = ops.backend_report()
+        out["ops"] = _ops_report()
     except Exception as exc:  # noqa: BLE001
         out["ops"] = {"error": f"{type(exc).__name__}: {exc}"}
     try:
@@ -64,179 +108,238 @@ def info() -> dict[str, Any]:
     return out
 
 
+def _device_line(entry: dict[str, Any]) -> str:
+    selected = entry.get("selected")
+    why = entry.get("why")
+    if why:
+        return f"{selected} ({why})"
+    reasons = entry.get("not_supported_reasons") or {}
+    others = [f"{b}: {'; '.join(r)}" for b, r in reasons.items() if r and b != selected]
+    return f"{selected}" + (f" (not: {' | '.join(others)})" if others else "")
+
+
 def _print_info(data: dict[str, Any]) -> None:
     width = max(len(k) for k in data)
     for key, value in data.items():
-        if key == "ops" and isinstance(value, dict):
-            print("ops:")
+        if key in ("ops", "ce_curvature") and isinstance(value, dict) and "error" not in value:
+            print(f"{key}:")
             for op, detail in value.items():
-                print(f"  {op}: {json.dumps(detail, default=str)}")
+                if isinstance(detail, dict) and ("cpu" in detail or "cuda" in detail):
+                    for dev in ("cpu", "cuda"):
+                        if isinstance(detail.get(dev), dict):
+                            print(f"  {op:<16} {dev:<5} {_device_line(detail[dev])}")
+                elif isinstance(detail, dict) and "selected" in detail:  # ce_curvature's
+                    print(f"  {op:<16} {_device_line(detail)}")
+                else:
+                    print(f"  {op}: {json.dumps(detail, default=str)}")
         elif isinstance(value, dict):
             print(f"{key:<{width}}  {json.dumps(value, default=str)}")
         else:
             print(f"{key:<{width}}  {value}")
 
 
-def _demo_data(seed: int, device: str) -> tuple[Any, Any]:
-    """A synthetic 10-class problem shaped like scikit-learn's digits (1797 x 64), made with
-    torch alone so that the demo needs nothing beyond hessfast's own dependencies.
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    Each class is a Gaussian blob around a random centre in an 8-dimensional latent space,
-    mapped to 64 features by a fixed random tanh layer plus noise; the blobs overlap, so a
-    small MLP reaches ~93% accuracy, not 100%, and its Hessian is not degenerate.
-    """
-    import torch
+    from . import __version__
 
-    n, features, classes, latent = 1797, 64, 10, 8
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=gen)
-    centres = torch.randn(classes, latent, generator=gen)
-    z = centres[y] + torch.randn(n, latent, generator=gen)
-    mix = torch.randn(latent, features, generator=gen) / latent**0.5
-    X = torch.tanh(z @ mix) + 0.1 * torch.randn(n, features, generator=gen)
-    return X.to(device), y.to(device)
-
-
-def _check_demo_args(seed: int, steps: int, tol: float, device: str) -> None:
-    """The demo's arguments, each refused with a ConfigurationError naming it."""
-    import torch
-
-
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ConfigurationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ConfigurationError(
-            f"steps (training steps) must be a non-negative integer, got {steps!r}"
-        )
-    if not (isinstance(tol, (int, float)) and 0.0 < tol < 1.0):
-        raise ConfigurationError(f"tol must be a number in (0, 1), got {tol!r}")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigurationError(
-            f"device {device!r} is not a torch device name (cpu, cuda, cuda:1): {exc}"
-        ) from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if dev.index is not None and dev.index >= count or count == 0:
-            raise ConfigurationError(
-                f"device {device!r} is not available here ({count} CUDA device(s) visible, "
-                f"torch {torch.__version__}); run the demo with --device cpu"
-            )
-    elif dev.type != "cpu":
-        raise ConfigurationError(f"the demo runs on cpu or cuda, got device {device!r}")
+        torch_version = version("torch")
+    except PackageNotFoundError:  # pragma: no cover - torch is a dependency
+        torch_version = "not installed"
+    return f"hessfast {__version__} (torch {torch_version}, python {platform.python_version()})"
 
 
-def demo(
-    *, seed: int = 0, steps: int = 300, tol: float = 1e-4, device: str = "cpu"
-) -> dict[str, Any]:
-    """Train a small tanh MLP on a synthetic 10-class data set and measure its lambda_max.
+# ---------------------------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------------------------
 
-    Returns a dict with the figures (also printed by the CLI): lambda_max, its residual,
-    products, data passes and seconds, and 2 / lambda_max.
-    """
-    import torch
-    from torch import nn
 
-    from . import hessian
-    from .power import power_iteration
-    from .spectrum import eigsh
+def _add_common(p: argparse.ArgumentParser, *, out_default: str) -> None:
+    p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance (0 < tol < 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--k", type=int, default=5, help="number of top eigenvalues (default 5)")
+    p.add_argument("--probes", type=int, default=None,
+                   help="random probes for trace and density")
+    p.add_argument("--out", default=out_default,
+                   help=f"folder for report.json and spectrum.png (default {out_default})")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON instead of the summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="print tracebacks of failures")
 
-    _check_demo_args(seed, steps, tol, device)
-    X, y = _demo_data(seed, device)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = nn.Sequential(
-            nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10)
-        ).to(device)
-    loss_fn = nn.CrossEntropyLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        idx = torch.randint(0, X.shape[0], (256,), generator=gen).to(device)
-        opt.zero_grad()
-        loss_fn(model(X[idx]), y[idx]).backward()
-        opt.step()
-    train_s = time.perf_counter() - t0
-    with torch.no_grad():
-        acc = (model(X).argmax(1) == y).float().mean().item()
-        loss = loss_fn(model(X), y).item()
-    batches = [(X[i : i + 512], y[i : i + 512]) for i in range(0, X.shape[0], 512)]
-    t0 = time.perf_counter()
-    H = hessian(model, loss_fn, batches)
-    build_s = time.perf_counter() - t0
-    r = power_iteration(H, which="LA", tol=tol, seed=seed)
-    power_passes = H.num_passes
-    lz = eigsh(H, k=1, which="LA", tol=tol, seed=seed, block_size=1)
-    return {
-        "model": "MLP 64-32-32-10 (tanh), synthetic 10-class data (1797 x 64)",
-        "num_params": H.shape[0],
-        "num_samples": H.num_samples,
-        "num_batches": H.num_batches,
-        "train_seconds": round(train_s, 3),
-        "train_loss": round(loss, 4),
-        "train_accuracy": round(acc, 4),
-        "method": "power iteration (which='LA')",
-        "lambda_max": r.eigenvalue,
-        "residual": r.residual,
-        "relative_residual": r.residual / abs(r.eigenvalue) if r.eigenvalue else float("inf"),
-        "converged": r.converged,
-        "num_matvecs": r.num_matvecs,
-        "data_passes": power_passes,
-        "hvp_mode": H.hvp_mode,
-        "operator_build_seconds": round(build_s, 3),
-        "lambda_max_seconds": round(r.seconds, 3),
-        "stable_lr_bound": 2.0 / r.eigenvalue if r.eigenvalue > 0 else float("inf"),
-        "lanczos_lambda_max": float(lz.eigenvalues[0]),
-        "lanczos_num_matvecs": lz.num_matvecs,
-        "lanczos_seconds": round(lz.seconds, 3),
-        "lanczos_converged": bool(lz.converged.all()),
-        "device": device,
-    }
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="hessfast", description=__doc__.split("\n\n")[0],
+                                     epilog=_EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="store_true", help="print the versions and exit")
+    sub = parser.add_subparsers(dest="command")
+    p_an = sub.add_parser(
+        "analyze", epilog=_EPILOG, formatter_class=fmt,
+        help="curvature report of your model, data and loss",
+        description="The curvature report of a model on its data: lambda_max, top-k "
+                    "eigenvalues, trace, spectral density, condition and per-layer results, "
+                    "written to OUT/report.json and OUT/spectrum.png.")
+    p_an.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                      help="a callable returning an nn.Module (or an nn.Module); MODULE is a "
+                           "dotted module importable from the current folder or a .py path")
+    p_an.add_argument("--data", required=True, metavar="MODULE:FACTORY",
+                      help="returns the batches: a list of (inputs, targets), a DataLoader "
+                           "(not shuffled), or a tuple (X, y) read as one batch")
+    p_an.add_argument("--loss", default="ce", metavar="ce|mse|MODULE:FN",
+                      help="cross-entropy (default), mean squared error, or your loss: "
+                           "fn(outputs, targets) or fn(model, batch)")
+    p_an.add_argument("--checkpoint", metavar="PATH",
+                      help="weights to load (a state_dict, or a dict with 'state_dict' or "
+                           "'model'; read with torch.load(weights_only=True))")
+    p_an.add_argument("--params", metavar="REGEX",
+                      help="only the parameters whose names match (re.search)")
+    p_an.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
+    p_an.add_argument("--steps", type=int, default=64,
+                      help="Lanczos steps per probe of the spectral density (default 64)")
+    p_an.add_argument("--no-per-layer", action="store_true",
+                      help="skip the per-layer results")
+    _add_common(p_an, out_default="hessfast-report")
+    p_demo = sub.add_parser(
+        "demo", epilog=_EPILOG, formatter_class=fmt,
+        help="train a small CNN on scikit-learn's digits and analyze it",
+        description="Trains a small CNN on scikit-learn's digits (a few seconds) and writes "
+                    "its curvature report, as `hessfast analyze` would.")
+    p_demo.add_argument("--steps", type=int, default=300,
+                        help="training steps (Adam, batches of 64; default 300)")
+    _add_common(p_demo, out_default="hessfast-demo")
+    p_info = sub.add_parser("info", help="versions, native kernels, backends")
+    p_info.add_argument("--json", action="store_true", help="print JSON")
+    return parser, {"analyze": p_an, "demo": p_demo, "info": p_info}
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """False (no bars) with --quiet or when stderr is not a terminal; None: hessfast decides."""
+    if args.quiet:
+        os.environ["HESSFAST_PROGRESS"] = "0"
+        return False
+    return None if sys.stderr.isatty() else False
+
+
+def _write(report: Any, out: str) -> tuple[Path, Path]:
+    folder = Path(out).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("--out", f"cannot create folder {out!r}: {exc}") from None
+    json_path, png_path = folder / "report.json", folder / "spectrum.png"
+    report.to_json(json_path)
+    report.plot(png_path)
+    return json_path, png_path
+
+
+def _finish(report: Any, args: argparse.Namespace, header: list[str]) -> int:
+    json_path, png_path = _write(report, args.out)
+    if args.json:
+        print(report.to_json())
+    else:
+        for line in header:
+            print(line)
+        print(report.summary())
+        print(f"wrote {json_path} and {png_path}")
+    return EXIT_OK
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from ._cli_load import (
+        check_device,
+        check_numbers,
+        load_checkpoint,
+        load_data,
+        load_loss,
+        load_model,
+        select_params,
+    )
+    from .analysis.analyze import analyze
+
+    check_numbers(seed=args.seed, tol=args.tol, k=args.k, probes=args.probes,
+                  slq_steps=args.steps)
+    device = check_device(args.device)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    loss_fn = load_loss(args.loss)
+    model = load_model(args.model, device)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint, device)
+    data = load_data(args.data)
+    kwargs: dict[str, Any] = {}
+    if args.params:
+        kwargs["params"] = select_params(model, args.params)
+    if args.probes is not None:
+        kwargs["probes"] = args.probes
+    try:
+        report = analyze(model, loss_fn, data, curvature=args.curvature, k=args.k,
+                         steps=args.steps, per_layer=not args.no_per_layer, tol=args.tol,
+                         seed=args.seed, progress=_progress(args), **kwargs)
+    except HessfastError:
+        raise
+    except Exception as exc:
+        raise UserCodeError(
+            f"the model, loss or data raised during the analysis: {describe(exc)}"
+        ) from exc
+    return _finish(report, args, [])
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._cli_demo import demo_with_training
+    from ._cli_load import check_device, check_numbers
+
+    check_numbers(seed=args.seed, steps=args.steps, tol=args.tol, k=args.k, probes=args.probes)
+    check_device(args.device)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    kwargs = {"probes": args.probes} if args.probes is not None else {}
+    report, fig = demo_with_training(seed=args.seed, steps=args.steps, tol=args.tol,
+                                     device=args.device, k=args.k, progress=_progress(args),
+                                     **kwargs)
+    header = [f"{fig['model']}: {fig['num_params']} parameters",
+              f"trained {fig['train_steps']} Adam steps in {fig['train_seconds']} s: loss "
+              f"{fig['train_loss']}, accuracy {fig['train_accuracy']}"]
+    return _finish(report, args, header)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hessfast`` command."""
-    parser = argparse.ArgumentParser(prog="hessfast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="versions, native kernels, backends")
-    p_info.add_argument("--json", action="store_true", help="print JSON")
-    p_demo = sub.add_parser("demo", help="lambda_max of an MLP trained on synthetic data")
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--steps", type=int, default=300, help="training steps")
-    p_demo.add_argument("--tol", type=float, default=1e-4, help="relative residual tolerance")
-    p_demo.add_argument("--device", default="cpu")
-    p_demo.add_argument("--json", action="store_true", help="print JSON")
+    """Entry point of the ``hessfast`` command; returns the exit status (a usage error exits
+    through argparse with status 2)."""
+    parser, subs = _parser()
     args = parser.parse_args(argv)
-
+    if args.version:
+        print(_version())
+        return EXIT_OK
+    if args.command is None:
+        parser.error("a command is required: analyze, demo or info (or --version)")
     if args.command == "info":
         data = info()
         print(json.dumps(data, indent=2, default=str)) if args.json else _print_info(data)
-        return 0
-    if args.command == "demo":
-        try:
-            res = demo(seed=args.seed, steps=args.steps, tol=args.tol, device=args.device)
-        except ConfigurationError as exc:
-            p_demo.error(str(exc))  # usage + message, exit status 2, no traceback
-        if args.json:
-            print(json.dumps(res, indent=2))
-        else:
-            print(f"{res['model']}: {res['num_params']} parameters, {res['num_samples']} "
-                  f"samples in {res['num_batches']} batches")
-            print(f"trained {args.steps} steps in {res['train_seconds']} s: loss "
-                  f"{res['train_loss']}, accuracy {res['train_accuracy']}")
-            print(f"lambda_max = {res['lambda_max']:.6g}  (relative residual "
-                  f"{res['relative_residual']:.2g}, converged={res['converged']})")
-            print(f"  {res['num_matvecs']} Hessian-vector products, {res['data_passes']} data "
-                  f"passes, {res['lambda_max_seconds']} s (+{res['operator_build_seconds']} s "
-                  f"operator set-up and pre-flight), path {res['hvp_mode']}, {res['device']}")
-            print(f"  stable gradient-descent learning rate < 2/lambda_max = "
-                  f"{res['stable_lr_bound']:.4g}")
-            print(f"block Lanczos (hf.eigsh): lambda_max = {res['lanczos_lambda_max']:.6g} in "
-                  f"{res['lanczos_num_matvecs']} products, {res['lanczos_seconds']} s")
-        return 0 if res["converged"] and res["lanczos_converged"] else 1
-    return 2  # pragma: no cover
+        return EXIT_OK
+    sub = subs[args.command]
+    prog = f"hessfast {args.command}"
+    try:
+        return _analyze(args) if args.command == "analyze" else _demo(args)
+    except UsageError as exc:
+        sub.error(f"argument {exc.arg}: {exc}" if exc.arg else str(exc))  # exits with 2
+    except UserCodeError as exc:
+        if args.debug and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
+        hint = "" if args.debug else " (--debug shows the traceback)"
+        print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
+        return EXIT_USER_CODE
+    except HessfastError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_HESSFAST
+    return EXIT_USAGE  # pragma: no cover - sub.error exits
 
 
 if __name__ == "__main__":  # pragma: no cover
