@@ -21,7 +21,7 @@ from typing import Any
 
 from ._cli_demo import demo
 from ._cli_load import UsageError, UserCodeError, describe
-from .errors import HessfastError
+from .errors import HessfastError, LossCallError
 
 __all__ = ["EXIT_HESSFAST", "EXIT_OK", "EXIT_USAGE", "EXIT_USER_CODE", "demo", "info", "main"]
 
@@ -262,7 +262,6 @@ def _analyze(args: argparse.Namespace) -> int:
         load_model,
         select_params,
     )
-    from .analysis.analyze import analyze
 
     check_numbers(seed=args.seed, tol=args.tol, k=args.k, probes=args.probes,
                   slq_steps=args.steps)
@@ -278,6 +277,8 @@ def _analyze(args: argparse.Namespace) -> int:
         kwargs["params"] = select_params(model, args.params)
     if args.probes is not None:
         kwargs["probes"] = args.probes
+    from .analysis.analyze import analyze
+
     try:
         report = analyze(model, loss_fn, data, curvature=args.curvature, k=args.k,
                          steps=args.steps, per_layer=not args.no_per_layer, tol=args.tol,
@@ -333,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(exc.__cause__)
         hint = "" if args.debug else " (--debug shows the traceback)"
         print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
+        return EXIT_USER_CODE
+    except LossCallError as exc:  # the user's loss or model raised on a batch
+        if args.debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USER_CODE
     except HessfastError as exc:
         if args.debug:
