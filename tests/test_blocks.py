@@ -200,7 +200,7 @@ def test_errors_name_the_cause():
 
 def test_round_trip_through_json():
     A, _ = CASES["cnn-hessian"]
-    res = block_spectra(A, num_probes=8)
+    res = block_spectra(A, num_probes=8, progress=False)
     d = json.loads(res.to_json())
     assert isinstance(d["groups"][0]["lambda_max"], float)
     back = BlockSpectra.from_dict(d)

@@ -273,18 +273,13 @@ class _Lanczos:
     """Lanczos on one block with full reorthogonalisation (CGS2), in local coordinates."""
 
     def __init__(self, q0: torch.Tensor, w0: torch.Tensor, max_steps: int, tol: float) -> None:
-        m = q0.numel()
-        self.cap = min(max_steps, m)
-        self.m, self.tol = m, tol
-        self.Q = q0.new_zeros((self.cap, m))
+        self.m, self.tol, self.w, self.j, self.converged = q0.numel(), tol, w0, 1, False
+        self.cap = min(max_steps, self.m)
+        self.Q = q0.new_zeros((self.cap, self.m))
         self.Q[0] = q0
-        self.j = 1
         self.alphas: list[float] = []
         self.betas: list[float] = []
-        self.w = w0
-        self.done = False
-        self.ritz = (math.nan, math.nan, math.nan, math.nan)  # theta_max, res, theta_min, res
-        self.converged = False
+        self.ritz = (math.nan,) * 4  # theta_max, its residual, theta_min, its residual
 
     def step(self) -> torch.Tensor | None:
         """Absorb ``self.w = A_gg q_j``; return the next Lanczos vector, or None when done."""
@@ -302,17 +297,14 @@ class _Lanczos:
         theta, res = float(evals[-1]), abs(beta * float(evecs[-1, -1]))
         self.ritz = (theta, res, float(evals[0]), abs(beta * float(evecs[-1, 0])))
         scale = max(abs(theta), _FLOOR * float(evals.abs().max()))
-        full = j >= self.m
-        breakdown = beta <= 1e-14 * max(float(evals.abs().max()), 1e-300)
-        self.converged = res <= self.tol * scale or full or breakdown
+        breakdown = beta <= 1e-14 * max(float(evals.abs().max()), 1e-300)  # invariant space
+        self.converged = res <= self.tol * scale or j >= self.m or breakdown
         if self.converged or j >= self.cap:
-            self.done = True
             return None
         self.betas.append(beta)
-        q = w / beta
-        self.Q[j] = q
+        self.Q[j] = w / beta
         self.j = j + 1
-        return q
+        return self.Q[j]
 
 
 def _progress(A: Any, enabled: Any):
@@ -349,7 +341,10 @@ def block_spectra(
         progress: passed to ``hessfast.progress.track`` when that module exists.
 
     Returns:
-        :class:`BlockSpectra`; ``data_passes`` counts ``A.matmat`` calls made here.
+        :class:`BlockSpectra`; ``data_passes`` counts ``A.matmat`` calls made here. Unlike
+        :func:`hessfast.eigsh` there is no verification round: a converged ``lambda_max`` is
+        an eigenvalue of ``A_gg`` within its residual, and the largest one with high
+        probability (random start), not certified.
     """
     A = as_operator(A, WHO, allow_empty=False)
     tol = check_positive("tol", tol, who=WHO)
