@@ -1,27 +1,53 @@
 """Conditioning of a symmetric operator: extreme eigenvalues, definiteness, negative
-curvature and the stable learning rate 2/lambda_max."""
+curvature and the stable learning rate 2/lambda_max.
+
+What each number needs: ``kappa``, ``definiteness``, ``negative_ratio`` and ``stable_lr`` need
+only the two extreme eigenvalues (one ``eigsh`` run each, or values the caller already has:
+``lambda_max=``, ``lambda_min=``). Only ``negative_mass`` needs a spectral density: computed
+on request (``density=True``), or read from one the caller already has (``density=<a
+SpectralDensity>``, no products).
+
+A singular operator (a GGN with more parameters than outputs x samples) has a smallest
+eigenvalue of exactly zero, which the residual test of ``eigsh`` (``tol`` relative to
+``1e-3 ||A||``) may never meet in float32. The smallest end is therefore searched in stages
+(``SINGULAR_STAGE`` products, then doubling, each warm-started from the last Ritz vector);
+after each stage the Ritz value ``theta`` and residual ``r`` decide early: an eigenvalue lies
+in ``[theta - r, theta + r]``, so ``|theta| + r <= zero_threshold`` shows a (numerically) zero
+eigenvalue at the bottom of what Lanczos found; for an operator known to be positive
+semi-definite (``psd``), ``0 <= lambda_min <= theta`` already, so ``theta <= zero_threshold``
+suffices. Either way the result is ``"singular"`` with ``kappa = inf`` and one warning.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from ._checks import as_operator, check_int, check_positive, check_seed
 from ._probe import probe_operator
-from .errors import ConfigurationError
+from .errors import ArgumentTypeError, ConfigurationError
 from .linop import LinearOperator
-from .spectrum import eigsh
+from .progress import set_total, tracked
+from .results import JsonResult
+from .spectrum import EigshResult, eigsh
 
-__all__ = ["ConditionResult", "condition_number"]
+__all__ = ["SINGULAR_STAGE", "ConditionResult", "condition_number"]
+
+#: products of the first stage of the smallest-eigenvalue search before the singular check
+SINGULAR_STAGE = 48
 
 
 @dataclass(frozen=True)
-class ConditionResult:
+class ConditionResult(JsonResult):
     """Conditioning of a symmetric operator.
 
     Attributes:
-        lambda_max, lambda_min: extreme eigenvalues (``eigsh`` LA and SA).
+        lambda_max, lambda_min: extreme eigenvalues (``eigsh`` LA and SA, or the values
+            given). For a singular operator found early, ``lambda_min`` is the last Ritz
+            value: within ``zero_threshold`` of zero (an upper bound on the true one).
         kappa: ``lambda_max / lambda_min`` when the operator is positive definite (lambda_min
             above the zero threshold), else ``inf``.
         definiteness: ``"positive definite"``, ``"singular"`` (|lambda_min| at or below the
@@ -29,11 +55,15 @@ class ConditionResult:
         negative_ratio: ``|lambda_min| / lambda_max`` for an indefinite operator (how strong
             the negative curvature is against the positive), else 0.
         negative_mass: fraction of the spectrum below ``-zero_threshold``, from an SLQ
-            density (indefinite operators only; None otherwise or when ``density=False``).
+            density (indefinite operators with ``density`` True or given; else None).
         stable_lr: ``2 / lambda_max``: gradient descent with a larger step size diverges along
             the top eigenvector (inf when lambda_max <= 0).
-        converged: both extreme eigenpairs converged.
-        num_matvecs, seconds: total cost.
+        converged: lambda_max converged, and lambda_min converged or was shown to be within
+            the zero threshold (``singular_early``).
+        num_matvecs, seconds: total cost of this call (reused values cost nothing).
+        singular_early: the smallest-end search stopped early on a singular operator.
+
+    ``to_dict()`` / ``to_json(path=None)``: JSON-safe fields (``kappa`` may be ``inf``).
     """
 
     lambda_max: float
@@ -47,62 +77,178 @@ class ConditionResult:
     converged: bool
     num_matvecs: int
     seconds: float
+    singular_early: bool = False
 
 
+@tracked("condition_number")
 def condition_number(
     A: LinearOperator,
     *,
     tol: float = 1e-4,
     max_matvecs: int | None = None,
-    density: bool = True,
+    density: Any = False,
     num_probes: int = 8,
     num_steps: int = 64,
     seed: int = 0,
+    lambda_max: float | EigshResult | None = None,
+    lambda_min: float | EigshResult | None = None,
+    psd: bool | None = None,
+    progress: bool | None = None,
 ) -> ConditionResult:
     """Condition number, definiteness and the stable learning rate of a symmetric operator.
 
     For a PSD operator (a GGN) ``kappa = lambda_max / lambda_min``; a Hessian is usually
     indefinite, and then ``kappa = inf`` and the result reports the negative curvature:
-    ``lambda_min < 0``, ``|lambda_min| / lambda_max`` and the mass of the spectrum below zero
-    from an SLQ density. The bottom of a network's spectrum is a tight cluster near zero, so
-    ``lambda_min`` may need many products; raise ``max_matvecs`` or ``tol`` if it does not
-    converge (``converged`` says so, with a warning from ``eigsh``).
+    ``lambda_min < 0``, ``|lambda_min| / lambda_max`` and, on request, the mass of the
+    spectrum below zero. A singular operator is recognised early (module docstring). The
+    bottom of a network's spectrum is a tight cluster near zero, so ``lambda_min`` may need
+    many products; raise ``max_matvecs`` or ``tol`` if it does not converge (``converged``
+    says so, with a warning from ``eigsh``).
+
+    Args:
+        A: symmetric operator ``[n, n]``.
+        tol: eigsh's relative residual tolerance; also the zero threshold's factor.
+        max_matvecs: budget of each extreme's eigsh run (default eigsh's, 1000).
+        density: ``False`` (default: extremes only, no ``negative_mass``); ``True``: an SLQ
+            density of ``num_probes x num_steps`` products for an indefinite operator; or a
+            :class:`~hessfast.SpectralDensity` of A already computed (reused, no products).
+        num_probes, num_steps, seed: the density's (``density=True``) and eigsh's seed.
+        lambda_max: reuse: the largest eigenvalue as a float, or an ``eigsh`` result with
+            ``which`` ``"LA"`` or ``"BE"`` (its largest value; its convergence is kept).
+        lambda_min: reuse: the smallest eigenvalue, a float or an ``"SA"``/``"BE"`` result.
+        psd: A is known positive semi-definite (the singular shortcut above). None: True for
+            a GGN operator (``ggn``: PSD for a convex criterion; pass False for another).
+        progress: a progress bar of products on stderr; None: when stderr is a terminal.
+
+    Raises:
+        ConfigurationError: a bad argument, named (e.g. a reused result of another size).
     """
     t0 = time.perf_counter()
     who = "hessfast.condition_number"
     A = as_operator(A, who, allow_empty=False)
+    n = A.shape[0]
     tol = check_positive("tol", tol, who=who)
     if max_matvecs is not None:
         max_matvecs = check_int("max_matvecs", max_matvecs, 1, who=who)
-    if not isinstance(density, bool):
-        raise ConfigurationError(f"{who}: density must be True or False, got {density!r}")
+    budget = max_matvecs if max_matvecs is not None else 1000
+    if not isinstance(density, bool) and not _is_density(density):
+        raise ConfigurationError(
+            f"{who}: density must be True or False, or a SpectralDensity of A to reuse; got "
+            f"{type(density).__name__}"
+        )
+    if _is_density(density) and int(density.n) != n:
+        raise ConfigurationError(
+            f"{who}: the density given is of an operator of size {density.n}, A has n={n}; "
+            "pass the density computed on A"
+        )
     num_probes = check_int("num_probes", num_probes, 1, who=who)
     num_steps = check_int("num_steps", num_steps, 1, who=who)
     seed = check_seed(seed, who=who)
-    probe_operator(A, who)  # once, before counting: the result counts the algorithm's products
+    top = _known("lambda_max", lambda_max, ("LA", "BE"), n, who)
+    bottom = _known("lambda_min", lambda_min, ("SA", "BE"), n, who)
+    if psd is None:
+        psd = getattr(A, "_kind", None) == "GGN"
+    elif not isinstance(psd, bool):
+        raise ArgumentTypeError(f"{who}: psd must be True, False or None, got {psd!r}")
+    set_total((top is None) * budget + (bottom is None) * budget
+              + (density is True) * num_probes * min(num_steps, n))
+    if top is None or bottom is None:
+        probe_operator(A, who)  # once, before counting: the result counts the algorithm's
     mv0 = A.num_matvecs
-    top = eigsh(A, k=1, which="LA", tol=tol, max_matvecs=max_matvecs, seed=seed)
-    seed2 = seed + 1 if seed < 2**64 - 1 else seed - 1  # the SA run's own start
-    bottom = eigsh(A, k=1, which="SA", tol=tol, max_matvecs=max_matvecs, seed=seed2)
-    lmax, lmin = float(top.eigenvalues[0]), float(bottom.eigenvalues[0])
+    if top is None:
+        r = eigsh(A, k=1, which="LA", tol=tol, max_matvecs=max_matvecs, seed=seed)
+        top = (float(r.eigenvalues[0]), bool(r.converged.all()))
+    lmax, top_ok = top
+    early = False
+    if bottom is None:
+        seed2 = seed + 1 if seed < 2**64 - 1 else seed - 1  # the SA run's own start
+        lmin, bottom_ok, early = _smallest(A, lmax, tol, budget, seed2, psd, who)
+    else:
+        lmin, bottom_ok = bottom
     zero = tol * max(abs(lmax), abs(lmin))
-    if lmin > zero:
-        definiteness, kappa = "positive definite", lmax / lmin
-    elif lmin >= -zero:
+    if early or -zero <= lmin <= zero:
         definiteness, kappa = "singular", math.inf
+    elif lmin > zero:
+        definiteness, kappa = "positive definite", lmax / lmin
     else:
         definiteness, kappa = "indefinite", math.inf
     neg_ratio = abs(lmin) / lmax if definiteness == "indefinite" and lmax > 0 else 0.0
     neg_mass = None
-    if definiteness == "indefinite" and density:
-        from .density import spectral_density
+    if definiteness == "indefinite" and density is not False:
+        d = density
+        if density is True:
+            from .density import spectral_density
 
-        d = spectral_density(A, num_probes=num_probes, num_steps=num_steps, seed=seed)
+            d = spectral_density(A, num_probes=num_probes, num_steps=num_steps, seed=seed)
         neg_mass = float((d.weights * (d.nodes < -zero)).sum(dim=1).mean())
     return ConditionResult(
         lambda_max=lmax, lambda_min=lmin, kappa=kappa, definiteness=definiteness,
         negative_ratio=neg_ratio, negative_mass=neg_mass,
         stable_lr=2.0 / lmax if lmax > 0 else math.inf, zero_threshold=zero,
-        converged=bool(top.converged.all() and bottom.converged.all()),
-        num_matvecs=A.num_matvecs - mv0, seconds=time.perf_counter() - t0,
+        converged=bool(top_ok and bottom_ok), num_matvecs=A.num_matvecs - mv0,
+        seconds=time.perf_counter() - t0, singular_early=early,
     )
+
+
+def _is_density(d: Any) -> bool:
+    return not isinstance(d, bool) and all(hasattr(d, a) for a in ("nodes", "weights", "n"))
+
+
+def _known(
+    name: str, value: Any, whiches: tuple[str, ...], n: int, who: str
+) -> tuple[float, bool] | None:
+    """A reused extreme as ``(value, converged)``, or None when not given."""
+    if value is None:
+        return None
+    if isinstance(value, EigshResult):
+        if value.which not in whiches:
+            raise ConfigurationError(
+                f"{who}: {name} from an eigsh result needs which in {whiches}, got "
+                f"which={value.which!r}: that run does not hold this end of the spectrum"
+            )
+        if value.eigenvectors.shape[-1] != n:
+            raise ConfigurationError(
+                f"{who}: the {name} result is of an operator of size "
+                f"{value.eigenvectors.shape[-1]}, A has n={n}; pass the result computed on A"
+            )
+        vals = value.eigenvalues
+        i = int(vals.argmax()) if name == "lambda_max" else int(vals.argmin())
+        return float(vals[i]), bool(value.converged[i])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+        value
+    ):
+        raise ConfigurationError(
+            f"{who}: {name} must be a finite float or an EigshResult, got {value!r}"
+        )
+    return float(value), True
+
+
+def _smallest(
+    A: LinearOperator, lmax: float, tol: float, budget: int, seed: int, psd: bool, who: str
+) -> tuple[float, bool, bool]:
+    """``(lambda_min, converged, singular_early)`` by staged SA eigsh runs (module docstring)."""
+    zero = tol * abs(lmax)
+    used, stage, v0 = 0, min(SINGULAR_STAGE, budget), None
+    while True:
+        last = used + stage >= budget
+        with warnings.catch_warnings():
+            if not last:  # an intermediate stage ends short of convergence by design
+                warnings.simplefilter("ignore")
+            r = eigsh(A, k=1, which="SA", tol=tol, max_matvecs=stage, seed=seed, v0=v0)
+        used += r.num_matvecs
+        theta, res = float(r.eigenvalues[0]), float(r.residuals[0])
+        if r.status == "CONVERGED" or bool(r.converged.all()):
+            return theta, True, False
+        if theta <= zero if psd else abs(theta) + res <= zero:
+            warnings.warn(
+                f"{who}: A is singular: its smallest eigenvalue is within the zero threshold "
+                f"{zero:.3g} (tol * lambda_max): Ritz value {theta:.3g}, residual {res:.3g}"
+                f"{' (A is PSD)' if psd else ''} after {used} products, so kappa = inf. "
+                "Stopped there instead of converging a zero eigenvalue",
+                stacklevel=4,
+            )
+            return theta, True, True
+        if last or used >= budget:
+            return theta, False, False
+        v0 = r.eigenvectors
+        stage = min(2 * stage, budget - used)

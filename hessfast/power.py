@@ -10,18 +10,21 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ._checks import as_operator, check_choice, check_int, check_positive, check_seed
 from ._probe import probe_operator
 from .linop import LinearOperator
+from .progress import set_postfix, set_total, tracked
+from .results import JsonResult
 
 __all__ = ["PowerResult", "power_iteration"]
 
 
 @dataclass(frozen=True)
-class PowerResult:
+class PowerResult(JsonResult):
     """Result of :func:`power_iteration`.
 
     Attributes:
@@ -31,6 +34,9 @@ class PowerResult:
         converged: residual <= tol * max(|theta|, 1e-3 * ||A||_est).
         num_matvecs: products with A.
         seconds: wall time.
+
+    ``to_dict(vectors=True)`` / ``to_json(path=None)``: JSON-safe fields (``vectors=False``
+    leaves out ``eigenvector``).
     """
 
     eigenvalue: float
@@ -39,6 +45,8 @@ class PowerResult:
     converged: bool
     num_matvecs: int
     seconds: float
+
+    _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvector",)
 
 
 def _power(
@@ -52,6 +60,8 @@ def _power(
         theta = float(torch.dot(v.double(), w))
         res = float((w - theta * v.double()).norm())
         norm_est = max(norm_est, float(w.norm()))
+        if used % 10 == 1:
+            set_postfix(ritz=f"{theta:.4g}", res=f"{res:.2g}")
         if res <= tol * max(abs(theta), 1e-3 * norm_est):
             return theta, v, res, True, used, norm_est
         w = w - shift * v.double()
@@ -62,6 +72,7 @@ def _power(
     return theta, v, res, False, used, norm_est
 
 
+@tracked("power_iteration")
 def power_iteration(
     A: LinearOperator,
     *,
@@ -69,6 +80,7 @@ def power_iteration(
     tol: float = 1e-4,
     max_matvecs: int = 1000,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> PowerResult:
     """Dominant eigenpair of a symmetric operator by power iteration.
 
@@ -80,6 +92,8 @@ def power_iteration(
         tol: relative residual tolerance.
         max_matvecs: budget over both runs.
         seed: seed of the start vector (a private generator; the global RNG is untouched).
+        progress: a progress bar of products on stderr (total: ``max_matvecs``); None: when
+            stderr is a terminal.
 
     Returns:
         :class:`PowerResult`.
@@ -90,6 +104,7 @@ def power_iteration(
     tol = check_positive("tol", tol, who=who)
     max_matvecs = check_int("max_matvecs", max_matvecs, 1, who=who)
     seed = check_seed(seed, who=who)
+    set_total(max_matvecs)
     probe_operator(A, who)
     n = A.shape[0]
     t0 = time.perf_counter()

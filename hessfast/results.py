@@ -10,15 +10,20 @@ tensor). :class:`~hessfast.SpectralDensity` lives with its methods in
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import statistics
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, ClassVar
 
 import torch
 
 from ._checks import check_level
+from .errors import ArgumentTypeError
 
-__all__ = ["DiagonalResult", "Status", "TraceResult", "z_value"]
+__all__ = ["DiagonalResult", "JsonResult", "Status", "TraceResult", "jsonable", "z_value"]
 
 
 class Status(str, Enum):
@@ -53,12 +58,78 @@ class Status(str, Enum):
         return format(self.value, spec)
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types: tensors and numpy arrays -> (nested) lists, enums (a
+    :class:`Status`) -> their value, tuples -> lists, dict keys -> str, dataclasses -> dicts
+    of their fields, dtypes/devices/paths -> str; bools, ints, floats (inf/nan stay floats:
+    ``json`` writes them as ``Infinity``/``NaN``), strs and None as they are.
+
+    Raises:
+        ArgumentTypeError: an object of another type (named).
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Enum):
+        return jsonable(obj.value)
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (torch.dtype, torch.device, os.PathLike)):
+        return str(obj)
+    tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return jsonable(tolist())
+    raise ArgumentTypeError(
+        f"jsonable: cannot convert {type(obj).__name__} to JSON; convert it to a tensor, a "
+        "number, a str, a list or a dict first"
+    )
+
+
+class JsonResult:
+    """``to_dict()`` / ``to_json()`` for the dataclass results. ``_VECTOR_FIELDS`` names the
+    fields of size n (eigenvectors, a diagonal) that ``vectors=False`` replaces with None."""
+
+    _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self, vectors: bool = True) -> dict[str, Any]:
+        """The fields as JSON-safe values (:func:`jsonable`): ``json.dumps`` accepts it.
+
+        Args:
+            vectors: include the ``[n]``/``[k, n]`` arrays (``_VECTOR_FIELDS``); False
+                replaces them with None (a small record of the numbers).
+        """
+        if not isinstance(vectors, bool):
+            raise ArgumentTypeError(f"to_dict: vectors must be True or False, got {vectors!r}")
+        out: dict[str, Any] = {"kind": type(self).__name__}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = None if not vectors and f.name in self._VECTOR_FIELDS else jsonable(v)
+        return out
+
+    def to_json(
+        self, path: str | os.PathLike | None = None, *, vectors: bool = True,
+        indent: int | None = None,
+    ) -> str:
+        """``json.dumps(self.to_dict(vectors))``; with ``path``, also written to that file
+        (UTF-8). Returns the JSON text."""
+        text = json.dumps(self.to_dict(vectors), indent=indent)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+
 def z_value(level: float) -> float:
     """Two-sided standard normal quantile: ``P(|N(0,1)| <= z) = level``."""
     return statistics.NormalDist().inv_cdf(0.5 + 0.5 * level)
 
 
-class _Estimate:
+class _Estimate(JsonResult):
     """What the estimator results share beyond their fields."""
 
     status: Status
@@ -140,3 +211,5 @@ class DiagonalResult(_Estimate):
     status: Status
     by_param: dict[str, torch.Tensor] | None = None
     seconds: float = 0.0
+
+    _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("values", "stderr", "by_param")

@@ -12,6 +12,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,13 +35,14 @@ from .lanczos.sharded import check_sharded, sharded_lanczos, sharding_comm
 from .linop import LinearOperator
 from .memory import choose_basis
 from .power import power_iteration
-from .results import Status
+from .progress import set_total, tracked
+from .results import JsonResult, Status
 
 __all__ = ["EigshResult", "default_block_size", "eigsh", "lambda_max"]
 
 
 @dataclass(frozen=True)
-class EigshResult:
+class EigshResult(JsonResult):
     """Eigenpairs of a symmetric operator.
 
     Attributes:
@@ -60,6 +62,9 @@ class EigshResult:
             pairs, see :mod:`hessfast.lanczos.restart`) found no better eigenvalue; a
             ``CONVERGED`` Lanczos result is always verified (dense results are exact).
         verify_matvecs: products spent verifying (included in ``num_matvecs``).
+
+    ``to_dict(vectors=True)`` / ``to_json(path=None)``: JSON-safe fields (tensors as lists;
+    ``vectors=False`` leaves out ``eigenvectors``).
     """
 
     eigenvalues: torch.Tensor
@@ -78,6 +83,8 @@ class EigshResult:
     method: str
     verified: bool = False
     verify_matvecs: int = 0
+
+    _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvectors",)
 
 
 def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -> EigshResult:
@@ -98,6 +105,7 @@ def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -
     )
 
 
+@tracked("eigsh")
 def eigsh(
     A: LinearOperator,
     k: int = 6,
@@ -117,6 +125,7 @@ def eigsh(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | float | None = None,
     basis_sharding: bool = False,
+    progress: bool | None = None,
 ) -> EigshResult:
     """k eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
@@ -160,6 +169,8 @@ def eigsh(
             equal to the unsharded run up to rounding (:mod:`hessfast.lanczos.sharded`).
             Block size 1 (the default then), ``reorth="full"``, no checkpoint; a group of
             one process runs unsharded; no process group raises ConfigurationError.
+        progress: a progress bar of products on stderr (:mod:`hessfast.progress`; total:
+            ``max_matvecs``); None: when stderr is a terminal.
 
     Returns:
         :class:`EigshResult`.
@@ -202,6 +213,7 @@ def eigsh(
             )
         if which not in ("LA", "LM"):
             raise ConfigurationError(f"method='power' supports which='LA' or 'LM', got {which}")
+        set_total(max_matvecs)
         probe_operator(A, who)
         mv0, p0 = A.num_matvecs, A.num_passes
         r = power_iteration(A, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
@@ -225,6 +237,7 @@ def eigsh(
             f"densely ({n} products, float64 eigh)",
             stacklevel=2,
         )
+        set_total(n)
         probe_operator(A, who)
         return _dense_eigsh(A, k, which, tol, t0)
     b = block_size if block_size is not None else default_block_size(A, k)
@@ -257,6 +270,7 @@ def eigsh(
         n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
         seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=fingerprint_tensor(v0),
     ), checkpoint_every, who)
+    set_total(max_matvecs)
     probe_operator(A, who)
     lanczos = block_lanczos if comm is None else functools.partial(sharded_lanczos, comm=comm)
     st = lanczos(
@@ -300,8 +314,14 @@ def default_block_size(A: LinearOperator, k: int) -> int:
     return 1 if A.device.type == "cpu" else min(k, 4)
 
 
-def lambda_max(A: LinearOperator, tol: float = 1e-4, **kwargs) -> float:
-    """The largest algebraic eigenvalue of A (``eigsh(A, k=1, which="LA")``)."""
+@tracked("lambda_max")
+def lambda_max(
+    A: LinearOperator, tol: float = 1e-4, *, progress: bool | None = None, **kwargs: Any
+) -> float:
+    """The largest algebraic eigenvalue of A (``eigsh(A, k=1, which="LA", **kwargs)``).
+
+    ``progress``: a progress bar of products on stderr; None: when stderr is a terminal.
+    """
     return float(eigsh(A, k=1, which="LA", tol=tol, **kwargs).eigenvalues[0])
 
 

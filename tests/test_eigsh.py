@@ -259,7 +259,7 @@ def test_condition_number_definite_singular_indefinite() -> None:
     r = hf.condition_number(hf.LinearOperator.from_matrix(M))
     assert r.definiteness == "singular" and math.isinf(r.kappa)
     M, lam = spectra.wishart(120, shift=0.5)  # indefinite
-    r = hf.condition_number(hf.LinearOperator.from_matrix(M), tol=1e-6, num_probes=16)
+    r = hf.condition_number(hf.LinearOperator.from_matrix(M), tol=1e-6, num_probes=16, density=True)
     assert r.definiteness == "indefinite" and math.isinf(r.kappa)
     assert r.lambda_min == pytest.approx(float(lam.min()), rel=1e-5)
     assert r.negative_ratio == pytest.approx(float(-lam.min() / lam.max()), rel=1e-5)

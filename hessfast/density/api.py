@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -33,6 +34,7 @@ from ..lanczos.checkpoint import Checkpoint, fingerprint_tensor
 from ..lanczos.probes import REORTHS
 from ..linop import LinearOperator
 from ..memory import choose_basis
+from ..progress import set_total, tracked
 from .kpm import kpm
 from .result import SpectralDensity
 from .slq import gather_slq, slq_group_size, slq_grouped
@@ -67,6 +69,7 @@ def draw_probes(
     return Z.to(device=device, dtype=dtype)
 
 
+@tracked("spectral_density")
 def spectral_density(
     A: LinearOperator,
     num_probes: int = 8,
@@ -83,6 +86,7 @@ def spectral_density(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | float | None = None,
     mesh: Mesh | None = None,
+    progress: bool | None = None,
 ) -> SpectralDensity:
     """Estimate the spectral density of a symmetric operator by SLQ or KPM.
 
@@ -129,6 +133,8 @@ def spectral_density(
             generator keyed by ``(seed, i)`` (other probes than without ``mesh=``); ``v0``
             rows are split the same way. ``num_matvecs`` counts every group's products,
             ``num_passes`` this group's. No ``checkpoint`` with a mesh.
+        progress: a progress bar of products on stderr (total: the planned count, this
+            process's share under a mesh); None: when stderr is a terminal.
 
     Returns:
         :class:`SpectralDensity` with ``status`` ``CONVERGED`` (or ``OUT_OF_BOUNDS`` for a
@@ -189,6 +195,11 @@ def spectral_density(
         probe_name = "given"
     elif mesh is None and (method == "kpm" or num_probes <= group):
         Z = draw_probes(n, num_probes, seed=seed, probe=probe, dtype=work, device=A.device)
+    if method == "slq":
+        set_total(len(share) * m)
+    else:  # the bounds' Lanczos steps, then the doubling passes of all probes
+        M_planned = num_moments if num_moments is not None else 2 * num_steps
+        set_total(min(n, 10) + len(share) * (1 + math.ceil(max(M_planned - 1, 0) / 2)))
     probe_operator(A, _WHO)
 
     products = Products(A, work, _WHO)

@@ -11,6 +11,7 @@ import torch
 from .._checks import check_choice, check_seed
 from .._probe import probe_operator
 from ..linop import LinearOperator
+from ..progress import set_total, tracked
 from ..results import DiagonalResult, Status
 from .exchangeable import Exchangeable, xdiag_estimates
 from .session import Session, max_matvecs_arg
@@ -21,6 +22,7 @@ DIAGONAL_METHODS = ("hutchinson", "xdiag")
 _WHO = "diagonal"
 
 
+@tracked("diagonal")
 def diagonal(
     A: LinearOperator,
     max_matvecs: int = 99,
@@ -28,6 +30,7 @@ def diagonal(
     method: str = "hutchinson",
     seed: int = 0,
     num_matvecs: int | None = None,
+    progress: bool | None = None,
 ) -> DiagonalResult:
     """Estimate ``diag(A)`` of a symmetric ``n x n`` operator from block products.
 
@@ -43,6 +46,8 @@ def diagonal(
         seed: seed of the private probe generator.
         num_matvecs: deprecated name of ``max_matvecs`` (a DeprecationWarning; removed in
             the next release).
+        progress: a progress bar of products on stderr (total: the budget, or n on the
+            exact path); None: when stderr is a terminal.
 
     Returns:
         :class:`DiagonalResult` with ``values [n]`` and per-entry ``stderr [n]``
@@ -60,6 +65,7 @@ def diagonal(
     seed = check_seed(seed, who=_WHO)
     sess = Session(A, f"diagonal({method})", seed=seed)
     m = sess.budget(method, max_matvecs)
+    set_total(min(m, sess.n))
     probe_operator(sess.A, sess.products.who)
     status = Status.CONVERGED
     if sess.n == 0 or m >= sess.n:

@@ -23,6 +23,7 @@ from .._mesh import Mesh
 from .._probe import probe_operator
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
+from ..progress import set_total, tracked
 from ..results import Status, TraceResult, z_value
 from .exchangeable import Exchangeable, orth_rows, xtrace_estimates
 from .session import Session, max_matvecs_arg, mean_stderr, next_block
@@ -55,6 +56,7 @@ class _Stop:
 _Outcome = tuple[float, float, int, Status]
 
 
+@tracked("trace")
 def trace(
     A: LinearOperator,
     max_matvecs: int = 99,
@@ -69,6 +71,7 @@ def trace(
     probe: str = "rademacher",
     num_matvecs: int | None = None,
     mesh: Mesh | None = None,
+    progress: bool | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` of a symmetric ``n x n`` operator from block products.
 
@@ -108,6 +111,8 @@ def trace(
             (``num_matvecs`` counts every group's products, ``num_passes`` this group's).
             Hutch++ and XTrace orthonormalise a sketch of ALL probes (a global QR), and the
             adaptive mode decides from all samples after each block: both refuse a mesh.
+        progress: a progress bar of products on stderr (total: the budget, or n on the
+            exact path); None: when stderr is a terminal.
 
     Returns:
         :class:`TraceResult`. Budget use with ``rtol=None``: Hutchinson m probes in one
@@ -144,6 +149,7 @@ def trace(
         stop = _Stop(rtol or 0.0, z, max(min_samples, 2), atol or 0.0)
     if mesh is not None:
         _check_mesh(mesh, method, stop, sess)
+    set_total(min(m, sess.n) if method != "hutchinson" or stop is None else m)
     probe_operator(sess.A, sess.products.who)
 
     if sess.n == 0:
