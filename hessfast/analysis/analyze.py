@@ -1,0 +1,313 @@
+""":func:`analyze`: one call from a model to a :class:`~hessfast.analysis.report.Report` of its
+curvature, built from the existing algorithms (``eigsh``, ``spectral_density``, ``trace``,
+``block_spectra``), each part's cost and source recorded."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from .._checks import as_operator, check_choice, check_int, check_positive, check_seed
+from ..errors import ConfigurationError
+from ..linop import LinearOperator
+from .report import Report
+
+__all__ = ["analyze"]
+
+WHO = "hessfast.analyze"
+CURVATURES = ("hessian", "ggn")
+#: The SLQ trace is kept when its standard error is at most this fraction of |trace|.
+TRACE_RTOL = 0.1
+
+
+def analyze(
+    model: Any,
+    loss_fn: Callable | None = None,
+    data: Any = None,
+    *,
+    curvature: str = "hessian",
+    k: int = 5,
+    probes: int = 8,
+    steps: int = 64,
+    per_layer: bool = True,
+    groups: Any = "modules",
+    tol: float = 1e-3,
+    seed: int = 0,
+    lr: float | None = None,
+    progress: bool | None = None,
+    **operator_kwargs: Any,
+) -> Report:
+    """The curvature report of a model: extreme eigenvalues, trace, density, definiteness,
+    stable learning rate, effective rank and per-layer spectra, with the cost of each part.
+
+    Parts, in order (each one's products, data passes, seconds and source in ``parts``):
+
+    * ``operator``: ``hf.hessian(model, loss_fn, data, **operator_kwargs)`` (or ``hf.ggn``):
+      the pre-flight checks (skipped when an operator is given).
+    * ``top_k``: ``eigsh(H, k, which="LA", tol)``: lambda_max, the top-k eigenvalues and
+      their residuals.
+    * ``lambda_min``: ``eigsh(H, 1, which="SA", tol)`` with a budget of
+      ``max(300, 4 steps)`` products (a cluster near 0 converges slowly; the residual says
+      how good it is).
+    * ``density``: SLQ ``spectral_density(H, probes, steps)``. The same run gives the trace
+      (each probe's ``n u^T H u`` is exact from its Lanczos coefficients: Hutchinson on the
+      density's probes), the negative mass (quadrature weight below ``-zero_threshold``) and
+      ``tr|H|`` for the effective rank, at no extra products.
+    * ``trace`` (only when ``probes < 8`` or the density's standard error exceeds
+      ``0.1 |trace|``): an extra ``hf.trace(H, max_matvecs=max(30, 3 probes))`` (Hutch++);
+      the estimate with the smaller standard error is reported, the part says which.
+    * ``per_layer`` (``per_layer=True``): ``block_spectra(H, groups, tol, num_probes=max(2,
+      probes))``: lambda_max and trace of every group's diagonal block, the groups sharing
+      data passes.
+
+    Definiteness: with ``zero = tol * max(|lambda_max|, |lambda_min|)`` and ``r`` the
+    residual of lambda_min, ``lambda_min > zero + r``: positive definite (``condition =
+    lambda_max / lambda_min``); ``|lambda_min| <= zero + r``: positive semi-definite
+    (singular to tolerance); ``lambda_min < -(zero + r)``: indefinite (``lambda_max <=
+    zero``: negative semi-definite). ``condition`` is None unless positive definite.
+
+    Args:
+        model: an ``nn.Module``; or an already-built operator (``hf.hessian(...)``,
+            ``hf.ggn(...)`` or any symmetric :class:`~hessfast.linop.LinearOperator`
+            ``[n, n]``), with ``loss_fn``, ``data`` and ``operator_kwargs`` omitted.
+        loss_fn, data: as for :func:`hessfast.hessian`.
+        curvature: ``"hessian"`` or ``"ggn"`` (ignored for a given operator).
+        k: number of top eigenvalues, ``1 <= k <= n``.
+        probes, steps: SLQ probes (>= 1) and Lanczos steps per probe (>= 1).
+        per_layer: also compute the per-group spectra.
+        groups: parameter groups for ``per_layer`` (see
+            :func:`hessfast.analysis.blocks.param_groups`); a plain LinearOperator without
+            parameter names needs explicit coordinate lists, else ``per_layer`` is skipped
+            (the part says so).
+        tol: relative residual tolerance of the eigenvalues, and the zero threshold's scale.
+        seed: seed of the private generators (the global RNG is not touched).
+        lr: the training learning rate, if known: the report compares ``lambda_max`` with
+            ``2 / lr`` and the plot marks it.
+        progress: progress bars per part (``hessfast.progress.track``; None: automatic).
+            A no-op when that module is not installed.
+        operator_kwargs: passed to ``hf.hessian`` / ``hf.ggn`` (``params=``, ``causal_lm=``,
+            ``hvp_mode=``, ``bn_mode=`` ...).
+
+    Returns:
+        :class:`~hessfast.analysis.report.Report` (JSON-safe fields).
+
+    Raises:
+        ConfigurationError: a bad argument (named in the message); whatever building the
+        operator raises (see :func:`hessfast.hessian`).
+    """
+    k = check_int("k", k, 1, who=WHO)
+    probes = check_int("probes", probes, 1, who=WHO)
+    steps = check_int("steps", steps, 1, who=WHO)
+    tol = check_positive("tol", tol, who=WHO)
+    seed = check_seed(seed, who=WHO)
+    if not isinstance(per_layer, bool):
+        raise ConfigurationError(f"{WHO}: per_layer must be True or False, got {per_layer!r}")
+    if lr is not None:
+        lr = check_positive("lr", lr, who=WHO)
+    parts: list[dict[str, Any]] = []
+
+    if isinstance(model, LinearOperator) or (
+        hasattr(model, "matmat") and not isinstance(model, torch.nn.Module)
+    ):
+        if loss_fn is not None or data is not None or operator_kwargs:
+            raise ConfigurationError(
+                f"{WHO}: got an operator as the first argument together with loss_fn, data or "
+                "operator options; pass either analyze(model, loss_fn, data, ...) or "
+                "analyze(H, ...) with an operator already built"
+            )
+        H = as_operator(model, WHO, allow_empty=False)
+        kind = str(getattr(H, "_kind", "operator"))
+        kind = kind if kind in ("Hessian", "GGN") else "operator"
+    else:
+        check_choice("curvature", curvature, CURVATURES, who=WHO)
+        if data is None:
+            raise ConfigurationError(
+                f"{WHO}: data is required: analyze(model, loss_fn, data) with one batch "
+                "(inputs, targets) or a re-iterable sequence of batches"
+            )
+        from ..curvature import ggn, hessian
+
+        build = hessian if curvature == "hessian" else ggn
+        t0 = time.perf_counter()
+        H = build(model, loss_fn, data, **operator_kwargs)
+        parts.append(_part("operator", [], H.num_matvecs, H.num_passes, t0,
+                           f"hf.{curvature}(...): pre-flight checks (finiteness, determinism, "
+                           "symmetry) and the product plan"))
+        kind = "Hessian" if curvature == "hessian" else "GGN"
+    n = int(H.shape[0])
+    if k > n:
+        raise ConfigurationError(f"{WHO}: k must be <= n = {n} (the operator's size), got {k}")
+    from ..density import spectral_density
+    from ..spectrum import eigsh
+
+    # -- top-k and lambda_min ------------------------------------------------------------------
+    with _Part(H, "top_k", progress) as p:
+        top = eigsh(H, k, which="LA", tol=tol, seed=seed)
+    parts.append(p.record(["lambda_max", "top_eigenvalues", "stable_lr"],
+                          f"eigsh(k={k}, which='LA', tol={tol:g}): {top.method}, {top.status}"))
+    budget = max(300, 4 * steps)
+    with _Part(H, "lambda_min", progress) as p:
+        bottom = eigsh(H, 1, which="SA", tol=tol, seed=_shift(seed, 1), max_matvecs=budget)
+    parts.append(p.record(["lambda_min", "definiteness", "condition"],
+                          f"eigsh(k=1, which='SA', tol={tol:g}, max_matvecs={budget}): "
+                          f"{bottom.method}, {bottom.status}"))
+    lmax, lmin = float(top.eigenvalues[0]), float(bottom.eigenvalues[0])
+    rmin = float(bottom.residuals[0])
+    zero = tol * max(abs(lmax), abs(lmin))
+    definiteness, condition, note = _definiteness(lmax, lmin, rmin, zero)
+
+    # -- density, and what its probes give for free --------------------------------------------
+    with _Part(H, "density", progress) as p:
+        d = spectral_density(H, num_probes=probes, num_steps=steps, seed=seed)
+    tr, tr_err = d.trace(lambda x: x), d.trace_stderr(lambda x: x)
+    neg = float((d.weights * (d.nodes < -zero)).sum(dim=1).mean())
+    norm = max(abs(lmax), abs(lmin))
+    erank = d.trace(torch.abs) / norm if norm > 0 else 0.0
+    parts.append(p.record(
+        ["density", "trace", "negative_mass", "effective_rank"],
+        f"SLQ, {probes} Rademacher probes x {min(steps, n)} Lanczos steps; trace = mean of "
+        "the probes' n u^T H u (exact per probe), negative mass = quadrature weight below "
+        "-zero_threshold, tr|H| by the same quadrature"))
+    trace_source = "density"
+    if probes < 8 or not math.isfinite(tr_err) or tr_err > TRACE_RTOL * abs(tr):
+        from ..estimators import trace as hutch
+
+        m = max(30, 3 * probes)
+        with _Part(H, "trace", progress) as p:
+            t = hutch(H, max_matvecs=m, method="hutch++", seed=_shift(seed, 2))
+        use = not math.isfinite(tr_err) or t.stderr < tr_err
+        why = (f"the density's {probes} probes gave {tr:.6g} ± {tr_err:.3g}; hutch++ with "
+               f"max_matvecs={m} gave {t.value:.6g} ± {t.stderr:.3g} ({t.status}); reported: "
+               + ("hutch++" if use else "the density's (smaller stderr)"))
+        parts.append(p.record(["trace"] if use else [], why))
+        if use:
+            tr, tr_err, trace_source = t.value, t.stderr, "trace"
+    if trace_source == "trace":
+        parts[-2]["quantities"].remove("trace")
+
+    # -- per layer -------------------------------------------------------------------------------
+    layers = None
+    if per_layer:
+        if groups == "modules" and not getattr(H, "param_names", None):
+            parts.append(dict(name="per_layer", quantities=[], num_matvecs=0, data_passes=0,
+                              seconds=0.0, source="skipped: a plain LinearOperator has no "
+                              "parameter names; pass groups= as coordinate lists"))
+        else:
+            from .blocks import block_spectra
+
+            with _Part(H, "per_layer", False) as p:  # block_spectra tracks its own progress
+                bs = block_spectra(H, groups, tol=tol, num_probes=max(2, probes),
+                                   seed=seed, progress=progress)
+            layers = bs.to_dict()["groups"]
+            parts.append(p.record(["per_layer"], f"block_spectra(groups={_name(groups)}, "
+                                  f"num_probes={max(2, probes)}): {len(layers)} groups, all "
+                                  "sharing each data pass (masked vectors of the full operator)"))
+
+    from .. import __version__
+
+    return Report(
+        curvature=kind, n=n, operator=_describe(H),
+        lambda_max=lmax, lambda_max_residual=float(top.residuals[0]),
+        top_eigenvalues=top.eigenvalues.tolist(), top_residuals=top.residuals.tolist(),
+        top_converged=bool(top.converged.all()),
+        lambda_min=lmin, lambda_min_residual=rmin,
+        lambda_min_converged=bool(bottom.converged.all()),
+        trace=tr, trace_stderr=tr_err, condition=condition, definiteness=definiteness,
+        condition_note=note, zero_threshold=zero, negative_mass=neg,
+        stable_lr=2.0 / lmax if lmax > 0 else None, effective_rank=erank,
+        effective_rank_definition="tr|H| / max(|lambda_max|, |lambda_min|), tr|H| from the "
+        "SLQ quadrature (= tr(H) / lambda_max for a PSD operator)",
+        density={**d.to_dict(), "sigma": d.default_sigma}, per_layer=layers, parts=parts,
+        settings=dict(k=k, probes=probes, steps=steps, tol=tol, seed=seed,
+                      per_layer=per_layer, groups=_name(groups)),
+        lr=lr, hessfast_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _definiteness(lmax: float, lmin: float, rmin: float, zero: float
+                  ) -> tuple[str, float | None, str]:
+    """(definiteness, condition or None, explanation) from the extreme eigenvalues."""
+    margin = zero + rmin
+    if lmin > margin:
+        return ("positive definite", lmax / lmin,
+                f"lambda_min = {lmin:.4g} > zero threshold {zero:.3g} + its residual "
+                f"{rmin:.2g}; condition = lambda_max / lambda_min")
+    if lmin >= -margin:
+        return ("positive semi-definite (singular to tolerance)", None,
+                f"|lambda_min| = {abs(lmin):.3g} <= zero threshold {zero:.3g} + its residual "
+                f"{rmin:.2g}: singular to tolerance, condition number infinite")
+    if lmax <= zero:
+        return ("negative semi-definite", None,
+                f"lambda_max = {lmax:.4g} <= zero threshold {zero:.3g}")
+    return ("indefinite", None,
+            f"lambda_min = {lmin:.4g} < -(zero threshold {zero:.3g} + residual {rmin:.2g}): "
+            "negative curvature; |lambda_min| / lambda_max = "
+            f"{abs(lmin) / lmax:.3g}, condition number undefined")
+
+
+class _Part:
+    """Products, data passes and seconds of one part; a progress bar when available."""
+
+    def __init__(self, A: Any, name: str, progress: bool | None) -> None:
+        self.A, self.name, self.progress = A, name, progress
+        self._ctx: Any = contextlib.nullcontext()
+
+    def __enter__(self) -> _Part:
+        self.mv, self.ps, self.t0 = self.A.num_matvecs, self.A.num_passes, time.perf_counter()
+        if self.progress is not False:
+            try:
+                from ..progress import track
+            except ImportError:  # hessfast.progress not installed: no bars
+                pass
+            else:
+                self._ctx = track(self.A, self.name, enabled=self.progress)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+        self.mv = self.A.num_matvecs - self.mv
+        self.ps = self.A.num_passes - self.ps
+        self.seconds = time.perf_counter() - self.t0
+
+    def record(self, quantities: list[str], source: str) -> dict[str, Any]:
+        return dict(name=self.name, quantities=quantities, num_matvecs=int(self.mv),
+                    data_passes=int(self.ps), seconds=self.seconds, source=source)
+
+
+def _part(name: str, quantities: list[str], mv: int, ps: int, t0: float, source: str
+          ) -> dict[str, Any]:
+    return dict(name=name, quantities=quantities, num_matvecs=int(mv), data_passes=int(ps),
+                seconds=time.perf_counter() - t0, source=source)
+
+
+def _shift(seed: int, i: int) -> int:
+    """A different seed for another part's start (kept in ``check_seed``'s range)."""
+    return seed + i if seed + i < 2**64 else seed - i
+
+
+def _name(groups: Any) -> Any:
+    return groups if isinstance(groups, (str, list, dict)) else repr(groups)
+
+
+def _describe(H: Any) -> dict[str, Any]:
+    out: dict[str, Any] = dict(dtype=str(H.dtype), device=str(H.device))
+    model = getattr(H, "model", None)
+    if model is not None:
+        out["model"] = type(model).__name__
+    for key in ("num_samples", "num_batches", "hvp_mode", "loss_head", "loss_form",
+                "loss_reduction", "bn_mode"):
+        v = getattr(H, key, None)
+        if v is not None:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    names = getattr(H, "param_names", None)
+    if names:
+        out["num_param_tensors"] = len(names)
+    return out

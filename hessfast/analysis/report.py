@@ -1,0 +1,276 @@
+"""The :class:`Report` of :func:`hessfast.analysis.analyze.analyze`: JSON-safe numbers, where each
+came from, a readable table (:meth:`Report.summary`) and a figure (:meth:`Report.plot`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArgumentTypeError, ConfigurationError
+
+__all__ = ["Report", "jsonable"]
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with tuples as lists, numpy/torch scalars and 0-d tensors as Python numbers, tensors
+    as nested lists and non-finite floats as None: what :func:`json.dumps` writes as strict JSON
+    and reads back unchanged."""
+    if isinstance(x, Enum):  # a Status (a str enum) -> its plain value
+        return jsonable(x.value)
+    if isinstance(x, bool) or x is None:
+        return x
+    if isinstance(x, str):
+        return str(x)
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist"):  # torch / numpy tensors and scalars
+        return jsonable(x.tolist())
+    raise ArgumentTypeError(
+        f"Report: cannot store a {type(x).__name__} as JSON; convert it to a float, int, str, "
+        "list or dict first"
+    )
+
+
+@dataclass
+class Report:
+    """The curvature of one model at one point, from :func:`analyze`.
+
+    Every field is JSON-safe (float, int, str, bool, list, dict or None; non-finite values are
+    stored as None), so ``json.dumps(report.to_dict())`` works and
+    ``Report.from_json(report.to_json()) == report``.
+
+    Attributes:
+        curvature: ``"Hessian"``, ``"GGN"`` or ``"operator"`` (a plain LinearOperator).
+        n: number of parameters (the operator is ``[n, n]``).
+        operator: description: model class, samples, batches, dtype, device, hvp_mode,
+            loss_head, loss_form, parameter tensors (what the operator carries).
+        lambda_max, lambda_max_residual: the largest eigenvalue and its residual
+            ``||H v - λ v||``.
+        top_eigenvalues, top_residuals: ``[k]`` largest eigenvalues (descending) and residuals.
+        top_converged: every top pair met ``tol``.
+        lambda_min, lambda_min_residual, lambda_min_converged: the smallest eigenvalue.
+        trace, trace_stderr: ``tr(H)`` and its standard error (0 when exact).
+        condition: ``lambda_max / lambda_min`` when the operator is positive definite beyond
+            the residuals and the zero threshold, else None (see ``condition_note``).
+        definiteness: ``"positive definite"``, ``"positive semi-definite (singular to
+            tolerance)"``, ``"indefinite"`` or ``"negative semi-definite"``.
+        condition_note: how ``definiteness`` was decided, in words.
+        zero_threshold: ``tol * max(|lambda_max|, |lambda_min|)``: eigenvalues within it of 0
+            count as zero.
+        negative_mass: fraction of the spectrum below ``-zero_threshold`` (SLQ weights).
+        stable_lr: ``2 / lambda_max``: the largest step size at which gradient descent on the
+            quadratic model does not diverge along the top eigenvector (None if lambda_max <= 0).
+        effective_rank, effective_rank_definition: ``tr|H| / max|λ|`` (SLQ estimate of
+            ``tr|H|``; equals ``tr(H) / lambda_max`` for a PSD operator).
+        density: :meth:`hessfast.SpectralDensity.to_dict` of the SLQ run (re-plot with
+            ``SpectralDensity.from_dict``), plus ``sigma`` (the smoothing width used).
+        per_layer: ``BlockSpectra.to_dict()["groups"]`` (one dict per parameter group with
+            name, size, lambda_max, lambda_max_residual, converged, trace, trace_stderr), or
+            None.
+        parts: one dict per part: name, quantities, num_matvecs, data_passes, seconds, source
+            (where its numbers came from, in words).
+        settings: the arguments of :func:`analyze` (k, probes, steps, tol, seed, groups).
+        lr: the training learning rate, if given (the plot marks ``2 / lr``).
+        hessfast_version, created: provenance (ISO time, UTC).
+    """
+
+    curvature: str
+    n: int
+    operator: dict[str, Any] = field(default_factory=dict)
+    lambda_max: float | None = None
+    lambda_max_residual: float | None = None
+    top_eigenvalues: list[float] = field(default_factory=list)
+    top_residuals: list[float] = field(default_factory=list)
+    top_converged: bool = False
+    lambda_min: float | None = None
+    lambda_min_residual: float | None = None
+    lambda_min_converged: bool = False
+    trace: float | None = None
+    trace_stderr: float | None = None
+    condition: float | None = None
+    definiteness: str = "unknown"
+    condition_note: str = ""
+    zero_threshold: float | None = None
+    negative_mass: float | None = None
+    stable_lr: float | None = None
+    effective_rank: float | None = None
+    effective_rank_definition: str = ""
+    density: dict[str, Any] | None = None
+    per_layer: list[dict[str, Any]] | None = None
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    hessfast_version: str = ""
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, jsonable(getattr(self, f.name)))
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-safe dict (a deep copy)."""
+        return asdict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = 1) -> str:
+        """Strict JSON text of :meth:`to_dict`; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        """Inverse of :meth:`to_dict`. Raises ConfigurationError on missing or unknown keys."""
+        if not isinstance(d, dict):
+            raise ArgumentTypeError(
+                f"Report.from_dict: expected a dict from Report.to_dict(), got {type(d).__name__}"
+            )
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        missing = sorted(k for k in ("curvature", "n") if k not in d)
+        if unknown or missing:
+            raise ConfigurationError(
+                f"Report.from_dict: unknown keys {unknown}, missing keys {missing}; pass the "
+                "dict of Report.to_dict() (or the file of Report.to_json(path)) from the same "
+                "hessfast version"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike) -> Report:
+        """Read a report from JSON text or from a file path (as :meth:`to_json` writes it)."""
+        if isinstance(source, os.PathLike) or (
+            isinstance(source, str) and not source.lstrip().startswith("{")
+        ):
+            path = Path(source)
+            if not path.is_file():
+                raise ConfigurationError(
+                    f"Report.from_json: {str(source)[:80]!r} is neither JSON text nor an "
+                    "existing file; pass report.to_json() or the path it was written to"
+                )
+            source = path.read_text(encoding="utf-8")
+        if not isinstance(source, str):
+            raise ArgumentTypeError(
+                f"Report.from_json: expected JSON text or a path, got {type(source).__name__}"
+            )
+        try:
+            d = json.loads(source)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"Report.from_json: not valid JSON ({exc})") from exc
+        return cls.from_dict(d)
+
+    # -- reading ------------------------------------------------------------------------------
+    def part(self, name: str) -> dict[str, Any]:
+        """The entry of ``parts`` called ``name`` (KeyError naming the parts if absent)."""
+        for p in self.parts:
+            if p.get("name") == name:
+                return p
+        raise KeyError(f"no part {name!r}; parts: {[p.get('name') for p in self.parts]}")
+
+    def summary(self) -> str:
+        """A readable table: the numbers, their uncertainty and where each came from; the
+        per-layer table; the cost of each part."""
+        op = self.operator
+        head = f"hessfast report: {self.curvature} of {op.get('model', 'an operator')}"
+        desc = [f"n = {self.n:,} parameters"]
+        if op.get("num_samples") is not None:
+            desc.append(f"{op['num_samples']:,} samples in {op.get('num_batches')} batch(es)")
+        desc += [str(op[k]) for k in ("dtype", "device") if op.get(k)]
+        if op.get("hvp_mode"):
+            desc.append(f"products: {op['hvp_mode']}")
+        lines = [head, "  " + ", ".join(desc), ""]
+        src = {q: p["name"] for p in self.parts for q in p.get("quantities", [])}
+        rows: list[tuple[str, str, str, str]] = []
+
+        def add(label: str, value: str, err: str, key: str) -> None:
+            rows.append((label, value, err, src.get(key, "")))
+
+        add("lambda_max", _f(self.lambda_max), _res(self.lambda_max_residual), "lambda_max")
+        k = len(self.top_eigenvalues)
+        add(f"top-{k} eigenvalues", ", ".join(_f(v, 4) for v in self.top_eigenvalues),
+            "max " + _res(max(self.top_residuals, default=None)), "top_eigenvalues")
+        add("lambda_min", _f(self.lambda_min), _res(self.lambda_min_residual), "lambda_min")
+        add("trace", _f(self.trace), _pm(self.trace_stderr), "trace")
+        add("definiteness", self.definiteness, "", "definiteness")
+        add("condition number", "inf (not PD)" if self.condition is None else _f(self.condition),
+            "", "condition")
+        add("negative mass", "n/a" if self.negative_mass is None
+            else f"{100 * self.negative_mass:.3g} %", "", "negative_mass")
+        add("stable lr 2/lambda_max", _f(self.stable_lr), "", "stable_lr")
+        if self.lr is not None:
+            edge = 2.0 / self.lr
+            add("lr (given); 2/lr", f"{self.lr:.4g}; {edge:.4g}",
+                "lambda_max " + ("<" if (self.lambda_max or 0) < edge else ">=") + " 2/lr", "")
+        add("effective rank", _f(self.effective_rank), "", "effective_rank")
+        lines += _table(("quantity", "value", "± stderr / residual", "from part"), rows)
+        if self.effective_rank_definition:
+            lines.append(f"  effective rank = {self.effective_rank_definition}")
+        if self.condition_note:
+            lines.append(f"  definiteness: {self.condition_note}")
+        if self.per_layer:
+            lines += ["", "per layer (diagonal blocks):"]
+            lines += _table(("group", "size", "lambda_max", "residual", "trace", "± stderr"), [
+                (str(g.get("name")), f"{g.get('size', 0):,}", _f(g.get("lambda_max")),
+                 _res(g.get("lambda_max_residual")), _f(g.get("trace")),
+                 "exact" if g.get("trace_exact") else _pm(g.get("trace_stderr")))
+                for g in self.per_layer
+            ])
+        lines += ["", "cost:"]
+        tot = [sum(p.get(c) or 0 for p in self.parts) for c in ("num_matvecs", "data_passes")]
+        secs = sum(p.get("seconds") or 0.0 for p in self.parts)
+        prow = [(p["name"], f"{p.get('num_matvecs', 0):,}", f"{p.get('data_passes', 0):,}",
+                 f"{p.get('seconds') or 0.0:.2f}", p.get("source", "")) for p in self.parts]
+        prow.append(("total", f"{tot[0]:,}", f"{tot[1]:,}", f"{secs:.2f}", ""))
+        lines += _table(("part", "products", "data passes", "seconds", "source"), prow)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def plot(self, path: str | os.PathLike, *, dpi: int = 150) -> Path:
+        """Write the figure (density with the eigenvalues marked, per-layer bars) to ``path``
+        (PNG, PDF or SVG by the suffix) and return the path; see
+        :func:`hessfast.analysis.plot.plot_report`. Needs matplotlib."""
+        from .plot import plot_report
+
+        return plot_report(self, path, dpi=dpi)
+
+
+def _f(x: float | None, digits: int = 6) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def _res(x: float | None) -> str:
+    return "n/a" if x is None else f"res {x:.2g}"
+
+
+def _pm(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return "exact" if x == 0 else f"± {x:.3g}"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns; the last column is not padded (it may be long)."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = []
+    for j, r in enumerate([header, *rows]):
+        cells = [c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)]
+        out.append("  " + "  ".join(cells).rstrip())
+        if j == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return out
