@@ -30,7 +30,7 @@ from ._checks import as_operator, check_int, check_positive, check_seed
 from ._probe import probe_operator
 from .errors import ArgumentTypeError, ConfigurationError
 from .linop import LinearOperator
-from .progress import set_total, tracked
+from .progress import set_total, track
 from .results import JsonResult
 from .spectrum import EigshResult, eigsh
 
@@ -80,7 +80,6 @@ class ConditionResult(JsonResult):
     singular_early: bool = False
 
 
-@tracked("condition_number")
 def condition_number(
     A: LinearOperator,
     *,
@@ -123,71 +122,72 @@ def condition_number(
     Raises:
         ConfigurationError: a bad argument, named (e.g. a reused result of another size).
     """
-    t0 = time.perf_counter()
-    who = "hessfast.condition_number"
-    A = as_operator(A, who, allow_empty=False)
-    n = A.shape[0]
-    tol = check_positive("tol", tol, who=who)
-    if max_matvecs is not None:
-        max_matvecs = check_int("max_matvecs", max_matvecs, 1, who=who)
-    budget = max_matvecs if max_matvecs is not None else 1000
-    if not isinstance(density, bool) and not _is_density(density):
-        raise ConfigurationError(
-            f"{who}: density must be True or False, or a SpectralDensity of A to reuse; got "
-            f"{type(density).__name__}"
-        )
-    if _is_density(density) and int(density.n) != n:
-        raise ConfigurationError(
-            f"{who}: the density given is of an operator of size {density.n}, A has n={n}; "
-            "pass the density computed on A"
-        )
-    num_probes = check_int("num_probes", num_probes, 1, who=who)
-    num_steps = check_int("num_steps", num_steps, 1, who=who)
-    seed = check_seed(seed, who=who)
-    top = _known("lambda_max", lambda_max, ("LA", "BE"), n, who)
-    bottom = _known("lambda_min", lambda_min, ("SA", "BE"), n, who)
-    if psd is None:
-        psd = getattr(A, "_kind", None) == "GGN"
-    elif not isinstance(psd, bool):
-        raise ArgumentTypeError(f"{who}: psd must be True, False or None, got {psd!r}")
-    set_total((top is None) * budget + (bottom is None) * budget
-              + (density is True) * num_probes * min(num_steps, n))
-    if top is None or bottom is None:
-        probe_operator(A, who)  # once, before counting: the result counts the algorithm's
-    mv0 = A.num_matvecs
-    if top is None:
-        r = eigsh(A, k=1, which="LA", tol=tol, max_matvecs=max_matvecs, seed=seed)
-        top = (float(r.eigenvalues[0]), bool(r.converged.all()))
-    lmax, top_ok = top
-    early = False
-    if bottom is None:
-        seed2 = seed + 1 if seed < 2**64 - 1 else seed - 1  # the SA run's own start
-        lmin, bottom_ok, early = _smallest(A, lmax, tol, budget, seed2, psd, who)
-    else:
-        lmin, bottom_ok = bottom
-    zero = tol * max(abs(lmax), abs(lmin))
-    if early or -zero <= lmin <= zero:
-        definiteness, kappa = "singular", math.inf
-    elif lmin > zero:
-        definiteness, kappa = "positive definite", lmax / lmin
-    else:
-        definiteness, kappa = "indefinite", math.inf
-    neg_ratio = abs(lmin) / lmax if definiteness == "indefinite" and lmax > 0 else 0.0
-    neg_mass = None
-    if definiteness == "indefinite" and density is not False:
-        d = density
-        if density is True:
-            from .density import spectral_density
+    with track(A, "condition_number", enabled=progress):
+        t0 = time.perf_counter()
+        who = "hessfast.condition_number"
+        A = as_operator(A, who, allow_empty=False)
+        n = A.shape[0]
+        tol = check_positive("tol", tol, who=who)
+        if max_matvecs is not None:
+            max_matvecs = check_int("max_matvecs", max_matvecs, 1, who=who)
+        budget = max_matvecs if max_matvecs is not None else 1000
+        if not isinstance(density, bool) and not _is_density(density):
+            raise ConfigurationError(
+                f"{who}: density must be True or False, or a SpectralDensity of A to reuse; got "
+                f"{type(density).__name__}"
+            )
+        if _is_density(density) and int(density.n) != n:
+            raise ConfigurationError(
+                f"{who}: the density given is of an operator of size {density.n}, A has n={n}; "
+                "pass the density computed on A"
+            )
+        num_probes = check_int("num_probes", num_probes, 1, who=who)
+        num_steps = check_int("num_steps", num_steps, 1, who=who)
+        seed = check_seed(seed, who=who)
+        top = _known("lambda_max", lambda_max, ("LA", "BE"), n, who)
+        bottom = _known("lambda_min", lambda_min, ("SA", "BE"), n, who)
+        if psd is None:
+            psd = getattr(A, "_kind", None) == "GGN"
+        elif not isinstance(psd, bool):
+            raise ArgumentTypeError(f"{who}: psd must be True, False or None, got {psd!r}")
+        set_total((top is None) * budget + (bottom is None) * budget
+                  + (density is True) * num_probes * min(num_steps, n))
+        if top is None or bottom is None:
+            probe_operator(A, who)  # once, before counting: the result counts the algorithm's
+        mv0 = A.num_matvecs
+        if top is None:
+            r = eigsh(A, k=1, which="LA", tol=tol, max_matvecs=max_matvecs, seed=seed)
+            top = (float(r.eigenvalues[0]), bool(r.converged.all()))
+        lmax, top_ok = top
+        early = False
+        if bottom is None:
+            seed2 = seed + 1 if seed < 2**64 - 1 else seed - 1  # the SA run's own start
+            lmin, bottom_ok, early = _smallest(A, lmax, tol, budget, seed2, psd, who)
+        else:
+            lmin, bottom_ok = bottom
+        zero = tol * max(abs(lmax), abs(lmin))
+        if early or -zero <= lmin <= zero:
+            definiteness, kappa = "singular", math.inf
+        elif lmin > zero:
+            definiteness, kappa = "positive definite", lmax / lmin
+        else:
+            definiteness, kappa = "indefinite", math.inf
+        neg_ratio = abs(lmin) / lmax if definiteness == "indefinite" and lmax > 0 else 0.0
+        neg_mass = None
+        if definiteness == "indefinite" and density is not False:
+            d = density
+            if density is True:
+                from .density import spectral_density
 
-            d = spectral_density(A, num_probes=num_probes, num_steps=num_steps, seed=seed)
-        neg_mass = float((d.weights * (d.nodes < -zero)).sum(dim=1).mean())
-    return ConditionResult(
-        lambda_max=lmax, lambda_min=lmin, kappa=kappa, definiteness=definiteness,
-        negative_ratio=neg_ratio, negative_mass=neg_mass,
-        stable_lr=2.0 / lmax if lmax > 0 else math.inf, zero_threshold=zero,
-        converged=bool(top_ok and bottom_ok), num_matvecs=A.num_matvecs - mv0,
-        seconds=time.perf_counter() - t0, singular_early=early,
-    )
+                d = spectral_density(A, num_probes=num_probes, num_steps=num_steps, seed=seed)
+            neg_mass = float((d.weights * (d.nodes < -zero)).sum(dim=1).mean())
+        return ConditionResult(
+            lambda_max=lmax, lambda_min=lmin, kappa=kappa, definiteness=definiteness,
+            negative_ratio=neg_ratio, negative_mass=neg_mass,
+            stable_lr=2.0 / lmax if lmax > 0 else math.inf, zero_threshold=zero,
+            converged=bool(top_ok and bottom_ok), num_matvecs=A.num_matvecs - mv0,
+            seconds=time.perf_counter() - t0, singular_early=early,
+        )
 
 
 def _is_density(d: Any) -> bool:
@@ -245,7 +245,7 @@ def _smallest(
                 f"{zero:.3g} (tol * lambda_max): Ritz value {theta:.3g}, residual {res:.3g}"
                 f"{' (A is PSD)' if psd else ''} after {used} products, so kappa = inf. "
                 "Stopped there instead of converging a zero eigenvalue",
-                stacklevel=4,
+                stacklevel=3,
             )
             return theta, True, True
         if last or used >= budget:

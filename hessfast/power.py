@@ -17,7 +17,7 @@ import torch
 from ._checks import as_operator, check_choice, check_int, check_positive, check_seed
 from ._probe import probe_operator
 from .linop import LinearOperator
-from .progress import set_postfix, set_total, tracked
+from .progress import set_postfix, set_total, track
 from .results import JsonResult
 
 __all__ = ["PowerResult", "power_iteration"]
@@ -72,7 +72,6 @@ def _power(
     return theta, v, res, False, used, norm_est
 
 
-@tracked("power_iteration")
 def power_iteration(
     A: LinearOperator,
     *,
@@ -98,25 +97,26 @@ def power_iteration(
     Returns:
         :class:`PowerResult`.
     """
-    who = "hessfast.power_iteration"
-    A = as_operator(A, who, allow_empty=False)
-    check_choice("which", which, ("LA", "LM"), who=who)
-    tol = check_positive("tol", tol, who=who)
-    max_matvecs = check_int("max_matvecs", max_matvecs, 1, who=who)
-    seed = check_seed(seed, who=who)
-    set_total(max_matvecs)
-    probe_operator(A, who)
-    n = A.shape[0]
-    t0 = time.perf_counter()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(n, generator=gen, dtype=torch.float64)
-    v = (v / v.norm()).to(device=A.device, dtype=A.dtype)
-    theta, v, res, ok, used, _ = _power(A, v, 0.0, tol, max_matvecs)
-    if which == "LA" and theta < 0 and used < max_matvecs:
-        # The dominant eigenvalue is negative; A - theta I is PSD with its largest
-        # eigenvalue at lambda_max - theta, so power iteration on it finds lambda_max.
-        v0 = torch.randn(n, generator=gen, dtype=torch.float64)
-        v0 = (v0 / v0.norm()).to(device=A.device, dtype=A.dtype)
-        theta, v, res, ok, more, _ = _power(A, v0, theta, tol, max_matvecs - used)
-        used += more
-    return PowerResult(theta, v, res, ok, used, time.perf_counter() - t0)
+    with track(A, "power_iteration", enabled=progress):
+        who = "hessfast.power_iteration"
+        A = as_operator(A, who, allow_empty=False)
+        check_choice("which", which, ("LA", "LM"), who=who)
+        tol = check_positive("tol", tol, who=who)
+        max_matvecs = check_int("max_matvecs", max_matvecs, 1, who=who)
+        seed = check_seed(seed, who=who)
+        set_total(max_matvecs)
+        probe_operator(A, who)
+        n = A.shape[0]
+        t0 = time.perf_counter()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randn(n, generator=gen, dtype=torch.float64)
+        v = (v / v.norm()).to(device=A.device, dtype=A.dtype)
+        theta, v, res, ok, used, _ = _power(A, v, 0.0, tol, max_matvecs)
+        if which == "LA" and theta < 0 and used < max_matvecs:
+            # The dominant eigenvalue is negative; A - theta I is PSD with its largest
+            # eigenvalue at lambda_max - theta, so power iteration on it finds lambda_max.
+            v0 = torch.randn(n, generator=gen, dtype=torch.float64)
+            v0 = (v0 / v0.norm()).to(device=A.device, dtype=A.dtype)
+            theta, v, res, ok, more, _ = _power(A, v0, theta, tol, max_matvecs - used)
+            used += more
+        return PowerResult(theta, v, res, ok, used, time.perf_counter() - t0)

@@ -3,7 +3,7 @@
 :func:`track` shows a tqdm bar of the products (``A.num_matvecs`` increments, unit
 "products") made while it is active. Every long entry point (``eigsh``, ``lambda_max``,
 ``power_iteration``, ``spectral_density``, ``trace``, ``diagonal``, ``condition_number``)
-wraps its work in one through :func:`tracked`, and takes ``progress: bool | None = None``:
+wraps its work in one, and takes ``progress: bool | None = None``:
 
 - ``None`` (default): a bar when stderr is a terminal and the environment variable
   ``HESSFAST_PROGRESS`` is not ``"0"`` (``"1"`` shows it even when stderr is not a terminal);
@@ -24,20 +24,17 @@ shown; without tqdm there is no bar and no error.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any
 
 from .errors import ArgumentTypeError
 from .linop import PRODUCT_LISTENERS
 
-__all__ = ["check_progress", "progress_enabled", "set_postfix", "set_total", "track", "tracked"]
-
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["check_progress", "progress_enabled", "set_postfix", "set_total", "track"]
 
 #: the tracker of the outermost active :func:`track` in this context (None: none active)
 _ACTIVE: ContextVar[_Tracker | None] = ContextVar("hessfast_progress_active", default=None)
@@ -179,19 +176,3 @@ def set_postfix(**values: Any) -> None:
     t.postfix.update(values)
     if t.bar is not None:
         t.bar.set_postfix(t.postfix, refresh=False)
-
-
-def tracked(desc: str) -> Callable[[F], F]:
-    """Decorator: run ``fn(A, ..., progress=...)`` inside ``track(A, desc, enabled=progress)``.
-    The decorated function declares and documents ``progress`` itself (and ignores it)."""
-
-    def deco(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            A = args[0] if args else kwargs.get("A")
-            with track(A, desc, enabled=check_progress(kwargs.get("progress"), desc)):
-                return fn(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return deco

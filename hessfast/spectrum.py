@@ -35,7 +35,7 @@ from .lanczos.sharded import check_sharded, sharded_lanczos, sharding_comm
 from .linop import LinearOperator
 from .memory import choose_basis
 from .power import power_iteration
-from .progress import set_total, tracked
+from .progress import set_total, track
 from .results import JsonResult, Status
 
 __all__ = ["EigshResult", "default_block_size", "eigsh", "lambda_max"]
@@ -105,7 +105,6 @@ def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -
     )
 
 
-@tracked("eigsh")
 def eigsh(
     A: LinearOperator,
     k: int = 6,
@@ -184,127 +183,128 @@ def eigsh(
             operator (:mod:`hessfast._probe`; 4 products, not in ``num_matvecs``) found it
             asymmetric or random.
     """
-    t0 = time.perf_counter()
-    who = "hessfast.eigsh"
-    A = as_operator(A, who, allow_empty=False)
-    n = A.shape[0]
-    check_choice("which", which, WHICH, who=who)
-    k = check_int("k", k, 1, who=who)
-    if k > n:
-        raise ConfigurationError(f"{who}: k must be <= n={n}, got {k}")
-    tol = check_positive("tol", tol, who=who)
-    check_choice("reorth", reorth, ("full", "partial", "none"), who=who)
-    check_choice("method", method, ("lanczos", "power"), who=who)
-    seed = check_seed(seed, who=who)
-    explicit_dtype = basis_dtype
-    basis_dtype = check_basis_dtype(basis_dtype, work_dtype(A.dtype), who=who)
-    max_matvecs = check_int("max_matvecs", max(1000, 40 * k) if max_matvecs is None
-                            else max_matvecs, 1, who=who)
-    basis_device = check_basis_device(basis_device, who=who)
-    if v0 is not None:
-        v0 = check_start_vectors(v0, n, who=who)
-    if not isinstance(basis_sharding, bool):
-        raise ArgumentTypeError(f"{who}: basis_sharding must be a bool, got {basis_sharding!r}")
-    comm = sharding_comm(A, who) if basis_sharding else None
-    if method == "power":
-        if k != 1:
-            raise ConfigurationError(
-                f"method='power' finds one eigenpair, got k={k}; use method='lanczos'"
+    with track(A, "eigsh", enabled=progress):
+        t0 = time.perf_counter()
+        who = "hessfast.eigsh"
+        A = as_operator(A, who, allow_empty=False)
+        n = A.shape[0]
+        check_choice("which", which, WHICH, who=who)
+        k = check_int("k", k, 1, who=who)
+        if k > n:
+            raise ConfigurationError(f"{who}: k must be <= n={n}, got {k}")
+        tol = check_positive("tol", tol, who=who)
+        check_choice("reorth", reorth, ("full", "partial", "none"), who=who)
+        check_choice("method", method, ("lanczos", "power"), who=who)
+        seed = check_seed(seed, who=who)
+        explicit_dtype = basis_dtype
+        basis_dtype = check_basis_dtype(basis_dtype, work_dtype(A.dtype), who=who)
+        max_matvecs = check_int("max_matvecs", max(1000, 40 * k) if max_matvecs is None
+                                else max_matvecs, 1, who=who)
+        basis_device = check_basis_device(basis_device, who=who)
+        if v0 is not None:
+            v0 = check_start_vectors(v0, n, who=who)
+        if not isinstance(basis_sharding, bool):
+            raise ArgumentTypeError(f"{who}: basis_sharding must be a bool, got {basis_sharding!r}")
+        comm = sharding_comm(A, who) if basis_sharding else None
+        if method == "power":
+            if k != 1:
+                raise ConfigurationError(
+                    f"method='power' finds one eigenpair, got k={k}; use method='lanczos'"
+                )
+            if which not in ("LA", "LM"):
+                raise ConfigurationError(f"method='power' supports which='LA' or 'LM', got {which}")
+            set_total(max_matvecs)
+            probe_operator(A, who)
+            mv0, p0 = A.num_matvecs, A.num_passes
+            r = power_iteration(A, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
+            vec = r.eigenvector.unsqueeze(0)
+            if not r.converged:
+                warnings.warn(
+                    f"hessfast.eigsh(method='power'): not converged after {r.num_matvecs} "
+                    f"products (residual {r.residual:.3g}); returning the partial result",
+                    stacklevel=2,
+                )
+            return EigshResult(
+                torch.tensor([r.eigenvalue], dtype=torch.float64), vec,
+                torch.tensor([r.residual], dtype=torch.float64), torch.tensor([r.converged]),
+                Status.CONVERGED if r.converged else Status.MAX_MATVECS, A.num_matvecs - mv0,
+                A.num_passes - p0, 0, abs(r.eigenvalue), 0.0, time.perf_counter() - t0, which,
+                tol, "power",
             )
-        if which not in ("LA", "LM"):
-            raise ConfigurationError(f"method='power' supports which='LA' or 'LM', got {which}")
+        if n <= dense_below or k > n // 2:
+            warnings.warn(
+                f"hessfast.eigsh: n={n} is tiny or k={k} is more than half of it; solving "
+                f"densely ({n} products, float64 eigh)",
+                stacklevel=2,
+            )
+            set_total(n)
+            probe_operator(A, who)
+            return _dense_eigsh(A, k, which, tol, t0)
+        b = block_size if block_size is not None else default_block_size(A, k)
+        if block_size is None and v0 is not None:
+            b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
+        if comm is not None:
+            b = 1 if block_size is None else b
+            check_sharded(b, reorth, checkpoint, who)
+        b = check_int("block_size", b, 1, who=who)
+        b = min(b, n)
+        if max_matvecs < max(b, k):
+            raise ConfigurationError(
+                f"{who}: max_matvecs={max_matvecs} is below what one run needs: a first block "
+                f"of block_size={b} products and at least k={k} products for k pairs; raise "
+                f"max_matvecs to at least {max(b, k)} (or lower block_size / k)"
+            )
+        cap = max_basis if max_basis is not None else max(2 * k + 2 * b, 32)
+        cap = min(cap, n)
+        if cap < k + 2 * b and cap < n:
+            raise ConfigurationError(
+                f"max_basis={cap} is too small for k={k} and block_size={b}: it needs at least "
+                f"k + 2*block_size = {k + 2 * b}"
+            )
+        given = None if explicit_dtype is None else basis_dtype
+        shards = {} if comm is None else dict(world_size=comm.size, basis_sharding=True)
+        bd, basis_device, pin = choose_basis(A, "eigsh", given, basis_device, who, k=k,
+                                             block_size=b, max_basis=cap, **shards)
+        basis_dtype = bd or basis_dtype
+        ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
+            n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
+            seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=fingerprint_tensor(v0),
+        ), checkpoint_every, who)
         set_total(max_matvecs)
         probe_operator(A, who)
-        mv0, p0 = A.num_matvecs, A.num_passes
-        r = power_iteration(A, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
-        vec = r.eigenvector.unsqueeze(0)
-        if not r.converged:
+        lanczos = block_lanczos if comm is None else functools.partial(sharded_lanczos, comm=comm)
+        st = lanczos(
+            A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs, v0=v0,
+            seed=seed, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device,
+            pin_memory=pin, checkpoint=ckpt,
+        )
+        lost = 100 * math.sqrt(torch.finfo(basis_dtype).eps)  # the basis' own precision
+        if st.orthogonality > lost:
             warnings.warn(
-                f"hessfast.eigsh(method='power'): not converged after {r.num_matvecs} "
-                f"products (residual {r.residual:.3g}); returning the partial result",
+                f"hessfast.eigsh: the returned vectors are far from orthogonal (max|V V^T - I| = "
+                f"{st.orthogonality:.2g}, reorth={reorth!r}): duplicate 'ghost' eigenvalues and "
+                "wrong residuals are likely. Use reorth='full'",
+                stacklevel=2,
+            )
+        if st.status != "CONVERGED" and bool(st.converged.all()):
+            warnings.warn(
+                f"hessfast.eigsh: all {k} pairs converged but the check that no eigenvalue was "
+                f"missed (verification, {st.verify_matvecs} products) did not finish within "
+                f"max_matvecs={max_matvecs}; status {st.status}. Raise max_matvecs",
+                stacklevel=2,
+            )
+        elif st.status != "CONVERGED":
+            warnings.warn(
+                f"hessfast.eigsh: {int(st.converged.sum())} of {k} pairs converged "
+                f"(status {st.status}, {st.num_matvecs} products); returning the partial result "
+                "with its residuals. Raise max_matvecs or tol",
                 stacklevel=2,
             )
         return EigshResult(
-            torch.tensor([r.eigenvalue], dtype=torch.float64), vec,
-            torch.tensor([r.residual], dtype=torch.float64), torch.tensor([r.converged]),
-            Status.CONVERGED if r.converged else Status.MAX_MATVECS, A.num_matvecs - mv0,
-            A.num_passes - p0, 0, abs(r.eigenvalue), 0.0, time.perf_counter() - t0, which,
-            tol, "power",
+            st.theta, st.vectors, st.residuals, st.converged, Status(st.status), st.num_matvecs,
+            st.num_passes, st.num_restarts, st.norm_estimate, st.orthogonality,
+            time.perf_counter() - t0, which, tol, "lanczos", st.verified, st.verify_matvecs,
         )
-    if n <= dense_below or k > n // 2:
-        warnings.warn(
-            f"hessfast.eigsh: n={n} is tiny or k={k} is more than half of it; solving "
-            f"densely ({n} products, float64 eigh)",
-            stacklevel=2,
-        )
-        set_total(n)
-        probe_operator(A, who)
-        return _dense_eigsh(A, k, which, tol, t0)
-    b = block_size if block_size is not None else default_block_size(A, k)
-    if block_size is None and v0 is not None:
-        b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
-    if comm is not None:
-        b = 1 if block_size is None else b
-        check_sharded(b, reorth, checkpoint, who)
-    b = check_int("block_size", b, 1, who=who)
-    b = min(b, n)
-    if max_matvecs < max(b, k):
-        raise ConfigurationError(
-            f"{who}: max_matvecs={max_matvecs} is below what one run needs: a first block "
-            f"of block_size={b} products and at least k={k} products for k pairs; raise "
-            f"max_matvecs to at least {max(b, k)} (or lower block_size / k)"
-        )
-    cap = max_basis if max_basis is not None else max(2 * k + 2 * b, 32)
-    cap = min(cap, n)
-    if cap < k + 2 * b and cap < n:
-        raise ConfigurationError(
-            f"max_basis={cap} is too small for k={k} and block_size={b}: it needs at least "
-            f"k + 2*block_size = {k + 2 * b}"
-        )
-    given = None if explicit_dtype is None else basis_dtype
-    shards = {} if comm is None else dict(world_size=comm.size, basis_sharding=True)
-    bd, basis_device, pin = choose_basis(A, "eigsh", given, basis_device, who, k=k,
-                                         block_size=b, max_basis=cap, **shards)
-    basis_dtype = bd or basis_dtype
-    ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
-        n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
-        seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=fingerprint_tensor(v0),
-    ), checkpoint_every, who)
-    set_total(max_matvecs)
-    probe_operator(A, who)
-    lanczos = block_lanczos if comm is None else functools.partial(sharded_lanczos, comm=comm)
-    st = lanczos(
-        A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs, v0=v0,
-        seed=seed, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device,
-        pin_memory=pin, checkpoint=ckpt,
-    )
-    lost = 100 * math.sqrt(torch.finfo(basis_dtype).eps)  # the basis' own precision
-    if st.orthogonality > lost:
-        warnings.warn(
-            f"hessfast.eigsh: the returned vectors are far from orthogonal (max|V V^T - I| = "
-            f"{st.orthogonality:.2g}, reorth={reorth!r}): duplicate 'ghost' eigenvalues and "
-            "wrong residuals are likely. Use reorth='full'",
-            stacklevel=2,
-        )
-    if st.status != "CONVERGED" and bool(st.converged.all()):
-        warnings.warn(
-            f"hessfast.eigsh: all {k} pairs converged but the check that no eigenvalue was "
-            f"missed (verification, {st.verify_matvecs} products) did not finish within "
-            f"max_matvecs={max_matvecs}; status {st.status}. Raise max_matvecs",
-            stacklevel=2,
-        )
-    elif st.status != "CONVERGED":
-        warnings.warn(
-            f"hessfast.eigsh: {int(st.converged.sum())} of {k} pairs converged "
-            f"(status {st.status}, {st.num_matvecs} products); returning the partial result "
-            "with its residuals. Raise max_matvecs or tol",
-            stacklevel=2,
-        )
-    return EigshResult(
-        st.theta, st.vectors, st.residuals, st.converged, Status(st.status), st.num_matvecs,
-        st.num_passes, st.num_restarts, st.norm_estimate, st.orthogonality,
-        time.perf_counter() - t0, which, tol, "lanczos", st.verified, st.verify_matvecs,
-    )
 
 
 def default_block_size(A: LinearOperator, k: int) -> int:
@@ -314,7 +314,6 @@ def default_block_size(A: LinearOperator, k: int) -> int:
     return 1 if A.device.type == "cpu" else min(k, 4)
 
 
-@tracked("lambda_max")
 def lambda_max(
     A: LinearOperator, tol: float = 1e-4, *, progress: bool | None = None, **kwargs: Any
 ) -> float:
@@ -322,6 +321,7 @@ def lambda_max(
 
     ``progress``: a progress bar of products on stderr; None: when stderr is a terminal.
     """
-    return float(eigsh(A, k=1, which="LA", tol=tol, **kwargs).eigenvalues[0])
+    with track(A, "lambda_max", enabled=progress):
+        return float(eigsh(A, k=1, which="LA", tol=tol, **kwargs).eigenvalues[0])
 
 

@@ -34,7 +34,7 @@ from ..lanczos.checkpoint import Checkpoint, fingerprint_tensor
 from ..lanczos.probes import REORTHS
 from ..linop import LinearOperator
 from ..memory import choose_basis
-from ..progress import set_total, tracked
+from ..progress import set_total, track
 from .kpm import kpm
 from .result import SpectralDensity
 from .slq import gather_slq, slq_group_size, slq_grouped
@@ -69,7 +69,6 @@ def draw_probes(
     return Z.to(device=device, dtype=dtype)
 
 
-@tracked("spectral_density")
 def spectral_density(
     A: LinearOperator,
     num_probes: int = 8,
@@ -144,101 +143,102 @@ def spectral_density(
         ConfigurationError: a bad argument (named in the message).
         NonFiniteError: the operator returned NaN or Inf, or ``v0`` contains them.
     """
-    t0 = time.perf_counter()
-    A = as_operator(A, _WHO, allow_empty=False)
-    check_choice("method", method, METHODS, who=_WHO)
-    check_choice("probe", probe, PROBES, who=_WHO)
-    check_choice("reorth", reorth, REORTHS, who=_WHO)
-    num_probes = check_int("num_probes", num_probes, 1, who=_WHO)
-    num_steps = check_int("num_steps", num_steps, 1, who=_WHO)
-    seed = check_seed(seed, who=_WHO)
-    work = work_dtype(A.dtype)
-    bdtype = check_basis_dtype(basis_dtype, work, who=_WHO)
-    bdev = check_basis_device(basis_device, who=_WHO)
-    if num_moments is not None:
-        if method != "kpm":
-            raise ConfigurationError(
-                f"{_WHO}: num_moments applies to method='kpm' only; drop it or pass "
-                "method='kpm'"
-            )
-        num_moments = check_int("num_moments", num_moments, 1, who=_WHO)
-    if mesh is not None:
-        mesh = Mesh.checked(mesh, _WHO)
-        if method != "slq" or checkpoint is not None:
-            raise ConfigurationError(
-                f"{_WHO}: mesh= runs method='slq' without checkpoint= only (KPM's bounds and "
-                "moments are not split over probe groups, and one checkpoint file cannot "
-                "hold every group's state); drop mesh=, or use SLQ without a checkpoint"
-            )
-        mesh.check_operator(A, _WHO)
-    n = A.shape[0]
-    probe_name = probe
-    total = num_probes if v0 is None else _start_vectors(v0, n, work, A.device).shape[0]
-    share = range(total) if mesh is None else mesh.share(total, _WHO)
-    m = min(num_steps, n)
-    pin = False
-    if method == "slq":
-        given = None if basis_dtype is None else bdtype
-        chosen, bdev, pin = choose_basis(A, "slq", given, bdev, _WHO, num_steps=m,
-                                         num_probes=len(share), reorth=reorth)
-        bdtype = chosen or bdtype
-    elif checkpoint is not None:
-        raise ConfigurationError(f"{_WHO}: checkpoint applies to method='slq' only; drop it")
-    group = slq_group_size(n, m, reorth, work, bdtype)
-    ckpt = None if checkpoint is None else Checkpoint(checkpoint, "slq", dict(
-        n=n, dtype=str(A.dtype), num_probes=num_probes, num_steps=m, seed=seed, probe=probe,
-        reorth=reorth, basis_dtype=str(bdtype), group=group, v0=fingerprint_tensor(v0),
-    ), checkpoint_every, _WHO)
-    Z: torch.Tensor | None = None
-    if v0 is not None:
-        Z = _start_vectors(v0, n, work, A.device)[share.start : share.stop]
-        probe_name = "given"
-    elif mesh is None and (method == "kpm" or num_probes <= group):
-        Z = draw_probes(n, num_probes, seed=seed, probe=probe, dtype=work, device=A.device)
-    if method == "slq":
-        set_total(len(share) * m)
-    else:  # the bounds' Lanczos steps, then the doubling passes of all probes
-        M_planned = num_moments if num_moments is not None else 2 * num_steps
-        set_total(min(n, 10) + len(share) * (1 + math.ceil(max(M_planned - 1, 0) / 2)))
-    probe_operator(A, _WHO)
+    with track(A, "spectral_density", enabled=progress):
+        t0 = time.perf_counter()
+        A = as_operator(A, _WHO, allow_empty=False)
+        check_choice("method", method, METHODS, who=_WHO)
+        check_choice("probe", probe, PROBES, who=_WHO)
+        check_choice("reorth", reorth, REORTHS, who=_WHO)
+        num_probes = check_int("num_probes", num_probes, 1, who=_WHO)
+        num_steps = check_int("num_steps", num_steps, 1, who=_WHO)
+        seed = check_seed(seed, who=_WHO)
+        work = work_dtype(A.dtype)
+        bdtype = check_basis_dtype(basis_dtype, work, who=_WHO)
+        bdev = check_basis_device(basis_device, who=_WHO)
+        if num_moments is not None:
+            if method != "kpm":
+                raise ConfigurationError(
+                    f"{_WHO}: num_moments applies to method='kpm' only; drop it or pass "
+                    "method='kpm'"
+                )
+            num_moments = check_int("num_moments", num_moments, 1, who=_WHO)
+        if mesh is not None:
+            mesh = Mesh.checked(mesh, _WHO)
+            if method != "slq" or checkpoint is not None:
+                raise ConfigurationError(
+                    f"{_WHO}: mesh= runs method='slq' without checkpoint= only (KPM's bounds and "
+                    "moments are not split over probe groups, and one checkpoint file cannot "
+                    "hold every group's state); drop mesh=, or use SLQ without a checkpoint"
+                )
+            mesh.check_operator(A, _WHO)
+        n = A.shape[0]
+        probe_name = probe
+        total = num_probes if v0 is None else _start_vectors(v0, n, work, A.device).shape[0]
+        share = range(total) if mesh is None else mesh.share(total, _WHO)
+        m = min(num_steps, n)
+        pin = False
+        if method == "slq":
+            given = None if basis_dtype is None else bdtype
+            chosen, bdev, pin = choose_basis(A, "slq", given, bdev, _WHO, num_steps=m,
+                                             num_probes=len(share), reorth=reorth)
+            bdtype = chosen or bdtype
+        elif checkpoint is not None:
+            raise ConfigurationError(f"{_WHO}: checkpoint applies to method='slq' only; drop it")
+        group = slq_group_size(n, m, reorth, work, bdtype)
+        ckpt = None if checkpoint is None else Checkpoint(checkpoint, "slq", dict(
+            n=n, dtype=str(A.dtype), num_probes=num_probes, num_steps=m, seed=seed, probe=probe,
+            reorth=reorth, basis_dtype=str(bdtype), group=group, v0=fingerprint_tensor(v0),
+        ), checkpoint_every, _WHO)
+        Z: torch.Tensor | None = None
+        if v0 is not None:
+            Z = _start_vectors(v0, n, work, A.device)[share.start : share.stop]
+            probe_name = "given"
+        elif mesh is None and (method == "kpm" or num_probes <= group):
+            Z = draw_probes(n, num_probes, seed=seed, probe=probe, dtype=work, device=A.device)
+        if method == "slq":
+            set_total(len(share) * m)
+        else:  # the bounds' Lanczos steps, then the doubling passes of all probes
+            M_planned = num_moments if num_moments is not None else 2 * num_steps
+            set_total(min(n, 10) + len(share) * (1 + math.ceil(max(M_planned - 1, 0) / 2)))
+        probe_operator(A, _WHO)
 
-    products = Products(A, work, _WHO)
-    barrier = nullcontext() if mesh is None else mesh.barrier(f"{_WHO}'s probes")
-    with torch.no_grad(), barrier:
-        if method == "slq":  # many probes: streamed in groups, memory bounded
-            gen = probe_generator(seed) if Z is None and mesh is None else None
-            key = [share.start]  # mesh: the next probe index, drawn from its keyed generator
+        products = Products(A, work, _WHO)
+        barrier = nullcontext() if mesh is None else mesh.barrier(f"{_WHO}'s probes")
+        with torch.no_grad(), barrier:
+            if method == "slq":  # many probes: streamed in groups, memory bounded
+                gen = probe_generator(seed) if Z is None and mesh is None else None
+                key = [share.start]  # mesh: the next probe index, drawn from its keyed generator
 
-            def draw(count: int) -> torch.Tensor:
-                if Z is not None:
-                    return Z
-                if gen is None:
-                    G = keyed_probes(seed, range(key[0], key[0] + count), n, probe)
-                    key[0] += count
-                else:
-                    G = sample_probes(gen, count, n, probe)
-                G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
-                return G.to(device=A.device, dtype=work)
+                def draw(count: int) -> torch.Tensor:
+                    if Z is not None:
+                        return Z
+                    if gen is None:
+                        G = keyed_probes(seed, range(key[0], key[0] + count), n, probe)
+                        key[0] += count
+                    else:
+                        G = sample_probes(gen, count, n, probe)
+                    G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
+                    return G.to(device=A.device, dtype=work)
 
-            fields = slq_grouped(products, draw, len(share) if Z is None else Z.shape[0],
-                                 m, reorth, bdtype, group if Z is None else Z.shape[0],
-                                 gen=gen, checkpoint=ckpt, basis_device=bdev, pin_memory=pin)
-        else:
-            M = num_moments if num_moments is not None else 2 * num_steps
-            fields = kpm(products, Z, M, bdtype)
-    if mesh is not None:
-        fields = gather_slq(fields, mesh, total)
-    return SpectralDensity(
-        method=method,
-        n=n,
-        probe=probe_name,
-        seed=seed,
-        num_matvecs=fields.pop("num_matvecs", products.num_matvecs),
-        num_passes=products.num_passes,
-        converged=fields["status"] == "CONVERGED",
-        seconds=time.perf_counter() - t0,
-        **fields,
-    )
+                fields = slq_grouped(products, draw, len(share) if Z is None else Z.shape[0],
+                                     m, reorth, bdtype, group if Z is None else Z.shape[0],
+                                     gen=gen, checkpoint=ckpt, basis_device=bdev, pin_memory=pin)
+            else:
+                M = num_moments if num_moments is not None else 2 * num_steps
+                fields = kpm(products, Z, M, bdtype)
+        if mesh is not None:
+            fields = gather_slq(fields, mesh, total)
+        return SpectralDensity(
+            method=method,
+            n=n,
+            probe=probe_name,
+            seed=seed,
+            num_matvecs=fields.pop("num_matvecs", products.num_matvecs),
+            num_passes=products.num_passes,
+            converged=fields["status"] == "CONVERGED",
+            seconds=time.perf_counter() - t0,
+            **fields,
+        )
 
 
 def _start_vectors(v0: Any, n: int, work: torch.dtype, device: torch.device) -> torch.Tensor:

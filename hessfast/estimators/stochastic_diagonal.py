@@ -11,7 +11,7 @@ import torch
 from .._checks import check_choice, check_seed
 from .._probe import probe_operator
 from ..linop import LinearOperator
-from ..progress import set_total, tracked
+from ..progress import set_total, track
 from ..results import DiagonalResult, Status
 from .exchangeable import Exchangeable, xdiag_estimates
 from .session import Session, max_matvecs_arg
@@ -22,7 +22,6 @@ DIAGONAL_METHODS = ("hutchinson", "xdiag")
 _WHO = "diagonal"
 
 
-@tracked("diagonal")
 def diagonal(
     A: LinearOperator,
     max_matvecs: int = 99,
@@ -59,30 +58,31 @@ def diagonal(
         ConfigurationError: bad method or budget, non-square A.
         NonFiniteError: a product contains NaN or Inf.
     """
-    t0 = time.perf_counter()
-    max_matvecs = max_matvecs_arg(max_matvecs, num_matvecs, _WHO)
-    check_choice("method", method, DIAGONAL_METHODS, who=_WHO)
-    seed = check_seed(seed, who=_WHO)
-    sess = Session(A, f"diagonal({method})", seed=seed)
-    m = sess.budget(method, max_matvecs)
-    set_total(min(m, sess.n))
-    probe_operator(sess.A, sess.products.who)
-    status = Status.CONVERGED
-    if sess.n == 0 or m >= sess.n:
-        values = sess.exact_diagonal()
-        stderr = torch.zeros_like(values)
-        status = Status.EXACT
-    elif method == "hutchinson":
-        values, stderr = _bekas(sess, m)
-    else:
-        values, stderr = _xdiag(sess, m)
-    unflatten = getattr(sess.A, "unflatten", None)
-    by_param = unflatten(values) if callable(unflatten) else None
-    return DiagonalResult(
-        values=values, stderr=stderr, num_matvecs=sess.matvecs, num_passes=sess.passes,
-        method=method, seed=seed, converged=True, status=status, by_param=by_param,
-        seconds=time.perf_counter() - t0,
-    )
+    with track(A, "diagonal", enabled=progress):
+        t0 = time.perf_counter()
+        max_matvecs = max_matvecs_arg(max_matvecs, num_matvecs, _WHO)
+        check_choice("method", method, DIAGONAL_METHODS, who=_WHO)
+        seed = check_seed(seed, who=_WHO)
+        sess = Session(A, f"diagonal({method})", seed=seed)
+        m = sess.budget(method, max_matvecs)
+        set_total(min(m, sess.n))
+        probe_operator(sess.A, sess.products.who)
+        status = Status.CONVERGED
+        if sess.n == 0 or m >= sess.n:
+            values = sess.exact_diagonal()
+            stderr = torch.zeros_like(values)
+            status = Status.EXACT
+        elif method == "hutchinson":
+            values, stderr = _bekas(sess, m)
+        else:
+            values, stderr = _xdiag(sess, m)
+        unflatten = getattr(sess.A, "unflatten", None)
+        by_param = unflatten(values) if callable(unflatten) else None
+        return DiagonalResult(
+            values=values, stderr=stderr, num_matvecs=sess.matvecs, num_passes=sess.passes,
+            method=method, seed=seed, converged=True, status=status, by_param=by_param,
+            seconds=time.perf_counter() - t0,
+        )
 
 
 def _bekas(sess: Session, m: int) -> tuple[torch.Tensor, torch.Tensor]:

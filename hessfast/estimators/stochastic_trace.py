@@ -23,7 +23,7 @@ from .._mesh import Mesh
 from .._probe import probe_operator
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
-from ..progress import set_total, tracked
+from ..progress import set_total, track
 from ..results import Status, TraceResult, z_value
 from .exchangeable import Exchangeable, orth_rows, xtrace_estimates
 from .session import Session, max_matvecs_arg, mean_stderr, next_block
@@ -56,7 +56,6 @@ class _Stop:
 _Outcome = tuple[float, float, int, Status]
 
 
-@tracked("trace")
 def trace(
     A: LinearOperator,
     max_matvecs: int = 99,
@@ -129,56 +128,57 @@ def trace(
             block_size, or a non-square A.
         NonFiniteError: a product contains NaN or Inf.
     """
-    t0 = time.perf_counter()
-    max_matvecs = max_matvecs_arg(max_matvecs, num_matvecs, _WHO)
-    check_choice("method", method, TRACE_METHODS, who=_WHO)
-    check_choice("probe", probe, PROBES, who=_WHO)
-    seed = check_seed(seed, who=_WHO)
-    if block_size is not None:
-        block_size = check_int("block_size", block_size, 1, who=_WHO)
-    sess = Session(A, f"trace({method})", seed=seed, probe=probe, block_size=block_size)
-    m = sess.budget(method, max_matvecs)
-    stop = None
-    if rtol is not None:
-        rtol = check_positive("rtol", rtol, who=_WHO)
-    if atol is not None:
-        atol = check_positive("atol", atol, who=_WHO)
-    z = z_value(check_level("confidence", confidence, who=_WHO))
-    min_samples = check_int("min_samples", min_samples, 1, who=_WHO)
-    if rtol is not None or atol is not None:
-        stop = _Stop(rtol or 0.0, z, max(min_samples, 2), atol or 0.0)
-    if mesh is not None:
-        _check_mesh(mesh, method, stop, sess)
-    set_total(min(m, sess.n) if method != "hutchinson" or stop is None else m)
-    probe_operator(sess.A, sess.products.who)
+    with track(A, "trace", enabled=progress):
+        t0 = time.perf_counter()
+        max_matvecs = max_matvecs_arg(max_matvecs, num_matvecs, _WHO)
+        check_choice("method", method, TRACE_METHODS, who=_WHO)
+        check_choice("probe", probe, PROBES, who=_WHO)
+        seed = check_seed(seed, who=_WHO)
+        if block_size is not None:
+            block_size = check_int("block_size", block_size, 1, who=_WHO)
+        sess = Session(A, f"trace({method})", seed=seed, probe=probe, block_size=block_size)
+        m = sess.budget(method, max_matvecs)
+        stop = None
+        if rtol is not None:
+            rtol = check_positive("rtol", rtol, who=_WHO)
+        if atol is not None:
+            atol = check_positive("atol", atol, who=_WHO)
+        z = z_value(check_level("confidence", confidence, who=_WHO))
+        min_samples = check_int("min_samples", min_samples, 1, who=_WHO)
+        if rtol is not None or atol is not None:
+            stop = _Stop(rtol or 0.0, z, max(min_samples, 2), atol or 0.0)
+        if mesh is not None:
+            _check_mesh(mesh, method, stop, sess)
+        set_total(min(m, sess.n) if method != "hutchinson" or stop is None else m)
+        probe_operator(sess.A, sess.products.who)
 
-    if sess.n == 0:
-        out: _Outcome = (0.0, 0.0, 0, Status.EXACT)
-    elif m >= sess.n and (method != "hutchinson" or stop is None):
-        d = sess.exact_diagonal()
-        out = (float(d.sum(dtype=torch.float64)), 0.0, 0, Status.EXACT)
-    elif mesh is not None:
-        out = _hutchinson_mesh(sess, m, mesh)
-    elif method == "xtrace":
-        out = _xtrace(sess, m, stop)
-    else:
-        out = _hutchinson(sess, m, method == "hutch++", stop)
-    value, stderr, samples, status = out
-    spent = samples if mesh is not None and status != Status.EXACT else sess.matvecs
-    res = TraceResult(
-        value=float(value), stderr=float(stderr), num_matvecs=spent,
-        num_passes=sess.passes, method=method, seed=seed,
-        converged=status != Status.MAX_MATVECS, status=status,
-        seconds=time.perf_counter() - t0, num_samples=samples,
-    )
-    if not res.converged:
-        warnings.warn(
-            f"hessfast: trace(method={method!r}) spent its budget of {m} matvecs before the "
-            f"{confidence:.0%} interval reached {_asked(rtol, atol)}: estimate {res.value:.6g} "
-            f"+/- {z * res.stderr:.3g} from {res.num_samples} samples; raise max_matvecs",
-            stacklevel=2,
+        if sess.n == 0:
+            out: _Outcome = (0.0, 0.0, 0, Status.EXACT)
+        elif m >= sess.n and (method != "hutchinson" or stop is None):
+            d = sess.exact_diagonal()
+            out = (float(d.sum(dtype=torch.float64)), 0.0, 0, Status.EXACT)
+        elif mesh is not None:
+            out = _hutchinson_mesh(sess, m, mesh)
+        elif method == "xtrace":
+            out = _xtrace(sess, m, stop)
+        else:
+            out = _hutchinson(sess, m, method == "hutch++", stop)
+        value, stderr, samples, status = out
+        spent = samples if mesh is not None and status != Status.EXACT else sess.matvecs
+        res = TraceResult(
+            value=float(value), stderr=float(stderr), num_matvecs=spent,
+            num_passes=sess.passes, method=method, seed=seed,
+            converged=status != Status.MAX_MATVECS, status=status,
+            seconds=time.perf_counter() - t0, num_samples=samples,
         )
-    return res
+        if not res.converged:
+            warnings.warn(
+                f"hessfast: trace(method={method!r}) spent its budget of {m} matvecs before the "
+                f"{confidence:.0%} interval reached {_asked(rtol, atol)}: estimate {res.value:.6g} "
+                f"+/- {z * res.stderr:.3g} from {res.num_samples} samples; raise max_matvecs",
+                stacklevel=2,
+            )
+        return res
 
 
 def _asked(rtol: float | None, atol: float | None) -> str:
