@@ -1,0 +1,206 @@
+"""hessfast.analysis.analyze: every number of the report against float64 dense references."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import hessfast as hf
+from hessfast.analysis.analyze import analyze
+from hessfast.analysis.blocks import param_groups
+from hessfast.errors import ConfigurationError
+from hessfast.linop import LinearOperator
+from hessfast.testing.dense import dense_ggn_reference, dense_hessian_reference
+from hessfast.testing.models import make_mlp
+
+pytestmark = pytest.mark.usefixtures("single_thread", "no_leaking_global_state")
+
+TOL = 1e-3
+PROBES = 8
+
+
+def _mlp(sizes: tuple[int, ...] = (30, 30)):
+    # Linear(8->8)-LayerNorm-Tanh-Linear(8->3), n = 115, float64
+    return make_mlp(sizes=sizes, d_in=8, hidden=8, n_out=3, dtype=torch.float64)
+
+
+def _per_probe_mass(report, below: float) -> torch.Tensor:
+    """Per-probe quadrature weight below ``below`` from the stored density, ``[P]``."""
+    nodes = torch.tensor(report.density["nodes"], dtype=torch.float64)
+    weights = torch.tensor(report.density["weights"], dtype=torch.float64)
+    return (weights * (nodes < below)).sum(1)
+
+
+@pytest.fixture(scope="module")
+def hess():
+    model, loss_fn, batches = _mlp()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    training = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    # steps >= n: each probe's Gauss rule is exact, so the density-derived numbers differ from
+    # the dense truth by probe sampling only (checked to 4 standard errors below)
+    report = analyze(model, loss_fn, batches, k=4, probes=PROBES, steps=200, tol=TOL, lr=0.5)
+    untouched = (
+        torch.equal(rng, torch.get_rng_state())
+        and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+        and training == [m.training for m in model.modules()]
+        and all(p.grad is None for p in model.parameters())
+    )
+    M = dense_hessian_reference(model, loss_fn, batches)
+    H = hf.hessian(model, loss_fn, batches)
+    return report, M, torch.linalg.eigvalsh(M), H, untouched
+
+
+def test_model_and_global_rng_untouched(hess) -> None:
+    assert hess[4]
+
+
+def test_extreme_eigenvalues_match_dense(hess) -> None:
+    r, _, ev, _, _ = hess
+    scale = float(ev.abs().max())
+    assert r.n == ev.numel() == 115 and r.curvature == "Hessian"
+    assert r.top_converged and r.lambda_min_converged
+    top = ev.flip(0)[:4]
+    assert len(r.top_eigenvalues) == len(r.top_residuals) == 4
+    for got, want, res in zip(r.top_eigenvalues, top.tolist(), r.top_residuals, strict=True):
+        assert abs(got - want) <= TOL * scale and res <= TOL * scale
+    assert r.lambda_max == r.top_eigenvalues[0]
+    assert abs(r.lambda_min - float(ev[0])) <= TOL * scale
+    assert r.stable_lr == 2.0 / r.lambda_max
+
+
+def test_trace_within_four_stderr(hess) -> None:
+    r, M, _, _, _ = hess
+    exact = float(M.trace())
+    assert r.trace_stderr is not None
+    if r.trace_stderr == 0:
+        assert r.trace == pytest.approx(exact, rel=1e-10)
+    else:
+        assert abs(r.trace - exact) <= 4 * r.trace_stderr
+    # the report says where the trace came from (the density's probes or an extra Hutch++)
+    assert sum("trace" in p["quantities"] for p in r.parts) == 1
+
+
+def test_definiteness_and_negative_mass_of_indefinite_hessian(hess) -> None:
+    r, _, ev, _, _ = hess
+    assert float(ev[0]) < -0.05 * float(ev[-1])  # the fixture is clearly indefinite
+    assert r.definiteness == "indefinite" and r.condition is None
+    assert r.zero_threshold == pytest.approx(TOL * max(abs(r.lambda_max), abs(r.lambda_min)))
+    exact = float((ev < -r.zero_threshold).double().mean())
+    per = _per_probe_mass(r, -r.zero_threshold)
+    assert r.negative_mass == pytest.approx(float(per.mean()), abs=1e-12)
+    # exact Gauss rule (steps >= n): the only error is the probes' sampling, so 4 stderr of the
+    # per-probe values, plus a little for eigenvalues within roundoff of the threshold
+    stderr = float(per.std() / math.sqrt(per.numel()))
+    assert 0 < exact < 1 and abs(r.negative_mass - exact) <= 4 * stderr + 1e-3
+
+
+def test_effective_rank_matches_dense(hess) -> None:
+    r, _, ev, _, _ = hess
+    norm = float(ev.abs().max())
+    exact = float(ev.abs().sum()) / norm
+    d = hf.SpectralDensity.from_dict({k: v for k, v in r.density.items() if k != "sigma"})
+    stderr = d.trace_stderr(torch.abs) / max(abs(r.lambda_max), abs(r.lambda_min))
+    assert abs(r.effective_rank - exact) <= 4 * stderr + TOL * exact
+    assert "tr|H|" in r.effective_rank_definition
+
+
+def test_per_layer_equals_dense_diagonal_blocks(hess) -> None:
+    r, M, _, H, _ = hess
+    groups: dict[str, list[int]] = {}  # flat coordinates of each module's parameters
+    start = 0
+    for name, shape in zip(H.param_names, H.param_shapes, strict=True):
+        size = math.prod(shape)
+        groups.setdefault(name.rpartition(".")[0], []).extend(range(start, start + size))
+        start += size
+    assert [g for g, _ in param_groups(H, "modules")] == list(groups)
+    assert r.per_layer is not None and [g["name"] for g in r.per_layer] == list(groups)
+    for g in r.per_layer:
+        idx = torch.tensor(groups[g["name"]])
+        block = M[idx][:, idx]
+        bev = torch.linalg.eigvalsh(block)
+        assert g["size"] == idx.numel()
+        assert abs(g["lambda_max"] - float(bev[-1])) <= 10 * TOL * float(bev.abs().max())
+        if g.get("trace_exact"):
+            assert g["trace"] == pytest.approx(float(block.trace()), rel=1e-9, abs=1e-12)
+        else:
+            assert abs(g["trace"] - float(block.trace())) <= 4 * g["trace_stderr"]
+
+
+def test_parts_account_for_the_products(hess) -> None:
+    r = hess[0]
+    names = [p["name"] for p in r.parts]
+    assert names[:5] == ["operator", "top_k", "lambda_min", "density", *names[4:5]]
+    assert "per_layer" in names
+    dens = r.part("density")
+    # one pass per Lanczos step for all probes (a probe that breaks down early, in an
+    # invariant subspace, stops costing products)
+    assert dens["data_passes"] == max(r.density["steps"]) <= 115
+    assert dens["num_matvecs"] == r.density["num_matvecs"] <= PROBES * 115
+    for p in r.parts:
+        assert p["num_matvecs"] >= 0 and p["data_passes"] >= 0 and p["seconds"] >= 0
+        assert p["source"]
+    json.dumps(r.to_dict(), allow_nan=False)
+
+
+def test_ggn_is_positive_semidefinite():
+    # 12 samples x 3 classes: rank(GGN) <= 24 < n = 115, so it is singular
+    model, loss_fn, batches = _mlp(sizes=(6, 6))
+    r = analyze(model, loss_fn, batches, curvature="ggn", k=2, probes=4, steps=30,
+                per_layer=False)
+    G = dense_ggn_reference(model, loss_fn, batches)
+    ev = torch.linalg.eigvalsh(G)
+    assert r.curvature == "GGN" and r.per_layer is None
+    assert r.definiteness == "positive semi-definite (singular to tolerance)"
+    assert r.condition is None and r.negative_mass == 0.0
+    assert abs(r.lambda_max - float(ev[-1])) <= TOL * float(ev[-1])
+    assert abs(r.lambda_min) <= r.zero_threshold + r.lambda_min_residual
+
+
+def test_positive_definite_operator_condition_number() -> None:
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=g))
+    ev = torch.linspace(0.5, 20.0, 60, dtype=torch.float64)
+    A = LinearOperator.from_matrix((Q * ev) @ Q.T, check_symmetric=False)
+    r = analyze(A, k=3, probes=4, steps=20, tol=1e-6, per_layer=False)
+    assert r.curvature == "operator" and r.definiteness == "positive definite"
+    assert r.condition == pytest.approx(40.0, rel=1e-5)
+    assert r.negative_mass == 0.0
+
+
+def test_operator_argument_and_small_budget_trace_fallback() -> None:
+    model, loss_fn, batches = _mlp()
+    H = hf.hessian(model, loss_fn, batches)
+    M = dense_hessian_reference(model, loss_fn, batches)
+    r = analyze(H, k=1, probes=2, steps=20)  # probes < 8: an extra Hutch++ run for the trace
+    assert "operator" not in [p["name"] for p in r.parts]
+    tpart = r.part("trace")
+    assert "hutch++" in tpart["source"] and tpart["num_matvecs"] == 30
+    assert abs(r.trace - float(M.trace())) <= 4 * r.trace_stderr
+    assert r.operator["num_samples"] == 60 and r.operator["model"] == "Sequential"
+    # a plain LinearOperator has no parameter names: per-layer is skipped, and says so
+    r2 = analyze(LinearOperator.from_matrix(M), k=1, probes=8, steps=10)
+    assert r2.per_layer is None and "skipped" in r2.part("per_layer")["source"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0), "k must be"), (dict(k=116), "k must be <= n"), (dict(probes=0), "probes"),
+    (dict(tol=-1.0), "tol"), (dict(per_layer="yes"), "per_layer"), (dict(lr=0.0), "lr"),
+    (dict(curvature="fisher"), "curvature"),
+])
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    model, loss_fn, batches = _mlp(sizes=(4,))
+    with pytest.raises(ConfigurationError, match=match):
+        analyze(model, loss_fn, batches, **kwargs)
+
+
+def test_operator_with_model_arguments_refused() -> None:
+    model, loss_fn, batches = _mlp(sizes=(4,))
+    H = hf.hessian(model, loss_fn, batches)
+    with pytest.raises(ConfigurationError, match="either analyze"):
+        analyze(H, loss_fn)
+    with pytest.raises(ConfigurationError, match="data is required"):
+        analyze(model, loss_fn)
