@@ -78,9 +78,11 @@ def check_numbers(**values: Any) -> None:
                 raise UsageError(
                     arg, f"{name} ({what}) must be a non-negative integer, got {value!r}"
                 )
-        elif name in ("k", "probes", "slq_steps"):
-            arg, label = {"slq_steps": ("--steps", "steps (Lanczos steps per probe)")}.get(
-                name, (arg, name))
+        elif name in ("k", "probes", "slq_steps", "density_steps"):
+            arg, label = {
+                "slq_steps": ("--steps", "steps (Lanczos steps per probe)"),
+                "density_steps": ("--density-steps", "density-steps (Lanczos steps per probe)"),
+            }.get(name, (arg, name))
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(arg, f"{label} must be a positive integer, got {value!r}")
         else:  # pragma: no cover - a programming error in the caller
