@@ -204,3 +204,17 @@ def test_operator_with_model_arguments_refused() -> None:
         analyze(H, loss_fn)
     with pytest.raises(ConfigurationError, match="data is required"):
         analyze(model, loss_fn)
+
+
+def test_exact_hutchpp_trace_preferred_on_a_small_operator() -> None:
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(20, 20, dtype=torch.float64, generator=g)
+    M = B + B.T
+    with pytest.warns(UserWarning, match="solving densely"):
+        r = analyze(LinearOperator.from_matrix(M), k=2, probes=2, steps=8, per_layer=False)
+    # 2 probes: an extra Hutch++ run; its budget of 30 >= n = 20 makes it exact
+    assert "EXACT" in r.part("trace")["source"] and "reported: hutch++" in r.part("trace")["source"]
+    assert r.trace_stderr == 0.0 and r.trace == pytest.approx(float(M.trace()), abs=1e-10)
+    ev = torch.linalg.eigvalsh(M)
+    assert r.lambda_max == pytest.approx(float(ev[-1]), rel=1e-10)
+    assert r.lambda_min == pytest.approx(float(ev[0]), rel=1e-10)

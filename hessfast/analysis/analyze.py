@@ -61,7 +61,8 @@ def analyze(
       ``tr|H|`` for the effective rank, at no extra products.
     * ``trace`` (only when ``probes < 8`` or the density's standard error exceeds
       ``0.1 |trace|``): an extra ``hf.trace(H, max_matvecs=max(30, 3 probes))`` (Hutch++);
-      the estimate with the smaller standard error is reported, the part says which.
+      the estimate with the smaller standard error (or the exact one: Hutch++ with
+      ``n <= max_matvecs``) is reported, the part says which.
     * ``per_layer`` (``per_layer=True``): ``block_spectra(H, groups, tol, num_probes=max(2,
       probes))``: lambda_max and trace of every group's diagonal block, the groups sharing
       data passes.
@@ -181,7 +182,7 @@ def analyze(
         m = max(30, 3 * probes)
         with _Part(H, "trace", progress) as p:
             t = hutch(H, max_matvecs=m, method="hutch++", seed=_shift(seed, 2))
-        use = not math.isfinite(tr_err) or t.stderr < tr_err
+        use = t.exact or not math.isfinite(tr_err) or t.stderr < tr_err
         why = (f"the density's {probes} probes gave {tr:.6g} ± {tr_err:.3g}; hutch++ with "
                f"max_matvecs={m} gave {t.value:.6g} ± {t.stderr:.3g} ({t.status}); reported: "
                + ("hutch++" if use else "the density's (smaller stderr)"))

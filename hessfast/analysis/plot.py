@@ -82,8 +82,8 @@ def plot_density_panel(report: Report, ax: Any) -> Any:
     d = SpectralDensity.from_dict({k: v for k, v in report.density.items() if k != "sigma"})
     sigma = report.density.get("sigma") or d.default_sigma
     marks = [v for v in (*report.top_eigenvalues, report.lambda_min) if v is not None]
-    lo = min([d.bounds[0], *marks]) - 3 * sigma
-    hi = max([d.bounds[1], *marks]) + 3 * sigma
+    lo = min([d.bounds[0], *marks]) - 5 * sigma  # the tails reach the floor (e^-12.5)
+    hi = max([d.bounds[1], *marks]) + 5 * sigma
     edge = 2.0 / report.lr if report.lr else None
     span = hi - lo
     show_edge = edge is not None and lo - span <= edge <= hi + 2 * span

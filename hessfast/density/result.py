@@ -265,7 +265,7 @@ class SpectralDensity:
     ) -> Any:
         """Plot the density on ``ax`` (a new figure when None) and return the axes.
 
-        ``grid`` defaults to 1000 points over ``bounds`` widened by 3 sigma. ``log=True`` (the
+        ``grid`` defaults to 1000 points over ``bounds`` widened by 5 sigma. ``log=True`` (the
         default) uses a logarithmic y axis down to ``floor`` times the peak, so the outliers
         (a few eigenvalues of weight ~1/n far from the bulk, which a linear axis flattens to
         zero) stay visible next to the spike at 0. The Gaussian smoothing width is in the
@@ -287,7 +287,7 @@ class SpectralDensity:
         s = self._sigma(sigma) if smoothed else None
         if grid is None:
             lo, hi = self.bounds
-            pad = 3 * s if s is not None else 0.0
+            pad = 5 * s if s is not None else 0.0
             if hi - lo <= 0 and pad <= 0:
                 pad = max(abs(lo), 1.0) * 1e-3
             grid = torch.linspace(lo - pad, hi + pad, 1000, dtype=torch.float64)
