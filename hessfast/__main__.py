@@ -1,4 +1,4 @@
-"""``python -m hessfast info | demo``."""
+"""``python -m hessfast analyze | demo | info | --version``."""
 
 import sys
 

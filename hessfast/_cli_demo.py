@@ -4,6 +4,7 @@ analysis report (:func:`hessfast.analysis.analyze.analyze`) of its Hessian."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any
 
 from ._cli_load import check_device, check_numbers
@@ -38,11 +39,13 @@ def demo_cnn(seed: int) -> Any:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 16 x 4 x 4
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 32 x 2 x 2
-            nn.Flatten(), nn.Linear(128, 10),
-        )
+        return nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(1, 16, 3, padding=1)), ("relu1", nn.ReLU()),
+            ("pool1", nn.MaxPool2d(2)),  # 16 x 4 x 4
+            ("conv2", nn.Conv2d(16, 32, 3, padding=1)), ("relu2", nn.ReLU()),
+            ("pool2", nn.MaxPool2d(2)),  # 32 x 2 x 2
+            ("flatten", nn.Flatten()), ("fc", nn.Linear(128, 10)),
+        ]))
 
 
 def train_demo_model(

@@ -155,13 +155,13 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _add_common(p: argparse.ArgumentParser, *, out_default: str) -> None:
+def _add_common(p: argparse.ArgumentParser, *, out_default: str, probes: int) -> None:
     p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance (0 < tol < 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--k", type=int, default=5, help="number of top eigenvalues (default 5)")
-    p.add_argument("--probes", type=int, default=None,
-                   help="random probes for trace and density")
+    p.add_argument("--probes", type=int, default=probes,
+                   help=f"random probes for trace and density (default {probes})")
     p.add_argument("--out", default=out_default,
                    help=f"folder for report.json and spectrum.png (default {out_default})")
     p.add_argument("--json", action="store_true",
@@ -201,7 +201,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                       help="Lanczos steps per probe of the spectral density (default 64)")
     p_an.add_argument("--no-per-layer", action="store_true",
                       help="skip the per-layer results")
-    _add_common(p_an, out_default="hessfast-report")
+    _add_common(p_an, out_default="hessfast-report", probes=8)
     p_demo = sub.add_parser(
         "demo", epilog=_EPILOG, formatter_class=fmt,
         help="train a small CNN on scikit-learn's digits and analyze it",
@@ -211,7 +211,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                         help="training steps (Adam, batches of 64; default 200)")
     p_demo.add_argument("--density-steps", type=int, default=24,
                         help="Lanczos steps per probe of the spectral density (default 24)")
-    _add_common(p_demo, out_default="hessfast-demo")
+    _add_common(p_demo, out_default="hessfast-demo", probes=4)
     p_info = sub.add_parser("info", help="versions, native kernels, backends")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     return parser, {"analyze": p_an, "demo": p_demo, "info": p_info}
@@ -277,12 +277,11 @@ def _analyze(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.params:
         kwargs["params"] = select_params(model, args.params)
-    if args.probes is not None:
-        kwargs["probes"] = args.probes
     from .analysis.analyze import analyze
 
     try:
         report = analyze(model, loss_fn, data, curvature=args.curvature, k=args.k,
+                         probes=args.probes,
                          steps=args.steps, per_layer=not args.no_per_layer, tol=args.tol,
                          seed=args.seed, progress=_progress(args), **kwargs)
     except HessfastError:
@@ -302,10 +301,9 @@ def _demo(args: argparse.Namespace) -> int:
                   density_steps=args.density_steps)
     check_device(args.device)
     os.environ.setdefault("MPLBACKEND", "Agg")
-    kwargs = {"probes": args.probes} if args.probes is not None else {}
     report, fig = demo_with_training(seed=args.seed, steps=args.steps, tol=args.tol,
                                      device=args.device, k=args.k, progress=_progress(args),
-                                     lanczos_steps=args.density_steps, **kwargs)
+                                     lanczos_steps=args.density_steps, probes=args.probes)
     header = [f"{fig['model']}: {fig['num_params']} parameters",
               f"trained {fig['train_steps']} Adam steps in {fig['train_seconds']} s: loss "
               f"{fig['train_loss']}, accuracy {fig['train_accuracy']} (all 1797 images)",

@@ -65,7 +65,7 @@ def test_demo_writes_the_report_checked_against_eigsh(tmp_path) -> None:
     assert len(report["top_eigenvalues"]) == 5 and report["top_converged"]
     assert report["trace"] is not None and report["density"] is not None
     assert "condition" in report and report["definiteness"] != "unknown"
-    assert [g["name"] for g in report["per_layer"]] == ["0", "3", "7"]  # conv, conv, linear
+    assert [g["name"] for g in report["per_layer"]] == ["conv1", "conv2", "fc"]
     model, batches, figures = train_demo_model(seed=3, steps=40)
     assert report["n"] == figures["num_params"] == sum(p.numel() for p in model.parameters())
     H = hf.hessian(model, torch.nn.CrossEntropyLoss(), batches)
