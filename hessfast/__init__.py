@@ -3,6 +3,7 @@
     import hessfast as hf
     H = hf.hessian(model, loss_fn, data)      # symmetric operator over the parameters
     H.matmat(V)                                # V: [k, n] -> [k, n], one data pass
+    report = hf.analyze(model, loss_fn, data)  # the whole curvature picture in one call
 
 See README.md for the quickstart and docs/architecture.md for the layers.
 """
@@ -10,6 +11,14 @@ See README.md for the quickstart and docs/architecture.md for the layers.
 from __future__ import annotations
 
 from . import distributed, errors
+from .analysis import (
+    BlockSpectra,
+    Report,
+    SharpnessTracker,
+    analyze,
+    block_spectra,
+    preconditioned,
+)
 from .condition import ConditionResult, condition_number
 from .curvature import GGNOperator, HessianOperator, ggn, hessian
 from .density import SpectralDensity, spectral_density
@@ -23,6 +32,12 @@ from .spectrum import EigshResult, eigsh, lambda_max
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSpectra",
+    "Report",
+    "SharpnessTracker",
+    "analyze",
+    "block_spectra",
+    "preconditioned",
     "ConditionResult",
     "DiagonalResult",
     "SpectralDensity",

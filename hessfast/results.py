@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -58,32 +59,37 @@ class Status(str, Enum):
         return format(self.value, spec)
 
 
-def jsonable(obj: Any) -> Any:
+def jsonable(obj: Any, *, strict: bool = False) -> Any:
     """``obj`` as plain JSON types: tensors and numpy arrays -> (nested) lists, enums (a
     :class:`Status`) -> their value, tuples -> lists, dict keys -> str, dataclasses -> dicts
     of their fields, dtypes/devices/paths -> str; bools, ints, floats (inf/nan stay floats:
-    ``json`` writes them as ``Infinity``/``NaN``), strs and None as they are.
+    ``json`` writes them as ``Infinity``/``NaN``; ``strict=True`` makes them None, for strict
+    JSON readers), strs and None as they are.
 
     Raises:
         ArgumentTypeError: an object of another type (named).
     """
+    if isinstance(obj, Enum):  # first: a Status is also a str
+        return jsonable(obj.value, strict=strict)
+    if isinstance(obj, float) and strict and not math.isfinite(obj):
+        return None
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    if isinstance(obj, Enum):
-        return jsonable(obj.value)
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
+        obj = obj.detach().cpu().tolist()
+        return jsonable(obj, strict=True) if strict else obj
     if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v, strict=strict) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
+        return [jsonable(v, strict=strict) for v in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: jsonable(getattr(obj, f.name), strict=strict)
+                for f in dataclasses.fields(obj)}
     if isinstance(obj, (torch.dtype, torch.device, os.PathLike)):
         return str(obj)
     tolist = getattr(obj, "tolist", None)  # numpy arrays and scalars
     if callable(tolist):
-        return jsonable(tolist())
+        return jsonable(tolist(), strict=strict)
     raise ArgumentTypeError(
         f"jsonable: cannot convert {type(obj).__name__} to JSON; convert it to a tensor, a "
         "number, a str, a list or a dict first"

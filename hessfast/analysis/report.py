@@ -4,42 +4,21 @@ came from, a readable table (:meth:`Report.summary`) and a figure (:meth:`Report
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from ..errors import ArgumentTypeError, ConfigurationError
+from ..results import jsonable as _jsonable
 
 __all__ = ["Report", "jsonable"]
 
 
 def jsonable(x: Any) -> Any:
-    """``x`` with tuples as lists, numpy/torch scalars and 0-d tensors as Python numbers, tensors
-    as nested lists and non-finite floats as None: what :func:`json.dumps` writes as strict JSON
-    and reads back unchanged."""
-    if isinstance(x, Enum):  # a Status (a str enum) -> its plain value
-        return jsonable(x.value)
-    if isinstance(x, bool) or x is None:
-        return x
-    if isinstance(x, str):
-        return str(x)
-    if isinstance(x, int):
-        return int(x)
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if hasattr(x, "tolist"):  # torch / numpy tensors and scalars
-        return jsonable(x.tolist())
-    raise ArgumentTypeError(
-        f"Report: cannot store a {type(x).__name__} as JSON; convert it to a float, int, str, "
-        "list or dict first"
-    )
+    """``x`` as strict JSON (non-finite floats as None): :func:`hessfast.results.jsonable`
+    with ``strict=True``."""
+    return _jsonable(x, strict=True)
 
 
 @dataclass
