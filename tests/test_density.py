@@ -461,7 +461,7 @@ def test_plot_smoke_and_missing_matplotlib(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize("method", ["slq", "kpm"])
-def test_to_dict_json_round_trip(method: str) -> None:
+def test_to_dict_json_round_trip(method: str, tmp_path) -> None:
     M, _ = spectra.clustered(50)
     r = spectral_density(op(M), num_probes=3, num_steps=7, method=method, seed=4)
     text = json.dumps(r.to_dict())  # JSON-safe: no tensors, no tuples of tensors
@@ -473,5 +473,8 @@ def test_to_dict_json_round_trip(method: str) -> None:
     assert torch.equal(back.density(grid), r.density(grid))
     assert back.trace(lambda x: x) == r.trace(lambda x: x)
     assert SpectralDensity.from_dict(json.loads(r.to_json())).to_dict() == r.to_dict()
+    path = tmp_path / "density.json"
+    assert r.to_json(path, indent=1) == path.read_text(encoding="utf-8")
+    assert SpectralDensity.from_dict(json.loads(path.read_text())).to_dict() == r.to_dict()
     with pytest.raises(ConfigurationError, match="missing fields"):
         SpectralDensity.from_dict({"nodes": [[0.0]]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -219,9 +220,15 @@ class SpectralDensity:
             d[name] = v
         return d
 
-    def to_json(self, **kwargs: Any) -> str:
-        """``json.dumps(self.to_dict(), **kwargs)``."""
-        return json.dumps(self.to_dict(), **kwargs)
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = None
+                ) -> str:
+        """``json.dumps(self.to_dict())`` (the signature of every result's ``to_json``); with
+        ``path``, also written to that file (UTF-8). Returns the JSON text."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpectralDensity:
