@@ -34,7 +34,8 @@ from .progress import set_total, track
 from .results import JsonResult
 from .spectrum import EigshResult, eigsh
 
-__all__ = ["SINGULAR_STAGE", "ConditionResult", "condition_number"]
+__all__ = ["SINGULAR_STAGE", "ConditionResult", "Smallest", "condition_number",
+           "smallest_eigenvalue"]
 
 #: products of the first stage of the smallest-eigenvalue search before the singular check
 SINGULAR_STAGE = 48
@@ -162,7 +163,8 @@ def condition_number(
         early = False
         if bottom is None:
             seed2 = seed + 1 if seed < 2**64 - 1 else seed - 1  # the SA run's own start
-            lmin, bottom_ok, early = _smallest(A, lmax, tol, budget, seed2, psd, who)
+            low = smallest_eigenvalue(A, lmax, tol, budget, seed2, psd, who)
+            lmin, bottom_ok, early = low.value, low.converged, low.singular_early
         else:
             lmin, bottom_ok = bottom
         zero = tol * max(abs(lmax), abs(lmin))
@@ -223,10 +225,25 @@ def _known(
     return float(value), True
 
 
-def _smallest(
-    A: LinearOperator, lmax: float, tol: float, budget: int, seed: int, psd: bool, who: str
-) -> tuple[float, bool, bool]:
-    """``(lambda_min, converged, singular_early)`` by staged SA eigsh runs (module docstring)."""
+@dataclass(frozen=True)
+class Smallest:
+    """The smallest-eigenvalue search's answer: the Ritz ``value`` and its ``residual``,
+    whether it ``converged`` (or was found singular), ``singular_early``, and the
+    ``num_matvecs`` it spent."""
+
+    value: float
+    residual: float
+    converged: bool
+    singular_early: bool
+    num_matvecs: int
+
+
+def smallest_eigenvalue(
+    A: LinearOperator, lmax: float, tol: float, budget: int, seed: int, psd: bool, who: str,
+    *, warn: bool = True,
+) -> Smallest:
+    """lambda_min by staged SA eigsh runs that stop early on a singular operator (the module
+    docstring); ``warn``: one warning when it stops early (the report states it instead)."""
     zero = tol * abs(lmax)
     used, stage, v0 = 0, min(SINGULAR_STAGE, budget), None
     while True:
@@ -238,17 +255,18 @@ def _smallest(
         used += r.num_matvecs
         theta, res = float(r.eigenvalues[0]), float(r.residuals[0])
         if r.status == "CONVERGED" or bool(r.converged.all()):
-            return theta, True, False
+            return Smallest(theta, res, True, False, used)
         if theta <= zero if psd else abs(theta) + res <= zero:
-            warnings.warn(
-                f"{who}: A is singular: its smallest eigenvalue is within the zero threshold "
-                f"{zero:.3g} (tol * lambda_max): Ritz value {theta:.3g}, residual {res:.3g}"
-                f"{' (A is PSD)' if psd else ''} after {used} products, so kappa = inf. "
-                "Stopped there instead of converging a zero eigenvalue",
-                stacklevel=3,
-            )
-            return theta, True, True
+            if warn:
+                warnings.warn(
+                    f"{who}: A is singular: its smallest eigenvalue is within the zero "
+                    f"threshold {zero:.3g} (tol * lambda_max): Ritz value {theta:.3g}, "
+                    f"residual {res:.3g}{' (A is PSD)' if psd else ''} after {used} products, "
+                    "so kappa = inf. Stopped there instead of converging a zero eigenvalue",
+                    stacklevel=3,
+                )
+            return Smallest(theta, res, True, True, used)
         if last or used >= budget:
-            return theta, False, False
+            return Smallest(theta, res, False, False, used)
         v0 = r.eigenvectors
         stage = min(2 * stage, budget - used)

@@ -11,6 +11,7 @@ import torch
 import hessfast as hf
 from hessfast.analysis.analyze import analyze
 from hessfast.analysis.blocks import param_groups
+from hessfast.condition import SINGULAR_STAGE
 from hessfast.errors import ConfigurationError
 from hessfast.linop import LinearOperator
 from hessfast.testing.dense import dense_ggn_reference, dense_hessian_reference
@@ -158,6 +159,24 @@ def test_ggn_is_positive_semidefinite():
     assert r.condition is None and r.negative_mass == 0.0
     assert abs(r.lambda_max - float(ev[-1])) <= TOL * float(ev[-1])
     assert abs(r.lambda_min) <= r.zero_threshold + r.lambda_min_residual
+    # the staged search stops at the singular end instead of spending its 300-product budget
+    low = next(p for p in r.parts if p["name"] == "lambda_min")
+    assert low["num_matvecs"] <= SINGULAR_STAGE, low
+
+
+def test_singular_float32_ggn_stops_early():
+    """The demo's CNN after 50 training steps, GGN over 128 digits in float32 (rank <= 1152 <
+    n = 6090): a plain SA eigsh spends its whole 300-product budget without meeting the
+    residual test on the zero eigenvalue; the lambda_min part stops after its first stage."""
+    from hessfast._cli_demo import train_demo_model
+
+    model, batches, _ = train_demo_model(steps=50, analysis_samples=128)
+    r = analyze(model, torch.nn.CrossEntropyLoss(), batches, curvature="ggn", k=1, probes=2,
+                steps=8, per_layer=False, progress=False)
+    low = next(p for p in r.parts if p["name"] == "lambda_min")
+    assert r.definiteness == "positive semi-definite (singular to tolerance)"
+    assert low["num_matvecs"] <= SINGULAR_STAGE, low
+    assert "singular" in low["source"]
 
 
 def test_positive_definite_operator_condition_number() -> None:

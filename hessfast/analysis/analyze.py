@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .._checks import as_operator, check_choice, check_int, check_positive, check_seed
+from ..condition import SINGULAR_STAGE, smallest_eigenvalue
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
 from .report import Report
@@ -52,9 +53,11 @@ def analyze(
       the pre-flight checks (skipped when an operator is given).
     * ``top_k``: ``eigsh(H, k, which="LA", tol)``: lambda_max, the top-k eigenvalues and
       their residuals.
-    * ``lambda_min``: ``eigsh(H, 1, which="SA", tol)`` with a budget of
-      ``max(300, 4 steps)`` products (a cluster near 0 converges slowly; the residual says
-      how good it is).
+    * ``lambda_min``: ``eigsh(H, 1, which="SA", tol)`` in stages (``hf.condition_number``'s
+      search), at most ``max(300, 4 steps)`` products: a singular operator (a GGN with more
+      parameters than outputs x samples; its zero eigenvalue may never meet the residual
+      test) is recognised after the first stage of 48 products instead of spending the
+      budget; a GGN is taken as PSD (a convex criterion). The residual says how good it is.
     * ``density``: SLQ ``spectral_density(H, probes, steps)``. The same run gives the trace
       (each probe's ``n u^T H u`` is exact from its Lanczos coefficients: Hutchinson on the
       density's probes), the negative mass (quadrature weight below ``-zero_threshold``) and
@@ -153,13 +156,19 @@ def analyze(
     parts.append(p.record(["lambda_max", "top_eigenvalues", "stable_lr"],
                           f"eigsh(k={k}, which='LA', tol={tol:g}): {top.method}, {top.status}"))
     budget = max(300, 4 * steps)
+    lmax = float(top.eigenvalues[0])
+    psd = kind == "GGN"  # a GGN of a convex criterion: lambda_min >= 0
     with _Part(H, "lambda_min", progress) as p:
-        bottom = eigsh(H, 1, which="SA", tol=tol, seed=_shift(seed, 1), max_matvecs=budget)
+        bottom = smallest_eigenvalue(H, lmax, tol, budget, _shift(seed, 1), psd, WHO,
+                                     warn=False)
+    how = ("stopped early: singular (Ritz value within the zero threshold"
+           f"{', the GGN is PSD' if psd else ' by more than its residual'})"
+           if bottom.singular_early else ("CONVERGED" if bottom.converged else "MAX_MATVECS"))
     parts.append(p.record(["lambda_min", "definiteness", "condition"],
-                          f"eigsh(k=1, which='SA', tol={tol:g}, max_matvecs={budget}): "
-                          f"{bottom.method}, {bottom.status}"))
-    lmax, lmin = float(top.eigenvalues[0]), float(bottom.eigenvalues[0])
-    rmin = float(bottom.residuals[0])
+                          f"eigsh(k=1, which='SA', tol={tol:g}) in stages of "
+                          f"{SINGULAR_STAGE}, 2x, ... up to {budget} products "
+                          f"(hf.condition_number's search): {how}"))
+    lmin, rmin = bottom.value, bottom.residual
     zero = tol * max(abs(lmax), abs(lmin))
     definiteness, condition, note = _definiteness(lmax, lmin, rmin, zero)
 
@@ -218,7 +227,7 @@ def analyze(
         top_eigenvalues=top.eigenvalues.tolist(), top_residuals=top.residuals.tolist(),
         top_converged=bool(top.converged.all()),
         lambda_min=lmin, lambda_min_residual=rmin,
-        lambda_min_converged=bool(bottom.converged.all()),
+        lambda_min_converged=bottom.converged,
         trace=tr, trace_stderr=tr_err, condition=condition, definiteness=definiteness,
         condition_note=note, zero_threshold=zero, negative_mass=neg,
         stable_lr=2.0 / lmax if lmax > 0 else None, effective_rank=erank,
