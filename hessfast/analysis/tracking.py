@@ -341,6 +341,11 @@ class SharpnessTracker:
             if edge and (key != "lambda_max" or not has_p):
                 ax.plot(*zip(*edge, strict=True), "x", color="tab:red", label="at edge")
             ax.set_ylabel("sharpness")
+            finite = [y for y in ys + ts if not math.isnan(y)]
+            if finite and min(finite) > 0 and max(finite) > 20 * min(finite):
+                # Adam's first steps (tiny second moments) give a preconditioned sharpness
+                # orders of magnitude above the rest: a linear axis would flatten the edge
+                ax.set_yscale("log")
             ax.legend(loc="best", fontsize=8)
             ax.grid(alpha=0.3)
         axes[-1].set_xlabel("training step")
