@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from .autodiff import graph_vjp, scalar_vjp
 from .cehead import CEHead
+from .lmhead import LMHeadGraph, check_head, head_graph, head_product
 from .model import OutputModule
 from .operator import CurvatureOperator
 from .options import CurvatureOptions
@@ -77,6 +78,12 @@ class GGNOperator(CurvatureOperator):
 
     _kind = "GGN"
 
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions
+    ) -> None:
+        self._lm_head: nn.Module | None = options.lm_head
+        super().__init__(model, loss_fn, data, options)
+
     def _decide_loss_form(self, loss_form: str) -> tuple[str, str]:
         if loss_form == "model":
             raise ConfigurationError(
@@ -97,6 +104,14 @@ class GGNOperator(CurvatureOperator):
 
     def _build_wrappers(self) -> None:
         self._wrapper = OutputModule(self.model, self._batch_split)
+        if self._lm_head is not None:
+            self._head_ids = check_head(self, self._lm_head)
+            if self._planner.requested == "fwd_rev":
+                raise ConfigurationError(
+                    "lm_head= splits the GGN inside the graph of double backward; "
+                    "hvp_mode='fwd_rev' cannot use it: pass hvp_mode='auto'")
+            self._planner.mark_unavailable("fwd_rev", "lm_head= uses the graph paths")
+            self.loss_head = "fused linear cross-entropy (lm_head, chunked over tokens)"
 
     def _outputs(self, leaves: Sequence[torch.Tensor], inputs: Any) -> torch.Tensor:
         out = self._functional_call(self._wrapper, leaves, (inputs,))
@@ -108,7 +123,9 @@ class GGNOperator(CurvatureOperator):
             )
         return out
 
-    def _graph(self, batch: Any, index: int) -> GGNGraph:
+    def _graph(self, batch: Any, index: int) -> GGNGraph | LMHeadGraph:
+        if self._lm_head is not None:
+            return head_graph(self, self._lm_head, batch, index, self._head_ids)
         inputs, targets = self._call_loss(self._batch_split.split, index, batch)
         leaves = self._leaves()
         with torch.enable_grad():
@@ -132,8 +149,10 @@ class GGNOperator(CurvatureOperator):
             return self._call_loss(self.loss_fn, index, out, targets).detach()
 
     def _graph_product(
-        self, state: GGNGraph, V: list[torch.Tensor], *, retain: bool
+        self, state: GGNGraph | LMHeadGraph, V: list[torch.Tensor], *, retain: bool
     ) -> torch.Tensor:
+        if isinstance(state, LMHeadGraph):
+            return head_product(self, state, V, retain=retain)
         c = V[0].shape[0]
         linear = state.head is None and not state.g_out.requires_grad
         if not state.live or linear:
@@ -206,6 +225,7 @@ def ggn(
     targets: Callable[[Any], Any] | None = None,
     causal_lm: bool = False,
     fused_loss: bool = True,
+    lm_head: nn.Module | None = None,
 ) -> GGNOperator:
     """The generalized Gauss-Newton ``J^T H_loss J`` of the mean loss (PSD for convex losses).
 
@@ -238,6 +258,13 @@ def ggn(
     :func:`~hessfast.hessian`) the criterion's Hessian ``diag(p) - p p^T`` is applied to
     ``J V`` by the fused product, and no double-backward graph of the loss is built or kept.
 
+    ``lm_head=model.lm_head`` (the model's output ``nn.Linear``, the criterion torch's
+    cross-entropy on its logit rows, e.g. ``causal_lm=True``) splits the GGN at the head: the
+    head's block is computed in chunks of tokens (:mod:`hessfast.kernels.linear_ce`), so a
+    product never holds the ``[k, N, V]`` logit directions of a large vocabulary; the body's
+    part goes through the hidden states. Same numbers as without it, to rounding; a weight
+    tied to the embedding gets both parts. Graph paths only (not ``hvp_mode="fwd_rev"``).
+
     Like :func:`~hessfast.hessian`, the operator is a SNAPSHOT of the curvature at the
     parameters it is built at: a product after they changed (an optimizer step,
     ``model.float()``) raises :class:`~hessfast.errors.ParametersChangedError`; build a new
@@ -252,5 +279,6 @@ def ggn(
         loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
         loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
         outputs=outputs, targets=targets, causal_lm=causal_lm, fused_loss=fused_loss,
+        lm_head=lm_head,
     )
     return GGNOperator(model, loss_fn, data, options)

@@ -40,6 +40,8 @@ class CurvatureOptions:
             batch of any kind (:class:`~hessfast.curvature.model.BatchSplit`).
         fused_loss: compute a torch cross-entropy's curvature w.r.t. the logits with the
             fused product (:mod:`.cehead`) instead of autograd.
+        lm_head: the GGN only: the model's output ``nn.Linear``, to split the GGN at the head
+            and never hold ``[k, N, V]`` logit directions (:mod:`.lmhead`).
     """
 
     params: Sequence[str] | Sequence[torch.Tensor] | None = None
@@ -58,6 +60,7 @@ class CurvatureOptions:
     targets: Callable[[Any], Any] | None = None
     causal_lm: bool = False
     fused_loss: bool = True
+    lm_head: Any = None
 
     def __post_init__(self) -> None:
         for name in ("outputs", "targets"):
