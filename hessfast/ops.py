@@ -34,6 +34,7 @@ from hessfast import _native, _reference
 from hessfast._reference import CAST_CHUNK_BYTES, DGKS_ETA
 from hessfast.errors import BackendUnavailableError
 from hessfast.kernels import basis_triton
+from hessfast.kernels._triton import runs_on
 
 __all__ = [
     "CAST_CHUNK_BYTES",
@@ -108,7 +109,7 @@ def _triton_reasons(device_type: str) -> list[str]:
     if device_type == "cuda":
         return [] if torch.cuda.is_available() else ["no CUDA device visible to torch"]
     if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if runs_on("cpu"):
             return []
         return ["the Triton kernels run on CUDA; on the CPU only under the Triton interpreter "
                 "(TRITON_INTERPRET=1 set before triton is imported; slow, for tests)"]

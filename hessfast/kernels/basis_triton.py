@@ -27,12 +27,11 @@ Triton is imported lazily in :func:`_kernels`; without it every entry point rais
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from hessfast._reference import DGKS_ETA
 from hessfast.errors import BackendUnavailableError, ConfigurationError
+from hessfast.kernels._triton import interpreted, runs_on
 
 __all__ = [
     "basis_dot_triton",
@@ -206,9 +205,7 @@ def _check_device(*ts: torch.Tensor) -> None:
     if any(t.device != dev for t in ts):
         raise ConfigurationError("all tensors must be on one device, got "
                                  + ", ".join(str(t.device) for t in ts))
-    if dev.type == "cuda":
-        return
-    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if runs_on(dev.type):
         return
     raise BackendUnavailableError(
         f"the Triton basis kernels run on CUDA tensors (got {dev.type}); on the CPU only under "
@@ -280,7 +277,7 @@ def _dot_t(tl):
     """Operand type of the bf16x3 dots: bfloat16, except under the interpreter, whose tl.dot
     multiplies bfloat16 bit patterns as integers (Triton 3.9); there the same bf16 parts are
     multiplied in float32, where their products are exact, so the split itself is tested."""
-    return tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
+    return tl.float32 if interpreted() else tl.bfloat16
 
 
 def _dot(V, W, acc, code, *, norm, flags, num_slabs, block):

@@ -32,6 +32,7 @@ import os
 import torch
 
 from hessfast.errors import BackendUnavailableError, ConfigurationError
+from hessfast.kernels._triton import runs_on
 
 __all__ = [
     "CE_BACKENDS",
@@ -244,13 +245,12 @@ def ce_backend(device: torch.device) -> tuple[str, str]:
             f"HESSFAST_CE_BACKEND must be one of {CE_BACKENDS}, got {forced!r}")
     if forced == "torch":
         return "torch", "HESSFAST_CE_BACKEND=torch"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if forced == "triton":
         if not triton_available():
             raise BackendUnavailableError(
                 "HESSFAST_CE_BACKEND=triton but Triton does not import: pip install triton, "
                 "or unset HESSFAST_CE_BACKEND")
-        if device.type != "cuda" and not interpreted:
+        if not runs_on(device.type):
             raise BackendUnavailableError(
                 f"HESSFAST_CE_BACKEND=triton but the tensors are on {device.type}: the Triton "
                 "kernel runs on CUDA (or anywhere under TRITON_INTERPRET=1); unset "

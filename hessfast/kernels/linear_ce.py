@@ -37,11 +37,10 @@ host.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from hessfast.errors import BackendUnavailableError, ConfigurationError
+from hessfast.kernels._triton import runs_on
 from hessfast.kernels.ce_curvature import (
     ce_hessian_product,
     ce_hessian_product_reference,
@@ -132,7 +131,7 @@ def _row_product(backend: str, device: torch.device):
     if backend == "torch":
         return ce_hessian_product_reference
     if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if not runs_on(device.type):
             raise BackendUnavailableError(
                 f"backend='triton' needs CUDA tensors (got {device}), or TRITON_INTERPRET=1 set "
                 "before Triton is imported to run the kernel on the CPU; use backend='auto'")
