@@ -30,3 +30,15 @@ def parser(description: str, out_default: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
     p.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
     return p
+
+
+def write_report(report, out: str) -> None:
+    """Print the report's summary, write ``out/report.json`` and ``out/spectrum.png``."""
+    from pathlib import Path
+
+    print(report.summary())
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    report.to_json(folder / "report.json")
+    report.plot(folder / "spectrum.png")
+    print(f"wrote {folder / 'report.json'} and {folder / 'spectrum.png'}")

@@ -10,10 +10,9 @@ Writes DIR/report.json and DIR/spectrum.png and prints the summary.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
-from _common import digits, parser
+from _common import digits, parser, write_report
 from torch import nn
 
 from hessfast.analysis.analyze import analyze
@@ -78,12 +77,7 @@ def main() -> None:
     report = analyze(model, loss_fn, batches, k=3 if args.quick else 5,
                      probes=2 if args.quick else 4, steps=10 if args.quick else 24,
                      groups=blocks)
-    print(report.summary())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.to_json(out / "report.json")
-    report.plot(out / "spectrum.png")
-    print(f"wrote {out / 'report.json'} and {out / 'spectrum.png'}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
-from _common import parser
+from _common import parser, write_report
 
 from hessfast.analysis.analyze import analyze
 
@@ -81,12 +80,7 @@ def main() -> None:
     report = analyze(model, None, batches, curvature="ggn", causal_lm=True,
                      k=3 if args.quick else 5, probes=2 if args.quick else 4,
                      steps=10 if args.quick else 24, groups=blocks)
-    print(report.summary())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.to_json(out / "report.json")
-    report.plot(out / "spectrum.png")
-    print(f"wrote {out / 'report.json'} and {out / 'spectrum.png'}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
