@@ -83,6 +83,11 @@ def check_seed(seed: Any, *, who: str | None = None) -> int:
     return int(seed)
 
 
+def shift_seed(seed: int, i: int) -> int:
+    """A different seed (for another run's start), still in :func:`check_seed`'s range."""
+    return seed + i if seed + i < 2**64 else seed - i
+
+
 def check_positive(name: str, value: Any, *, who: str | None = None) -> float:
     """A finite real number ``> 0`` (a tolerance, a width)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import as_operator, check_int, check_positive, check_seed
+from ._checks import as_operator, check_int, check_positive, check_seed, shift_seed
 from ._probe import probe_operator
 from .errors import ArgumentTypeError, ConfigurationError
 from .linop import LinearOperator
@@ -162,8 +162,7 @@ def condition_number(
         lmax, top_ok = top
         early = False
         if bottom is None:
-            seed2 = seed + 1 if seed < 2**64 - 1 else seed - 1  # the SA run's own start
-            low = smallest_eigenvalue(A, lmax, tol, budget, seed2, psd, who)
+            low = smallest_eigenvalue(A, lmax, tol, budget, shift_seed(seed, 1), psd, who)
             lmin, bottom_ok, early = low.value, low.converged, low.singular_early
         else:
             lmin, bottom_ok = bottom

@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from .._checks import as_operator, check_choice, check_int, check_positive, check_seed
+from .._checks import (
+    as_operator,
+    check_choice,
+    check_int,
+    check_positive,
+    check_seed,
+    shift_seed,
+)
 from ..condition import SINGULAR_STAGE, smallest_eigenvalue
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
@@ -159,7 +166,7 @@ def analyze(
     lmax = float(top.eigenvalues[0])
     psd = kind == "GGN"  # a GGN of a convex criterion: lambda_min >= 0
     with _Part(H, "lambda_min", progress) as p:
-        bottom = smallest_eigenvalue(H, lmax, tol, budget, _shift(seed, 1), psd, WHO,
+        bottom = smallest_eigenvalue(H, lmax, tol, budget, shift_seed(seed, 1), psd, WHO,
                                      warn=False)
     how = ("stopped early: singular (Ritz value within the zero threshold"
            f"{', the GGN is PSD' if psd else ' by more than its residual'})"
@@ -190,7 +197,7 @@ def analyze(
 
         m = max(30, 3 * probes)
         with _Part(H, "trace", progress) as p:
-            t = hutch(H, max_matvecs=m, method="hutch++", seed=_shift(seed, 2))
+            t = hutch(H, max_matvecs=m, method="hutch++", seed=shift_seed(seed, 2))
         use = t.exact or not math.isfinite(tr_err) or t.stderr < tr_err
         why = (f"the density's {probes} probes gave {tr:.6g} ± {tr_err:.3g}; hutch++ with "
                f"max_matvecs={m} gave {t.value:.6g} ± {t.stderr:.3g} ({t.status}); reported: "
@@ -296,11 +303,6 @@ def _part(name: str, quantities: list[str], mv: int, ps: int, t0: float, source:
           ) -> dict[str, Any]:
     return dict(name=name, quantities=quantities, num_matvecs=int(mv), data_passes=int(ps),
                 seconds=time.perf_counter() - t0, source=source)
-
-
-def _shift(seed: int, i: int) -> int:
-    """A different seed for another part's start (kept in ``check_seed``'s range)."""
-    return seed + i if seed + i < 2**64 else seed - i
 
 
 def _name(groups: Any) -> Any:
