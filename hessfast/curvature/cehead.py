@@ -29,7 +29,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from ..kernels.ce_curvature import ce_backend, ce_hessian_product
+from ..kernels.ce_curvature import (
+    ce_backend,
+    ce_hessian_product,
+    ce_hessian_product_reference,
+)
 
 __all__ = ["CEHead", "CESpec", "ce_spec", "fused_cross_entropy", "head_backend"]
 
@@ -154,14 +158,9 @@ def _apply_hessian(
     v: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """``H v`` for one direction ``v [R, C]`` (or a vmapped batch of them)."""
-    if _has_storage(v):
-        return ce_hessian_product(rows, v.unsqueeze(0), mask=mask, scale=scale)[0]
-    # Inside autograd's batched backward: plain torch ops, which vmap batches.
-    cdt = scale.dtype
-    p = torch.softmax(rows.to(cdt), dim=-1)
-    u = v.to(cdt)
-    out = p * (u - (p * u).sum(dim=-1, keepdim=True)) * scale
-    return torch.where(mask[:, None], out, torch.zeros((), dtype=cdt)).to(v.dtype)
+    # Inside autograd's batched backward (no storage) only plain torch ops, which vmap batches.
+    product = ce_hessian_product if _has_storage(v) else ce_hessian_product_reference
+    return product(rows, v.unsqueeze(0), mask=mask, scale=scale)[0]
 
 
 class _CEGrad(torch.autograd.Function):
