@@ -30,12 +30,11 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from ..kernels.ce_curvature import (
-    ce_backend,
     ce_hessian_product,
     ce_hessian_product_reference,
 )
 
-__all__ = ["CEHead", "CESpec", "ce_spec", "fused_cross_entropy", "head_backend"]
+__all__ = ["CEHead", "CESpec", "FusedCriterion", "ce_spec", "fused_cross_entropy"]
 
 _PARTIAL_KEYS = {"reduction", "ignore_index", "label_smoothing"}
 
@@ -71,11 +70,6 @@ def ce_spec(loss_fn: Any) -> CESpec | None:
         return None
     return CESpec(reduction, int(kwargs.get("ignore_index", -100)),
                   float(kwargs.get("label_smoothing", 0.0)))
-
-
-def head_backend(device: torch.device) -> str:
-    """Which implementation the fused product uses for tensors on ``device``."""
-    return ce_backend(device)[0]
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
@@ -220,13 +214,12 @@ def fused_cross_entropy(spec: CESpec, logits: torch.Tensor, targets: torch.Tenso
 
 class FusedCriterion:
     """``loss_fn`` with the fused cross-entropy where a batch allows it, else ``loss_fn``
-    itself; ``used`` counts the calls that were fused."""
+    itself."""
 
     def __init__(self, loss_fn: Any, spec: CESpec) -> None:
-        self.loss_fn, self.spec, self.used = loss_fn, spec, 0
+        self.loss_fn, self.spec = loss_fn, spec
 
     def __call__(self, outputs: Any, targets: Any) -> Any:
         if _usable(outputs, targets):
-            self.used += 1
             return fused_cross_entropy(self.spec, outputs, targets)
         return self.loss_fn(outputs, targets)

@@ -26,8 +26,9 @@ from ..errors import (
     HessfastError,
     LossCallError,
 )
+from ..kernels.ce_curvature import ce_backend
 from ..linop import LinearOperator
-from .cehead import CESpec, ce_spec, head_backend
+from .cehead import CESpec, ce_spec
 from .data import BatchSource
 from .dataparallel import data_parallel_init, refuse_fsdp
 from .guard import BufferCopies, ParamFingerprint, SlotGuard, tensor_slots
@@ -184,7 +185,7 @@ class CurvatureOperator(BatchProducts, LinearOperator):
                 "class weights, F.cross_entropy, or a partial of it, called as a criterion)"
             )
             return None
-        self.loss_head = f"fused cross-entropy ({head_backend(self.device)})"
+        self.loss_head = f"fused cross-entropy ({ce_backend(self.device)[0]})"
         self.loss_head_reason = (
             "loss_fn is torch's cross-entropy: its curvature w.r.t. the logits is the fused "
             "product p*u - p*(p.u) for class-index targets (probability targets fall back "
