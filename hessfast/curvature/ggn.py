@@ -106,6 +106,7 @@ class GGNOperator(CurvatureOperator):
         self._wrapper = OutputModule(self.model, self._batch_split)
         if self._lm_head is not None:
             self._head_ids = check_head(self, self._lm_head)
+            self._head_checked = False  # head_graph compares its rows with the logits once
             if self._planner.requested == "fwd_rev":
                 raise ConfigurationError(
                     "lm_head= splits the GGN inside the graph of double backward; "

@@ -137,13 +137,14 @@ def head_graph(op: Any, head: nn.Linear, batch: Any, index: int,
         h = _rows(op, seen["h"], seen["out"], out)
     weight = seen["weight"].detach()
     bias = None if seen["bias"] is None else seen["bias"].detach()
-    if index == 0:  # the rows must be what the criterion sees: checked once, on batch 0
+    if not op._head_checked:  # the rows must be what the criterion sees: checked once
         again = F.linear(h.detach(), weight, bias)
         if again.shape != out.shape or not torch.allclose(
                 again, out.detach(), rtol=1e-3, atol=1e-3 * float(out.detach().abs().max())):
             raise ConfigurationError(
                 "lm_head=: the criterion's outputs are not the head applied to its input "
                 "rows (the model changes the logits after the head); drop lm_head=")
+        op._head_checked = True
     loss = op._call_loss(op.loss_fn, index, out.detach(), targets).detach()
     with torch.enable_grad():
         u = torch.zeros_like(h, requires_grad=True)
