@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from ._digest import tensor_digest
 from .errors import ArgumentTypeError, AsymmetricOperatorError, ConfigurationError
 
 __all__ = ["PRODUCT_LISTENERS", "LinearOperator"]
@@ -71,11 +72,33 @@ class LinearOperator:
             ``[k, n]`` tensor whose row i is ``A @ V[i]``, in ``self.dtype`` on
             ``self.device``.
         """
-        if not isinstance(V, torch.Tensor):
-            raise TypeError(f"matmat expects a torch.Tensor [k, n], got {type(V).__name__}")
+        V = self._checked_block(V)
+        k, n = V.shape
+        if k == 0:
+            return V.new_zeros((0, n))
+        out = self._matmat(V)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (k, n):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigurationError(
+                f"{type(self).__name__} returned {got} for a block [{k}, {n}]; an operator "
+                f"must map [k, n] to [k, n]: return one product per row of the block"
+            )
+        self.num_matvecs += k
+        self.num_passes += 1
+        for listener in PRODUCT_LISTENERS.get():
+            listener(k)
+        return out
+
+    def _checked_block(self, V: object) -> torch.Tensor:
+        """``V`` checked (a real floating-point ``[k, n]`` tensor holding data) and moved to
+        the operator's dtype and device."""
         n = self.shape[0]
+        if not isinstance(V, torch.Tensor):
+            raise ArgumentTypeError(
+                f"matmat expects a torch.Tensor [k, {n}], got {type(V).__name__}"
+            )
         if V.dim() != 2 or V.shape[1] != n:
-            raise ValueError(
+            raise ConfigurationError(
                 f"matmat expects a block of row vectors [k, {n}], got shape {tuple(V.shape)}; "
                 "for a single vector use matvec or `op @ v`"
             )
@@ -86,22 +109,24 @@ class LinearOperator:
                 "and combine them"
             )
         if not V.is_floating_point():
-            raise TypeError(f"matmat expects floating-point vectors, got dtype {V.dtype}")
-        V = V.to(device=self.device, dtype=self.dtype)
-        k = V.shape[0]
-        if k == 0:
-            return V.new_zeros((0, n))
-        out = self._matmat(V)
-        if tuple(out.shape) != (k, n):
-            raise RuntimeError(
-                f"{type(self).__name__} returned shape {tuple(out.shape)} for a block "
-                f"[{k}, {n}]; an operator must map [k, n] to [k, n]"
+            raise ArgumentTypeError(
+                f"matmat expects floating-point vectors, got dtype {V.dtype}: pass "
+                f"V.to({self.dtype})"
             )
-        self.num_matvecs += k
-        self.num_passes += 1
-        for listener in PRODUCT_LISTENERS.get():
-            listener(k)
-        return out
+        if V.device.type == "meta":
+            raise ConfigurationError(
+                f"matmat got a block on the meta device (shapes without data), but the "
+                f"operator lives on {self.device}: create the vectors there "
+                f"(torch.randn(k, {n}, device={str(self.device)!r}, dtype={self.dtype}))"
+            )
+        try:
+            return V.to(device=self.device, dtype=self.dtype)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise ConfigurationError(
+                f"matmat cannot move a block on {V.device} to the operator's device "
+                f"{self.device} ({type(exc).__name__}: {exc}); create the vectors on "
+                f"{self.device}"
+            ) from exc
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Multiply one vector ``v: [n]`` and return ``[n]``."""
@@ -128,6 +153,21 @@ class LinearOperator:
     def __repr__(self) -> str:
         n = self.shape[0]
         return f"{type(self).__name__}(n={n}, dtype={self.dtype}, device={self.device})"
+
+    def state_fingerprint(self) -> dict[str, str] | None:
+        """What the products depend on besides ``n`` and the dtype, as short strings, for a
+        checkpoint to bind to (:mod:`hessfast.lanczos.checkpoint`: a file saved with another
+        state is refused, naming the entries that differ).
+
+        ``from_matrix``: ``{"matrix": digest}`` (a SHA-256 of the matrix's bits). Model
+        operators (:func:`hessfast.hessian`, :func:`hessfast.ggn`): every parameter and buffer
+        by name with its shape, dtype and bits, and the data. ``from_function`` and this
+        default: None, no state hessfast can read (a Python function's closure may change
+        unseen), so a checkpoint is bound by the arguments only: give a changed function a
+        new checkpoint path. A subclass that wraps another operator should return the
+        wrapped operator's entries plus its own.
+        """
+        return None
 
     # -- constructors -------------------------------------------------------------
     @staticmethod
@@ -185,6 +225,11 @@ class _MatrixOperator(LinearOperator):
         self.matrix = M
         self.checked = True  # symmetric as checked above (or waived); a matrix is deterministic
 
+    def state_fingerprint(self) -> dict[str, str]:
+        """``{"matrix": "(n, n):dtype:sha256"}`` of the matrix's bits (a changed entry changes
+        it; :meth:`LinearOperator.state_fingerprint`)."""
+        return {"matrix": tensor_digest(self.matrix)}
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return V @ self.matrix.T
 
@@ -200,11 +245,43 @@ class _FunctionOperator(LinearOperator):
         super().__init__(n, dtype, device)
         self.fn = fn
 
+    def state_fingerprint(self) -> None:
+        """None: a function's state (its closure, the tensors it reads) cannot be read, so a
+        checkpoint of a function operator is bound by the arguments only
+        (:meth:`LinearOperator.state_fingerprint`)."""
+        return None
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = self.fn(V)
+        k, n = V.shape
         if not isinstance(out, torch.Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"the operator function returned {type(out).__name__}; it must return a "
                 f"tensor [k, n] for a block [k, n]"
+            )
+        if out.is_complex() or not out.is_floating_point():
+            # .to() would drop an imaginary part (with only torch's warning) or read
+            # integers as if they were the product
+            fix = (
+                "return a real tensor: a symmetric real operator has real products (if the "
+                "imaginary part is rounding, return out.real)"
+                if out.is_complex()
+                else "compute the products in floating point"
+            )
+            raise ArgumentTypeError(
+                f"the operator function returned dtype {out.dtype} for a block [{k}, {n}] of "
+                f"{V.dtype}; it must return real floating-point products [k, n] "
+                f"(the operator's dtype is {self.dtype}): {fix}"
+            )
+        if tuple(out.shape) != (k, n):
+            raise ConfigurationError(
+                f"the operator function returned shape {tuple(out.shape)} for a block "
+                f"[{k}, {n}]; it must return one product per row: [k, n] (for a function "
+                "of one vector, wrap it: lambda V: torch.stack([f(v) for v in V]))"
+            )
+        if out.device.type == "meta":
+            raise ConfigurationError(
+                f"the operator function returned a tensor on the meta device (no data) for "
+                f"a block on {V.device}; it must compute the products (on {self.device})"
             )
         return out.to(dtype=self.dtype, device=self.device)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -44,9 +44,10 @@ from . import ops
 from ._checks import work_dtype
 from .curvature.plan import available_memory, measure_saved
 from .distributed import shard_size
-from .errors import ConfigurationError, OutOfMemoryPlanError
+from .errors import ArgumentTypeError, ConfigurationError, OutOfMemoryPlanError
 from .linop import LinearOperator
 from .ops import CAST_CHUNK_BYTES
+from .results import JsonResult, jsonable
 
 __all__ = ["ALGORITHMS", "MemoryItem", "MemoryPlan", "choose_basis", "estimate_memory",
            "graph_bytes"]
@@ -86,8 +87,12 @@ class MemoryItem:
 
 
 @dataclass(frozen=True)
-class MemoryPlan:
+class MemoryPlan(JsonResult):
     """Bytes per device of one run (see the module docstring for what is measured).
+
+    ``to_dict()`` / ``to_json()`` as on every result: the fields below (``items`` as a list
+    of ``{name, bytes, where, note}``, dtypes and devices as str) plus the derived
+    ``totals`` (``{"device": bytes, "host": bytes}``) and ``fits``.
 
     Attributes:
         algorithm, n: the run and the operator size (parameters).
@@ -123,6 +128,21 @@ class MemoryPlan:
     activations = property(lambda self: self._sum("activations"), doc="bytes (0: unmeasured)")
     vectors = property(lambda self: self._sum("vectors", "working vectors", "scratch",
                                               "reorth cast"), doc="bytes of working vectors")
+
+    def to_dict(self, vectors: bool = True) -> dict[str, Any]:
+        """The fields as JSON-safe values (``json.dumps`` accepts it), without the private
+        rescaling function, plus ``totals`` per place and ``fits``. ``vectors`` is accepted
+        for the common result interface (a plan holds no ``[n]`` arrays)."""
+        if not isinstance(vectors, bool):
+            raise ArgumentTypeError(f"to_dict: vectors must be True or False, got {vectors!r}")
+        out: dict[str, Any] = {"kind": type(self).__name__}
+        for f in fields(self):
+            if not f.name.startswith("_"):
+                out[f.name] = jsonable(getattr(self, f.name))
+        places = dict.fromkeys([*self.capacity, *(i.where for i in self.items)])
+        out["totals"] = {w: self.total(w) for w in places}
+        out["fits"] = self.fits
+        return out
 
     def total(self, where: str = "device") -> int:
         """Bytes the plan needs on ``where`` (``"device"`` or ``"host"``)."""
