@@ -35,6 +35,7 @@ from ..lanczos.probes import REORTHS
 from ..linop import LinearOperator
 from ..memory import choose_basis
 from ..progress import set_total, track
+from ..results import Status
 from .kpm import kpm
 from .result import SpectralDensity
 from .slq import gather_slq, slq_group_size, slq_grouped
@@ -136,8 +137,9 @@ def spectral_density(
             process's share under a mesh); None: when stderr is a terminal.
 
     Returns:
-        :class:`SpectralDensity` with ``status`` ``CONVERGED`` (or ``OUT_OF_BOUNDS`` for a
-        KPM run whose bounds kept failing, with a warning).
+        :class:`SpectralDensity` with ``status`` ``FIXED_BUDGET`` (the steps or moments asked
+        for were computed; there is no stopping test) or ``OUT_OF_BOUNDS`` for a KPM run whose
+        bounds kept failing, with a warning.
 
     Raises:
         ConfigurationError: a bad argument (named in the message).
@@ -235,7 +237,7 @@ def spectral_density(
             seed=seed,
             num_matvecs=fields.pop("num_matvecs", products.num_matvecs),
             num_passes=products.num_passes,
-            converged=fields["status"] == "CONVERGED",
+            converged=fields["status"] != Status.OUT_OF_BOUNDS,
             seconds=time.perf_counter() - t0,
             **fields,
         )

@@ -85,7 +85,7 @@ def kpm(
     P = Z.shape[0]
     lo, hi = kpm_bounds(products, Z[:1], bdtype)
     K = M // 2  # = ceil((M - 1) / 2) passes: mu_0..mu_{2K} cover indices 0..M-1
-    status = Status.CONVERGED
+    status = Status.FIXED_BUDGET  # a fixed number of moments, no stopping test
     for _attempt in range(4):
         c, h = 0.5 * (hi + lo), 0.5 * (hi - lo)
         mu = torch.zeros((P, 2 * K + 1), dtype=torch.float64)

@@ -51,10 +51,10 @@ class SpectralDensity:
             resolution ``pi (hi - lo) / (2 num_moments)`` (information only).
         chebyshev_moments: KPM only: ``[P, num_moments]`` float64 raw moments ``u^T T_k(B) u``.
         num_matvecs, num_passes: products and ``A.matmat`` calls (data passes) spent.
-        status: ``CONVERGED`` (the steps or moments asked for were computed) or, for KPM,
-            ``OUT_OF_BOUNDS`` (the Chebyshev vectors kept growing: unreliable moments, with
-            a warning).
-        converged: ``status == CONVERGED``.
+        status: ``FIXED_BUDGET`` (the steps or moments asked for were computed; there is no
+            stopping test) or, for KPM, ``OUT_OF_BOUNDS`` (the Chebyshev vectors kept growing:
+            unreliable moments, with a warning).
+        converged: ``status != OUT_OF_BOUNDS``.
         seconds: wall time.
     """
 

@@ -60,7 +60,7 @@ def slq(
         steps=tri.steps.clone(),
         bounds=bounds,
         default_sigma=slq_sigma(bounds, m),
-        status=Status.CONVERGED,
+        status=Status.FIXED_BUDGET,  # a fixed number of steps, no stopping test
     )
 
 

@@ -13,7 +13,7 @@ from .._probe import probe_operator
 from ..linop import LinearOperator
 from ..progress import set_total, track
 from ..results import DiagonalResult, Status
-from .exchangeable import Exchangeable, xdiag_estimates
+from .exchangeable import Exchangeable, xdiag_estimates, xdiag_jackknife_stderr
 from .session import Session, max_matvecs_arg
 
 __all__ = ["DIAGONAL_METHODS", "diagonal"]
@@ -50,9 +50,10 @@ def diagonal(
 
     Returns:
         :class:`DiagonalResult` with ``values [n]`` and per-entry ``stderr [n]``
-        (Hutchinson: the sample std of ``z_j (A z)_j`` over sqrt(m); XDiag: the spread of
-        the k leave-one-out estimates over sqrt(k)); ``by_param`` maps the values to the
-        parameter shapes for a model operator.
+        (Hutchinson: the sample std of ``z_j (A z)_j`` over sqrt(m); XDiag: the Efron-Stein
+        jackknife over its k probes, conservative), ``dof`` for the t quantile of
+        ``confidence_interval`` and status ``FIXED_BUDGET`` (or ``EXACT``); ``by_param``
+        maps the values to the parameter shapes for a model operator.
 
     Raises:
         ConfigurationError: bad method or budget, non-square A.
@@ -67,21 +68,24 @@ def diagonal(
         m = sess.budget(method, max_matvecs)
         set_total(min(m, sess.n))
         probe_operator(sess.A, sess.products.who)
-        status = Status.CONVERGED
+        status = Status.FIXED_BUDGET
+        dof = None
         if sess.n == 0 or m >= sess.n:
             values = sess.exact_diagonal()
             stderr = torch.zeros_like(values)
             status = Status.EXACT
         elif method == "hutchinson":
             values, stderr = _bekas(sess, m)
+            dof = m - 1 if m >= 2 else None
         else:
             values, stderr = _xdiag(sess, m)
+            dof = m // 2 - 1 if m // 2 >= 3 else None
         unflatten = getattr(sess.A, "unflatten", None)
         by_param = unflatten(values) if callable(unflatten) else None
         return DiagonalResult(
             values=values, stderr=stderr, num_matvecs=sess.matvecs, num_passes=sess.passes,
             method=method, seed=seed, converged=True, status=status, by_param=by_param,
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - t0, dof=dof,
         )
 
 
@@ -108,13 +112,9 @@ def _bekas(sess: Session, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _xdiag(sess: Session, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """XDiag with ``k = m // 2`` probes: the mean of the k leave-one-out estimates and their
-    spread over sqrt(k), ``[n]`` each."""
+    """XDiag with ``k = m // 2`` probes: the mean of the k leave-one-out estimates and the
+    Efron-Stein jackknife standard error (:func:`xdiag_jackknife_stderr`; the spread of the
+    leave-one-out estimates over sqrt(k) ignores their correlation), ``[n]`` each."""
     st = Exchangeable(sess)
     st.grow(m // 2)
-    E = xdiag_estimates(st)
-    values = E.mean(0)
-    k = E.shape[0]
-    if k < 2:
-        return values, torch.full_like(values, math.inf)
-    return values, E.std(0, unbiased=True) / math.sqrt(k)
+    return xdiag_estimates(st).mean(0), xdiag_jackknife_stderr(st)

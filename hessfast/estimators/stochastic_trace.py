@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +25,9 @@ from .._probe import probe_operator
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
 from ..progress import set_total, track
-from ..results import Status, TraceResult, z_value
-from .exchangeable import Exchangeable, orth_rows, xtrace_estimates
-from .session import Session, max_matvecs_arg, mean_stderr, next_block
+from ..results import Status, TraceResult, t_value
+from .exchangeable import Exchangeable, orth_rows, xtrace_estimates, xtrace_jackknife_stderr
+from .session import Session, max_matvecs_arg, mean_stderr
 
 __all__ = ["TRACE_METHODS", "trace"]
 
@@ -36,11 +37,11 @@ _WHO = "trace"
 
 @dataclass(frozen=True)
 class _Stop:
-    """The adaptive rule: stop once ``z * stderr <= max(atol, rtol * |estimate|)`` with at
-    least ``min_samples`` samples."""
+    """The adaptive target: a ``confidence`` interval of half-width
+    ``<= max(atol, rtol * |estimate|)`` from at least ``min_samples`` samples."""
 
     rtol: float
-    z: float
+    level: float
     min_samples: int
     atol: float = 0.0
 
@@ -48,13 +49,46 @@ class _Stop:
         """The half-width asked for at this estimate."""
         return max(self.atol, self.rtol * abs(est))
 
+    def half(self, err: float, count: int) -> float:
+        """Half-width of the interval from ``count`` samples (t quantile, count - 1 dof)."""
+        if count < 2 or not math.isfinite(err):
+            return math.inf
+        return t_value(self.level, count - 1) * err if err > 0 else 0.0
+
     def met(self, est: float, err: float, count: int) -> bool:
-        return count >= self.min_samples and self.z * err <= self.target(est)
+        return count >= self.min_samples and self.half(err, count) <= self.target(est)
+
+    def plan(self, count: int, err: float, est: float, rate: float, remaining: int) -> int:
+        """Samples of the next fresh block: the ``1/count^rate`` prediction (from ``err`` at
+        ``count``) of the count whose interval meets the target, times ``_MARGIN``; at least
+        ``min_samples``, at most ``remaining``."""
+        tgt = self.target(est)
+        if err == 0.0:
+            want = self.min_samples
+        elif tgt <= 0 or not math.isfinite(err):
+            want = remaining
+        else:
+            want = self.min_samples
+            for _ in range(50):  # fixed point: the t quantile depends on the count
+                need = count * (t_value(self.level, max(want, 2) - 1) * err / tgt) ** (1 / rate)
+                new = math.ceil(_MARGIN * need) if need < 1e15 else remaining
+                new = max(self.min_samples, min(new, remaining))
+                if new == want:
+                    break
+                want = new
+        return int(max(1, min(want, remaining)))
 
 
 # (value, stderr, samples, status) of one run
 _Outcome = tuple[float, float, int, Status]
 
+#: Safety factor on the planned size of a fresh block (the pilot's standard error is itself
+#: noisy; a block that misses the target costs another block).
+_MARGIN = 1.25
+#: The convergence rate assumed when the first fresh block is planned: error ~ 1/count^rate.
+#: Hutchinson samples are iid (1/2). XTrace falls between 1/2 (flat spectra) and 1 (fast
+#: decay); its later blocks use the rate measured between the previous two blocks.
+_RATE = {"hutchinson": 0.5, "hutch++": 0.5, "xtrace": 0.75}
 
 def trace(
     A: LinearOperator,
@@ -143,10 +177,10 @@ def trace(
             rtol = check_positive("rtol", rtol, who=_WHO)
         if atol is not None:
             atol = check_positive("atol", atol, who=_WHO)
-        z = z_value(check_level("confidence", confidence, who=_WHO))
+        level = check_level("confidence", confidence, who=_WHO)
         min_samples = check_int("min_samples", min_samples, 1, who=_WHO)
         if rtol is not None or atol is not None:
-            stop = _Stop(rtol or 0.0, z, max(min_samples, 2), atol or 0.0)
+            stop = _Stop(rtol or 0.0, level, max(min_samples, 2), atol or 0.0)
         if mesh is not None:
             _check_mesh(mesh, method, stop, sess)
         set_total(min(m, sess.n) if method != "hutchinson" or stop is None else m)
@@ -170,12 +204,14 @@ def trace(
             num_passes=sess.passes, method=method, seed=seed,
             converged=status != Status.MAX_MATVECS, status=status,
             seconds=time.perf_counter() - t0, num_samples=samples,
+            dof=samples - 1 if samples >= 2 and status != Status.EXACT else None,
         )
         if not res.converged:
             warnings.warn(
                 f"hessfast: trace(method={method!r}) spent its budget of {m} matvecs before the "
                 f"{confidence:.0%} interval reached {_asked(rtol, atol)}: estimate {res.value:.6g} "
-                f"+/- {z * res.stderr:.3g} from {res.num_samples} samples; raise max_matvecs",
+                f"+/- {res.value - res.confidence_interval(level)[0]:.3g} from "
+                f"{res.num_samples} samples; raise max_matvecs",
                 stacklevel=2,
             )
         return res
@@ -214,7 +250,7 @@ def _hutchinson_mesh(sess: Session, m: int, mesh: Mesh) -> _Outcome:
         mine = _hutchinson_block(sess, len(share), None)
     samples = mesh.gather_rows(mine[:, None], m, "the Hutchinson samples")[:, 0]
     mean, err = mean_stderr(samples)
-    return mean, err, m, Status.CONVERGED
+    return mean, err, m, Status.FIXED_BUDGET
 
 
 def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Tensor:
@@ -232,7 +268,8 @@ def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Te
 
 def _hutchinson(sess: Session, m: int, hutchpp: bool, stop: _Stop | None) -> _Outcome:
     """Hutchinson, or Hutch++ (a third of the budget sketches ``Q = orth(A S)``; the exact
-    ``tr(Q^T A Q)`` plus Hutchinson on the deflated operator)."""
+    ``tr(Q^T A Q)`` plus Hutchinson on the deflated operator). Adaptive: :func:`_two_stage`
+    over the (deflated) samples."""
     offset, Q = 0.0, None
     if hutchpp:
         Q, _ = orth_rows(sess.apply(sess.probes(m // 3)))
@@ -241,42 +278,63 @@ def _hutchinson(sess: Session, m: int, hutchpp: bool, stop: _Stop | None) -> _Ou
     if stop is None:
         samples = _hutchinson_block(sess, remaining, Q)
         mean, err = mean_stderr(samples)
-        return offset + mean, err, samples.numel(), Status.CONVERGED
-    samples = torch.zeros(0, dtype=torch.float64)
-    mean, err = 0.0, math.inf
-    while remaining > 0:
-        count = samples.numel()
-        if count < stop.min_samples:
-            j = min(stop.min_samples - count, remaining)
-        else:
-            j = next_block(count, err, stop.z, stop.target(offset + mean), remaining, 0.25)
-        samples = torch.cat([samples, _hutchinson_block(sess, j, Q)])
-        remaining -= j
-        mean, err = mean_stderr(samples)
-        if stop.met(offset + mean, err, samples.numel()):
-            return offset + mean, err, samples.numel(), Status.CONVERGED
-    return offset + mean, err, samples.numel(), Status.MAX_MATVECS
+        return offset + mean, err, samples.numel(), Status.FIXED_BUDGET
+
+    def block(count: int) -> tuple[float, float, int]:
+        mean, err = mean_stderr(_hutchinson_block(sess, count, Q))
+        return offset + mean, err, count
+
+    return _two_stage(block, stop, remaining, 1, _RATE["hutch++" if hutchpp else "hutchinson"])
 
 
 def _xtrace(sess: Session, m: int, stop: _Stop | None) -> _Outcome:
-    """XTrace with ``k = m // 2`` probes, or adaptively from ``min_samples`` probes, the
-    basis at most doubling per step."""
-    st = Exchangeable(sess)
-    kmax = m // 2
+    """XTrace with ``k = m // 2`` probes; adaptively, :func:`_two_stage` over fresh XTrace
+    runs (each a new basis: 2 products per probe)."""
+
+    def block(k: int) -> tuple[float, float, int]:
+        st = Exchangeable(sess)
+        st.grow(k)
+        return float(xtrace_estimates(st).mean()), xtrace_jackknife_stderr(st), k
+
     if stop is None:
-        st.grow(kmax)
-        mean, err = mean_stderr(xtrace_estimates(st))
-        return mean, err, st.k, Status.CONVERGED
-    st.grow(min(stop.min_samples, kmax))
+        mean, err, k = block(m // 2)
+        return mean, err, k, Status.FIXED_BUDGET
+    return _two_stage(block, stop, m - sess.matvecs, 2, _RATE["xtrace"], measure=True)
+
+
+def _two_stage(
+    block: Callable[[int], tuple[float, float, int]], stop: _Stop, budget: int, cost: int,
+    rate: float, measure: bool = False,
+) -> _Outcome:
+    """The adaptive rule, built to survive optional stopping (Stein's two-stage idea).
+
+    ``block(count)`` draws ``count`` FRESH samples (``cost`` products each) and returns
+    ``(estimate, stderr, count)`` from them alone. A pilot of ``min_samples`` plans the size
+    of the next block (:meth:`_Stop.plan`); that block is drawn fresh and its own estimate
+    and t interval are the answer, so the size is independent of the samples behind the
+    interval: the interval is a fixed-size one and covers at its level, and the estimate
+    stays unbiased. Only if that block's interval misses the target does it become the
+    pilot of one more fresh block (the planned size carries a ``_MARGIN`` so this is rare).
+    ``rate``: the assumed decay ``stderr ~ 1/count^rate``; ``measure``: replace it by the
+    rate measured between the last two blocks (clamped to [1/2, 1]; XTrace).
+
+    Cost: the pilot (``min_samples``) and the margin on top of what the old sequential rule
+    spent; the old rule stopped as soon as a running interval looked narrow, which is
+    optional stopping (77-88% coverage of a nominal 95% at rtol=0.05)."""
+    left = budget // cost
+    count = min(stop.min_samples, left)
+    est, err, count = block(count)
+    left -= count
+    prev: tuple[int, float] | None = None
     while True:
-        mean, err = mean_stderr(xtrace_estimates(st))
-        if stop.met(mean, err, st.k):
-            return mean, err, st.k, Status.CONVERGED
-        room = kmax - st.k
-        if room <= 0:
-            return mean, err, st.k, Status.MAX_MATVECS
-        if st.k < stop.min_samples:
-            j = min(stop.min_samples - st.k, room)
-        else:  # XTrace beats 1/sqrt(m): cap the prediction by doubling
-            j = min(next_block(st.k, err, stop.z, stop.target(mean), room, 0.25), st.k)
-        st.grow(j)
+        if left <= 0:
+            return est, err, count, Status.MAX_MATVECS
+        if prev is not None and measure and err > 0 and prev[1] > err and count > prev[0]:
+            measured = math.log(prev[1] / err) / math.log(count / prev[0])
+            rate = min(max(measured, 0.5), 1.0)
+        want = stop.plan(count, err, est, rate, left)
+        prev = (count, err)
+        est, err, count = block(want)
+        left -= count
+        if stop.met(est, err, count):
+            return est, err, count, Status.CONVERGED
