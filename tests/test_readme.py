@@ -19,6 +19,7 @@ import ast
 import importlib.util
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -247,6 +248,76 @@ def test_spectrum(in_tmp: Path) -> None:
     assert hasattr(ax, "plot")  # the matplotlib axes
     c = ns["c"]
     assert isinstance(c, hf.ConditionResult) and c.lambda_max > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------
+
+MYMODELS = textwrap.dedent("""
+    from collections import OrderedDict
+    from torch import nn
+
+    def make_model():
+        return nn.Sequential(OrderedDict([("layer3", nn.Linear(8, 16)), ("act", nn.Tanh()),
+                                          ("layer4", nn.Linear(16, 4))]))
+""")
+MYDATA = textwrap.dedent("""
+    import torch
+
+    _g = torch.Generator().manual_seed(1)
+    _X, _y = torch.randn(26, 8, generator=_g), torch.randint(0, 4, (26,), generator=_g)
+    batches = [(_X[:16], _y[:16]), (_X[16:], _y[16:])]
+""")
+
+
+def readme_analyze_command() -> list[str]:
+    """The README's ``hessfast analyze ...`` synopsis as an argument list: its backslash lines
+    joined, each ``[--option value]`` taken with its value (the first of ``a|b``
+    alternatives)."""
+    text = README.read_text(encoding="utf-8").split("## Command line", 1)[1]
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    start = block.index("hessfast analyze")
+    lines = []
+    for line in block[start:].splitlines():
+        lines.append(line.rstrip().removesuffix("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    words = shlex.split(" ".join(lines))
+    assert words[:2] == ["hessfast", "analyze"], words
+    return ["analyze"] + [w.strip("[]").split("|")[0] for w in words[2:]]
+
+
+def test_command_line(in_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The synopsis runs as shown, every option at its shown value, on a model whose
+    ``layer4`` the ``--params`` regex selects, with a checkpoint file of its weights."""
+    from hessfast import cli
+
+    argv = readme_analyze_command()
+    (in_tmp / "mymodels.py").write_text(MYMODELS)
+    (in_tmp / "mydata.py").write_text(MYDATA)
+    ckpt = argv[argv.index("--checkpoint") + 1]
+    spec = importlib.util.spec_from_file_location("readme_mymodels", in_tmp / "mymodels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(mod.make_model().state_dict(), in_tmp / ckpt)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI adds the current folder
+    for name in ("mymodels", "mydata"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        for name in ("mymodels", "mydata"):
+            sys.modules.pop(name, None)
+    report = json.loads(capsys.readouterr().out)  # --json: the report on stdout
+    out = in_tmp / argv[argv.index("--out") + 1]
+    assert json.loads((out / "report.json").read_text()) == report
+    assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["n"] == 16 * 4 + 4  # --params 'layer4\.': the last layer only
+    assert len(report["top_eigenvalues"]) == int(argv[argv.index("--k") + 1])
 
 
 # ---------------------------------------------------------------------------------------------
