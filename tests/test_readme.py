@@ -19,6 +19,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -145,6 +146,25 @@ def test_every_python_block_is_tested() -> None:
         f"README.md's ```python blocks sit under {sorted(headings)}; this file tests "
         f"{sorted(TESTED)}: give a new or renamed block its test here"
     )
+
+
+def test_cited_files_exist() -> None:
+    """Every repository path the README cites in backticks (``bench/RESULTS.md``,
+    ``hessfast/lanczos/restart.py``; a bare ``name.py`` is an example) exists."""
+    root = README.parent
+    cited = set(re.findall(r"`([\w./-]+(?:\.(?:py|md|log|sh|jsonl)|/))`", README.read_text()))
+    tops = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    checked = 0
+    for path in sorted(cited):
+        if "/" not in path.rstrip("/"):
+            where = root / "examples" / path if path.endswith(".py") else root / path
+        elif path.split("/")[0] in tops:
+            where = root / path
+        else:
+            continue  # an output path (hessfast-demo/report.json) or a placeholder
+        assert where.exists(), f"README.md cites {path!r}, which is not at {where}"
+        checked += 1
+    assert checked >= 10, sorted(cited)
 
 
 def test_use(in_tmp: Path) -> None:
