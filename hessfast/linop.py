@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from ._digest import tensor_digest
 from .errors import ArgumentTypeError, AsymmetricOperatorError, ConfigurationError
 
 __all__ = ["PRODUCT_LISTENERS", "LinearOperator"]
@@ -153,6 +154,21 @@ class LinearOperator:
         n = self.shape[0]
         return f"{type(self).__name__}(n={n}, dtype={self.dtype}, device={self.device})"
 
+    def state_fingerprint(self) -> dict[str, str] | None:
+        """What the products depend on besides ``n`` and the dtype, as short strings, for a
+        checkpoint to bind to (:mod:`hessfast.lanczos.checkpoint`: a file saved with another
+        state is refused, naming the entries that differ).
+
+        ``from_matrix``: ``{"matrix": digest}`` (a SHA-256 of the matrix's bits). Model
+        operators (:func:`hessfast.hessian`, :func:`hessfast.ggn`): every parameter and buffer
+        by name with its shape, dtype and bits, and the data. ``from_function`` and this
+        default: None, no state hessfast can read (a Python function's closure may change
+        unseen), so a checkpoint is bound by the arguments only: give a changed function a
+        new checkpoint path. A subclass that wraps another operator should return the
+        wrapped operator's entries plus its own.
+        """
+        return None
+
     # -- constructors -------------------------------------------------------------
     @staticmethod
     def from_matrix(M: torch.Tensor, *, check_symmetric: bool = True) -> LinearOperator:
@@ -209,6 +225,11 @@ class _MatrixOperator(LinearOperator):
         self.matrix = M
         self.checked = True  # symmetric as checked above (or waived); a matrix is deterministic
 
+    def state_fingerprint(self) -> dict[str, str]:
+        """``{"matrix": "(n, n):dtype:sha256"}`` of the matrix's bits (a changed entry changes
+        it; :meth:`LinearOperator.state_fingerprint`)."""
+        return {"matrix": tensor_digest(self.matrix)}
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return V @ self.matrix.T
 
@@ -223,6 +244,12 @@ class _FunctionOperator(LinearOperator):
     ) -> None:
         super().__init__(n, dtype, device)
         self.fn = fn
+
+    def state_fingerprint(self) -> None:
+        """None: a function's state (its closure, the tensors it reads) cannot be read, so a
+        checkpoint of a function operator is bound by the arguments only
+        (:meth:`LinearOperator.state_fingerprint`)."""
+        return None
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = self.fn(V)

@@ -11,6 +11,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -62,6 +63,8 @@ class EigshResult(JsonResult):
             pairs, see :mod:`hessfast.lanczos.restart`) found no better eigenvalue; a
             ``CONVERGED`` Lanczos result is always verified (dense results are exact).
         verify_matvecs: products spent verifying (included in ``num_matvecs``).
+        resumed_from_step: the step (one product each) a run with ``checkpoint=`` resumed
+            from; None when it started afresh (or ran without a checkpoint).
 
     ``to_dict(vectors=True)`` / ``to_json(path=None)``: JSON-safe fields (tensors as lists;
     ``vectors=False`` leaves out ``eigenvectors``).
@@ -83,6 +86,7 @@ class EigshResult(JsonResult):
     method: str
     verified: bool = False
     verify_matvecs: int = 0
+    resumed_from_step: int | None = None
 
     _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvectors",)
 
@@ -159,9 +163,11 @@ def eigsh(
         dense_below: operators with ``n <= dense_below`` are solved densely (n products),
             with a warning.
         checkpoint: a file path: the run saves its state there every ``checkpoint_every``
-            (an int: block steps; a float: seconds; default 60.0) and a call with the same
-            path and arguments resumes from it, giving the uninterrupted result
-            (:mod:`hessfast.lanczos.checkpoint`; only rank 0 writes).
+            (an int: block steps; a float: seconds; default 60.0) and at once on Ctrl-C or
+            SIGTERM; a call with the same path, operator and arguments resumes from it (with
+            a warning and ``resumed_from_step``), giving the uninterrupted result. A file
+            made by another run (arguments, parameters, data) is refused naming the
+            difference (:mod:`hessfast.lanczos.checkpoint`; only rank 0 writes).
         basis_sharding: under a process group (a data-parallel operator's, else the
             default group; the operator must be the same on every rank), each rank stores
             only its 1/R slice of every basis vector; every rank returns the same result,
@@ -269,15 +275,16 @@ def eigsh(
         ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
             n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
             seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=fingerprint_tensor(v0),
-        ), checkpoint_every, who)
+        ), checkpoint_every, who, operator=A)
         set_total(max_matvecs)
         probe_operator(A, who)
         lanczos = block_lanczos if comm is None else functools.partial(sharded_lanczos, comm=comm)
-        st = lanczos(
-            A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs, v0=v0,
-            seed=seed, reorth=reorth, basis_dtype=basis_dtype, basis_device=basis_device,
-            pin_memory=pin, checkpoint=ckpt,
-        )
+        with nullcontext() if ckpt is None else ckpt.guard():  # saves on Ctrl-C / SIGTERM
+            st = lanczos(
+                A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs,
+                v0=v0, seed=seed, reorth=reorth, basis_dtype=basis_dtype,
+                basis_device=basis_device, pin_memory=pin, checkpoint=ckpt,
+            )
         lost = 100 * math.sqrt(torch.finfo(basis_dtype).eps)  # the basis' own precision
         if st.orthogonality > lost:
             warnings.warn(
@@ -304,6 +311,7 @@ def eigsh(
             st.theta, st.vectors, st.residuals, st.converged, Status(st.status), st.num_matvecs,
             st.num_passes, st.num_restarts, st.norm_estimate, st.orthogonality,
             time.perf_counter() - t0, which, tol, "lanczos", st.verified, st.verify_matvecs,
+            resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
         )
 
 

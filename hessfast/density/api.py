@@ -122,9 +122,11 @@ def spectral_density(
         basis_device: where the SLQ bases live, e.g. ``"cpu"`` for a CUDA operator
             (default: the operator's device, or the memory plan's choice).
         checkpoint, checkpoint_every: SLQ only: save the run's state to this file every
-            ``checkpoint_every`` (an int: steps; a float: seconds; default 60.0) and resume
-            from it when called again with the same arguments (the uninterrupted result;
-            :mod:`hessfast.lanczos.checkpoint`).
+            ``checkpoint_every`` (an int: steps; a float: seconds; default 60.0) and at once
+            on Ctrl-C or SIGTERM, and resume from it when called again with the same
+            operator and arguments (the uninterrupted result, with a warning and
+            ``resumed_from_step``); a file made by another run is refused naming the
+            difference (:mod:`hessfast.lanczos.checkpoint`).
         mesh: SLQ only: a :class:`hessfast.distributed.Mesh` (probe x data). ``A`` must be
             built with ``process_group=mesh.data_group``; each probe group runs a contiguous
             share of the probe indices (at least one each) and the nodes, weights and steps
@@ -190,7 +192,7 @@ def spectral_density(
         ckpt = None if checkpoint is None else Checkpoint(checkpoint, "slq", dict(
             n=n, dtype=str(A.dtype), num_probes=num_probes, num_steps=m, seed=seed, probe=probe,
             reorth=reorth, basis_dtype=str(bdtype), group=group, v0=fingerprint_tensor(v0),
-        ), checkpoint_every, _WHO)
+        ), checkpoint_every, _WHO, operator=A)
         Z: torch.Tensor | None = None
         if v0 is not None:
             Z = _start_vectors(v0, n, work, A.device)[share.start : share.stop]
@@ -206,7 +208,8 @@ def spectral_density(
 
         products = Products(A, work, _WHO)
         barrier = nullcontext() if mesh is None else mesh.barrier(f"{_WHO}'s probes")
-        with torch.no_grad(), barrier:
+        guard = nullcontext() if ckpt is None else ckpt.guard()  # saves on Ctrl-C / SIGTERM
+        with torch.no_grad(), barrier, guard:
             if method == "slq":  # many probes: streamed in groups, memory bounded
                 gen = probe_generator(seed) if Z is None and mesh is None else None
                 key = [share.start]  # mesh: the next probe index, drawn from its keyed generator
@@ -239,6 +242,7 @@ def spectral_density(
             num_passes=products.num_passes,
             converged=fields["status"] != Status.OUT_OF_BOUNDS,
             seconds=time.perf_counter() - t0,
+            resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
             **fields,
         )
 

@@ -56,6 +56,8 @@ class SpectralDensity:
             unreliable moments, with a warning).
         converged: ``status != OUT_OF_BOUNDS``.
         seconds: wall time.
+        resumed_from_step: SLQ with ``checkpoint=``: the step (one product each) the run
+            resumed from; None when it started afresh.
     """
 
     nodes: torch.Tensor
@@ -75,6 +77,7 @@ class SpectralDensity:
     converged: bool
     seconds: float
     chebyshev_moments: torch.Tensor | None = None
+    resumed_from_step: int | None = None
 
     # -- basic properties -------------------------------------------------------------------
     @property
@@ -237,7 +240,8 @@ class SpectralDensity:
             raise ArgumentTypeError(
                 f"SpectralDensity.from_dict: expected a dict from to_dict(), got {type(d).__name__}"
             )
-        missing = [f for f in _FIELDS if f not in d and f != "chebyshev_moments"]
+        missing = [f for f in _FIELDS
+                   if f not in d and f not in ("chebyshev_moments", "resumed_from_step")]
         if missing:
             raise ConfigurationError(
                 f"SpectralDensity.from_dict: missing fields {missing}; pass the dict that "
@@ -256,6 +260,8 @@ class SpectralDensity:
             num_passes=int(d["num_passes"]), status=Status(d["status"]),
             converged=bool(d["converged"]), seconds=float(d["seconds"]),
             chebyshev_moments=None if cheb is None else torch.tensor(cheb, dtype=f64),
+            resumed_from_step=(None if d.get("resumed_from_step") is None
+                               else int(d["resumed_from_step"])),
         )
 
     # -- plotting -----------------------------------------------------------------------------
@@ -338,7 +344,7 @@ class SpectralDensity:
 
 _FIELDS = ("nodes", "weights", "trace_weights", "method", "n", "num_steps", "steps", "probe",
            "seed", "bounds", "default_sigma", "num_matvecs", "num_passes", "status",
-           "converged", "seconds", "chebyshev_moments")
+           "converged", "seconds", "chebyshev_moments", "resumed_from_step")
 
 
 def _as_grid(grid: Any) -> torch.Tensor:

@@ -91,8 +91,9 @@ def slq_grouped(
     all probes (nodes and weights ``[P, m]``), at ``ceil(P / group)`` times the passes.
 
     With a ``checkpoint`` the state (finished groups, ``gen``'s state before the current
-    group's draw, its Lanczos state, the product counters of ``products``) is saved when
-    due and a saved state is resumed: the current group is drawn again from the saved
+    group's draw, its Lanczos state, the product counters of ``products``) is kept at every
+    step, saved when due or on an interrupt (:meth:`Checkpoint.guard` around the call), and a
+    saved state is resumed: the current group is drawn again from the saved
     generator state, so the result is the uninterrupted one."""
     saved = checkpoint.load() if checkpoint is not None else None
     parts = [dict(f, status=Status(f["status"])) for f in saved["parts"]] if saved else []
@@ -105,13 +106,14 @@ def slq_grouped(
         g_state = gen.get_state() if gen is not None else None
 
         def save(state: dict[str, Any], start: int = start, g: Any = g_state) -> None:
-            if checkpoint is not None and checkpoint.due():
-                done = [dict(f, status=str(f["status"].value)) for f in parts]
-                checkpoint.save(dict(parts=done, start=start, gen=g, probe=state,
-                                     used=products.num_matvecs, passes=products.num_passes))
+            assert checkpoint is not None
+            done = [dict(f, status=str(f["status"].value)) for f in parts]
+            checkpoint.top(lambda: dict(parts=done, start=start, gen=g, probe=state,
+                                        used=products.num_matvecs, passes=products.num_passes))
 
         Z = draw(min(group, P - start))
-        parts.append(slq(products, Z, m, reorth, bdtype, save=save, resume=resume, **lanczos))
+        parts.append(slq(products, Z, m, reorth, bdtype, resume=resume,
+                         save=None if checkpoint is None else save, **lanczos))
     if len(parts) == 1:
         return parts[0]
     out = dict(parts[0])

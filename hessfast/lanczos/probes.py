@@ -134,8 +134,12 @@ def probe_lanczos(
     tol = max(BREAKDOWN_EPS, math.sqrt(n)) * torch.finfo(work).eps
     for j in range(j0, m):
         if save is not None:
-            save(dict(j=j, anorm=anorm, active=active, alpha=alpha, beta=beta, steps=steps,
-                      last=last_beta, q=q, q_prev=q_prev, b_prev=b_prev,
+            # kept until the next step (an interrupt writes it): the coefficients change in
+            # place ([P, m] float64: copied); q, q_prev, b_prev are replaced, and Q[:, :j + 1]
+            # is not written again
+            save(dict(j=j, anorm=anorm, active=active, alpha=alpha.clone(), beta=beta.clone(),
+                      steps=steps.clone(), last=last_beta.clone(), q=q, q_prev=q_prev,
+                      b_prev=b_prev,
                       Q=None if Q is None else Q[:, : j + 1]))
         W = products(q)
         anorm = max(anorm, float(torch.linalg.vector_norm(W, dim=1).max()))

@@ -319,8 +319,8 @@ def block_lanczos(
         return A.num_matvecs - start_mv
 
     while True:
-        if checkpoint is not None and checkpoint.due():
-            checkpoint.save(lanczos_state(run, used(), A.num_passes - start_passes))
+        if checkpoint is not None:  # kept for an interrupt, written when due
+            checkpoint.top(lambda: lanczos_state(run, used(), A.num_passes - start_passes))
         if used() + run.block.shape[0] > max_matvecs:
             status = "MAX_MATVECS"
             break
@@ -329,6 +329,8 @@ def block_lanczos(
             status = "NONFINITE"
             break
         Qn, _ = out
+        if checkpoint is not None:  # restarts below rewrite the basis in place
+            checkpoint.busy()
         m = run.basis.m
         want = select(run.theta, k, which)
         nconv = int(run.ok[want].sum())
