@@ -139,15 +139,15 @@ def _print_info(data: dict[str, Any]) -> None:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    """One line for bug reports: the torch that hessfast runs with, as ``torch.__version__``
+    says, build tag included (the CUDA build matters: PyPI's wheel installs as ``2.14.1`` in
+    pip's metadata while it runs as ``2.14.1+cu130``). Importing hessfast imported torch."""
+    import torch
 
     from . import __version__
 
-    try:
-        torch_version = version("torch")
-    except PackageNotFoundError:  # pragma: no cover - torch is a dependency
-        torch_version = "not installed"
-    return f"hessfast {__version__} (torch {torch_version}, python {platform.python_version()})"
+    return (f"hessfast {__version__} (torch {torch.__version__}, "
+            f"python {platform.python_version()})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 import hessfast as hf
-from hessfast.cli import main
+from hessfast.cli import info, main
 
 USER_MODULE = textwrap.dedent(
     '''
@@ -228,11 +229,22 @@ def test_debug_shows_the_traceback(work: Path) -> None:
     assert "Traceback" in res.stderr and "factory exploded" in res.stderr
 
 
-def test_version_and_no_command() -> None:
-    res = subprocess.run([sys.executable, "-m", "hessfast", "--version"], capture_output=True,
-                         text=True, timeout=60)
-    assert res.returncode == 0
-    assert res.stdout.startswith(f"hessfast {hf.__version__} (torch {torch.__version__}")
+def test_version_and_no_command(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--version names the torch that hessfast runs with, as torch.__version__ says (build tag
+    included: a CUDA wheel's pip metadata drops it), the same string as `hessfast info`."""
+    want = (f"hessfast {hf.__version__} (torch {torch.__version__}, "
+            f"python {platform.python_version()})")
+    res = _run(["--version"], tmp_path)  # the installed hessfast, as a user runs it
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == want + "\n"
+    assert info()["torch"] == torch.__version__
+    # read from the running torch, not from pip's metadata or a constant: a torch whose
+    # version differs from the installed distribution's is named as it runs
+    monkeypatch.setattr(torch, "__version__", "0.0.1+hessfast.test")
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == (
+        f"hessfast {hf.__version__} (torch 0.0.1+hessfast.test, "
+        f"python {platform.python_version()})\n")
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
