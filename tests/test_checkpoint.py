@@ -26,6 +26,7 @@ from torch import nn
 
 import hessfast as hf
 from hessfast.errors import ConfigurationError
+from hessfast.lanczos.checkpoint import state_changes
 from hessfast.testing import spectra
 
 pytestmark = pytest.mark.usefixtures("single_thread", "no_leaking_global_state")
@@ -554,3 +555,84 @@ def test_gpt2_run_refuses_a_scaled_weight_and_fewer_batches_then_resumes(tmp_pat
         out = hf.eigsh(hf.hessian(model, loss, batches), checkpoint=path, **kw)
     assert out.resumed_from_step == 4
     _same_eigsh(out, ref)
+
+
+def test_preconditioned_operator_binds_its_diagonal_and_h():
+    from hessfast.analysis.precond import PreconditionedOperator
+
+    H = _hessian(_mlp(), _batches())
+    d = torch.linspace(1.0, 2.0, H.shape[0], dtype=torch.float64)
+    fp = PreconditionedOperator(H, d).state_fingerprint()
+    assert {k: v for k, v in fp.items() if k != "preconditioner"} == H.state_fingerprint()
+    d2 = d.clone()
+    d2[7] *= 1.5
+    assert state_changes(fp, PreconditionedOperator(H, d2).state_fingerprint()) == [
+        f"preconditioner: file {fp['preconditioner']!r}, now "
+        f"{PreconditionedOperator(H, d2).state_fingerprint()['preconditioner']!r}"]
+
+
+DP_WORKER = """
+import json, os, sys, warnings
+import torch, torch.distributed as dist
+from torch import nn
+import hessfast as hf
+rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
+g = torch.Generator().manual_seed(10 + rank)
+X = torch.randn(16, 6, dtype=torch.float64, generator=g)
+y = torch.randint(0, 3, (16,), generator=g)
+kw = dict(k=2, tol=1e-8, max_basis=10, seed=5, checkpoint=os.path.join(out, "dp.ckpt"),
+          checkpoint_every=1)
+seen = {}
+for case in ("fresh", "again", "rank 1's data changed"):
+    if case.startswith("rank 1") and rank == 1:
+        X[0, 0] += 1e-3
+    H = hf.hessian(model, nn.CrossEntropyLoss(), [(X[:8], y[:8]), (X[8:], y[8:])])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = hf.eigsh(H, **kw)
+        seen[case] = [r.eigenvalues.tolist(), r.resumed_from_step]
+    except hf.errors.ConfigurationError as exc:
+        seen[case] = str(exc)
+with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+    json.dump(seen, fh)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # two rank processes: ~15 s on 2 cores
+def test_data_parallel_ranks_bind_and_refuse_together(tmp_path):
+    """Two gloo ranks, each with its own batches: the file binds to every rank's data; an
+    unchanged rerun resumes on both, one rank's changed batch is refused on BOTH ranks
+    (never one rank resuming while the other starts afresh)."""
+    import socket
+
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "worker.py"
+    script.write_text(DP_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0] == seen[1]
+    (vals, fresh), (again, step) = seen[0]["fresh"], seen[0]["again"]
+    assert fresh is None and step is not None and again == vals
+    assert "the data (rank 1 changed)" in seen[0]["rank 1's data changed"]

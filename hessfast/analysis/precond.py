@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import optim
 
+from .._digest import tensor_digest
 from ..errors import ArgumentTypeError, ConfigurationError
 from ..linop import LinearOperator
 
@@ -174,6 +175,12 @@ class PreconditionedOperator(LinearOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.H.matmat(V * self.scale) * self.scale
+
+    def state_fingerprint(self) -> dict[str, str] | None:
+        """H's state plus the diagonal's bits (a checkpoint of a preconditioned run is
+        refused after either changed; :meth:`LinearOperator.state_fingerprint`)."""
+        return {**(self.H.state_fingerprint() or {}), "preconditioner": tensor_digest(
+            self.diagonal)}
 
 
 def preconditioned(H: LinearOperator, optimizer: optim.Optimizer) -> PreconditionedOperator:

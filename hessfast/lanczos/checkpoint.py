@@ -141,7 +141,7 @@ def _data(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     if a != b and not out:
         was, is_ = str(a).split(","), str(b).split(",")
         if len(was) == len(is_) and ":" in was[0]:  # one entry per batch (or per rank)
-            idx = [x.partition(":")[0] if x.startswith("rank") else f"batch {i}"
+            idx = [f"rank {x.partition(':')[0][4:]}" if x.startswith("rank") else f"batch {i}"
                    for i, (x, y) in enumerate(zip(was, is_, strict=True)) if x != y]
             out.append(f"the data ({', '.join(idx[:SHOWN])}"
                        + (f" and {len(idx) - SHOWN} more" if len(idx) > SHOWN else "")
