@@ -636,3 +636,16 @@ def test_data_parallel_ranks_bind_and_refuse_together(tmp_path):
     (vals, fresh), (again, step) = seen[0]["fresh"], seen[0]["again"]
     assert fresh is None and step is not None and again == vals
     assert "the data (rank 1 changed)" in seen[0]["rank 1's data changed"]
+
+
+def test_interrupt_goes_on_when_the_save_fails(matrix, tmp_path, monkeypatch):
+    """A full disk during the interrupt's save is reported; the KeyboardInterrupt still
+    propagates (never replaced by the write's error)."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="could not be saved"):
+        hf.eigsh(Stopping(hf.LinearOperator.from_matrix(matrix), 4), k=3,
+                 checkpoint=tmp_path / "f.ckpt")
+    assert not (tmp_path / "f.ckpt").exists()

@@ -328,14 +328,20 @@ class Checkpoint:
         return previous
 
     def _save_kept(self, why: str) -> None:
-        """On an interrupt: write the state of the step it came in (when there is one)."""
+        """On an interrupt: write the state of the step it came in (when there is one). A
+        failed write is reported, never raised: the interrupt must go on."""
         if self._kept is None:
             return
-        self.save(self._kept)
+        step = int(self._kept["passes"])
         try:
-            warnings.warn(
-                f"{self.who}: {why}: the state at step {int(self._kept['passes'])} was saved to "
-                f"{str(self.path)!r}; the same call resumes from it", stacklevel=3)
+            self.save(self._kept)
+            said = (f"{self.who}: {why}: the state at step {step} was saved to "
+                    f"{str(self.path)!r}; the same call resumes from it")
+        except Exception as exc:  # noqa: BLE001 - a full disk must not hide the interrupt
+            said = (f"{self.who}: {why}: the state at step {step} could not be saved to "
+                    f"{str(self.path)!r} ({type(exc).__name__}: {exc})")
+        try:
+            warnings.warn(said, stacklevel=3)
         except Exception:  # noqa: BLE001 - warnings turned into errors must not hide the interrupt
             pass
 
@@ -355,8 +361,8 @@ class Checkpoint:
             self._save_kept("interrupted (KeyboardInterrupt)")
             raise
         except Terminated:
-            self._save_kept("terminated (SIGTERM)")
             terminated = True
+            self._save_kept("terminated (SIGTERM)")
             raise
         finally:
             self._kept, self._deferring = None, False
