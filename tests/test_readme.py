@@ -49,17 +49,21 @@ def readme_blocks() -> dict[str, list[tuple[int, str]]]:
     """``{heading: [(first line number, code), ...]}`` of the README's ```python blocks,
     keyed by the nearest heading above each (text after the #'s)."""
     blocks: dict[str, list[tuple[int, str]]] = {}
-    heading, start, lines = None, None, README.read_text(encoding="utf-8").splitlines()
+    heading, lines = None, README.read_text(encoding="utf-8").splitlines()
+    fence: str | None = None  # the language of the fenced block we are in
+    start = 0
     for i, line in enumerate(lines, start=1):
-        if start is None:
-            if line.startswith("#"):
+        if fence is None:
+            if line.startswith("```"):
+                fence, start = line.strip()[3:].strip(), i + 1
+            elif line.startswith("#"):  # a heading (a comment inside a fence is not one)
                 heading = line.lstrip("#").strip()
-            elif line.strip() == "```python":
-                start = i + 1
         elif line.strip() == "```":
-            blocks.setdefault(str(heading), []).append((start, "\n".join(lines[start - 1:i - 1])))
-            start = None
-    assert start is None, f"README.md: the ```python block at line {start} is never closed"
+            if fence == "python":
+                blocks.setdefault(str(heading), []).append(
+                    (start, "\n".join(lines[start - 1:i - 1])))
+            fence = None
+    assert fence is None, f"README.md: the ```{fence} block at line {start - 1} is never closed"
     return blocks
 
 
