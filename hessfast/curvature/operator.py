@@ -357,9 +357,10 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             out.update((f"parameter:{n}", tensor_digest(p))
                        for n, p in self.model.named_parameters())
             out.update((f"buffer:{n}", tensor_digest(b)) for n, b in self._buffers._saved.items())
+            batches = ["0:empty"] * len(self._data.sizes)  # by the batch's index in data
             with torch.random.fork_rng(devices=self._rng_devices(self.device)):  # a loader's seed
-                batches = [f"{self._data.sizes[i]}:{tensors_digest(tensor_leaves(batch))}"
-                           for i, batch, _ in self._data]
+                for i, batch, _ in self._data:
+                    batches[i] = f"{self._data.sizes[i]}:{tensors_digest(tensor_leaves(batch))}"
         if self._ranks.comm is not None:  # each rank its own batches: every rank's digest
             mine = [0] * self._ranks.world_size
             mine[self._ranks.rank] = int(digest_text(",".join(batches))[:15], 16)
