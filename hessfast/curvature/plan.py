@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .operator import CurvatureOperator
 
 __all__ = [
-    "GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "available_memory", "measure_saved",
+    "GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "available_memory", "inplace_write_error",
+    "measure_saved",
 ]
 
 T = TypeVar("T")
@@ -112,6 +113,40 @@ def measure_saved(build: Callable[[], T]) -> tuple[T, int]:
     return result, sum(seen.values())
 
 
+# torch's error when a backward finds that a tensor it saved was changed in place since
+_INPLACE_MARK = "modified by an inplace operation"
+
+
+def inplace_write_error(exc: BaseException) -> UnsupportedModelError | None:
+    """The refusal for a forward that writes in place into a tensor autograd saved (``h =
+    torch.sigmoid(x); h.mul_(2)``: sigmoid saved ``h`` for its backward), when ``exc`` (or an
+    exception it chains) is torch's version-counter error; None for any other failure.
+
+    Torch refuses the first backward of such a forward, so double backward and graph reuse
+    cannot run. It is a property of the forward, not of a path: every ``hvp_mode`` raises
+    this same error, and auto mode does not fall back to torch.func's forward-over-reverse
+    (which would differentiate a forward whose recorded backward torch itself refuses)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur)
+        if isinstance(cur, RuntimeError) and _INPLACE_MARK in text:
+            detail = text.split(_INPLACE_MARK, 1)[1].lstrip(": ").split(" Hint:")[0]
+            detail = detail.strip().rstrip(".")
+            return UnsupportedModelError(
+                "the forward writes in place into a tensor that autograd saved for the "
+                f"backward (torch: {detail}), so torch refuses to differentiate it, on every "
+                "hvp_mode. Write that step out of place: h = h * 2 instead of h.mul_(2) or "
+                "h *= 2, torch.sigmoid(z) instead of z.sigmoid_(), inplace=False on "
+                "activations such as nn.ReLU that follow a layer which saves its output. "
+                "torch.autograd.set_detect_anomaly(True) shows the forward line of the op "
+                "whose saved output was overwritten"
+            )
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 class Planner:
     """The plans of one operator, one per block size, decided on first use.
 
@@ -173,6 +208,9 @@ class Planner:
         """``mode`` raised on its first use. An explicitly requested path raises
         :class:`UnsupportedModelError` naming the alternative; in auto mode the path is
         marked unavailable, and the error is raised only when no path is left."""
+        inplace = inplace_write_error(exc)
+        if inplace is not None:  # the forward's fault, not the path's: no fallback
+            raise inplace from exc
         why = f"{type(exc).__name__}: {exc}"
         if self.requested == "fwd_rev":
             raise UnsupportedModelError(
