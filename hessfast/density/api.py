@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -36,14 +36,22 @@ from ..linop import LinearOperator
 from ..memory import choose_basis
 from ..progress import set_total, track
 from ..results import Status
-from .kpm import kpm
+from .kpm import KPM_BOUND_STEPS, kpm
 from .result import SpectralDensity
 from .slq import gather_slq, slq_group_size, slq_grouped
 
-__all__ = ["METHODS", "draw_probes", "spectral_density"]
+__all__ = ["MAX_PRODUCTS", "METHODS", "draw_probes", "spectral_density"]
 
 METHODS = ("slq", "kpm")
 _WHO = "spectral_density"
+
+#: :func:`spectral_density` warns before a run that plans more products with the operator
+#: than this (SLQ: probes x steps; KPM: the bounds' Lanczos steps plus probes x passes);
+#: ``max_products=`` raises it for one call. For a model operator each product is a pass
+#: over its data; for a small matrix the dense eigendecomposition is exact anyway.
+MAX_PRODUCTS = 100_000
+# the dense alternative is suggested when the n x n float64 matrix takes at most this
+DENSE_HINT_BYTES = 2**31
 
 
 def draw_probes(
@@ -87,6 +95,7 @@ def spectral_density(
     checkpoint_every: int | float | None = None,
     mesh: Mesh | None = None,
     progress: bool | None = None,
+    max_products: int | None = None,
 ) -> SpectralDensity:
     """Estimate the spectral density of a symmetric operator by SLQ or KPM.
 
@@ -137,6 +146,13 @@ def spectral_density(
             ``num_passes`` this group's. No ``checkpoint`` with a mesh.
         progress: a progress bar of products on stderr (total: the planned count, this
             process's share under a mesh); None: when stderr is a terminal.
+        max_products: the planned products (SLQ: ``num_probes x min(num_steps, n)``; KPM:
+            ``min(n, 10) + num_probes x ceil((M - 1) / 2)``; this process's share
+            under a mesh) above which a UserWarning, before any product, gives the count
+            and how to lower it (default :data:`MAX_PRODUCTS` = 100,000). The run goes on:
+            pass a larger value to run a large budget without the warning. Past ``n``
+            products the dense path (``torch.linalg.eigvalsh(A.to_dense())``, n products)
+            is exact and, where the matrix fits in memory, cheaper.
 
     Returns:
         :class:`SpectralDensity` with ``status`` ``FIXED_BUDGET`` (the steps or moments asked
@@ -155,6 +171,8 @@ def spectral_density(
         check_choice("reorth", reorth, REORTHS, who=_WHO)
         num_probes = check_int("num_probes", num_probes, 1, who=_WHO)
         num_steps = check_int("num_steps", num_steps, 1, who=_WHO)
+        if max_products is not None:
+            max_products = check_int("max_products", max_products, 1, who=_WHO)
         seed = check_seed(seed, who=_WHO)
         work = work_dtype(A.dtype)
         bdtype = check_basis_dtype(basis_dtype, work, who=_WHO)
@@ -180,6 +198,13 @@ def spectral_density(
         total = num_probes if v0 is None else _start_vectors(v0, n, work, A.device).shape[0]
         share = range(total) if mesh is None else mesh.share(total, _WHO)
         m = min(num_steps, n)
+        if method == "slq":
+            planned = len(share) * m
+        else:  # the bounds' Lanczos steps, then the doubling passes of all probes (kpm's
+            # K = M // 2; the progress total had one pass too many per probe)
+            M_planned = num_moments if num_moments is not None else 2 * num_steps
+            planned = min(n, KPM_BOUND_STEPS) + len(share) * (M_planned // 2)
+        _warn_products(planned, len(share), m, n, method, max_products)  # before any work
         pin = False
         if method == "slq":
             given = None if basis_dtype is None else bdtype
@@ -199,11 +224,7 @@ def spectral_density(
             probe_name = "given"
         elif mesh is None and (method == "kpm" or num_probes <= group):
             Z = draw_probes(n, num_probes, seed=seed, probe=probe, dtype=work, device=A.device)
-        if method == "slq":
-            set_total(len(share) * m)
-        else:  # the bounds' Lanczos steps, then the doubling passes of all probes
-            M_planned = num_moments if num_moments is not None else 2 * num_steps
-            set_total(min(n, 10) + len(share) * (1 + math.ceil(max(M_planned - 1, 0) / 2)))
+        set_total(planned)
         probe_operator(A, _WHO)
 
         products = Products(A, work, _WHO)
@@ -245,6 +266,31 @@ def spectral_density(
             resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
             **fields,
         )
+
+
+def _warn_products(
+    planned: int, probes: int, m: int, n: int, method: str, max_products: int | None
+) -> None:
+    """Warn, before the first product, when the run plans more than ``max_products``
+    (default :data:`MAX_PRODUCTS`) products: the count and how to lower it."""
+    bound = MAX_PRODUCTS if max_products is None else max_products
+    if planned <= bound:
+        return
+    shape = f"{probes:,} probes x {m} steps" if method == "slq" else f"{probes:,} probes"
+    dense = (
+        f" n = {n:,} products give the whole matrix: torch.linalg.eigvalsh(A.to_dense()) is "
+        f"its exact spectrum ({planned / n:.3g}x fewer products)."
+        if planned > n and n * n * 8 <= DENSE_HINT_BYTES
+        else ""
+    )
+    warnings.warn(
+        f"hessfast: spectral_density(method={method!r}) plans {planned:,} products with the "
+        f"operator ({shape}), more than max_products={bound:,}; each product is a pass over "
+        f"the data for a model operator.{dense} The density's probe error falls only like "
+        "1/sqrt(num_probes): 8-100 probes and 64-256 steps are typical. Lower num_probes "
+        "or num_steps, or pass max_products= to run this budget without the warning",
+        stacklevel=3,
+    )
 
 
 def _start_vectors(v0: Any, n: int, work: torch.dtype, device: torch.device) -> torch.Tensor:
