@@ -190,6 +190,11 @@ class LinearOperator:
     ) -> LinearOperator:
         """Wrap ``fn: [k, n] -> [k, n]``, a symmetric operator given by its block product.
 
+        ``fn`` must return real floating-point products ``[k, n]`` (another floating dtype or
+        device is cast to the operator's); a complex or integer result raises
+        ``ArgumentTypeError`` naming its dtype (a cast would drop the imaginary part), and
+        a result of another shape ``ConfigurationError``.
+
         With ``check=True`` (default) the first algorithm that uses the operator probes it
         once (4 products: symmetry ``u.(Av) = v.(Au)`` and determinism ``A x = A x`` to
         rounding) and raises ``AsymmetricOperatorError`` / ``NonDeterministicError`` naming
