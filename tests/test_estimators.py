@@ -547,3 +547,108 @@ def test_exactly_rank_one_and_zero_operators(n):
     for method in ("hutchinson", "xdiag"):
         d = diagonal(_op(Z), 12, method=method, seed=0)
         assert torch.equal(d.values, torch.zeros(n, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------
+# the interval machinery of issue 16 (coverage itself: tests/test_coverage.py)
+# ---------------------------------------------------------------------------------------
+
+
+def test_t_value_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from hessfast.results import t_value, z_value
+
+    for dof in (1, 2, 3, 4, 9, 29, 99, 1000, 10**6):
+        for level in (0.5, 0.9, 0.95, 0.99, 0.999999):
+            want = stats.t.ppf(0.5 + 0.5 * level, dof)
+            assert t_value(level, dof) == pytest.approx(want, rel=1e-8), (dof, level)
+    assert t_value(0.95, None) == t_value(0.95, math.inf) == z_value(0.95)
+
+
+def _brute_leave_out(M: torch.Tensor, Om: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """XTrace and XDiag of the probes ``Om [k, n]`` from scratch: one QR per left-out probe."""
+    n, k = M.shape[0], Om.shape[0]
+    Y = Om @ M
+    ts, ds = [], []
+    for j in range(k):
+        Qj, _ = torch.linalg.qr(Y[[i for i in range(k) if i != j]].T)
+        P = Qj @ Qj.T
+        R = torch.eye(n, dtype=M.dtype) - P
+        w = Om[j]
+        ts.append(float(torch.trace(P @ M) + w @ R @ M @ R @ w))
+        ds.append(torch.diagonal(P @ M) + w * (R @ M @ w))
+    return sum(ts) / k, torch.stack(ds).mean(0)
+
+
+@pytest.mark.parametrize("k", [3, 4, 7])
+def test_xtrace_xdiag_jackknife_matches_brute_force(k):
+    """The Efron-Stein jackknife from k x k algebra equals the one from k XTrace/XDiag runs
+    on the k - 1 probes left after removing each one (each from its own QRs)."""
+    from hessfast.estimators.exchangeable import (
+        Exchangeable,
+        xdiag_jackknife_stderr,
+        xtrace_jackknife_stderr,
+    )
+    from hessfast.estimators.session import Session
+
+    M, _ = spectra.with_spectrum(torch.linspace(-1.0, 2.0, 30, dtype=torch.float64), seed=3)
+    st = Exchangeable(Session(_op(M), "test", seed=5))
+    st.grow(k)
+    reps = [_brute_leave_out(M, st.Om[[i for i in range(k) if i != j]]) for j in range(k)]
+    T = torch.tensor([t for t, _ in reps], dtype=torch.float64)
+    D = torch.stack([d for _, d in reps])
+    want_t = float(((T - T.mean()) ** 2).sum().sqrt())
+    want_d = ((D - D.mean(0)) ** 2).sum(0).sqrt()
+    assert xtrace_jackknife_stderr(st) == pytest.approx(want_t, rel=1e-9)
+    torch.testing.assert_close(xdiag_jackknife_stderr(st), want_d, rtol=1e-9, atol=1e-12)
+
+
+def test_xtrace_jackknife_needs_three_probes():
+    M, _ = spectra.wishart(20, seed=0)
+    r = trace(_op(M), 4, method="xtrace", seed=0)  # k = 2: no pair to leave out twice
+    assert r.num_samples == 2 and math.isinf(r.stderr) and r.dof == 1
+    d = diagonal(_op(M), 4, method="xdiag", seed=0)
+    assert bool(torch.isinf(d.stderr).all()) and d.dof is None
+
+
+def test_hutchinson_closed_form_variance_plug_in_is_unbiased():
+    """``2 (mean ||Az||^2 - est. sum a_jj^2)`` averages to the exact Rademacher variance."""
+    from hessfast.estimators.session import Session
+    from hessfast.estimators.stochastic_trace import _QuadForms
+
+    M, _ = _sq_decay(60, seed=2)
+    want = _rademacher_var(M)
+    got = []
+    for s in range(300):
+        q = _QuadForms(Session(_op(M), "test", seed=s), None).draw(8)
+        diag2 = (float((q.dsum**2).sum()) - q.dsq) / (8 * 7)
+        got.append(2.0 * (float(q.fro.mean()) - diag2))
+    assert sum(got) / len(got) == pytest.approx(want, rel=0.1)
+
+
+def test_fixed_budgets_report_fixed_budget_and_t_dof():
+    M, _ = spectra.wishart(80, seed=1)
+    for method, dof in (("hutchinson", 29), ("hutch++", 9), ("xtrace", 14)):
+        r = trace(_op(M), 30, method=method, seed=0)
+        assert r.status == hf.Status.FIXED_BUDGET and r.converged and r.dof == dof
+    for method, dof in (("hutchinson", 29), ("xdiag", 14)):
+        d = diagonal(_op(M), 30, method=method, seed=0)
+        assert d.status == "FIXED_BUDGET" and d.dof == dof
+        lo, hi = d.confidence_interval(0.95)
+        stats = pytest.importorskip("scipy.stats")
+        torch.testing.assert_close(hi - d.values, stats.t.ppf(0.975, dof) * d.stderr)
+        assert bool((lo <= hi).all())
+    ex = trace(_op(M), 80, method="hutch++")
+    assert ex.status == "EXACT" and ex.dof is None and ex.confidence_interval() == (ex.value,) * 2
+
+
+def test_adaptive_interval_comes_from_a_fresh_block():
+    """The pilot (min_samples) sizes the block behind the value: num_matvecs counts both, and
+    the reported interval meets the target with the block's own t quantile."""
+    M, _ = spectra.wishart(120, seed=4, shift=0.2)
+    A = _op(M)
+    r = trace(A, 2000, method="hutchinson", seed=3, rtol=0.02, min_samples=12)
+    assert r.status == "CONVERGED" and r.num_matvecs >= 12 + r.num_samples
+    assert r.dof == r.num_samples - 1 and r.num_samples >= 12
+    lo, hi = r.confidence_interval(0.95)
+    assert hi - r.value <= 0.02 * abs(r.value)

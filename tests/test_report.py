@@ -86,6 +86,24 @@ def test_summary_has_the_key_rows(report: Report) -> None:
     assert str(report) == s
 
 
+def test_large_relative_stderr_is_flagged() -> None:
+    """Issue 16: a trace of 1.11396 +/- 0.674 (60%) is marked in the summary and the JSON."""
+    from hessfast.analysis.report import REL_STDERR_FLAG
+
+    groups = [dict(name="conv1", size=10, trace=2.0, trace_stderr=0.01),
+              dict(name="fc", size=5, trace=0.0, trace_stderr=0.3)]
+    r = Report(curvature="operator", n=15, trace=1.11396, trace_stderr=0.674, per_layer=groups)
+    rel = 0.674 / 1.11396
+    assert rel > REL_STDERR_FLAG
+    assert r.uncertain == {"trace": rel, "per_layer.fc.trace": None}  # None: infinite
+    s = r.summary()
+    assert f"(!) rel. stderr {100 * rel:.0f}%" in s and "(!) rel. stderr inf" in s
+    assert s.count("(!) rel. stderr") == 2 and f"{REL_STDERR_FLAG:.0%}" in s
+    assert Report.from_json(r.to_json()) == r
+    ok = Report(curvature="operator", n=15, trace=1.11396, trace_stderr=0.05)
+    assert ok.uncertain == {} and "(!)" not in ok.summary()
+
+
 def test_plot_writes_png(report: Report, tmp_path, plt) -> None:
     path = report.plot(tmp_path / "fig" / "report.png")
     data = path.read_bytes()

@@ -12,7 +12,11 @@ from typing import Any
 from ..errors import ArgumentTypeError, ConfigurationError
 from ..results import jsonable as _jsonable
 
-__all__ = ["Report", "jsonable"]
+__all__ = ["REL_STDERR_FLAG", "Report", "jsonable"]
+
+#: An estimate whose standard error exceeds this fraction of its magnitude is flagged in the
+#: summary ("(!) rel. stderr 60%") and listed in :attr:`Report.uncertain`.
+REL_STDERR_FLAG = 0.10
 
 
 def jsonable(x: Any) -> Any:
@@ -61,6 +65,9 @@ class Report:
             (where its numbers came from, in words).
         settings: the arguments of :func:`analyze` (k, probes, steps, tol, seed, groups).
         lr: the training learning rate, if given (the plot marks ``2 / lr``).
+        uncertain: ``{quantity: relative stderr}`` for every estimate whose standard error
+            exceeds ``REL_STDERR_FLAG`` (10%) of its magnitude: ``"trace"`` and
+            ``"per_layer.<group>.trace"``; computed from the fields (not an argument to fill).
         hessfast_version, created: provenance (ISO time, UTC).
     """
 
@@ -92,10 +99,20 @@ class Report:
     lr: float | None = None
     hessfast_version: str = ""
     created: str = ""
+    uncertain: dict[str, float | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, jsonable(getattr(self, f.name)))
+        flags: dict[str, float | None] = {}
+        rel = _rel(self.trace, self.trace_stderr)
+        if rel is not None and not rel <= REL_STDERR_FLAG:
+            flags["trace"] = rel
+        for g in self.per_layer or []:
+            rel = _rel(g.get("trace"), g.get("trace_stderr"))
+            if rel is not None and not rel <= REL_STDERR_FLAG:
+                flags[f"per_layer.{g.get('name')}.trace"] = rel
+        self.uncertain = jsonable(flags)
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -181,7 +198,8 @@ class Report:
         add(f"top-{k} eigenvalues", ", ".join(_f(v, 4) for v in self.top_eigenvalues),
             "max " + _res(max(self.top_residuals, default=None)), "top_eigenvalues")
         add("lambda_min", _f(self.lambda_min), _res(self.lambda_min_residual), "lambda_min")
-        add("trace", _f(self.trace), _pm(self.trace_stderr), "trace")
+        add("trace", _f(self.trace), _pm(self.trace_stderr) + _flag(self.uncertain, "trace"),
+            "trace")
         add("definiteness", self.definiteness, "", "definiteness")
         add("condition number", "inf (not PD)" if self.condition is None else _f(self.condition),
             "", "condition")
@@ -203,9 +221,13 @@ class Report:
             lines += _table(("group", "size", "lambda_max", "residual", "trace", "± stderr"), [
                 (str(g.get("name")), f"{g.get('size', 0):,}", _f(g.get("lambda_max")),
                  _res(g.get("lambda_max_residual")), _f(g.get("trace")),
-                 "exact" if g.get("trace_exact") else _pm(g.get("trace_stderr")))
+                 "exact" if g.get("trace_exact") else _pm(g.get("trace_stderr"))
+                 + _flag(self.uncertain, f"per_layer.{g.get('name')}.trace"))
                 for g in self.per_layer
             ])
+        if self.uncertain:
+            lines.append(f"  (!) relative stderr above {REL_STDERR_FLAG:.0%}: a rough estimate; "
+                         "raise the probes (analyze's probes=) for a tighter one")
         lines += ["", "cost:"]
         tot = [sum(p.get(c) or 0 for p in self.parts) for c in ("num_matvecs", "data_passes")]
         secs = sum(p.get("seconds") or 0.0 for p in self.parts)
@@ -231,6 +253,23 @@ def _f(x: float | None, digits: int = 6) -> str:
     if x is None:
         return "n/a"
     return f"{x:.{digits}g}"
+
+
+def _rel(value: float | None, stderr: float | None) -> float | None:
+    """``stderr / |value|`` (``inf`` for 0 with a positive stderr; None where either is
+    unknown: a non-finite stderr was stored as None)."""
+    if value is None or stderr is None or stderr == 0:
+        return None
+    return stderr / abs(value) if value != 0 else float("inf")
+
+
+def _flag(uncertain: dict[str, float | None], key: str) -> str:
+    """The summary's mark of a flagged estimate ("" when ``key`` is not flagged; a relative
+    stderr stored as None is infinite: a zero estimate with a positive stderr)."""
+    if key not in uncertain:
+        return ""
+    rel = uncertain[key]
+    return "  (!) rel. stderr " + ("inf" if rel is None else f"{100 * rel:.0f}%")
 
 
 def _res(x: float | None) -> str:

@@ -256,14 +256,64 @@ def _hutchinson_mesh(sess: Session, m: int, mesh: Mesh) -> _Outcome:
 def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Tensor:
     """k samples ``z^T A z`` (or of the deflated operator with ``z <- (I - QQ^T) z``),
     float64; probes are drawn per ``matmat`` chunk so memory stays ``block_size x n``."""
-    out = []
-    for size in sess.chunks(k):
-        G = sess.probes(size)
-        if Q is not None and Q.shape[0]:
-            ops.basis_update(Q, ops.basis_dot(Q, G), G)  # G -= (G Q^T) Q: one CGS pass
-        AG = sess.apply_block(G)
-        out.append((G * AG).sum(1, dtype=torch.float64).cpu())
-    return torch.cat(out)
+    return _QuadForms(sess, Q).draw(k).samples
+
+
+class _QuadForms:
+    """Samples ``z^T B z`` of ``B = P A P`` (``P = I - QQ^T``, or ``I`` without ``Q``) with
+    what the closed-form variance needs, at no extra product: per sample ``||B z||^2`` and,
+    for Rademacher probes, ``d = z * (B z)`` summed over samples (``[n]``, float64).
+
+    ``Var(z^T B z) = 2 (||B||_F^2 - sum_j b_jj^2)`` for Rademacher probes (``2 ||B||_F^2`` for
+    Gaussian ones); ``E ||B z||^2 = ||B||_F^2`` and ``E[d_j d'_j] = b_jj^2`` for two independent
+    probes, so :meth:`stderr` has an unbiased plug-in of the exact variance. Each sample adds
+    an n-vector of information to it, where the sample variance of the scalars sees one
+    number per probe: with few probes on a spectrum dominated by a few eigenvalues (skewed,
+    chi-square-like samples) the sample variance is too often small, and the t interval
+    covered 91-92% at 30 probes (PSD 1/i^2, n = 400; 1/i^1.2 at n = 100)."""
+
+    def __init__(self, sess: Session, Q: torch.Tensor | None) -> None:
+        self.sess = sess
+        self.Q = Q if Q is not None and Q.shape[0] else None
+        self.samples = torch.zeros(0, dtype=torch.float64)
+        self.fro = torch.zeros(0, dtype=torch.float64)
+        self.dsum = torch.zeros(sess.n, dtype=torch.float64, device=sess.device)
+        self.dsq = 0.0
+
+    def draw(self, k: int) -> _QuadForms:
+        sess, Q = self.sess, self.Q
+        out, fro = [self.samples], [self.fro]
+        for size in sess.chunks(k):
+            Z = sess.probes(size)
+            G = Z.clone() if Q is not None else Z
+            if Q is not None:
+                ops.basis_update(Q, ops.basis_dot(Q, G), G)  # G -= (G Q^T) Q: one CGS pass
+            AG = sess.apply_block(G)
+            out.append((G * AG).sum(1, dtype=torch.float64).cpu())
+            if Q is not None:
+                ops.basis_update(Q, ops.basis_dot(Q, AG), AG)  # B z = P A P z
+            fro.append((AG * AG).sum(1, dtype=torch.float64).cpu())
+            if sess.probe == "rademacher":
+                D = (Z * AG).double()
+                self.dsum += D.sum(0)
+                self.dsq += float((D * D).sum())
+        self.samples, self.fro = torch.cat(out), torch.cat(fro)
+        return self
+
+    def stderr(self) -> tuple[float, float]:
+        """``(mean, stderr)``: the larger of the sample standard error and the closed-form
+        plug-in ``sqrt(2 (mean ||Bz||^2 - est. sum b_jj^2) / m)`` (the larger, so that a
+        slightly non-symmetric operator, where the closed form does not hold, is still
+        covered by the sample spread); inf for one sample."""
+        mean, err = mean_stderr(self.samples)
+        m = self.samples.numel()
+        if m < 2:
+            return mean, err
+        diag2 = 0.0
+        if self.sess.probe == "rademacher":  # U-statistic over pairs of probes
+            diag2 = (float((self.dsum * self.dsum).sum()) - self.dsq) / (m * (m - 1))
+        plug = 2.0 * max(float(self.fro.mean()) - diag2, 0.0) / m
+        return mean, max(err, math.sqrt(plug))
 
 
 def _hutchinson(sess: Session, m: int, hutchpp: bool, stop: _Stop | None) -> _Outcome:
@@ -276,12 +326,11 @@ def _hutchinson(sess: Session, m: int, hutchpp: bool, stop: _Stop | None) -> _Ou
         offset = float((Q * sess.apply(Q)).sum(dtype=torch.float64))
     remaining = m - sess.matvecs
     if stop is None:
-        samples = _hutchinson_block(sess, remaining, Q)
-        mean, err = mean_stderr(samples)
-        return offset + mean, err, samples.numel(), Status.FIXED_BUDGET
+        mean, err = _QuadForms(sess, Q).draw(remaining).stderr()
+        return offset + mean, err, remaining, Status.FIXED_BUDGET
 
     def block(count: int) -> tuple[float, float, int]:
-        mean, err = mean_stderr(_hutchinson_block(sess, count, Q))
+        mean, err = _QuadForms(sess, Q).draw(count).stderr()
         return offset + mean, err, count
 
     return _two_stage(block, stop, remaining, 1, _RATE["hutch++" if hutchpp else "hutchinson"])
