@@ -71,6 +71,12 @@ class LinearOperator:
         Returns:
             ``[k, n]`` tensor whose row i is ``A @ V[i]``, in ``self.dtype`` on
             ``self.device``.
+
+        Raises:
+            ArgumentTypeError: ``V`` is not a tensor, or is complex or not floating point.
+            ConfigurationError: ``V`` is not ``[k, n]``, lives on the meta device (no data)
+                or cannot be moved to ``self.device``; or the operator returned another
+                shape than ``[k, n]``.
         """
         V = self._checked_block(V)
         k, n = V.shape
