@@ -318,6 +318,5 @@ class DiagonalResult(_Estimate):
         without). Each entry's interval covers its ``A[j, j]`` at ``level`` (measured:
         ``bench/bench_coverage.py``); they are not simultaneous over the n entries."""
         level = check_level("level", level, who="DiagonalResult.confidence_interval")
-        half = t_value(level, self.dof) * self.stderr.nan_to_num(posinf=math.inf)
-        half = torch.where(self.stderr > 0, half, torch.zeros_like(half))
+        half = torch.where(self.stderr > 0, t_value(level, self.dof) * self.stderr, 0.0)
         return (self.values - half, self.values + half)

@@ -22,7 +22,7 @@ from .._checks import (
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
 
-__all__ = ["MIN_MATVECS", "Session", "max_matvecs_arg", "mean_stderr", "next_block"]
+__all__ = ["MIN_MATVECS", "Session", "max_matvecs_arg", "mean_stderr"]
 
 #: Fewest products each method needs when it cannot afford the exact computation (n products).
 MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 2, "xdiag": 2}
@@ -149,17 +149,3 @@ def mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
         return mean, math.inf
     return mean, float(samples.std(unbiased=True)) / math.sqrt(m)
 
-
-def next_block(
-    count: int, stderr: float, z: float, target: float, remaining: int, floor_frac: float
-) -> int:
-    """Size of the next adaptive block: the 1/sqrt(m) prediction of the samples still
-    needed (+10%) to bring ``z * stderr`` to ``target`` (the half-width asked for), at least
-    ``floor_frac * count`` (few passes), at most ``remaining``."""
-    if target > 0 and math.isfinite(stderr):
-        needed = count * (z * stderr / target) ** 2
-        want = math.ceil(1.1 * needed) - count if needed < 1e15 else remaining
-    else:
-        want = remaining
-    want = max(want, math.ceil(floor_frac * count), 1)
-    return int(min(want, remaining))
