@@ -26,7 +26,6 @@ from torch import nn
 
 import hessfast as hf
 from hessfast.errors import ConfigurationError
-from hessfast.lanczos.checkpoint import state_changes
 from hessfast.testing import spectra
 
 pytestmark = pytest.mark.usefixtures("single_thread", "no_leaking_global_state")
@@ -132,7 +131,7 @@ def test_checkpoint_written_atomically(matrix, tmp_path, monkeypatch):
         raise Interrupted("killed while writing")
 
     monkeypatch.setattr(torch, "save", torn)
-    with pytest.raises(Interrupted), pytest.warns(UserWarning, match="resumed from step"):
+    with pytest.warns(UserWarning, match="resumed from step"), pytest.raises(Interrupted):
         hf.eigsh(_operator(matrix), k=3, max_basis=10, checkpoint=path, checkpoint_every=1)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] != [] and all(
@@ -334,7 +333,7 @@ def test_interrupt_saves_and_resumes_bitwise(matrix, tmp_path, block_size, where
     at = 1 + int(where * (ref.num_passes - 1))  # the product of step `at` raises
     path = tmp_path / "i.ckpt"
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="was saved"):
+    with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
         hf.eigsh(Stopping(A, at), checkpoint=path, **kw)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert torch.load(path, weights_only=True)["step"] == at - 1
@@ -353,7 +352,7 @@ def test_interrupt_of_a_model_run_resumes_bitwise(tmp_path):
     ref = hf.eigsh(_hessian(_mlp(), _batches()), **kw)
     path = tmp_path / "mi.ckpt"
     at = ref.num_passes // 2
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="was saved"):
+    with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
         hf.eigsh(Stopping(_hessian(_mlp(), _batches()), at), checkpoint=path, **kw)
     with pytest.warns(UserWarning, match="resumed from step"):
         out = hf.eigsh(_hessian(_mlp(), _batches()), checkpoint=path, **kw)
@@ -366,7 +365,7 @@ def test_slq_interrupt_saves_and_resumes_bitwise(matrix, tmp_path, at):
     kw = dict(num_probes=3, num_steps=40, seed=4)
     ref = hf.spectral_density(hf.LinearOperator.from_matrix(matrix), **kw)
     path = tmp_path / "s.ckpt"
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="was saved"):
+    with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
         hf.spectral_density(Stopping(hf.LinearOperator.from_matrix(matrix), at),
                             checkpoint=path, **kw)
     with pytest.warns(UserWarning, match=f"resumed from step {at - 1} of"):
@@ -398,7 +397,7 @@ def test_sigint_during_a_restart_waits_for_the_next_step(matrix, tmp_path, monke
 
     monkeypatch.setattr(restart._Run, "restart", interrupted_restart)
     path = tmp_path / "r.ckpt"
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="was saved"):
+    with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
         hf.eigsh(hf.LinearOperator.from_matrix(matrix), checkpoint=path, **kw)
     monkeypatch.setattr(restart._Run, "restart", original)
     step = torch.load(path, weights_only=True)["step"]
@@ -474,7 +473,7 @@ def test_interrupt_in_a_thread_saves_and_own_sigterm_handler_kept(matrix, tmp_pa
 
     old = signal.signal(signal.SIGTERM, mine)
     try:
-        with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="was saved"):
+        with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
             hf.eigsh(Watching(hf.LinearOperator.from_matrix(matrix), 4), k=3,
                      checkpoint=tmp_path / "t2")
     finally:
@@ -543,7 +542,7 @@ def test_gpt2_run_refuses_a_scaled_weight_and_fewer_batches_then_resumes(tmp_pat
     kw = dict(k=1, which="LA", tol=1e-6, max_basis=8, seed=3)
     ref = hf.eigsh(hf.hessian(model, loss, batches), **kw)
     path = tmp_path / "gpt2.ckpt"
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="was saved"):
+    with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
         hf.eigsh(Stopping(hf.hessian(model, loss, batches), 5), checkpoint=path, **kw)
     name = "transformer.h.0.mlp.c_fc.weight"
     scaled = _scaled(model, name, 2.0)
@@ -559,6 +558,7 @@ def test_gpt2_run_refuses_a_scaled_weight_and_fewer_batches_then_resumes(tmp_pat
 
 def test_preconditioned_operator_binds_its_diagonal_and_h():
     from hessfast.analysis.precond import PreconditionedOperator
+    from hessfast.lanczos.checkpoint import state_changes
 
     H = _hessian(_mlp(), _batches())
     d = torch.linspace(1.0, 2.0, H.shape[0], dtype=torch.float64)
@@ -645,7 +645,7 @@ def test_interrupt_goes_on_when_the_save_fails(matrix, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="could not be saved"):
+    with pytest.warns(UserWarning, match="could not be saved"), pytest.raises(KeyboardInterrupt):
         hf.eigsh(Stopping(hf.LinearOperator.from_matrix(matrix), 4), k=3,
                  checkpoint=tmp_path / "f.ckpt")
     assert not (tmp_path / "f.ckpt").exists()
