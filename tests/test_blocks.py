@@ -198,10 +198,12 @@ def test_errors_name_the_cause():
         BlockSpectra.from_dict({"num_matvecs": 1})
 
 
-def test_round_trip_through_json():
+def test_round_trip_through_json(tmp_path):
     A, _ = CASES["cnn-hessian"]
     res = block_spectra(A, num_probes=8, progress=False)
     d = json.loads(res.to_json())
+    text = res.to_json(tmp_path / "blocks.json", indent=1)  # a path, like every result's to_json
+    assert json.loads((tmp_path / "blocks.json").read_text()) == json.loads(text) == d
     assert isinstance(d["groups"][0]["lambda_max"], float)
     back = BlockSpectra.from_dict(d)
     assert back == res

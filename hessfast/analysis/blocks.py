@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import re
 import time
 import zlib
@@ -113,9 +114,16 @@ class BlockSpectra:
         """Plain floats, ints, bools, strings and lists (``json.dumps`` accepts it)."""
         return asdict(self)
 
-    def to_json(self, **kwargs: Any) -> str:
-        """:meth:`to_dict` as JSON text (``kwargs`` go to ``json.dumps``)."""
-        return json.dumps(self.to_dict(), **kwargs)
+    def to_json(
+        self, path: str | os.PathLike | None = None, *, indent: int | None = None
+    ) -> str:
+        """:meth:`to_dict` as JSON text; with ``path``, also written to that file (UTF-8),
+        like every other result's ``to_json``. Returns the JSON text."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BlockSpectra:
