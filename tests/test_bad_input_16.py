@@ -286,23 +286,30 @@ def _singular_data() -> list:
              torch.randn(8, 1, generator=gen, dtype=torch.float64))]
 
 
-@pytest.mark.parametrize("hvp_mode", ["auto", "double_backward"])
-@pytest.mark.parametrize("kind", ["hessian", "ggn"])
-def test_nonfinite_second_derivative_refused_at_construction(kind, hvp_mode):
-    """``sqrt(w**2)`` with a parameter exactly 0: the loss is finite, its gradient is NaN.
+@pytest.mark.parametrize("hvp_mode", ["auto", "double_backward", "fwd_rev"])
+def test_nonfinite_gradient_refused_at_construction(hvp_mode):
+    """``sqrt(w**2)`` with a parameter exactly 0: the loss is finite, its gradient is 0/0.
     It used to be accepted at construction (NaN only at the first product); now a
-    NonFiniteError at construction names the parameter."""
-    build = getattr(hf, kind)
-    with pytest.raises(hf.errors.NonFiniteError, match=r"loss on batch 0 .*NaN/Inf in .*\['w'"):
-        build(_Singular("sqrt", [0.0, 1.0, -2.0]), nn.MSELoss(), _singular_data(),
-              hvp_mode=hvp_mode)
+    NonFiniteError at construction names the parameter (the gradient is in the graph the
+    pre-flight builds anyway: no extra cost)."""
+    with pytest.raises(hf.errors.NonFiniteError,
+                       match=r"loss on batch 0 is finite .* gradient is NaN/Inf in \['w'\]"):
+        hf.hessian(_Singular("sqrt", [0.0, 1.0, -2.0]), nn.MSELoss(), _singular_data(),
+                   hvp_mode=hvp_mode)
 
 
-def test_infinite_curvature_with_a_finite_gradient_refused_at_construction():
-    """``|w|**1.5`` at w = 0: loss and gradient finite, the Hessian's entry is not: found by
-    the pre-flight's product, naming the parameter's rows."""
-    with pytest.raises(hf.errors.NonFiniteError, match=r"\['w'\].*second derivative is not"):
-        hf.hessian(_Singular("pow", [1.0, 0.0, 0.5]), nn.MSELoss(), _singular_data())
+@pytest.mark.parametrize("kind,f,w", [
+    ("hessian", "pow", [1.0, 0.0, 0.5]),  # |w|**1.5 at 0: gradient 0, curvature infinite
+    ("ggn", "sqrt", [0.0, 1.0, -2.0]),    # the GGN's graph holds no gradient to check
+])
+def test_nonfinite_curvature_named_at_the_first_product(kind, f, w):
+    """Where the gradient is finite (or not in the graph), the first product raises
+    NonFiniteError naming the parameters whose rows hold the NaN/Inf (it used to name
+    none), before any algorithm runs on it."""
+    op = getattr(hf, kind)(_Singular(f, w), nn.MSELoss(), _singular_data())
+    with pytest.raises(hf.errors.NonFiniteError,
+                       match=r"contains NaN/Inf in the rows of \['w'.*second derivative"):
+        hf.lambda_max(op)
 
 
 def test_regular_point_of_the_same_loss_accepted():

@@ -1,7 +1,7 @@
 """The checks a curvature operator runs before any answer is computed (``check=True``).
 
-At construction, on the first batch, at the cost of one forward pass and one product beyond
-batch 0's first-order graph (which graph reuse keeps, so it is built once):
+At construction, on the first batch, at the cost of one forward pass beyond batch 0's
+first-order graph (which graph reuse keeps, so it is built once):
 
 * an error in the user's model or loss (on batch 0's forward, before any differentiation)
   is a :class:`~hessfast.errors.LossCallError` with the user's exception chained and, when
@@ -18,10 +18,9 @@ batch 0's first-order graph (which graph reuse keeps, so it is built once):
   backward returns gradients without a graph (a fused linear-cross-entropy loss, a fused
   kernel) raises :class:`~hessfast.errors.UnsupportedModelError`
   (:func:`.forwardcheck.check_custom_functions`);
-* the gradient of batch 0 (the Hessian's graph) and one product of batch 0's graph with a
-  random vector are finite (one double backward of the graph already built, no forward): a
-  loss that is finite but not twice differentiable at the parameters (``sqrt(x**2)`` at 0)
-  raises :class:`~hessfast.errors.NonFiniteError` naming the parameters;
+* the gradient of batch 0 is finite (the Hessian's graph holds it: no extra cost): a loss
+  that is finite but not differentiable at the parameters (``sqrt(x**2)`` at 0) raises
+  :class:`~hessfast.errors.NonFiniteError` naming the parameters;
 * the loss is repeatable: a second forward of batch 0 gives the same loss
   (``check_deterministic``), which catches dropout, noise and sampling in the model or loss;
 * every selected parameter gets a gradient: one used by the forward only with gradient
@@ -39,7 +38,9 @@ batch 0's first-order graph (which graph reuse keeps, so it is built once):
 
 On the first products, at no extra product:
 
-* every product is finite (checked per batch on every pass);
+* every product is finite (checked per batch on every pass; the error names the
+  parameters whose rows hold the NaN/Inf: a second derivative that is not finite where
+  the gradient is, ``|w|**1.5`` at 0, or any NaN in the GGN);
 * the operator is symmetric: :class:`SymmetryProbe` compares ``u.(Hv)`` with ``v.(Hu)`` for
   the first two non-parallel vectors multiplied, which catches a loss that is not a fixed
   function of the parameters (in-place state updates, a custom ``autograd.Function`` whose
@@ -125,7 +126,7 @@ def _checks(op: CurvatureOperator, batch: Any, index: int, check_deterministic: 
         _check_repeatable(op, first, op._loss_value(batch, index), index)
     if state is not None:
         check_graph_structure(op, state, batch, index, stacklevel=6)
-        _check_finite_curvature(op, state, index)
+        _check_finite_gradient(op, state, index)
     check_small_batches(op, batch, index)
     if op._planner.requested == "fwd_rev" or state is None:
         _check_fwd_rev(op, batch, index, state)
@@ -158,66 +159,59 @@ def check_loss(loss: Any, index: int) -> None:
         )
 
 
-def check_finite(part: torch.Tensor, index: int, kind: str) -> None:
+def check_finite(
+    part: torch.Tensor, index: int, kind: str, op: CurvatureOperator | None = None
+) -> None:
     """A product of batch ``index`` has no NaN/Inf: its min and max are finite (NaN
     propagates through both; one read without a boolean copy: 0.6 ms against 12 ms for
-    ``isfinite(part).all()`` on 7M float32 entries, 2-core CPU)."""
+    ``isfinite(part).all()`` on 7M float32 entries, 2-core CPU). With ``op``, the message
+    names the parameters whose rows hold them (``part: [c, n]``)."""
     if part.numel() and not torch.isfinite(torch.stack(torch.aminmax(part))).all():
+        where = ""
+        if op is not None:
+            where = f" in the rows of {_shown(_nonfinite_names(op.param_names, op._split(part)))}"
         raise NonFiniteError(
-            f"the {kind} product on batch {index} contains NaN/Inf: the loss is "
-            "finite but its second derivative is not (sqrt/norm at 0, log near 0, fp16 "
-            "overflow). Use float32/float64 and check the model's numerics"
+            f"the {kind} product on batch {index} contains NaN/Inf{where}: the loss is "
+            "finite but its second derivative is not at these parameters (sqrt(x**2) or a "
+            "norm at 0, |x|**p with 1 < p < 2 at 0, log near 0, fp16 overflow). Use "
+            f"float32/float64. {_FIX}"
         )
 
 
-def _nonfinite_names(op: CurvatureOperator, pieces: Any) -> list[str]:
+def _nonfinite_names(names: list[str], pieces: Any) -> list[str]:
     """Names of the parameters whose piece (``[..., *shape]`` or None) has a NaN/Inf."""
     return [
         name
-        for name, t in zip(op.param_names, pieces, strict=True)
+        for name, t in zip(names, pieces, strict=True)
         if t is not None and t.numel() and not torch.isfinite(t.detach()).all()
     ]
 
 
-def _check_finite_curvature(op: CurvatureOperator, state: Any, index: int) -> None:
-    """The loss is finite (checked before); its gradient on batch 0 and one product of batch
-    0's graph with a random vector must be too, or the operator is undefined at these
-    parameters (``sqrt(x**2)`` or a norm at 0, ``|x|**1.5`` at 0, log near 0) and every
-    product would raise later. The product costs one double backward of the graph already
-    built (no forward); the vector comes from a private generator (the global RNG is not
-    touched)."""
-    loss = float(state.loss)
-    fix = (
-        "Fix the model's numerics where the derivative is singular (an eps inside sqrt or "
-        "norm: sqrt(x**2 + eps); clamp before log), move the parameters off that point, or "
-        "leave those parameters out with params="
-    )
-    grads = getattr(state, "grads", None)  # the Hessian's graph (the GGN's has J^T 0)
-    if grads is not None:
-        bad = _nonfinite_names(op, grads)
-        if bad:
-            raise NonFiniteError(
-                f"the loss on batch {index} is finite ({loss:.6g}) but its gradient is "
-                f"NaN/Inf in {_shown(bad)}: the loss is not differentiable at these "
-                f"parameters, so its {op._kind} is undefined there. {fix}"
-            )
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    V = torch.randn(1, op.shape[0], generator=gen, dtype=op.dtype).to(op.device)
-    try:
-        hv = op._graph_product(state, op._split(V), retain=True)
-    except HessfastError:
-        raise
-    except Exception:  # noqa: BLE001 - the graph's second derivative fails: the first
-        return  # product reports it or falls back (the planner's rule, as before)
-    if hv.numel() and not torch.isfinite(torch.stack(torch.aminmax(hv))).all():
-        bad = _nonfinite_names(op, op._split(hv))
+def _check_finite_gradient(op: CurvatureOperator, state: Any, index: int) -> None:
+    """The loss is finite (checked before); its gradient on batch 0, which the Hessian's
+    graph holds, must be too, or the Hessian is undefined at these parameters
+    (``sqrt(w**2)`` or a norm at 0 gives 0/0). Free: no product. A finite gradient with a
+    non-finite second derivative (``|w|**1.5`` at 0) and the GGN (whose graph holds no
+    gradient) are caught by the first product, which names the parameters
+    (:func:`check_finite`): a product of batch 0 here would cost one double backward at
+    every construction (tests/test_transformers.py::test_setup_cost_counts pins one)."""
+    grads = getattr(state, "grads", None)
+    if grads is None:
+        return
+    bad = _nonfinite_names(op.param_names, grads)
+    if bad:
         raise NonFiniteError(
-            f"the {op._kind} of the loss on batch {index} is not finite at these parameters: "
-            f"a product with a random vector has NaN/Inf in the rows of {_shown(bad)} (the "
-            f"loss, {loss:.6g}, and its gradient are finite; its second derivative is not: "
-            f"sqrt(x**2) or a norm at 0, |x|**p with 1 < p < 2 at 0, log near 0, fp16 "
-            f"overflow). {fix}"
+            f"the loss on batch {index} is finite ({float(state.loss):.6g}) but its gradient "
+            f"is NaN/Inf in {_shown(bad)}: the loss is not differentiable at these "
+            f"parameters, so its {op._kind} is undefined there. {_FIX}"
         )
+
+
+_FIX = (
+    "Fix the model's numerics where the derivative is singular (an eps inside sqrt or norm: "
+    "sqrt(x**2 + eps); clamp before log), move the parameters off that point, or leave "
+    "those parameters out with params="
+)
 
 
 def _shown(names: list[str]) -> str:
@@ -259,7 +253,7 @@ def _check_fwd_rev(op: CurvatureOperator, batch: Any, index: int, state: Any) ->
     except Exception as exc:  # noqa: BLE001
         op._planner.path_failed("fwd_rev", exc)
         return
-    check_finite(hv, index, op._kind)
+    check_finite(hv, index, op._kind, op)
     if state is None:
         return
     try:

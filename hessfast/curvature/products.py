@@ -128,7 +128,7 @@ class BatchProducts:
             for index, weight, product in self._batch_products(plan.mode):
                 for a in range(0, k, chunk):
                     part = product(self._split(V[a : a + chunk]), a + chunk >= k)
-                    check_finite(part, index, self._kind)
+                    check_finite(part, index, self._kind, self)  # type: ignore[arg-type]
                     out[a : a + chunk].add_(part, alpha=weight)
         return out
 
