@@ -1,5 +1,18 @@
-"""The one-time check of a generic operator before an algorithm uses it: is it symmetric, and
-does it give the same product twice?
+"""What every algorithm checks before its first product: under a process group, that every
+rank runs it with the same arguments (:func:`agree_arguments`); and, once per generic
+operator, that it is symmetric and gives the same product twice.
+
+Agreement. When the algorithm's products are collective (a data-parallel curvature operator,
+a ``mesh=``, ``basis_sharding=True``), :func:`probe_operator` first compares the algorithm's
+name, the operator (size, dtype, and the digest of a curvature operator's parameters and
+options) and every argument of the calling algorithm (``k``, ``which``, ``tol``, ``seed``,
+``max_matvecs``, ``v0`` by SHA-256, ...; read from the caller's frame, or given as
+``args=``) across the group in ONE all-gather of a fixed-size digest. A difference raises
+:class:`~hessfast.errors.DistributedError` on every rank, naming the argument and each rank's
+value, before any product. Without it, ranks asking for different work run different
+sequences of collectives: a gloo "Connection closed by peer" on one rank while another
+returns a number, or a hang until the group's timeout. Not compared: ``progress`` (a display)
+and device indices (``"cuda:1"`` compares as ``"cuda"``: each rank has its own GPU).
 
 Every algorithm (``eigsh``, ``lambda_max``, ``power_iteration``, ``condition_number``,
 ``trace``, ``diagonal``, ``spectral_density``) calls :func:`probe_operator` after validating
@@ -35,14 +48,20 @@ catches: an asymmetric part above ``~tol`` of the operator in the Frobenius norm
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import os
+import sys
+from collections.abc import Mapping
+from types import FrameType
 from typing import Any
 
 import torch
 
 from .errors import AsymmetricOperatorError, NonDeterministicError, NonFiniteError
 
-__all__ = ["PROBE_MATVECS", "PROBE_SLACK", "probe_operator"]
+__all__ = ["PROBE_MATVECS", "PROBE_SLACK", "agree_arguments", "probe_operator"]
 
 #: Products one probe costs (two vectors, multiplied twice).
 PROBE_MATVECS = 4
@@ -51,6 +70,15 @@ PROBE_SLACK = 16.0
 _PROBE_SEED = 20261201
 # float32 matmul precision below "highest": TF32 (10 explicit mantissa bits) or bf16 (7)
 _LOWERED_EPS = {"high": 2.0**-10, "medium": 2.0**-7}
+# Arguments the ranks need not share: a display, and the operator itself (compared apart).
+_NOT_COMPARED = frozenset({"A", "progress"})
+# Fields of a reused result (condition_number(lambda_max=EigshResult)) that differ per rank.
+_PER_RANK = frozenset({"seconds", "num_passes"})
+_AGREE_FIX = (
+    "Every rank of the process group must run the same algorithm with the same arguments, "
+    "in the same order (the products are collective): pass the same values on every rank "
+    "(print or log from rank 0 only: hf.distributed.is_main_process())"
+)
 _FIX = (
     "if this is intended (rounding of a lower-precision computation), skip the check with "
     "LinearOperator.from_function(..., check=False) or by setting A.checked = True"
@@ -77,14 +105,111 @@ def rounding_eps(dtype: torch.dtype) -> float:
     return float(eps)
 
 
-def probe_operator(A: Any, who: str) -> None:
-    """Check once that ``A`` is symmetric and deterministic (module docstring).
+def caller_arguments(frame: FrameType) -> dict[str, Any]:
+    """The parameters of the function running in ``frame`` and their current values (after
+    the function's own validation reassigned them), in signature order."""
+    code = frame.f_code
+    count = code.co_argcount + code.co_kwonlyargcount
+    count += bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08)  # *args, **kwargs
+    local = frame.f_locals
+    return {name: local[name] for name in code.co_varnames[:count] if name in local}
+
+
+def _value_text(value: Any, name: str = "") -> str:
+    """``value`` as text that is equal on two ranks exactly when the values are: tensors by
+    shape, dtype and the SHA-256 of their bits, devices by type, objects field by
+    field, anything else unknown by its type only (never an address)."""
+    from .distributed import Mesh
+
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        if isinstance(value, str) and "device" in name:
+            try:
+                return repr(torch.device(value).type)
+            except (RuntimeError, ValueError):
+                pass
+        return repr(value) if not isinstance(value, torch.dtype) else str(value)
+    if isinstance(value, torch.device):
+        return repr(value.type)
+    if isinstance(value, torch.Tensor):  # SHA-256 of the bits (a sum misses sign flips)
+        raw = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest = hashlib.sha256(raw.numpy()).hexdigest()[:16]
+        return f"tensor {tuple(value.shape)} {value.dtype} sha256 {digest}"
+    if isinstance(value, Mesh):
+        return f"Mesh(probe={value.probe}, data={value.data})"
+    if isinstance(value, os.PathLike):
+        return repr(os.fspath(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value_text(v, name) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = sorted((str(k), v) for k, v in value.items())
+        return "{" + ", ".join(f"{k}: {_value_text(v, k)}" for k, v in items) + "}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ", ".join(f"{f.name}={_value_text(getattr(value, f.name), f.name)}"
+                           for f in dataclasses.fields(value) if f.name not in _PER_RANK)
+        return f"{type(value).__qualname__}({fields})"
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '?')}"
+    return f"<{type(value).__qualname__}>"
+
+
+def _agreement_comm(A: Any, args: Mapping[str, Any]) -> Any:
+    """The group whose ranks run this algorithm together, or None (no collective)."""
+    from . import distributed
+
+    mesh = args.get("mesh")
+    if isinstance(mesh, distributed.Mesh) and mesh.comm is not None:
+        return mesh.comm  # the whole mesh: every probe group's operator too
+    ranks = getattr(A, "_ranks", None)
+    if ranks is not None and getattr(ranks, "active", False):
+        return ranks.comm
+    if args.get("basis_sharding") is True and distributed.world_size() > 1:
+        return distributed.Comm()  # a replicated operator's basis over the default group
+    return None
+
+
+def agree_arguments(A: Any, who: str, args: Mapping[str, Any]) -> None:
+    """Under a process group whose ranks run this algorithm together, check that every rank
+    runs ``who`` on the same operator with the same ``args`` (module docstring): one
+    all-gather of a fixed-size digest; nothing without such a group.
 
     Raises:
+        DistributedError: on every rank, naming the first differing argument (or the
+            algorithm, or the operator) and each rank's value.
+    """
+    comm = _agreement_comm(A, args)
+    if comm is None:
+        return
+    digest = getattr(getattr(A, "_ranks", None), "digest", "")
+    entries = [
+        ("the algorithm", who),
+        ("the operator", f"{type(A).__name__} n={int(A.shape[0])} {A.dtype}"
+                         + (f" parameters and options {digest[:16]}" if digest else "")),
+    ]
+    for name, value in args.items():
+        if name in _NOT_COMPARED or value is A:
+            continue
+        entries.append((f"argument {name}", _value_text(value, name)))
+    comm.agree(f"{who} (rank {comm.rank} of {comm.size})", entries, _AGREE_FIX)
+
+
+def probe_operator(A: Any, who: str, args: Mapping[str, Any] | None = None) -> None:
+    """Before an algorithm's first product: agree on the arguments across the ranks
+    (:func:`agree_arguments`; ``args`` default: the calling algorithm's own parameters), then
+    check once that ``A`` is symmetric and deterministic (module docstring).
+
+    Raises:
+        DistributedError: ranks running the algorithm together passed different arguments.
         NonDeterministicError: two products of the same vectors differ beyond rounding.
         AsymmetricOperatorError: ``u.(Av)`` and ``v.(Au)`` differ beyond rounding.
         NonFiniteError: a probe product contains NaN or Inf.
     """
+    if args is None:
+        frame = sys._getframe(1)
+        try:
+            args = caller_arguments(frame)
+        finally:
+            del frame  # no reference cycle through the caller's frame
+    agree_arguments(A, who, args)
     n = int(A.shape[0])
     if _skip(A) or n == 0:
         return

@@ -16,6 +16,7 @@ import torch
 
 from ._checks import as_operator, check_choice, check_int, check_positive, check_seed
 from ._probe import probe_operator
+from .lanczos.verify import ZERO_SCALE, residual_floor
 from .linop import LinearOperator
 from .progress import set_postfix, set_total, track
 from .results import JsonResult
@@ -30,10 +31,15 @@ class PowerResult(JsonResult):
     Attributes:
         eigenvalue: the Ritz value (float64 arithmetic).
         eigenvector: ``[n]`` unit vector.
-        residual: ``||A v - theta v||``.
-        converged: residual <= tol * max(|theta|, 1e-3 * ||A||_est).
+        residual: ``||A v - theta v||`` (computed in float64 from the product), never below
+            ``residual_floor``.
+        converged: residual <= max(tol * max(|theta|, 1e-3 * ||A||_est), residual_floor).
         num_matvecs: products with A.
         seconds: wall time.
+        norm_estimate: ``||A||_est``, the largest ``||A v||`` seen.
+        residual_floor: ``64 * eps * ||A||_est`` with ``eps`` of the working dtype
+            (:func:`hessfast.lanczos.verify.residual_floor`): the product is rounded in that
+            dtype, so a smaller residual cannot be shown.
 
     ``to_dict(vectors=True)`` / ``to_json(path=None)``: JSON-safe fields (``vectors=False``
     leaves out ``eigenvector``).
@@ -45,6 +51,8 @@ class PowerResult(JsonResult):
     converged: bool
     num_matvecs: int
     seconds: float
+    norm_estimate: float = 0.0
+    residual_floor: float = 0.0
 
     _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvector",)
 
@@ -58,16 +66,18 @@ def _power(
         w = A.matvec(v).double()
         used += 1
         theta = float(torch.dot(v.double(), w))
-        res = float((w - theta * v.double()).norm())
         norm_est = max(norm_est, float(w.norm()))
+        floor = residual_floor(norm_est, A.dtype)
+        res = max(float((w - theta * v.double()).norm()), floor)
         if used % 10 == 1:
             set_postfix(ritz=f"{theta:.4g}", res=f"{res:.2g}")
-        if res <= tol * max(abs(theta), 1e-3 * norm_est):
+        ok = res <= max(tol * max(abs(theta), ZERO_SCALE * norm_est), floor)
+        if ok:
             return theta, v, res, True, used, norm_est
         w = w - shift * v.double()
         wn = float(w.norm())
         if wn == 0.0:  # v is in the null space of A - shift I: exact eigenvector
-            return theta, v, res, res == 0.0, used, norm_est
+            return theta, v, res, ok, used, norm_est
         v = (w / wn).to(v.dtype)
     return theta, v, res, False, used, norm_est
 
@@ -111,12 +121,15 @@ def power_iteration(
         gen = torch.Generator(device="cpu").manual_seed(seed)
         v = torch.randn(n, generator=gen, dtype=torch.float64)
         v = (v / v.norm()).to(device=A.device, dtype=A.dtype)
-        theta, v, res, ok, used, _ = _power(A, v, 0.0, tol, max_matvecs)
+        theta, v, res, ok, used, norm = _power(A, v, 0.0, tol, max_matvecs)
         if which == "LA" and theta < 0 and used < max_matvecs:
             # The dominant eigenvalue is negative; A - theta I is PSD with its largest
             # eigenvalue at lambda_max - theta, so power iteration on it finds lambda_max.
             v0 = torch.randn(n, generator=gen, dtype=torch.float64)
             v0 = (v0 / v0.norm()).to(device=A.device, dtype=A.dtype)
-            theta, v, res, ok, more, _ = _power(A, v0, theta, tol, max_matvecs - used)
+            theta, v, res, ok, more, norm2 = _power(A, v0, theta, tol, max_matvecs - used)
             used += more
-        return PowerResult(theta, v, res, ok, used, time.perf_counter() - t0)
+            norm = max(norm, norm2)
+        floor = residual_floor(norm, A.dtype)
+        return PowerResult(theta, v, max(res, floor), ok, used, time.perf_counter() - t0, norm,
+                           floor)

@@ -33,6 +33,7 @@ from .errors import ArgumentTypeError, ConfigurationError
 from .lanczos import WHICH, block_lanczos, select
 from .lanczos.checkpoint import Checkpoint, fingerprint_tensor
 from .lanczos.sharded import check_sharded, sharded_lanczos, sharding_comm
+from .lanczos.verify import converge_threshold, residual_floor
 from .linop import LinearOperator
 from .memory import choose_basis
 from .power import power_iteration
@@ -50,8 +51,10 @@ class EigshResult(JsonResult):
         eigenvalues: ``[k]`` float64, most wanted first (``LA``: descending; ``SA``:
             ascending; ``LM``: by decreasing magnitude; ``BE``: alternating high, low).
         eigenvectors: ``[k, n]`` unit rows, in the operator's dtype and device.
-        residuals: ``[k]`` float64 ``||A v - theta v||`` (from the Lanczos relation).
-        converged: ``[k]`` bool: residual <= tol * max(|theta|, 1e-3 * ||A||_est).
+        residuals: ``[k]`` float64 ``||A v - theta v||`` (from the Lanczos relation), never
+            below ``residual_floor``.
+        converged: ``[k]`` bool: residual <= max(tol * max(|theta|, 1e-3 * ||A||_est),
+            residual_floor).
         status: a :class:`~hessfast.results.Status` (a ``str``): ``CONVERGED`` (every pair
             converged and the set verified), ``MAX_MATVECS``, ``INVARIANT_SUBSPACE`` or
             ``NONFINITE``.
@@ -65,6 +68,10 @@ class EigshResult(JsonResult):
         verify_matvecs: products spent verifying (included in ``num_matvecs``).
         resumed_from_step: the step (one product each) a run with ``checkpoint=`` resumed
             from; None when it started afresh (or ran without a checkpoint).
+        residual_floor: ``64 * eps * ||A||_est`` (``eps`` of the working dtype: float64 or
+            float32): the smallest residual the arithmetic can show, so every residual is
+            reported as ``max(computed, residual_floor)`` and the convergence test never asks
+            for less (:func:`hessfast.lanczos.verify.residual_floor`).
 
     ``to_dict(vectors=True)`` / ``to_json(path=None)``: JSON-safe fields (tensors as lists;
     ``vectors=False`` leaves out ``eigenvectors``).
@@ -87,6 +94,7 @@ class EigshResult(JsonResult):
     verified: bool = False
     verify_matvecs: int = 0
     resumed_from_step: int | None = None
+    residual_floor: float = 0.0
 
     _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvectors",)
 
@@ -97,15 +105,16 @@ def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -
     theta, Y = torch.linalg.eigh(0.5 * (M + M.T))
     idx = select(theta.cpu(), k, which).to(theta.device)
     vecs = Y[:, idx].T.contiguous()
-    res = (vecs @ M - theta[idx, None] * vecs).norm(dim=1).cpu()
     scale = float(theta.abs().max()) if theta.numel() else 0.0
-    ok = res <= tol * torch.clamp(theta[idx].abs().cpu(), min=1e-3 * scale)
+    floor = residual_floor(scale, A.dtype)  # the vectors are returned in A's dtype
+    res = (vecs @ M - theta[idx, None] * vecs).norm(dim=1).cpu().clamp(min=floor)
+    ok = res <= converge_threshold(theta[idx].cpu(), tol, scale, floor)
     gram = vecs @ vecs.T
     ortho = float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max())
     return EigshResult(
         theta[idx].cpu(), vecs.to(A.dtype), res, ok, Status.CONVERGED if bool(ok.all()) else
         Status.MAX_MATVECS, A.num_matvecs - mv0, A.num_passes - p0, 0, scale, ortho,
-        time.perf_counter() - t0, which, tol, "dense", True,
+        time.perf_counter() - t0, which, tol, "dense", True, residual_floor=floor,
     )
 
 
@@ -137,8 +146,10 @@ def eigsh(
         k: number of pairs, ``1 <= k <= n``.
         which: ``LA`` largest algebraic, ``SA`` smallest, ``LM`` largest magnitude, ``BE``
             both ends.
-        tol: relative residual tolerance; converged when ``||A v - theta v|| <= tol *
-            max(|theta|, 1e-3 ||A||_est)`` (the floor lets zero eigenvalues converge).
+        tol: relative residual tolerance; converged when ``||A v - theta v|| <= max(tol *
+            max(|theta|, 1e-3 ||A||_est), residual_floor)`` (the ``1e-3`` lets zero
+            eigenvalues converge; ``residual_floor``, see :class:`EigshResult`, is the
+            smallest residual the working precision can show).
         max_matvecs: budget of products (default ``max(1000, 40 k)``); on exhaustion the
             partial result is returned with a warning and ``status == "MAX_MATVECS"``.
         block_size: rows per block, one data pass each (default: 1 on the CPU, where a block
@@ -234,8 +245,8 @@ def eigsh(
                 torch.tensor([r.eigenvalue], dtype=torch.float64), vec,
                 torch.tensor([r.residual], dtype=torch.float64), torch.tensor([r.converged]),
                 Status.CONVERGED if r.converged else Status.MAX_MATVECS, A.num_matvecs - mv0,
-                A.num_passes - p0, 0, abs(r.eigenvalue), 0.0, time.perf_counter() - t0, which,
-                tol, "power",
+                A.num_passes - p0, 0, r.norm_estimate, 0.0, time.perf_counter() - t0, which,
+                tol, "power", residual_floor=r.residual_floor,
             )
         if n <= dense_below or k > n // 2:
             warnings.warn(
@@ -312,6 +323,7 @@ def eigsh(
             st.num_passes, st.num_restarts, st.norm_estimate, st.orthogonality,
             time.perf_counter() - t0, which, tol, "lanczos", st.verified, st.verify_matvecs,
             resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
+            residual_floor=st.residual_floor,
         )
 
 

@@ -171,7 +171,124 @@ def scenario_peer_exit(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = {"equal": scenario_equal, "faults": scenario_faults, "peer_exit": scenario_peer_exit}
+def scenario_disagree(rank: int, world: int) -> dict[str, Any]:
+    """3 ranks (5/3/0 batches): rank 2's model differs in one entry of its LAST parameter;
+    rank 1 asks for another hvp_mode; then rank 1 another k, rank 2 another algorithm; then
+    every rank the same call, which must still work. Each refusal is timed."""
+    import hessfast as hf
+
+    out: dict[str, Any] = {}
+    model, batches = problem()
+    mine = shard(batches, world, rank)
+    loss = nn.CrossEntropyLoss()
+    other, _ = problem()
+    if rank == 2:
+        with torch.no_grad():
+            other[2].bias[1] += 2.0**-40  # one bit pattern: invisible in any printed digit
+    _expect_failure("params", out, lambda: hf.hessian(other, loss, mine))
+    mode = "double_backward" if rank == 1 else "auto"
+    _expect_failure("option", out, lambda: hf.hessian(model, loss, mine, hvp_mode=mode))
+    H = hf.hessian(model, loss, mine)
+    _expect_failure("k", out, lambda: hf.eigsh(H, k=3 if rank == 1 else 2, tol=1e-8))
+    if rank == 2:
+        _expect_failure("algorithm", out, lambda: hf.trace(H, 12, method="hutchinson"))
+    else:
+        _expect_failure("algorithm", out, lambda: hf.eigsh(H, k=2, tol=1e-8))
+    v0 = vectors(H.shape[0])[:1] * (1.0 if rank == 0 else -1.0)
+    _expect_failure("v0", out, lambda: hf.eigsh(H, k=1, v0=v0))
+    out["after"] = hf.eigsh(H, k=2, tol=1e-10).eigenvalues
+    return out
+
+
+def _refs(tensor: torch.Tensor) -> int:
+    return sys.getrefcount(tensor)
+
+
+def scenario_collectives_settle(rank: int, world: int) -> dict[str, Any]:
+    """hessfast's collectives return only after gloo's worker thread let go of their
+    buffers (the cause of the SIGABRT at exit, hessfast/distributed.py): 40 all-reduces and
+    40 all-gathers, counting those that returned while another thread still referenced
+    their buffer (a Python reference count above the one before the call)."""
+    from hessfast import distributed
+
+    comm = distributed.Comm()
+    left = 0
+    for i in range(40):
+        buf = torch.full((3, 66), float(i), dtype=torch.float64)
+        before = _refs(buf)
+        comm._all_reduce(buf, torch.distributed.ReduceOp.SUM, "a test buffer")
+        left += _refs(buf) > before
+        buf = torch.full((5,), float(rank), dtype=torch.float64)
+        before = _refs(buf)
+        parts = comm._all_gather(buf, "a test buffer", "")
+        alone = [torch.empty(0) for _ in parts]  # held by a list only, as parts should be
+        left += _refs(buf) > before or [_refs(p) for p in parts] != [_refs(q) for q in alone]
+    return {"pending": int(left)}
+
+
+def catch_and_exit(rank: int, world: int, outdir: str, port: str, i: int, how: str) -> None:
+    """One process's life in :func:`run_exits`: join a new group, catch the error of rank 1's
+    NaN batch (rank 1 its own, the others DistributedError), record its name and exit with 0
+    at once (when a pending collective aborts a process), by ``how``: ``"plain"`` (no
+    teardown at all), ``"shutdown"`` (:func:`hessfast.distributed.shutdown`) or
+    ``"session"`` (the group made and torn down by :func:`hessfast.distributed.session`)."""
+    import hessfast as hf
+
+    model, batches = problem()
+    mine = shard(batches, world, rank)
+    if rank == 1:
+        mine[0] = (torch.full_like(mine[0][0], float("nan")), mine[0][1])
+
+    def run() -> None:
+        try:
+            hf.hessian(model, nn.CrossEntropyLoss(), mine)
+            said = "no error"
+        except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
+            said = type(exc).__name__
+        with open(os.path.join(outdir, f"exits-{i}-{rank}.txt"), "w") as f:
+            f.write(said)
+
+    if how == "session":  # torchrun's environment, as hf.distributed.init reads it
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                          WORLD_SIZE=str(world))
+        with hf.distributed.session(backend="gloo", timeout_s=30):
+            run()
+        sys.exit(0)
+    store = os.path.join(outdir, f"exits-store-{i}")
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    run()
+    if how == "shutdown":
+        hf.distributed.shutdown()
+    sys.exit(0)
+
+
+EXIT_RUNS = ("plain", "plain", "plain", "shutdown", "session", "plain")
+
+
+def run_exits(rank: int, world: int, outdir: str, port: str) -> dict[str, Any]:
+    """Several process lives (:func:`catch_and_exit`), each a child forked from this
+    process (torch imported once: a life costs a fraction of a second) with its own gloo
+    group; returns each child's exit status (0, or -signal)."""
+    statuses = []
+    for i, how in enumerate(EXIT_RUNS):
+        pid = os.fork()
+        if pid == 0:  # the child: a whole process life, ending in interpreter finalisation
+            try:
+                catch_and_exit(rank, world, outdir, port, i, how)
+            except SystemExit:
+                raise
+            except BaseException:  # noqa: BLE001 - a broken life exits 3, never runs on
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        statuses.append(os.waitstatus_to_exitcode(status))
+    return {"statuses": statuses, "runs": list(EXIT_RUNS)}
+
+
+SCENARIOS = {"equal": scenario_equal, "faults": scenario_faults, "peer_exit": scenario_peer_exit,
+             "disagree": scenario_disagree, "settle": scenario_collectives_settle}
 
 
 def main(argv: list[str]) -> int:
@@ -179,16 +296,19 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    import hessfast as hf
+
+    if scenario == "exits":  # no group in this process: each forked child makes its own
+        out = run_exits(rank, world, outdir, port)
+        torch.save(out, os.path.join(outdir, f"{scenario}-{rank}.pt"))
+        return 0
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=30),
     )
     out = SCENARIOS[scenario](rank, world)
     torch.save(out, os.path.join(outdir, f"{scenario}-{rank}.pt"))
-    try:
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - a peer already gone (peer_exit); results are saved
-        pass
+    hf.distributed.shutdown()  # barrier-free: also after a peer left (peer_exit)
     return 0
 
 

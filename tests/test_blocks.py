@@ -139,15 +139,17 @@ def test_data_passes_do_not_grow_with_groups():
     assert len(modules) == 6
     two = {m: rf"^{m}\." for m in modules[:2]}
     six = {m: rf"^{m}\." for m in modules}
-    kw = dict(tol=1e-300, num_probes=4, max_steps=8, seed=0)
+    # 6 steps: the 24-coordinate output layer reaches the float64 residual floor (64 eps
+    # ||A||, where a tol of 1e-300 is met too) at step 7
+    kw = dict(tol=1e-300, num_probes=4, max_steps=6, seed=0)
     counts = []
     for spec in (two, six):
         before = H.num_passes
         res = block_spectra(H, spec, **kw)
         assert H.num_passes - before == res.data_passes
-        assert all(g.steps == 8 for g in res.groups)
+        assert all(g.steps == 6 for g in res.groups)
         counts.append((res.data_passes, res.num_matvecs))
-    assert counts[0][0] == counts[1][0] == 8  # 1 probe pass + 7 further Lanczos steps
+    assert counts[0][0] == counts[1][0] == 6  # 1 probe pass + 5 further Lanczos steps
     assert counts[1][1] == 3 * counts[0][1]
     # at a real tolerance: the shared run costs the passes of its slowest group alone, and
     # every group's answer is the one it gets alone (probes are keyed by the group's name)

@@ -141,6 +141,66 @@ def test_a_rank_that_exits_does_not_hang_the_others(tmp_path):
     assert seconds < 35, seconds
 
 
+def test_ranks_that_disagree_all_raise_naming_ranks_and_difference(tmp_path):
+    """3 ranks. Rank 2's model differs from the others' in one bit pattern of its last
+    parameter; rank 1 asks for another hvp_mode, another k; rank 2 runs another algorithm;
+    rank 0 another v0. Each time EVERY rank raises the same DistributedError within seconds,
+    naming the differing ranks, the first difference and the values, before any product
+    (before: a spectrum of neither model, or gloo "Connection closed by peer" on one rank).
+    Then the same call on every rank works and equals one process."""
+    codes, logs, _ = spawn("disagree", 3, tmp_path)
+    assert codes == [0, 0, 0], logs
+    ranks = results("disagree", 3, tmp_path)
+    expect = {
+        "params": ("parameter '2.bias'", "rank(s) [2] differ"),
+        "option": ("option hvp_mode", "rank 1: 'double_backward'", "rank(s) [1] differ"),
+        "k": ("argument k", "ranks 0, 2: 2", "rank 1: 3", "rank(s) [1] differ"),
+        "algorithm": ("the algorithm", "trace", "hessfast.eigsh", "rank(s) [2] differ"),
+        "v0": ("argument v0", "rank(s) [1, 2] differ"),
+    }
+    for step, words in expect.items():
+        said = {r[step][1].split(": ", 1)[-1] for r in ranks}
+        assert len(said) == 1, (step, said)  # the same words after "who (rank r of 3): "
+        for r in ranks:
+            name, msg, seconds = r[step]
+            assert name == "DistributedError", (step, name, msg)
+            assert all(w in msg for w in words), (step, words, msg)
+            assert seconds < 15, (step, seconds)
+    assert "1 entries" not in ranks[0]["params"][1]  # only that one parameter differs
+    model, batches = dist_workers.problem()
+    H = hf.hessian(model, nn.CrossEntropyLoss(), batches)
+    want = hf.eigsh(H, k=2, tol=1e-10).eigenvalues
+    for r in ranks:
+        assert torch.equal(r["after"], ranks[0]["after"])
+    assert rel(ranks[0]["after"], want) < 1e-10
+
+
+def test_collectives_return_after_gloo_let_go_of_their_buffers(tmp_path):
+    """The cause of the SIGABRT at exit ("terminate called without an active exception"):
+    gloo's worker thread drops a collective's tensors after the caller woke up, which takes
+    the GIL; at interpreter exit that ends the thread inside a noexcept destructor. Every
+    hessfast collective now returns only once the worker let go (before: about 1 in 10 of
+    80 returned with the buffer still held)."""
+    codes, logs, _ = spawn("settle", 2, tmp_path)
+    assert codes == [0, 0], logs
+    for r in results("settle", 2, tmp_path):
+        assert r["pending"] == 0, r
+
+
+def test_a_rank_that_catches_an_error_exits_with_code_0(tmp_path):
+    """Six process lives per rank (forked, each with its own gloo group): rank 1's NaN batch
+    raises NonFiniteError there and DistributedError on rank 0; both catch it and exit at
+    once: without any teardown, after hf.distributed.shutdown(), and inside
+    hf.distributed.session(). Every life exits with 0 (never -6, SIGABRT)."""
+    codes, logs, _ = spawn("exits", 2, tmp_path)
+    assert codes == [0, 0], logs
+    for rank, r in enumerate(results("exits", 2, tmp_path)):
+        assert r["statuses"] == [0] * len(r["runs"]), (rank, r, logs[rank])
+        for i in range(len(r["runs"])):
+            said = (tmp_path / f"exits-{i}-{rank}.txt").read_text()
+            assert said == ("NonFiniteError" if rank == 1 else "DistributedError"), (i, said)
+
+
 # -- in-process checks (no process group) ---------------------------------------------
 
 

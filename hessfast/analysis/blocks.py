@@ -11,8 +11,9 @@ data pass serves every group (the naive way, one operator per layer, pays passes
 * lambda_max: Lanczos on every ``A_gg`` in lockstep, one ``matmat`` of the stacked Lanczos
   vectors per step, full reorthogonalisation within each group's basis, started from the
   group's first normalised probe (so the trace pass is also its first step). A group stops
-  when its top Ritz residual ``|beta_j s_j|`` (Lanczos relation) is ``<= tol * max(|theta|,
-  1e-3 max|Ritz|)``, when its Krylov space is the whole block, or at ``max_steps``.
+  when its top Ritz residual ``|beta_j s_j|`` (Lanczos relation, floored at ``64 eps
+  max|Ritz|``) is ``<= max(tol * max(|theta|, 1e-3 max|Ritz|), that floor)``, when its
+  Krylov space is the whole block, or at ``max_steps``.
 
 Data passes: ``ceil(trace rows / chunk)`` + longest Lanczos run - 1, independent of the number
 of groups while ``G p n`` entries fit one chunk. Bases: ``steps x size`` entries per group.
@@ -53,6 +54,7 @@ from .._checks import (
     work_dtype,
 )
 from ..errors import ArgumentTypeError, ConfigurationError
+from ..lanczos.verify import residual_floor
 
 __all__ = ["BlockResult", "BlockSpectra", "block_spectra", "param_groups"]
 
@@ -74,6 +76,8 @@ class BlockResult:
     stopping rule: trust it only as far as its residual says). ``trace`` is exact
     (``trace_stderr == 0``) when ``trace_exact``, else the mean of ``num_probes`` Hutchinson
     samples with its standard error. ``steps``: Lanczos vectors (0 for exact groups).
+    ``residual_floor``: ``64 eps max|Ritz|`` (:func:`hessfast.lanczos.verify.residual_floor`):
+    both residuals are reported as at least this, and the stopping rule never asks for less.
     """
 
     name: str
@@ -87,6 +91,7 @@ class BlockResult:
     lambda_min: float = math.nan
     lambda_min_residual: float = math.nan
     steps: int = 0
+    residual_floor: float = 0.0
 
 
 @dataclass
@@ -288,6 +293,7 @@ class _Lanczos:
         self.alphas: list[float] = []
         self.betas: list[float] = []
         self.ritz = (math.nan,) * 4  # theta_max, its residual, theta_min, its residual
+        self.floor = 0.0
 
     def step(self) -> torch.Tensor | None:
         """Absorb ``self.w = A_gg q_j``; return the next Lanczos vector, or None when done."""
@@ -302,11 +308,13 @@ class _Lanczos:
             off = torch.tensor(self.betas, dtype=torch.float64)
             T = T + torch.diag(off, 1) + torch.diag(off, -1)
         evals, evecs = torch.linalg.eigh(T)
-        theta, res = float(evals[-1]), abs(beta * float(evecs[-1, -1]))
-        self.ritz = (theta, res, float(evals[0]), abs(beta * float(evecs[-1, 0])))
-        scale = max(abs(theta), _FLOOR * float(evals.abs().max()))
-        breakdown = beta <= 1e-14 * max(float(evals.abs().max()), 1e-300)  # invariant space
-        self.converged = res <= self.tol * scale or j >= self.m or breakdown
+        norm = float(evals.abs().max())
+        self.floor = floor = residual_floor(norm, self.Q.dtype)  # the arithmetic's limit
+        theta, res = float(evals[-1]), max(abs(beta * float(evecs[-1, -1])), floor)
+        self.ritz = (theta, res, float(evals[0]), max(abs(beta * float(evecs[-1, 0])), floor))
+        scale = max(abs(theta), _FLOOR * norm)
+        breakdown = beta <= 1e-14 * max(norm, 1e-300)  # invariant space
+        self.converged = res <= max(self.tol * scale, floor) or j >= self.m or breakdown
         if self.converged or j >= self.cap:
             return None
         self.betas.append(beta)
@@ -403,17 +411,18 @@ def block_spectra(
         if exact[g]:
             B = torch.stack(columns[g], dim=1)
             evals, evecs = torch.linalg.eigh(0.5 * (B + B.T))
-            res = torch.linalg.vector_norm(B @ evecs - evecs * evals, dim=0)
+            floor = residual_floor(float(evals.abs().max()), work)
+            res = torch.linalg.vector_norm(B @ evecs - evecs * evals, dim=0).clamp(min=floor)
             results.append(BlockResult(
                 gname, idx.numel(), float(evals[-1]), float(res[-1]), True,
-                float(torch.trace(B)), 0.0, True, float(evals[0]), float(res[0]), 0,
+                float(torch.trace(B)), 0.0, True, float(evals[0]), float(res[0]), 0, floor,
             ))
         else:
             lz, z = solvers[g], torch.tensor(samples[g], dtype=torch.float64)
             theta, res, tmin, rmin = lz.ritz
             results.append(BlockResult(
                 gname, lz.m, theta, res, lz.converged, float(z.mean()),
-                float(z.std() / math.sqrt(z.numel())), False, tmin, rmin, lz.j,
+                float(z.std() / math.sqrt(z.numel())), False, tmin, rmin, lz.j, lz.floor,
             ))
     return BlockSpectra(
         groups=results,

@@ -9,6 +9,15 @@ all-reduce of the operator's dtype (:meth:`hessfast.distributed.Comm.allreduce_s
 may hold unequal shards, or none: a rank without batches contributes zeros and skips the
 pre-flight (the others run it on their own first batch).
 
+At construction the ranks also check that they hold the same model and options
+(:meth:`RankGroup.agree`): the names, shapes, dtypes and exact bit checksums of every parameter
+(those :class:`~hessfast.curvature.guard.ParamFingerprint` took) and buffer, the options that
+must match (``hvp_mode``, ``loss_form``, ``loss_reduction``, ``bn_mode``, the checks, the loss
+function, the selected parameters) go into one fixed-size digest per rank, compared in ONE
+all-gather; a difference raises :class:`~hessfast.errors.DistributedError` on every rank naming
+the ranks and the first differing option or parameter. Ranks whose parameters differ would
+otherwise sum the products of different models: a spectrum of neither.
+
 Every rank's local work (construction, each product) runs inside an error barrier
 (:meth:`~hessfast.distributed.Comm.error_barrier`): when one rank raises, every rank raises
 before the big collective and none hangs. Every rank then sees the same products, so the
@@ -28,6 +37,7 @@ Which group (``process_group=`` of :func:`~hessfast.hessian` / :func:`~hessfast.
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 import warnings
 from collections.abc import Callable
@@ -45,7 +55,7 @@ if TYPE_CHECKING:
     from .options import CurvatureOptions
     from .preflight import SymmetryProbe
 
-__all__ = ["RankGroup", "check_sampler", "data_parallel_init"]
+__all__ = ["RankGroup", "check_sampler", "data_parallel_init", "operator_entries"]
 
 # Loss forms and reductions as codes for the construction's one small all-reduce.
 _FORMS = ("criterion", "model")
@@ -126,8 +136,57 @@ def data_parallel_init(setup: Callable[..., None]) -> Callable[..., None]:
         with op._ranks.barrier("the operator's construction"):
             setup(op, model, loss_fn, data, options)
         op._ranks.finish(op)
+        op._ranks.agree(op, options)
 
     return __init__
+
+
+def _describe_loss(loss_fn: Any) -> str:
+    """``loss_fn`` as text that is equal on ranks with the same loss: its qualified name and,
+    for a module or partial, its plain settings (reduction, label_smoothing, ...)."""
+    fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    text = f"{getattr(fn, '__module__', type(fn).__module__)}.{name}"
+    settings: dict[str, Any] = {}
+    if isinstance(loss_fn, functools.partial):
+        settings = dict(loss_fn.keywords)
+    elif isinstance(loss_fn, nn.Module):
+        settings = {k: v for k, v in vars(loss_fn).items()
+                    if not k.startswith("_") and k != "training"}
+    plain = (bool, int, float, str, type(None))
+    shown = {k: v for k, v in sorted(settings.items()) if isinstance(v, plain)}
+    return text + (f" {shown}" if shown else "")
+
+
+def operator_entries(op: CurvatureOperator, options: CurvatureOptions) -> list[tuple[str, str]]:
+    """What the ranks of a data-parallel operator must hold alike, as ``(label, value)``
+    pairs: the options that change the operator or the collectives, then every parameter of
+    the model (shape, dtype, exact int32 checksum of its bits, as the operator's
+    :class:`~hessfast.curvature.guard.ParamFingerprint` took them at construction) and every
+    buffer. No data: each rank holds its own."""
+    from .guard import ParamFingerprint
+
+    names = ",".join(op.param_names)
+    out = [
+        ("the operator", f"{type(op).__name__} n={op.shape[0]} {op.dtype}"),
+        ("the selected parameters", f"{len(op.param_names)}, names sha256 "
+                                    f"{hashlib.sha256(names.encode()).hexdigest()[:16]}"),
+        ("loss_fn", _describe_loss(op.loss_fn)),
+    ]
+    for key in ("hvp_mode", "loss_form", "loss_reduction", "bn_mode", "check",
+                "check_deterministic", "causal_lm", "fused_loss"):
+        out.append((f"option {key}", repr(getattr(options, key))))
+    out.append(("option lm_head", "given" if options.lm_head is not None else "None"))
+    fp = op._fingerprint
+    for (name, p), s in zip(fp._named, fp._sums, strict=True):
+        out.append((f"parameter {name!r}",
+                    f"shape {tuple(p.shape)} {p.dtype} checksum {s & 0xFFFFFFFF:08x}"))
+    saved = list(op._buffers._saved.items())
+    sums = ParamFingerprint._checksums([b for _, b in saved])
+    for (name, b), s in zip(saved, sums, strict=True):
+        out.append((f"buffer {name!r}",
+                    f"shape {tuple(b.shape)} {b.dtype} checksum {s & 0xFFFFFFFF:08x}"))
+    return out
 
 
 class RankGroup:
@@ -138,6 +197,8 @@ class RankGroup:
         process_group: the group (None: one process).
         rank, world_size: this process's rank and the group's size (0 and 1 without one).
         scale: ``N_rank / N``, the factor applied to this rank's product before the sum.
+        digest: SHA-256 (hex) of the operator's :func:`operator_entries`, set at the end
+            of construction.
     """
 
     def __init__(self, model: nn.Module, data: Any, process_group: Any) -> None:
@@ -150,6 +211,7 @@ class RankGroup:
         self.rank = 0 if self.comm is None else self.comm.rank
         self.world_size = 1 if self.comm is None else self.comm.size
         self.scale = 1.0
+        self.digest = ""  # of the operator's parameters and options (agree)
 
     @property
     def active(self) -> bool:
@@ -205,6 +267,30 @@ class RankGroup:
             op.loss_reduction = _REDUCTIONS[reductions.index(max(reductions))]
         op.num_samples, op.num_batches = total, batches
         self.scale = data.num_samples / total
+
+    def agree(self, op: CurvatureOperator, options: CurvatureOptions) -> None:
+        """Record the operator's :func:`operator_entries` and their digest
+        (:attr:`digest`, which an algorithm's argument check compares too); under a process
+        group compare them across the ranks in one all-gather of a fixed-size digest.
+
+        Raises:
+            DistributedError: on every rank, when some rank holds other parameters, buffers
+                or options (the message names the ranks and the first difference).
+        """
+        entries = operator_entries(op, options)
+        text = "\n".join(f"{k}={v}" for k, v in entries)
+        self.digest = hashlib.sha256(text.encode()).hexdigest()
+        if self.comm is None:
+            return
+        self.comm.agree(
+            f"the {op._kind} operator's construction (rank {self.rank} of {self.world_size})",
+            entries,
+            "A data-parallel operator is the curvature of ONE model over every rank's data: "
+            "build it on every rank from the same model (parameters and buffers equal bit for "
+            "bit: load the same weights, seed every rank alike, or broadcast rank 0's state "
+            "as DistributedDataParallel does when it wraps the model) with the same options; "
+            "only the data differ between ranks",
+        )
 
     @staticmethod
     def _agree_precision(op: CurvatureOperator, seen: list[int]) -> None:

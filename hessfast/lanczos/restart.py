@@ -14,8 +14,10 @@ basis vector are kept, (*) also holds after a thick restart (Ritz vectors plus t
 block, the "arrowhead" T), so restarting needs no special cases.
 
 Ritz pairs come from a float64 ``eigh`` of T; the residual of pair i is ``||L y_i[last]||``
-by (*). Pairs are converged when that residual is <= tol * max(|theta_i|, 1e-3 * ||A||_est)
-(docs/architecture.md, "Convergence"). At a thick restart the next block is the residual
+by (*), floored at what the working precision can show (``max(., 64 eps ||A||_est)``,
+:func:`.verify.residual_floor`). Pairs are converged when that residual is <= max(tol *
+max(|theta_i|, 1e-3 * ||A||_est), floor) (docs/architecture.md, "Convergence"; the
+verification's slack is the same threshold). At a thick restart the next block is the residual
 block, whose product's coefficients against the kept Ritz vectors restore their coupling,
 so (*) stays exact.
 
@@ -72,7 +74,7 @@ from .._checks import probe_generator, sample_probes, work_dtype
 from ..linop import LinearOperator
 from .basis import Basis, orthonormal_block, select
 from .checkpoint import Checkpoint, lanczos_state, restore_lanczos
-from .verify import beaten, first_seen, verify_steps
+from .verify import beaten, converge_threshold, first_seen, residual_floor, verify_steps
 from .wanted import wanted_pairs
 
 __all__ = ["LanczosState", "block_lanczos"]
@@ -100,6 +102,7 @@ class LanczosState:
     num_verifications: int = 0  # verification rounds started
     num_misses: int = 0  # rounds that found a better eigenvalue than a candidate
     verify_matvecs: int = 0  # products spent in verification rounds
+    residual_floor: float = 0.0  # every residual is >= it (.verify.residual_floor)
 
 
 class _Run:
@@ -214,12 +217,17 @@ class _Run:
         res = self.coupling.norm(dim=0) if L.numel() else torch.zeros_like(self.theta)
         for g in self.G:
             res = res + (g @ Y).norm(dim=0)
-        self.res = res
+        self.res = torch.clamp(res, min=self.floor())
         self.ok = self.res <= self.slack(self.theta)
 
+    def floor(self) -> float:
+        """The residual floor at the current ``||A||_est`` (:func:`.verify.residual_floor`)."""
+        return residual_floor(self.norm_est, self.A.dtype)
+
     def slack(self, vals: torch.Tensor) -> torch.Tensor:
-        """The convergence tolerance of each value: tol * max(|theta|, 1e-3 ||A||_est)."""
-        return self.tol * torch.clamp(vals.abs(), min=1e-3 * self.norm_est)
+        """The convergence tolerance of each value: max(tol * max(|theta|, 1e-3 ||A||_est),
+        floor)."""
+        return converge_threshold(vals, self.tol, self.norm_est, self.floor())
 
     def ritz_vectors(self, idx: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """Ritz vectors ``[len(idx), n]`` of the last Rayleigh-Ritz in the basis dtype, formed
@@ -381,9 +389,11 @@ def block_lanczos(
     verified = run.ref is not None and status == "CONVERGED"
     answer = (run.ref, run.ref_vecs, run.ref_res) if verified and run.ref is not None else None
     theta, vecs, res, ok, status, ortho = wanted_pairs(run, k, which, status, answer)
+    floor = run.floor()  # ||A||_est only grows: residuals kept earlier meet today's floor
+    res = torch.clamp(res, min=floor)
     return LanczosState(
         theta=theta, vectors=vecs, residuals=res, converged=ok, status=status,
         num_matvecs=used(), num_passes=A.num_passes - start_passes,
         num_restarts=run.restarts, norm_estimate=run.norm_est, orthogonality=ortho,
         history=run.history, verified=verified, num_verifications=run.n_verify,
-        num_misses=run.n_miss, verify_matvecs=run.verify_mv)
+        num_misses=run.n_miss, verify_matvecs=run.verify_mv, residual_floor=floor)
