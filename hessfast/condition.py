@@ -1,5 +1,6 @@
 """Conditioning of a symmetric operator: extreme eigenvalues, definiteness, negative
-curvature and the stable learning rate 2/lambda_max.
+curvature and the stable learning rate 2/(s lambda_max), s the curvature the optimizer sees
+over the operator's (:func:`lr_curvature_scale`: N or the batch size for a sum-reduced loss).
 
 What each number needs: ``kappa``, ``definiteness``, ``negative_ratio`` and ``stable_lr`` need
 only the two extreme eigenvalues (one ``eigsh`` run each, or values the caller already has:
@@ -29,16 +30,90 @@ from typing import Any
 from ._checks import as_operator, check_int, check_positive, check_seed, shift_seed
 from ._probe import probe_operator
 from .errors import ArgumentTypeError, ConfigurationError
+from .lanczos.verify import residual_floor
 from .linop import LinearOperator
 from .progress import set_total, track
 from .results import JsonResult
 from .spectrum import EigshResult, eigsh
 
-__all__ = ["SINGULAR_STAGE", "ConditionResult", "Smallest", "condition_number",
-           "smallest_eigenvalue"]
+__all__ = ["SINGULAR_STAGE", "ConditionResult", "LrScale", "Smallest", "condition_number",
+           "lr_curvature_scale", "smallest_eigenvalue", "zero_threshold"]
 
 #: products of the first stage of the smallest-eigenvalue search before the singular check
 SINGULAR_STAGE = 48
+
+
+@dataclass(frozen=True)
+class LrScale:
+    """How the curvature an optimizer sees relates to the operator's.
+
+    A curvature operator is the Hessian (or GGN) of the MEAN loss over its samples, whatever
+    ``loss_fn``'s reduction. An optimizer differentiates ``loss_fn`` itself: for a
+    sum-reduced loss that is the sum over the samples of its step, whose curvature is
+    ``samples x`` the mean-loss curvature. Every comparison with a learning rate multiplies
+    the operator's eigenvalues by ``scale`` (the eigenvalues themselves keep the operator's
+    scale).
+
+    Attributes:
+        scale: the optimizer's curvature over the operator's (1.0 for a mean-reduced loss).
+        samples: the samples of one optimizer step's loss, when that decided ``scale``.
+        reason: how ``scale`` was decided, in words (shown in reports).
+    """
+
+    scale: float
+    samples: int | None
+    reason: str
+
+
+def lr_curvature_scale(A: Any, lr_scale: float | None = None, *, full_batch: bool = False,
+                       who: str = "hessfast") -> LrScale:
+    """The factor between the curvature an optimizer sees and the operator ``A``'s.
+
+    Args:
+        A: the operator; a curvature operator records ``loss_reduction`` and its batches.
+        lr_scale: given explicitly: used as it is (a number > 0). For a sum-reduced loss it
+            is the number of samples in the loss one optimizer step differentiates (the batch
+            size for minibatch steps, all N samples for full-batch steps).
+        full_batch: the optimizer steps on the loss over ALL of ``A``'s data at once (the
+            model of :class:`~hessfast.analysis.tracking.SharpnessTracker`): a sum-reduced
+            loss gives ``N``. Otherwise one optimizer step per batch of the data is assumed:
+            one batch gives ``N``, several give the largest batch size (the step on the
+            largest batch is the least stable; uneven batches are named in ``reason``).
+
+    Defaults: a mean-reduced loss (or an operator that does not say how its loss reduces,
+    e.g. a plain :class:`~hessfast.linop.LinearOperator`) gives 1.0.
+
+    Raises:
+        ConfigurationError: ``lr_scale`` not a finite number > 0.
+    """
+    if lr_scale is not None:
+        lr_scale = check_positive("lr_scale", lr_scale, who=who)
+        return LrScale(lr_scale, None, f"lr_scale={lr_scale:g} given: the optimizer sees "
+                                       f"{lr_scale:g} x the operator's curvature")
+    reduction = getattr(A, "loss_reduction", None)
+    if reduction is None:
+        return LrScale(1.0, None, "the operator does not record a loss reduction: its "
+                                  "curvature is taken as the optimizer's (pass lr_scale= "
+                                  "otherwise)")
+    if reduction != "sum":
+        return LrScale(1.0, None, f"{reduction}-reduced loss: the optimizer sees the mean-loss "
+                                  "curvature (the operator's)")
+    total = int(getattr(A, "num_samples", 0) or 0)
+    data = getattr(A, "_data", None)
+    sizes = [int(s) for s in getattr(data, "sizes", []) if s > 0]
+    if full_batch or len(sizes) <= 1 or total <= 0:
+        how = ("full-batch steps over all" if full_batch or len(sizes) > 1
+               else "one batch holding all")
+        return LrScale(float(total), total, f"sum-reduced loss, {how} {total} samples: the "
+                                            f"optimizer sees {total} x the mean-loss curvature "
+                                            "(pass lr_scale= otherwise)")
+    big = max(sizes)
+    uneven = "" if min(sizes) == big else (
+        f"; batches are uneven ({min(sizes)} to {big}): the largest is used")
+    return LrScale(float(big), big, f"sum-reduced loss, one optimizer step per batch of {big} "
+                                    f"samples: the optimizer sees {big} x the mean-loss "
+                                    f"curvature{uneven} (full-batch steps over all {total}: "
+                                    f"pass lr_scale={total})")
 
 
 @dataclass(frozen=True)
@@ -52,13 +127,18 @@ class ConditionResult(JsonResult):
         kappa: ``lambda_max / lambda_min`` when the operator is positive definite (lambda_min
             above the zero threshold), else ``inf``.
         definiteness: ``"positive definite"``, ``"singular"`` (|lambda_min| at or below the
-            zero threshold ``tol * max(|lambda_max|, |lambda_min|)``) or ``"indefinite"``.
+            zero threshold ``tol * max(|lambda_max|, |lambda_min|)``, never below the
+            residual floor :func:`zero_threshold`) or ``"indefinite"``.
         negative_ratio: ``|lambda_min| / lambda_max`` for an indefinite operator (how strong
             the negative curvature is against the positive), else 0.
         negative_mass: fraction of the spectrum below ``-zero_threshold``, from an SLQ
             density (indefinite operators with ``density`` True or given; else None).
-        stable_lr: ``2 / lambda_max``: gradient descent with a larger step size diverges along
-            the top eigenvector (inf when lambda_max <= 0).
+        stable_lr: ``2 / (lr_curvature_scale * lambda_max)``: gradient descent on the loss the
+            optimizer differentiates diverges along the top eigenvector with a larger step
+            size (inf when lambda_max <= 0).
+        lr_curvature_scale, lr_curvature_scale_reason: the factor between the curvature the
+            optimizer sees and ``A``'s (N or the batch size for a sum-reduced loss, 1 for a
+            mean; :func:`lr_curvature_scale`), and how it was decided.
         converged: lambda_max converged, and lambda_min converged or was shown to be within
             the zero threshold (``singular_early``).
         num_matvecs, seconds: total cost of this call (reused values cost nothing).
@@ -79,6 +159,8 @@ class ConditionResult(JsonResult):
     num_matvecs: int
     seconds: float
     singular_early: bool = False
+    lr_curvature_scale: float = 1.0
+    lr_curvature_scale_reason: str = ""
 
 
 def condition_number(
@@ -93,6 +175,7 @@ def condition_number(
     lambda_max: float | EigshResult | None = None,
     lambda_min: float | EigshResult | None = None,
     psd: bool | None = None,
+    lr_scale: float | None = None,
     progress: bool | None = None,
 ) -> ConditionResult:
     """Condition number, definiteness and the stable learning rate of a symmetric operator.
@@ -118,6 +201,10 @@ def condition_number(
         lambda_min: reuse: the smallest eigenvalue, a float or an ``"SA"``/``"BE"`` result.
         psd: A is known positive semi-definite (the singular shortcut above). None: True for
             a GGN operator (``ggn``: PSD for a convex criterion; pass False for another).
+        lr_scale: the curvature the optimizer sees over A's, for ``stable_lr`` only. Default:
+            :func:`lr_curvature_scale` (1 for a mean-reduced loss; for a sum-reduced one the
+            samples of one step: N for one batch, the largest batch for several). Pass it
+            when the steps differ (full-batch steps over several batches: ``lr_scale=N``).
         progress: a progress bar of products on stderr; None: when stderr is a terminal.
 
     Raises:
@@ -145,6 +232,7 @@ def condition_number(
         num_probes = check_int("num_probes", num_probes, 1, who=who)
         num_steps = check_int("num_steps", num_steps, 1, who=who)
         seed = check_seed(seed, who=who)
+        lrs = lr_curvature_scale(A, lr_scale, who=who)
         top = _known("lambda_max", lambda_max, ("LA", "BE"), n, who)
         bottom = _known("lambda_min", lambda_min, ("SA", "BE"), n, who)
         if psd is None:
@@ -166,7 +254,7 @@ def condition_number(
             lmin, bottom_ok, early = low.value, low.converged, low.singular_early
         else:
             lmin, bottom_ok = bottom
-        zero = tol * max(abs(lmax), abs(lmin))
+        zero = zero_threshold(tol, max(abs(lmax), abs(lmin)), A.dtype)
         if early or -zero <= lmin <= zero:
             definiteness, kappa = "singular", math.inf
         elif lmin > zero:
@@ -185,10 +273,19 @@ def condition_number(
         return ConditionResult(
             lambda_max=lmax, lambda_min=lmin, kappa=kappa, definiteness=definiteness,
             negative_ratio=neg_ratio, negative_mass=neg_mass,
-            stable_lr=2.0 / lmax if lmax > 0 else math.inf, zero_threshold=zero,
+            stable_lr=2.0 / (lrs.scale * lmax) if lmax > 0 else math.inf, zero_threshold=zero,
             converged=bool(top_ok and bottom_ok), num_matvecs=A.num_matvecs - mv0,
             seconds=time.perf_counter() - t0, singular_early=early,
+            lr_curvature_scale=lrs.scale, lr_curvature_scale_reason=lrs.reason,
         )
+
+
+def zero_threshold(tol: float, norm: float, dtype: Any) -> float:
+    """Eigenvalues within this of zero count as zero: ``tol * norm`` (``norm`` the largest
+    |eigenvalue| known), never below the residual floor of the working precision
+    (:func:`hessfast.lanczos.verify.residual_floor`): a Ritz value that close to zero cannot
+    be told from zero by the arithmetic."""
+    return max(tol * norm, residual_floor(norm, dtype))
 
 
 def _is_density(d: Any) -> bool:
@@ -243,7 +340,7 @@ def smallest_eigenvalue(
 ) -> Smallest:
     """lambda_min by staged SA eigsh runs that stop early on a singular operator (the module
     docstring); ``warn``: one warning when it stops early (the report states it instead)."""
-    zero = tol * abs(lmax)
+    zero = zero_threshold(tol, abs(lmax), A.dtype)
     used, stage, v0 = 0, min(SINGULAR_STAGE, budget), None
     while True:
         last = used + stage >= budget

@@ -21,7 +21,7 @@ from .._checks import (
     check_seed,
     shift_seed,
 )
-from ..condition import SINGULAR_STAGE, smallest_eigenvalue
+from ..condition import SINGULAR_STAGE, lr_curvature_scale, smallest_eigenvalue, zero_threshold
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
 from .report import Report
@@ -48,6 +48,7 @@ def analyze(
     tol: float = 1e-3,
     seed: int = 0,
     lr: float | None = None,
+    lr_scale: float | None = None,
     progress: bool | None = None,
     **operator_kwargs: Any,
 ) -> Report:
@@ -98,8 +99,19 @@ def analyze(
             (the part says so).
         tol: relative residual tolerance of the eigenvalues, and the zero threshold's scale.
         seed: seed of the private generators (the global RNG is not touched).
-        lr: the training learning rate, if known: the report compares ``lambda_max`` with
-            ``2 / lr`` and the plot marks it.
+        lr: the training learning rate, if known: the report compares the curvature the
+            optimizer sees, ``lr_curvature_scale * lambda_max``, with ``2 / lr`` and the plot
+            marks it.
+        lr_scale: the curvature the optimizer sees over the operator's, for ``lr`` and
+            ``stable_lr`` (the eigenvalues keep the operator's scale: the Hessian of the MEAN
+            loss). Default (:func:`hessfast.condition.lr_curvature_scale`): 1 for a
+            mean-reduced loss; for a sum-reduced loss (``H.loss_reduction == "sum"``) the
+            samples of one optimizer step, taken as one step per batch of ``data``: N for a
+            single batch, the largest batch size for several (uneven batches are named in
+            the report). Pass it when your steps differ, e.g. ``lr_scale=N`` for full-batch
+            steps on a sum over several batches, or the batch size you train with. The
+            report says which scale it used (``lr_curvature_scale``, its reason, a summary
+            line).
         progress: progress bars per part (``hessfast.progress.track``; None: automatic).
             A no-op when that module is not installed.
         operator_kwargs: passed to ``hf.hessian`` / ``hf.ggn`` (``params=``, ``causal_lm=``,
@@ -121,6 +133,8 @@ def analyze(
         raise ConfigurationError(f"{WHO}: per_layer must be True or False, got {per_layer!r}")
     if lr is not None:
         lr = check_positive("lr", lr, who=WHO)
+    if lr_scale is not None:
+        lr_scale = check_positive("lr_scale", lr_scale, who=WHO)
     parts: list[dict[str, Any]] = []
 
     if isinstance(model, LinearOperator) or (
@@ -152,6 +166,7 @@ def analyze(
                            "symmetry) and the product plan"))
         kind = "Hessian" if curvature == "hessian" else "GGN"
     n = int(H.shape[0])
+    lrs = lr_curvature_scale(H, lr_scale, who=WHO)
     if k > n:
         raise ConfigurationError(f"{WHO}: k must be <= n = {n} (the operator's size), got {k}")
     from ..density import spectral_density
@@ -176,7 +191,7 @@ def analyze(
                           f"{SINGULAR_STAGE}, 2x, ... up to {budget} products "
                           f"(hf.condition_number's search): {how}"))
     lmin, rmin = bottom.value, bottom.residual
-    zero = tol * max(abs(lmax), abs(lmin))
+    zero = zero_threshold(tol, max(abs(lmax), abs(lmin)), H.dtype)
     definiteness, condition, note = _definiteness(lmax, lmin, rmin, zero)
 
     # -- density, and what its probes give for free --------------------------------------------
@@ -237,13 +252,14 @@ def analyze(
         lambda_min_converged=bottom.converged,
         trace=tr, trace_stderr=tr_err, condition=condition, definiteness=definiteness,
         condition_note=note, zero_threshold=zero, negative_mass=neg,
-        stable_lr=2.0 / lmax if lmax > 0 else None, effective_rank=erank,
+        stable_lr=2.0 / (lrs.scale * lmax) if lmax > 0 else None, effective_rank=erank,
         effective_rank_definition="tr|H| / max(|lambda_max|, |lambda_min|), tr|H| from the "
         "SLQ quadrature (= tr(H) / lambda_max for a PSD operator)",
         density={**d.to_dict(), "sigma": d.default_sigma}, per_layer=layers, parts=parts,
-        settings=dict(k=k, probes=probes, steps=steps, tol=tol, seed=seed,
+        settings=dict(k=k, probes=probes, steps=steps, tol=tol, seed=seed, lr_scale=lr_scale,
                       per_layer=per_layer, groups=_name(groups)),
-        lr=lr, hessfast_version=__version__,
+        lr=lr, lr_curvature_scale=lrs.scale, lr_curvature_scale_reason=lrs.reason,
+        residual_floor=top.residual_floor, hessfast_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 

@@ -84,7 +84,9 @@ def plot_density_panel(report: Report, ax: Any) -> Any:
     marks = [v for v in (*report.top_eigenvalues, report.lambda_min) if v is not None]
     lo = min([d.bounds[0], *marks]) - 5 * sigma  # the tails reach the floor (e^-12.5)
     hi = max([d.bounds[1], *marks]) + 5 * sigma
-    edge = 2.0 / report.lr if report.lr else None
+    # 2/lr in the operator's units: the optimizer sees lr_curvature_scale x its eigenvalues
+    edge = 2.0 / (report.lr * report.lr_curvature_scale) if report.lr else None
+    two = "2/lr" if report.lr_curvature_scale == 1 else f"2/({report.lr_curvature_scale:g} lr)"
     span = hi - lo
     show_edge = edge is not None and lo - span <= edge <= hi + 2 * span
     if show_edge:
@@ -100,9 +102,9 @@ def plot_density_panel(report: Report, ax: Any) -> Any:
                    label=f"λ_min = {report.lambda_min:.3g}")
     if edge is not None and show_edge:
         ax.axvline(edge, color="C2", ls="-.", lw=1.4,
-                   label=f"2/lr = {edge:.3g} (gradient descent stable below)")
+                   label=f"{two} = {edge:.3g} (gradient descent stable below)")
     elif edge is not None:
-        ax.annotate(f"2/lr = {edge:.3g} →" if edge > hi else f"← 2/lr = {edge:.3g}",
+        ax.annotate(f"{two} = {edge:.3g} →" if edge > hi else f"← {two} = {edge:.3g}",
                     xy=(0.98 if edge > hi else 0.02, 0.5), xycoords="axes fraction",
                     ha="right" if edge > hi else "left", color="C2", fontsize=9)
     lmax = report.lambda_max
@@ -114,7 +116,7 @@ def plot_density_panel(report: Report, ax: Any) -> Any:
     if lmax is not None:
         title += f": λ_max = {lmax:.4g}"
         if report.stable_lr is not None:
-            title += f", 2/λ_max = {report.stable_lr:.3g}"
+            title += f", stable lr = {report.stable_lr:.3g}"
     ax.set_title(title, fontsize=10)
     bottom, top = ax.get_ylim()  # room above the peak for the legend (log axis)
     ax.set_ylim(bottom, top * (top / bottom) ** 0.3)

@@ -12,6 +12,13 @@ as torch 2.13's ``_single_tensor_*`` updates compute their denominators:
 * ``RMSprop``: ``D = sqrt(square_avg) + eps``; centered: ``sqrt(square_avg - grad_avg^2) + eps``;
 * ``Adagrad``: ``D = sqrt(sum) + eps``.
 
+Scale. The operator keeps H's scale: the curvature of the MEAN loss. An optimizer on a
+sum-reduced loss sees ``samples x`` that curvature (and its ``D`` comes from the moments of
+that loss's gradients), so before comparing the eigenvalues of :func:`preconditioned` with a
+learning-rate threshold multiply them by
+:func:`hessfast.condition.lr_curvature_scale` ``(H).scale``, as
+:class:`~hessfast.analysis.tracking.SharpnessTracker` does.
+
 Hyperparameters are read per parameter group. The optimizer's state is only read (the
 results are new tensors). ``D`` is the preconditioner of the LAST step taken: the next step
 updates the moments with the next gradient first, a change of order ``1 - beta2`` per step.
@@ -187,7 +194,8 @@ def preconditioned(H: LinearOperator, optimizer: optim.Optimizer) -> Preconditio
     """The preconditioned curvature ``D^-1/2 H D^-1/2`` of an adaptive optimizer.
 
     Its eigenvalues are those of ``D^-1 H``, the curvature the update ``-lr * m_hat / D``
-    sees; its largest is the preconditioned sharpness, compared with
+    sees (times ``lr_curvature_scale(H).scale`` for a sum-reduced loss, module docstring);
+    its largest, so scaled, is the preconditioned sharpness compared with
     ``(2 + 2 beta1) / ((1 - beta1) lr)`` for Adam (see :mod:`hessfast.analysis.tracking`).
 
     Args:

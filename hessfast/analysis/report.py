@@ -52,8 +52,9 @@ class Report:
         zero_threshold: ``tol * max(|lambda_max|, |lambda_min|)``: eigenvalues within it of 0
             count as zero.
         negative_mass: fraction of the spectrum below ``-zero_threshold`` (SLQ weights).
-        stable_lr: ``2 / lambda_max``: the largest step size at which gradient descent on the
-            quadratic model does not diverge along the top eigenvector (None if lambda_max <= 0).
+        stable_lr: ``2 / (lr_curvature_scale * lambda_max)``: the largest step size at which
+            gradient descent on the quadratic model of the loss the optimizer differentiates
+            does not diverge along the top eigenvector (None if lambda_max <= 0).
         effective_rank, effective_rank_definition: ``tr|H| / max|λ|`` (SLQ estimate of
             ``tr|H|``; equals ``tr(H) / lambda_max`` for a PSD operator).
         density: :meth:`hessfast.SpectralDensity.to_dict` of the SLQ run (re-plot with
@@ -65,6 +66,12 @@ class Report:
             (where its numbers came from, in words).
         settings: the arguments of :func:`analyze` (k, probes, steps, tol, seed, groups).
         lr: the training learning rate, if given (the plot marks ``2 / lr``).
+        lr_curvature_scale, lr_curvature_scale_reason: the curvature the optimizer sees over
+            the operator's (the eigenvalues are the MEAN loss's; a sum-reduced loss's optimizer
+            sees N or batch-size times it, :func:`hessfast.condition.lr_curvature_scale`),
+            used by ``stable_lr`` and the ``lr`` comparison, and how it was decided.
+        residual_floor: the smallest residual the working precision can show (``64 eps
+            ||H||_est``); reported residuals are never below it.
         uncertain: ``{quantity: relative stderr}`` for every estimate whose standard error
             exceeds ``REL_STDERR_FLAG`` (10%) of its magnitude: ``"trace"`` and
             ``"per_layer.<group>.trace"``; computed from the fields (not an argument to fill).
@@ -97,6 +104,9 @@ class Report:
     parts: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     lr: float | None = None
+    lr_curvature_scale: float = 1.0
+    lr_curvature_scale_reason: str = ""
+    residual_floor: float | None = None
     hessfast_version: str = ""
     created: str = ""
     uncertain: dict[str, float | None] = field(default_factory=dict)
@@ -205,17 +215,23 @@ class Report:
             "", "condition")
         add("negative mass", "n/a" if self.negative_mass is None
             else f"{100 * self.negative_mass:.3g} %", "", "negative_mass")
-        add("stable lr 2/lambda_max", _f(self.stable_lr), "", "stable_lr")
+        s = self.lr_curvature_scale
+        sl = "" if s == 1 else f"{s:g} "
+        add(f"stable lr 2/({sl}lambda_max)" if sl else "stable lr 2/lambda_max",
+            _f(self.stable_lr), "", "stable_lr")
         if self.lr is not None:
             edge = 2.0 / self.lr
             add("lr (given); 2/lr", f"{self.lr:.4g}; {edge:.4g}",
-                "lambda_max " + ("<" if (self.lambda_max or 0) < edge else ">=") + " 2/lr", "")
+                f"{sl}lambda_max " + ("<" if s * (self.lambda_max or 0) < edge else ">=")
+                + " 2/lr", "")
         add("effective rank", _f(self.effective_rank), "", "effective_rank")
         lines += _table(("quantity", "value", "± stderr / residual", "from part"), rows)
         if self.effective_rank_definition:
             lines.append(f"  effective rank = {self.effective_rank_definition}")
         if self.condition_note:
             lines.append(f"  definiteness: {self.condition_note}")
+        if self.lr_curvature_scale_reason:
+            lines.append(f"  learning rates: {self.lr_curvature_scale_reason}")
         if self.per_layer:
             lines += ["", "per layer (diagonal blocks):"]
             lines += _table(("group", "size", "lambda_max", "residual", "trace", "± stderr"), [

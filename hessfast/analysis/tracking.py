@@ -28,7 +28,15 @@ overrides its learning rate):
 * RMSprop: preconditioned, ``(2 + 2 momentum) / lr``; Adagrad: preconditioned, ``2 / lr_t``
   with ``lr_t = lr / (1 + t lr_decay)`` for the next step ``t + 1``.
 
-``ratio`` is the governing sharpness over its threshold (the preconditioned one for adaptive
+The thresholds are learning-rate thresholds, so they meet the curvature the optimizer sees:
+the operator is the Hessian of the MEAN loss over ``data``, and the tracker's model is
+full-batch training over ``data``, so for a sum-reduced ``loss_fn`` the optimizer sees ``N``
+(the samples of ``data``) times it. ``lr_curvature_scale`` (``lr_scale=`` to give it,
+:func:`hessfast.condition.lr_curvature_scale` with ``full_batch=True`` by default: 1 for a
+mean-reduced loss, N for a sum) multiplies the measured sharpness in ``ratio``; the recorded
+eigenvalues keep the operator's scale.
+
+``ratio`` is the scaled governing sharpness over its threshold (the preconditioned one for adaptive
 optimizers, whose raw ``threshold`` is None) and ``at_edge`` is ``ratio >= 0.9``
 (:data:`EDGE_FRACTION`): at the edge of stability the sharpness hovers just at or above the
 threshold, and 0.9 flags the approach with a margin for the measurement's tolerance. Coupled
@@ -52,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn, optim
 
+from ..condition import lr_curvature_scale
 from ..curvature import ggn, hessian
 from ..errors import ArgumentTypeError, ConfigurationError
 from ..linop import LinearOperator
@@ -70,7 +79,9 @@ class TrackPoint:
     """One measurement. ``eigenvalues``/``residuals``: the top k of H, ``[k]`` lists, most
     wanted first; ``num_matvecs``: eigsh's products for this point (H's and the
     preconditioned operator's, without the operator's pre-flight); ``warm``: started from the
-    previous point's vectors; ``seconds``: wall time of the whole measurement."""
+    previous point's vectors; ``seconds``: wall time of the whole measurement;
+    ``lr_curvature_scale``: the curvature the optimizer sees over the operator's (``ratio``
+    is ``lr_curvature_scale * sharpness / threshold``; the eigenvalues are the operator's)."""
 
     step: int
     lambda_max: float
@@ -87,6 +98,7 @@ class TrackPoint:
     num_matvecs: int
     warm: bool
     seconds: float
+    lr_curvature_scale: float = 1.0
 
 
 def _f(x: Any) -> float:
@@ -130,6 +142,12 @@ def stability_thresholds(optimizer: optim.Optimizer | None, lr: float | None = N
     )
 
 
+def _per_scale(points: list[TrackPoint]) -> str:
+    """`` / s`` for a plot label when the thresholds were divided by the scale s."""
+    s = points[-1].lr_curvature_scale
+    return "" if s == 1 else f" / {s:g}"
+
+
 def _fold(prev: torch.Tensor, b: int) -> torch.Tensor:
     """``[k, n]`` vectors to ``[min(b, k), n]`` start rows: row j sums rows j, j+b, ..."""
     rows = [prev[j::b].sum(dim=0) for j in range(min(b, prev.shape[0]))]
@@ -158,6 +176,9 @@ class SharpnessTracker:
         curvature: ``"hessian"`` or ``"ggn"``.
         tol: eigsh's relative residual tolerance.
         lr: learning rate for the thresholds (default ``optimizer.param_groups[0]["lr"]``).
+        lr_scale: the curvature the optimizer sees over the operator's (module docstring).
+            Default: 1 for a mean-reduced loss, N (all samples of ``data``) for a sum-reduced
+            one: full-batch steps. Minibatch SGD on a sum over batches of B: ``lr_scale=B``.
         seed: eigsh's private seed (measurement i uses ``seed + i``).
         block_size, max_matvecs: passed to :func:`hessfast.eigsh` (block size default:
             :func:`~hessfast.spectrum.default_block_size`).
@@ -168,7 +189,7 @@ class SharpnessTracker:
                  k: int = 1, optimizer: optim.Optimizer | None = None,
                  curvature: str = "hessian", tol: float = 1e-3, lr: float | None = None,
                  seed: int = 0, block_size: int | None = None, max_matvecs: int | None = None,
-                 **operator_kwargs: Any) -> None:
+                 lr_scale: float | None = None, **operator_kwargs: Any) -> None:
         who = "SharpnessTracker"
         if not isinstance(model, nn.Module):
             raise ArgumentTypeError(f"{who}: model must be an nn.Module, got "
@@ -184,6 +205,10 @@ class SharpnessTracker:
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))
                                or not lr > 0):
             raise ConfigurationError(f"{who}: lr must be a positive number or None, got {lr!r}")
+        if lr_scale is not None and (isinstance(lr_scale, bool) or not isinstance(
+                lr_scale, (int, float)) or not math.isfinite(lr_scale) or not lr_scale > 0):
+            raise ConfigurationError(f"{who}: lr_scale must be a finite number > 0 or None, "
+                                     f"got {lr_scale!r}")
         if optimizer is not None and not isinstance(optimizer, optim.Optimizer):
             raise ArgumentTypeError(f"{who}: optimizer must be a torch.optim.Optimizer or "
                                     f"None, got {type(optimizer).__name__}")
@@ -193,6 +218,8 @@ class SharpnessTracker:
         self.every, self.k, self.optimizer, self.curvature = every, k, optimizer, curvature
         self.tol, self.lr, self.seed = float(tol), None if lr is None else float(lr), seed
         self.block_size, self.max_matvecs = block_size, max_matvecs
+        self.lr_scale = None if lr_scale is None else float(lr_scale)
+        self.lr_curvature_scale, self.lr_curvature_scale_reason = 1.0, ""
         self.operator_kwargs = operator_kwargs
         self.precond = isinstance(optimizer, SUPPORTED_OPTIMIZERS)
         self.optimizer_name = None if optimizer is None else type(optimizer).__name__
@@ -231,6 +258,8 @@ class SharpnessTracker:
         seed = self.seed + len(self.history)
         build = hessian if self.curvature == "hessian" else ggn
         H = build(self.model, self.loss_fn, self.data, **self.operator_kwargs)
+        lrs = lr_curvature_scale(H, self.lr_scale, full_batch=True, who="SharpnessTracker")
+        self.lr_curvature_scale, self.lr_curvature_scale_reason = lrs.scale, lrs.reason
         res, warm = self._solve(H, self._vecs, seed)
         self._vecs = res.eigenvectors
         mv = res.num_matvecs
@@ -251,7 +280,7 @@ class SharpnessTracker:
         vals = [float(v) for v in res.eigenvalues]
         lam, plam = vals[0], (None if p_vals is None else p_vals[0])
         gov, thr = (plam, pthreshold) if self.precond else (lam, threshold)
-        ratio = None if gov is None or thr is None else gov / thr
+        ratio = None if gov is None or thr is None else lrs.scale * gov / thr
         point = TrackPoint(
             step=idx, lambda_max=lam, eigenvalues=vals,
             residuals=[float(r) for r in res.residuals], converged=bool(res.converged.all()),
@@ -259,7 +288,7 @@ class SharpnessTracker:
             at_edge=ratio is not None and ratio >= EDGE_FRACTION,
             preconditioned_lambda_max=plam, preconditioned_eigenvalues=p_vals,
             preconditioned_threshold=pthreshold, lr=lr, num_matvecs=mv, warm=warm,
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - t0, lr_curvature_scale=lrs.scale,
         )
         self.history.append(point)
         return point
@@ -270,6 +299,8 @@ class SharpnessTracker:
         return {
             "format": _FORMAT, "every": self.every, "k": self.k, "curvature": self.curvature,
             "tol": self.tol, "lr": self.lr, "calls": self._calls,
+            "lr_scale": self.lr_scale, "lr_curvature_scale": self.lr_curvature_scale,
+            "lr_curvature_scale_reason": self.lr_curvature_scale_reason,
             "optimizer": self.optimizer_name,
             "history": [{k: _clean(v) for k, v in asdict(p).items()} for p in self.history],
         }
@@ -301,6 +332,9 @@ class SharpnessTracker:
         self.every, self.k, self.curvature = d["every"], d["k"], d["curvature"]
         self.tol, self.lr, self.seed = d["tol"], d["lr"], 0
         self.block_size = self.max_matvecs = None
+        self.lr_scale = d.get("lr_scale")
+        self.lr_curvature_scale = d.get("lr_curvature_scale", 1.0)
+        self.lr_curvature_scale_reason = d.get("lr_curvature_scale_reason", "")
         self.operator_kwargs = {}
         self.optimizer_name = d["optimizer"]
         self.precond = d["optimizer"] in ("Adam", "AdamW", "RMSprop", "Adagrad")
@@ -333,10 +367,12 @@ class SharpnessTracker:
         for ax, key, tkey, label, tlabel in panels:
             ys = [nan if getattr(p, key) is None else getattr(p, key) for p in h]
             ax.plot(steps, ys, "o-", ms=3, label=label)
-            ts = [nan if getattr(p, tkey) is None else getattr(p, tkey) for p in h]
+            # thresholds in the operator's units: the optimizer sees lr_curvature_scale x it
+            ts = [nan if getattr(p, tkey) is None else getattr(p, tkey) / p.lr_curvature_scale
+                  for p in h]
             if any(not math.isnan(t) for t in ts):
                 ax.step(steps, ts, "--", where="post", color="tab:red",
-                        label=f"{tlabel} (edge of stability)")
+                        label=f"{tlabel}{_per_scale(h)} (edge of stability)")
             edge = [(s, y) for s, y, p in zip(steps, ys, h, strict=True) if p.at_edge]
             if edge and (key != "lambda_max" or not has_p):
                 ax.plot(*zip(*edge, strict=True), "x", color="tab:red", label="at edge")
