@@ -77,7 +77,8 @@ _PER_RANK = frozenset({"seconds", "num_passes"})
 _AGREE_FIX = (
     "Every rank of the process group must run the same algorithm with the same arguments, "
     "in the same order (the products are collective): pass the same values on every rank "
-    "(print or log from rank 0 only: hf.distributed.is_main_process())"
+    "(print or log from rank 0 only: hf.distributed.is_main_process()); a value hessfast chose "
+    "per rank (basis_dtype from each device's free memory) must then be passed explicitly"
 )
 _FIX = (
     "if this is intended (rounding of a lower-precision computation), skip the check with "
@@ -192,10 +193,17 @@ def agree_arguments(A: Any, who: str, args: Mapping[str, Any]) -> None:
     comm.agree(f"{who} (rank {comm.rank} of {comm.size})", entries, _AGREE_FIX)
 
 
-def probe_operator(A: Any, who: str, args: Mapping[str, Any] | None = None) -> None:
+def probe_operator(
+    A: Any, who: str, args: Mapping[str, Any] | None = None, *, agree_only: bool = False
+) -> None:
     """Before an algorithm's first product: agree on the arguments across the ranks
     (:func:`agree_arguments`; ``args`` default: the calling algorithm's own parameters), then
     check once that ``A`` is symmetric and deterministic (module docstring).
+
+    ``agree_only=True``: the agreement alone, for an algorithm that runs another collective
+    before its first product (a checkpoint's fingerprint of a data-parallel operator): ranks
+    that disagree would otherwise meet in different collectives and wait for the group's
+    timeout. The later plain call agrees again (one more 40-byte all-gather).
 
     Raises:
         DistributedError: ranks running the algorithm together passed different arguments.
@@ -210,6 +218,8 @@ def probe_operator(A: Any, who: str, args: Mapping[str, Any] | None = None) -> N
         finally:
             del frame  # no reference cycle through the caller's frame
     agree_arguments(A, who, args)
+    if agree_only:
+        return
     n = int(A.shape[0])
     if _skip(A) or n == 0:
         return

@@ -283,6 +283,7 @@ def eigsh(
         bd, basis_device, pin = choose_basis(A, "eigsh", given, basis_device, who, k=k,
                                              block_size=b, max_basis=cap, **shards)
         basis_dtype = bd or basis_dtype
+        probe_operator(A, who, agree_only=True)  # ranks agree before a checkpoint's collective
         ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
             n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
             seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=fingerprint_tensor(v0),

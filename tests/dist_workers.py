@@ -171,10 +171,14 @@ def scenario_peer_exit(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+OUTDIR = [""]  # where the results go (set by main)
+
+
 def scenario_disagree(rank: int, world: int) -> dict[str, Any]:
     """3 ranks (5/3/0 batches): rank 2's model differs in one entry of its LAST parameter;
-    rank 1 asks for another hvp_mode; then rank 1 another k, rank 2 another algorithm; then
-    every rank the same call, which must still work. Each refusal is timed."""
+    rank 1 asks for another hvp_mode; then rank 1 another k, rank 2 another algorithm, rank 0
+    another v0 and a checkpoint the others lack; then every rank the same call, which must
+    still work. Each refusal is timed."""
     import hessfast as hf
 
     out: dict[str, Any] = {}
@@ -196,6 +200,10 @@ def scenario_disagree(rank: int, world: int) -> dict[str, Any]:
         _expect_failure("algorithm", out, lambda: hf.eigsh(H, k=2, tol=1e-8))
     v0 = vectors(H.shape[0])[:1] * (1.0 if rank == 0 else -1.0)
     _expect_failure("v0", out, lambda: hf.eigsh(H, k=1, v0=v0))
+    # only rank 0 writes a checkpoint, but every rank must pass it: its fingerprint is a
+    # collective (before: the ranks met in different collectives until the group's timeout)
+    path = os.path.join(OUTDIR[0], "disagree.ckpt") if rank == 0 else None
+    _expect_failure("checkpoint", out, lambda: hf.eigsh(H, k=2, checkpoint=path))
     out["after"] = hf.eigsh(H, k=2, tol=1e-10).eigenvalues
     return out
 
@@ -298,6 +306,7 @@ def main(argv: list[str]) -> int:
 
     import hessfast as hf
 
+    OUTDIR[0] = outdir
     if scenario == "exits":  # no group in this process: each forked child makes its own
         out = run_exits(rank, world, outdir, port)
         torch.save(out, os.path.join(outdir, f"{scenario}-{rank}.pt"))

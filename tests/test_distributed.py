@@ -144,10 +144,11 @@ def test_a_rank_that_exits_does_not_hang_the_others(tmp_path):
 def test_ranks_that_disagree_all_raise_naming_ranks_and_difference(tmp_path):
     """3 ranks. Rank 2's model differs from the others' in one bit pattern of its last
     parameter; rank 1 asks for another hvp_mode, another k; rank 2 runs another algorithm;
-    rank 0 another v0. Each time EVERY rank raises the same DistributedError within seconds,
-    naming the differing ranks, the first difference and the values, before any product
-    (before: a spectrum of neither model, or gloo "Connection closed by peer" on one rank).
-    Then the same call on every rank works and equals one process."""
+    rank 0 another v0, and a checkpoint file the others do not pass. Each time EVERY rank
+    raises the same DistributedError within seconds, naming the differing ranks, the first
+    difference and the values, before any product (before: a spectrum of neither model, gloo
+    "Connection closed by peer" on one rank, or the group's timeout). Then the same call on
+    every rank works and equals one process."""
     codes, logs, _ = spawn("disagree", 3, tmp_path)
     assert codes == [0, 0, 0], logs
     ranks = results("disagree", 3, tmp_path)
@@ -157,6 +158,7 @@ def test_ranks_that_disagree_all_raise_naming_ranks_and_difference(tmp_path):
         "k": ("argument k", "ranks 0, 2: 2", "rank 1: 3", "rank(s) [1] differ"),
         "algorithm": ("the algorithm", "trace", "hessfast.eigsh", "rank(s) [2] differ"),
         "v0": ("argument v0", "rank(s) [1, 2] differ"),
+        "checkpoint": ("argument checkpoint", "ranks 1, 2: None", "rank(s) [1, 2] differ"),
     }
     for step, words in expect.items():
         said = {r[step][1].split(": ", 1)[-1] for r in ranks}

@@ -214,6 +214,7 @@ def spectral_density(
         elif checkpoint is not None:
             raise ConfigurationError(f"{_WHO}: checkpoint applies to method='slq' only; drop it")
         group = slq_group_size(n, m, reorth, work, bdtype)
+        probe_operator(A, _WHO, agree_only=True)  # ranks agree before a checkpoint's collective
         ckpt = None if checkpoint is None else Checkpoint(checkpoint, "slq", dict(
             n=n, dtype=str(A.dtype), num_probes=num_probes, num_steps=m, seed=seed, probe=probe,
             reorth=reorth, basis_dtype=str(bdtype), group=group, v0=fingerprint_tensor(v0),
