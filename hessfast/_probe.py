@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import math
 import os
 import sys
@@ -111,7 +112,8 @@ def caller_arguments(frame: FrameType) -> dict[str, Any]:
     the function's own validation reassigned them), in signature order."""
     code = frame.f_code
     count = code.co_argcount + code.co_kwonlyargcount
-    count += bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08)  # *args, **kwargs
+    count += bool(code.co_flags & inspect.CO_VARARGS)
+    count += bool(code.co_flags & inspect.CO_VARKEYWORDS)
     local = frame.f_locals
     return {name: local[name] for name in code.co_varnames[:count] if name in local}
 

@@ -38,12 +38,13 @@ that exits right after a collective (a caught error, the end of a script) leaves
 waiting for the GIL; when it gets it during interpreter finalisation, CPython ends the thread
 (``pthread_exit``), the unwind meets a ``noexcept`` destructor and the process aborts with
 "terminate called without an active exception" (SIGABRT; 3 of 10 two-rank runs of 300
-all-reduces and an exit on torch 2.13). Every collective here therefore returns only after
-the worker has released its buffers (their Python reference counts are back; a few
-``time.sleep(0)``, microseconds), so a hessfast collective never leaves one pending. For
-collectives the program ran itself (DDP's), a process that used hessfast's collectives
-releases the GIL for 20 ms at exit (an ``atexit`` hook, before finalisation begins), and
-:func:`shutdown` does the same before it destroys the group.
+all-reduces and an exit on torch 2.13). So no hessfast collective leaves a buffer behind at
+exit: a small one (flags, digests, counts, a small product: at most 256 KiB) runs on private
+copies that are remembered until the worker lets go of them, and an ``atexit`` hook (which
+runs before finalisation begins) releases the GIL until it has; a large one returns only
+once the worker let go (their Python reference counts are back: a few ``time.sleep(0)``).
+For collectives the program ran itself (DDP's), the hook also releases the GIL for 20 ms, and
+:func:`shutdown` does both before it destroys the group.
 
 Sharded vectors (:mod:`hessfast.lanczos.sharded`): :func:`shard_bounds` gives each rank a
 contiguous 128-aligned slice of ``[0, n)`` and :meth:`Comm.allgather_cols` rebuilds full rows
@@ -89,6 +90,14 @@ _MESSAGE_CHARS = 600
 # microseconds once it has the GIL); past it the wait is given up for this process.
 _RELEASE_WAIT_S = 1.0
 _release_wait: dict[str, bool] = {"on": True}
+# Collectives on at most this many bytes run on private copies that are remembered until
+# the worker lets go (checked at the next collective, waited for at exit and in shutdown);
+# larger ones wait at once (~1-2 ms on a loaded 2-core box, small beside their transfer).
+_TRACK_BYTES = 1 << 18
+# Longest wait at exit for those copies (the worker needs the GIL once: well under 1 ms).
+_DRAIN_S = 0.25
+# Private copies of small collectives a communication thread may still hold.
+_pending: list[list[torch.Tensor]] = []
 # An agreement digest: SHA-256 of the entries, then their byte length (8 bytes).
 _DIGEST_BYTES = 40
 # The longest value of an entry quoted in a disagreement message.
@@ -142,7 +151,8 @@ def is_main_process(group: Any = None) -> bool:
 
 def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     """Initialise the default process group from torchrun's environment (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); a no-op when one exists.
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); a no-op when one exists. Pair it with
+    :func:`shutdown` at the end (also after a caught error), or use :func:`session`.
 
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available (each rank
@@ -181,6 +191,7 @@ def shutdown() -> None:
     dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
         return
+    _drain()
     _let_workers_run()
     try:
         dist.destroy_process_group()
@@ -226,6 +237,42 @@ def _refcounts(tensors: Sequence[torch.Tensor]) -> list[int]:
     return [sys.getrefcount(t) for t in tensors]
 
 
+def _alone() -> int:
+    """:func:`_refcounts` of a tensor that only its list references."""
+    return _refcounts([torch.empty(0)])[0]
+
+
+def _released(tensors: list[torch.Tensor]) -> bool:
+    """Does nothing but ``tensors`` (a list of private copies) reference them?"""
+    return max(_refcounts(tensors), default=0) <= _alone()
+
+
+def _track(tensors: list[torch.Tensor]) -> None:
+    """Remember the private copies of a finished small collective until a communication
+    thread lets go of them (forgetting those that were let go meanwhile)."""
+    _pending[:] = [t for t in _pending if not _released(t)]
+    if not _released(tensors):
+        _pending.append(tensors)
+
+
+def _drain() -> bool:
+    """Release the GIL until communication threads let go of every remembered copy
+    (bounded by :data:`_DRAIN_S`: a frame of an uncaught error's traceback may keep a copy
+    referenced); True when none is held any more. Runs at exit (before the interpreter
+    starts finalising) and in :func:`shutdown`."""
+    end = time.monotonic() + _DRAIN_S
+    while True:
+        _pending[:] = [t for t in _pending if not _released(t)]
+        if not _pending or time.monotonic() > end:
+            return not _pending
+        time.sleep(0.0005)
+
+
+def _at_exit() -> None:
+    _drain()
+    _let_workers_run()
+
+
 def _await_release(tensors: Sequence[torch.Tensor], before: list[int], failed: bool) -> None:
     """Return once no thread but this one references ``tensors`` (their Python reference
     counts are back to ``before``): gloo's worker thread drops a finished collective's
@@ -259,7 +306,7 @@ class Comm:
         dist = _dist()
         if not _release_wait.get("atexit"):  # once per process that communicates
             _release_wait["atexit"] = True
-            atexit.register(_let_workers_run)
+            atexit.register(_at_exit)
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
@@ -275,11 +322,21 @@ class Comm:
                 return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    @staticmethod
+    def _small(tensors: list[torch.Tensor]) -> bool:
+        """Run on private copies that :func:`_track` remembers (module docstring)?"""
+        return (all(t.device.type == "cpu" for t in tensors)
+                and sum(t.numel() * t.element_size() for t in tensors) <= _TRACK_BYTES)
+
     def _all_reduce(self, buf: torch.Tensor, op: Any, what: str) -> None:
         dist = _dist()
-        before, failed = _refcounts([buf]), True
+        small = self._small([buf])
+        work = buf.clone() if small else buf
+        before, failed = _refcounts([work]), True
         try:
-            dist.all_reduce(buf, op=op, group=self.group)
+            dist.all_reduce(work, op=op, group=self.group)
+            if small:
+                buf.copy_(work)
             failed = False
         except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
             raise DistributedError(
@@ -291,17 +348,22 @@ class Comm:
                 "group's timeout (init_process_group(timeout=...))"
             ) from exc
         finally:
-            _await_release([buf], before, failed)
+            if small:
+                _track([work])
+            else:
+                _await_release([work], before, failed)
 
     def _all_gather(self, buf: torch.Tensor, what: str, hint: str) -> list[torch.Tensor]:
         """Every rank's ``buf`` (equal shapes), in rank order; a failed collective becomes a
         DistributedError whose message ends with ``hint``."""
-        parts = [torch.empty_like(buf) for _ in range(self.size)]
-        held = [buf, *parts]
+        small = self._small([buf] * (self.size + 1))
+        src = buf.detach().clone() if small else buf
+        parts = [torch.empty_like(src) for _ in range(self.size)]
+        held = [src, *parts]
         before, failed = _refcounts(held), True
         try:
             with torch.no_grad():
-                _dist().all_gather(parts, buf, group=self.group)
+                _dist().all_gather(parts, src, group=self.group)
             failed = False
         except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
             raise DistributedError(
@@ -309,22 +371,26 @@ class Comm:
                 f"({type(exc).__name__}: {exc}). {hint}"
             ) from exc
         finally:
-            _await_release(held, before, failed)
-        return parts
+            if small:
+                _track(held)
+            else:
+                _await_release(held, before, failed)
+        return [p.clone() for p in parts] if small else parts
 
     def _gather_bytes(self, payload: bytes, what: str, longest: int | None = None) -> list[bytes]:
         """Every rank's ``payload``, in rank order: one all-gather of ``uint8`` buffers
         padded to the longest payload (``longest``, or learnt in a first all-gather of the
         lengths)."""
+        device = self._device()  # NCCL gathers on the GPU
         if longest is None:
-            sizes = self._all_gather(torch.tensor([len(payload)], dtype=torch.int64),
-                                     f"the sizes of {what}", "Another rank stopped")
+            size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+            sizes = self._all_gather(size, f"the sizes of {what}", "Another rank stopped")
             longest = max(int(x) for x in sizes)
         buf = torch.zeros(max(longest, 1), dtype=torch.uint8)
         if payload:
             buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        parts = self._all_gather(buf, what, "Another rank stopped")
-        return [bytes(p.tolist()) for p in parts]
+        parts = self._all_gather(buf.to(device), what, "Another rank stopped")
+        return [bytes(p.cpu().tolist()) for p in parts]
 
     def allreduce_sum_(self, buf: torch.Tensor, what: str = "a block product") -> torch.Tensor:
         """Sum ``buf`` (any shape, e.g. ``[k, n]``) over the ranks in ONE flat all-reduce, in
@@ -393,7 +459,7 @@ class Comm:
         """
         payload = json.dumps([[str(k), str(v)] for k, v in entries]).encode()
         digest = hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "big")
-        buf = torch.frombuffer(bytearray(digest), dtype=torch.uint8).clone()
+        buf = torch.frombuffer(bytearray(digest), dtype=torch.uint8).to(self._device())
         parts = self._all_gather(
             buf, f"the agreement digests of {what}",
             "Another rank stopped, or ran something else at this point (every rank must "
@@ -401,7 +467,7 @@ class Comm:
         )
         if all(torch.equal(p, buf) for p in parts):
             return
-        longest = max(int.from_bytes(bytes(p[32:].tolist()), "big") for p in parts)
+        longest = max(int.from_bytes(bytes(p[32:].cpu().tolist()), "big") for p in parts)
         got = self._gather_bytes(payload, f"the entries of {what}", longest=longest)
         tables = [json.loads(g.rstrip(b"\0").decode() or "[]") for g in got]
         raise DistributedError(_disagreement(what, tables, fix))
