@@ -98,8 +98,8 @@ _TRACK_BYTES = 1 << 18
 _DRAIN_S = 0.25
 # Private copies of small collectives a communication thread may still hold.
 _pending: list[list[torch.Tensor]] = []
-# An agreement digest: SHA-256 of the entries, then their byte length (8 bytes).
-_DIGEST_BYTES = 40
+# An agreement digest: SHA-256 of the entries (32 bytes), then their byte length (8 bytes).
+_SHA_BYTES = 32
 # The longest value of an entry quoted in a disagreement message.
 _VALUE_CHARS = 160
 #: Shard boundaries of a sharded vector are multiples of this many entries (or n).
@@ -467,7 +467,8 @@ class Comm:
         )
         if all(torch.equal(p, buf) for p in parts):
             return
-        longest = max(int.from_bytes(bytes(p[32:].cpu().tolist()), "big") for p in parts)
+        longest = max(int.from_bytes(bytes(p[_SHA_BYTES:].cpu().tolist()), "big")
+                      for p in parts)
         got = self._gather_bytes(payload, f"the entries of {what}", longest=longest)
         tables = [json.loads(g.rstrip(b"\0").decode() or "[]") for g in got]
         raise DistributedError(_disagreement(what, tables, fix))
