@@ -85,8 +85,11 @@ class UnboundedDataError(HessfastError, ValueError):
 
 
 class DistributedError(HessfastError, RuntimeError):
-    """A distributed set-up hessfast cannot handle correctly (a ``DistributedDataParallel``
-    model on one rank's shard)."""
+    """A multi-process run that cannot go on correctly, raised on every rank: ranks whose
+    parameters, options or algorithm arguments differ (named, with each rank's value), a rank
+    that failed (named) while the others waited at a collective, a collective that timed out,
+    or a set-up hessfast cannot handle (a ``DistributedDataParallel`` model on one rank's
+    shard)."""
 
 
 __all__ = [
