@@ -52,11 +52,21 @@ complement's spectral width (the Kuczynski-Wozniakowski bound for a random start
 copy of a multiple eigenvalue is found in one or two steps when the rest of the spectrum is
 clustered. Cost: at least 2 block steps; on network Hessians, whose top eigenvalues stand out,
 5-15% more products. The candidates' residual block ``Q_d`` is dropped from the basis, so (*)
-gains a term: ``A Q^T = Q^T T + Q_new^T L E^T + Q_d^T G`` with ``G [b, m]`` the dropped
+gains a term: ``A Q^T = Q^T T + Q_new^T L E^T + D^T G`` with ``G [d, m]`` the dropped
 coupling (the candidates' ``L^T y[last]``, zero for rows added later, transformed with the Ritz
-vectors at every restart; one G per round). A Ritz residual is then bounded by ``||L^T
-y[last]|| + sum_rounds ||G y||``: an upper bound, as tight as the rounds' blocks are apart, and
-one that cannot grow by restarting.
+vectors at every restart; b rows per round) and ``D [d, n]`` the dropped rows, kept orthogonal
+to the basis: after each step D loses its component along the block just multiplied (that
+block's product put it into T, so the Rayleigh-Ritz can correct the candidates there). The
+residual of a Ritz pair is then exact, ``||Q_new^T c + D^T g||`` with ``c = L^T y[last]``,
+``g = G y``, from the small Gram matrices ``D D^T`` and ``Q_new D^T`` (d + b dot products a
+step; D costs d rows of memory, b per round). The triangle bound ``||c|| + sum_rounds
+||G_r y||`` used before (and still by a sharded basis, which keeps only columns of D's rows,
+or a run resumed from a checkpoint, which does not save D) was up to the square root of the
+number of rounds too large once the Rayleigh-Ritz rotated the copies of a repeated eigenvalue
+(every copy a candidate of a different round) into each other: with -9.5 x20 wanted at b = 1
+(tests/test_multiplicity.py, ``second``) ten rounds' bounds stayed at 0.3-1.5x the tolerance
+while the true residuals were 0.1-0.6x, and the run stalled at 15 of 20 for 6000 products
+(converged in 766 under another thread count only by the luck of the rotations).
 
 This module imports nothing from torch.func and no kernel backend except through ``ops``.
 """
@@ -121,6 +131,12 @@ class _Run:
         self.basis = self.make_basis(cap, pin)
         # dropped coupling of each verification round: A Q^T = ... + sum_r Q_r^T G_r
         self.G: list[torch.Tensor] = []  # each [b_r, m] float64
+        # the dropped blocks' rows, kept orthogonal to the basis: [sum b_r, n] in the working
+        # dtype (the residual of a Ritz pair is then exact); None where the basis holds only
+        # some columns of each row (a sharded run keeps the bound)
+        self.D: torch.Tensor | None = (
+            torch.zeros(0, self.n, dtype=self.wdtype, device=self.bdev)
+            if self.basis.Q.shape[1] == self.n else None)
         self.coupling = torch.zeros(0, 0, dtype=torch.float64)  # L^T Y[last]: [b', m]
         self.norm_est = 0.0
         self.theta = torch.zeros(0, dtype=torch.float64)
@@ -190,7 +206,11 @@ class _Run:
         self.norm_est = max(self.norm_est, float(W.norm(dim=1).max()))
         tiny = self.rayleigh_ritz(self._coefficients(W, s, bb).double().cpu(), s, bb)
         Qn, L = orthonormal_block(W, basis.rows(), tiny, self.gen, self.acc)
-        self.residuals(L, s, bb)
+        if self.D is not None and self.D.shape[0]:
+            # the dropped rows stay orthogonal to the basis: what the new block holds of them
+            # is now in T (its product's coefficients), the rest stays in D^T G
+            ops.reorthogonalize(basis.Q[s : s + bb], self.D, acc_dtype=self.acc)
+        self.residuals(L, s, bb, Qn)
         return Qn, L
 
     def rayleigh_ritz(self, Cd: torch.Tensor, s: int, bb: int) -> float:
@@ -206,19 +226,41 @@ class _Run:
         self.norm_est = max(self.norm_est, float(self.theta.abs().max()))
         return max(self.norm_est, torch.finfo(self.acc).tiny) * 64 * torch.finfo(self.acc).eps
 
-    def residuals(self, L: torch.Tensor, s: int, bb: int) -> None:
+    def residuals(self, L: torch.Tensor, s: int, bb: int, Qn: torch.Tensor | None = None
+                  ) -> None:
         """Residuals and convergence flags of the Ritz pairs from the next block's coupling
-        ``L [bb, b']``."""
+        ``L [bb, b']`` (and the next block ``Qn [b', n]``, for the exact residual)."""
         # residual of Ritz pair i: ||L^T y_i[last block]||, plus the dropped couplings of
-        # verification rounds (triangle inequality: an upper bound)
+        # verification rounds (triangle inequality: an upper bound) ...
         Y, m = self.Y, self.basis.m
         self.coupling = L.T @ Y[s : s + bb] if L.numel() else torch.zeros(0, m, dtype=torch.float64)
         self.G = [torch.cat([g, g.new_zeros(g.shape[0], m - g.shape[1])], 1) for g in self.G]
         res = self.coupling.norm(dim=0) if L.numel() else torch.zeros_like(self.theta)
         for g in self.G:
             res = res + (g @ Y).norm(dim=0)
+        exact = self.dropped_residuals(Qn) if self.G else None
+        if exact is not None:  # ... or its exact value where the dropped rows are kept
+            res = torch.minimum(res, exact)
         self.res = torch.clamp(res, min=self.floor())
         self.ok = self.res <= self.slack(self.theta)
+
+    def dropped_residuals(self, Qn: torch.Tensor | None) -> torch.Tensor | None:
+        """The exact residual norms ``[m]`` of all Ritz pairs while dropped couplings exist:
+        ``r_i = Qn^T c_i + D^T g_i`` (``c = coupling``, ``g = G y_i``, D orthogonal to the
+        basis, Qn too but not to D), so ``||r_i||^2 = |c_i|^2 + g_i^T (D D^T) g_i + 2 c_i^T
+        (Qn D^T) g_i``; None where D is not kept (the bound is used)."""
+        D, G = self.D, torch.cat(self.G)
+        if D is None or Qn is None or D.shape[0] != G.shape[0]:
+            self.D = None  # e.g. resumed from a checkpoint without D: the bound from now on
+            return None
+        acc = self.acc
+        DD = (D.to(acc) @ D.to(acc).T).double().cpu()
+        DN = (D.to(acc) @ Qn.to(device=D.device, dtype=acc).T).double().cpu()  # [d, b']
+        Gy = G @ self.Y  # [d, m]
+        c = self.coupling if self.coupling.numel() else torch.zeros(DN.shape[1], Gy.shape[1],
+                                                                    dtype=torch.float64)
+        sq = (c * c).sum(0) + (Gy * (DD @ Gy)).sum(0) + 2.0 * (c * (DN.T @ Gy)).sum(0)
+        return sq.clamp_min(0.0).sqrt()
 
     def floor(self) -> float:
         """The residual floor at the current ``||A||_est`` (:func:`.verify.residual_floor`)."""
@@ -242,12 +284,14 @@ class _Run:
             out[:, c : c + step] = (Yi @ Q[:, c : c + step].to(self.acc)).to(self.bdtype)
         return out
 
-    def restart(self, idx: torch.Tensor, drop_residual_block: bool = False) -> None:
+    def restart(self, idx: torch.Tensor, drop_residual_block: bool = False,
+                dropped: torch.Tensor | None = None) -> None:
         """Keep the Ritz vectors ``idx`` (T becomes their diagonal).
 
         When the next block is the residual block, its product's coefficients against the
         kept vectors restore their coupling and (*) holds as before; when it is dropped
-        (a verification round), its coupling becomes a new G.
+        (a verification round: ``dropped [b', n]``, the residual block), its coupling becomes
+        a new G and its rows join D.
         """
         p, basis = idx.numel(), self.basis
         self.ritz_vectors(idx, into=basis.Q[:p])
@@ -258,6 +302,11 @@ class _Run:
         self.G = [g @ Yi for g in self.G]
         if drop_residual_block and self.coupling.numel():
             self.G.append(self.coupling[:, idx].clone())
+            if self.D is not None and dropped is not None \
+                    and dropped.shape[0] == self.coupling.shape[0]:
+                self.D = torch.cat([self.D, dropped.to(device=self.bdev, dtype=self.wdtype)])
+            else:
+                self.D = None
         self.theta, self.res, self.ok = self.theta[idx], self.res[idx], self.ok[idx]
         self.Y = torch.eye(p, dtype=torch.float64)
 
@@ -362,7 +411,7 @@ def block_lanczos(
             run.ref = ref = run.theta[want].clone()
             run.ref_slack = run.slack(ref)
             run.ref_res = run.res[want].clone()
-            run.restart(want, drop_residual_block=True)
+            run.restart(want, drop_residual_block=True, dropped=Qn)
             run.ref_vecs = run.basis.rows(0, want.numel()).clone()
             run.restarts += 1
             run.n_verify += 1
