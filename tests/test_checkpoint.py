@@ -347,6 +347,29 @@ def test_interrupt_saves_and_resumes_bitwise(matrix, tmp_path, block_size, where
     _same_eigsh(out, ref)
 
 
+@pytest.mark.parametrize("where", [0.4, 0.7, 0.9])
+def test_interrupt_during_verification_rounds_resumes_bitwise(tmp_path, where):
+    """An eigenvalue of multiplicity 19 among the wanted at block size 1 takes many
+    verification rounds, whose dropped rows (kept for exact residuals) are part of the saved
+    state: a run resumed mid-rounds equals the uninterrupted one bitwise, residuals
+    included (without them it falls back to the looser bound and takes another path)."""
+    lam = torch.cat([torch.full((20,), -9.5, dtype=torch.float64),
+                     torch.tensor([-11.5], dtype=torch.float64),
+                     torch.linspace(-8.0, 8.0, 99, dtype=torch.float64)])
+    M, _ = spectra.with_spectrum(lam, seed=40)
+    kw = dict(k=20, which="SA", tol=1e-8, block_size=1, seed=27, max_matvecs=6000)
+    ref = hf.eigsh(hf.LinearOperator.from_matrix(M), **kw)
+    assert ref.status == "CONVERGED"
+    at = 1 + int(where * (ref.num_passes - 1))
+    path = tmp_path / "v.ckpt"
+    with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
+        hf.eigsh(Stopping(hf.LinearOperator.from_matrix(M), at), checkpoint=path, **kw)
+    assert torch.load(path, weights_only=True)["state"]["D"].shape[0] > 0  # mid-rounds
+    with pytest.warns(UserWarning, match="resumed from step"):
+        out = hf.eigsh(hf.LinearOperator.from_matrix(M), checkpoint=path, **kw)
+    _same_eigsh(out, ref)
+
+
 def test_interrupt_of_a_model_run_resumes_bitwise(tmp_path):
     kw = dict(MLP_KW, tol=1e-10)
     ref = hf.eigsh(_hessian(_mlp(), _batches()), **kw)

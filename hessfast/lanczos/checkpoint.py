@@ -387,6 +387,9 @@ def lanczos_state(run: Any, used: int, passes: int) -> dict[str, Any]:
     state.update(G=list(run.G), history=list(run.history), extremes=list(run.extremes))
     state.update(m=run.basis.m, Q=run.basis.rows(), T=run.basis.T.clone(),
                  gen=run.gen.get_state(), used=used, passes=passes)
+    # the verification rounds' dropped rows (exact residuals); a step reorthogonalises them in
+    # place, so the saved state holds a copy ([d, n], d = b per round so far)
+    state["D"] = None if run.D is None else run.D.clone()
     return state
 
 
@@ -395,6 +398,8 @@ def restore_lanczos(run: Any, state: dict[str, Any]) -> None:
     for f in RUN_FIELDS:
         setattr(run, f, state[f])
     run.block = state["block"].to(run.bdev)
+    D = state.get("D")
+    run.D = None if D is None else D.to(device=run.bdev, dtype=run.wdtype)
     run.ref_vecs = state["ref_vecs"].to(run.bdev)
     m = int(state["m"])
     run.basis.m = m
