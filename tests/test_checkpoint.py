@@ -461,7 +461,12 @@ def test_sigterm_saves_then_terminates(matrix, tmp_path):
     with pytest.warns(UserWarning, match=f"resumed from step {at - 1}"):
         out = hf.eigsh(hf.LinearOperator.from_matrix(matrix), checkpoint=path, **kw)
     assert out.resumed_from_step == at - 1
-    _same_eigsh(out, ref)
+    # the first half ran in another process: its BLAS may round differently there (MKL's
+    # kernels depend on the buffers' alignment; seen with torch 2.14.1's wheel), so the
+    # answer is compared to rounding; bitwise resume is asserted in-process above
+    assert out.num_matvecs == ref.num_matvecs and out.status == ref.status
+    assert torch.allclose(out.eigenvalues, ref.eigenvalues, rtol=0, atol=1e-12)
+    assert torch.allclose(out.residuals, ref.residuals, rtol=1e-3, atol=1e-13)
 
 
 def test_interrupt_in_a_thread_saves_and_own_sigterm_handler_kept(matrix, tmp_path):
