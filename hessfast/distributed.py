@@ -32,19 +32,9 @@ group down, also after a caught error), :func:`session` (``init`` and ``shutdown
 context manager), :func:`is_initialized`, :func:`world_size`, :func:`rank`,
 :func:`is_main_process` (rank 0, or no process group: where to print and write).
 
-Exit without a crash: gloo's worker thread lets go of a collective's tensors shortly AFTER the
-caller has its result, and dropping a tensor that Python also holds takes the GIL. A process
-that exits right after a collective (a caught error, the end of a script) leaves that thread
-waiting for the GIL; when it gets it during interpreter finalisation, CPython ends the thread
-(``pthread_exit``), the unwind meets a ``noexcept`` destructor and the process aborts with
-"terminate called without an active exception" (SIGABRT; 3 of 10 two-rank runs of 300
-all-reduces and an exit on torch 2.13). So no hessfast collective leaves a buffer behind at
-exit: a small one (flags, digests, counts, a small product: at most 256 KiB) runs on private
-copies that are remembered until the worker lets go of them, and an ``atexit`` hook (which
-runs before finalisation begins) releases the GIL until it has; a large one returns only
-once the worker let go (their Python reference counts are back: a few ``time.sleep(0)``).
-For collectives the program ran itself (DDP's), the hook also releases the GIL for 20 ms, and
-:func:`shutdown` does both before it destroys the group.
+Exit without a crash: no hessfast collective leaves a buffer with gloo's worker thread
+when the process exits (a SIGABRT otherwise); :mod:`hessfast._gloo_settle` says why and how.
+:func:`shutdown` lets the worker finish too before it destroys the group.
 
 Sharded vectors (:mod:`hessfast.lanczos.sharded`): :func:`shard_bounds` gives each rank a
 contiguous 128-aligned slice of ``[0, n)`` and :meth:`Comm.allgather_cols` rebuilds full rows
@@ -53,13 +43,10 @@ from the slices.
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import hashlib
 import json
 import os
-import sys
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -67,6 +54,7 @@ from typing import Any
 
 import torch
 
+from . import _gloo_settle as settle
 from .errors import DistributedError
 
 __all__ = [
@@ -86,18 +74,6 @@ __all__ = [
 
 # The longest failure message one rank sends to the others.
 _MESSAGE_CHARS = 600
-# Longest wait for gloo's worker thread to release a collective's buffers (it takes
-# microseconds once it has the GIL); past it the wait is given up for this process.
-_RELEASE_WAIT_S = 1.0
-_release_wait: dict[str, bool] = {"on": True}
-# Collectives on at most this many bytes run on private copies that are remembered until
-# the worker lets go (checked at the next collective, waited for at exit and in shutdown);
-# larger ones wait at once (~1-2 ms on a loaded 2-core box, small beside their transfer).
-_TRACK_BYTES = 1 << 18
-# Longest wait at exit for those copies (the worker needs the GIL once: well under 1 ms).
-_DRAIN_S = 0.25
-# Private copies of small collectives a communication thread may still hold.
-_pending: list[list[torch.Tensor]] = []
 # An agreement digest: SHA-256 of the entries (32 bytes), then their byte length (8 bytes).
 _SHA_BYTES = 32
 # The longest value of an entry quoted in a disagreement message.
@@ -191,8 +167,8 @@ def shutdown() -> None:
     dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
         return
-    _drain()
-    _let_workers_run()
+    settle.drain()
+    settle.let_workers_run()
     try:
         dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - the process is leaving; say it, do not raise
@@ -224,73 +200,6 @@ def session(backend: str | None = None, timeout_s: float | None = None) -> Itera
             shutdown()
 
 
-def _let_workers_run(seconds: float = 0.02) -> None:
-    """Release the GIL for a moment, so that a communication thread waiting for it (to drop
-    the tensors of a collective the caller ran itself) gets it while the interpreter is
-    fully alive."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.001)
-
-
-def _refcounts(tensors: Sequence[torch.Tensor]) -> list[int]:
-    return [sys.getrefcount(t) for t in tensors]
-
-
-def _alone() -> int:
-    """:func:`_refcounts` of a tensor that only its list references."""
-    return _refcounts([torch.empty(0)])[0]
-
-
-def _released(tensors: list[torch.Tensor]) -> bool:
-    """Does nothing but ``tensors`` (a list of private copies) reference them?"""
-    return max(_refcounts(tensors), default=0) <= _alone()
-
-
-def _track(tensors: list[torch.Tensor]) -> None:
-    """Remember the private copies of a finished small collective until a communication
-    thread lets go of them (forgetting those that were let go meanwhile)."""
-    _pending[:] = [t for t in _pending if not _released(t)]
-    if not _released(tensors):
-        _pending.append(tensors)
-
-
-def _drain() -> bool:
-    """Release the GIL until communication threads let go of every remembered copy
-    (bounded by :data:`_DRAIN_S`: a frame of an uncaught error's traceback may keep a copy
-    referenced); True when none is held any more. Runs at exit (before the interpreter
-    starts finalising) and in :func:`shutdown`."""
-    end = time.monotonic() + _DRAIN_S
-    while True:
-        _pending[:] = [t for t in _pending if not _released(t)]
-        if not _pending or time.monotonic() > end:
-            return not _pending
-        time.sleep(0.0005)
-
-
-def _at_exit() -> None:
-    _drain()
-    _let_workers_run()
-
-
-def _await_release(tensors: Sequence[torch.Tensor], before: list[int], failed: bool) -> None:
-    """Return once no thread but this one references ``tensors`` (their Python reference
-    counts are back to ``before``): gloo's worker thread drops a finished collective's
-    tensors a moment after the caller wakes up, and needs the GIL for it (module docstring).
-    ``time.sleep(0)`` hands it the GIL. Bounded by :data:`_RELEASE_WAIT_S`; a wait that runs
-    out after a successful collective (another torch whose threads keep references) turns
-    the wait off for this process."""
-    if not _release_wait["on"] or any(t.device.type != "cpu" for t in tensors):
-        return
-    end = time.monotonic() + _RELEASE_WAIT_S
-    while _refcounts(tensors) != before:
-        if time.monotonic() > end:
-            if not failed:  # a failed collective's thread may still run: try again later
-                _release_wait["on"] = False
-            return
-        time.sleep(0)
-
-
 class Comm:
     """A process group as hessfast uses it.
 
@@ -304,9 +213,7 @@ class Comm:
 
     def __init__(self, group: Any = None) -> None:
         dist = _dist()
-        if not _release_wait.get("atexit"):  # once per process that communicates
-            _release_wait["atexit"] = True
-            atexit.register(_at_exit)
+        settle.register_exit_hook()  # once per process that communicates
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
@@ -322,22 +229,15 @@ class Comm:
                 return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    @staticmethod
-    def _small(tensors: list[torch.Tensor]) -> bool:
-        """Run on private copies that :func:`_track` remembers (module docstring)?"""
-        return (all(t.device.type == "cpu" for t in tensors)
-                and sum(t.numel() * t.element_size() for t in tensors) <= _TRACK_BYTES)
-
     def _all_reduce(self, buf: torch.Tensor, op: Any, what: str) -> None:
         dist = _dist()
-        small = self._small([buf])
+        small = settle.is_small([buf])
         work = buf.clone() if small else buf
-        before, failed = _refcounts([work]), True
         try:
-            dist.all_reduce(work, op=op, group=self.group)
+            with settle.settled([work], small):
+                dist.all_reduce(work, op=op, group=self.group)
             if small:
                 buf.copy_(work)
-            failed = False
         except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
             raise DistributedError(
                 f"rank {self.rank} of {self.size}: the all-reduce of {what} failed "
@@ -347,34 +247,21 @@ class Comm:
                 "pass process_group=None), or its pass over the data took longer than the "
                 "group's timeout (init_process_group(timeout=...))"
             ) from exc
-        finally:
-            if small:
-                _track([work])
-            else:
-                _await_release([work], before, failed)
 
     def _all_gather(self, buf: torch.Tensor, what: str, hint: str) -> list[torch.Tensor]:
         """Every rank's ``buf`` (equal shapes), in rank order; a failed collective becomes a
         DistributedError whose message ends with ``hint``."""
-        small = self._small([buf] * (self.size + 1))
+        small = settle.is_small([buf] * (self.size + 1))
         src = buf.detach().clone() if small else buf
         parts = [torch.empty_like(src) for _ in range(self.size)]
-        held = [src, *parts]
-        before, failed = _refcounts(held), True
         try:
-            with torch.no_grad():
+            with settle.settled([src, *parts], small), torch.no_grad():
                 _dist().all_gather(parts, src, group=self.group)
-            failed = False
         except Exception as exc:  # noqa: BLE001 - a timeout or a lost peer, said as such
             raise DistributedError(
                 f"rank {self.rank} of {self.size}: the all-gather of {what} failed "
                 f"({type(exc).__name__}: {exc}). {hint}"
             ) from exc
-        finally:
-            if small:
-                _track(held)
-            else:
-                _await_release(held, before, failed)
         return [p.clone() for p in parts] if small else parts
 
     def _gather_bytes(self, payload: bytes, what: str, longest: int | None = None) -> list[bytes]:
