@@ -145,9 +145,10 @@ def test_ranks_that_disagree_all_raise_naming_ranks_and_difference(tmp_path):
     """3 ranks. Rank 2's model differs from the others' in one bit pattern of its last
     parameter; rank 1 asks for another hvp_mode, another k; rank 2 runs another algorithm;
     rank 0 another v0, and a checkpoint file the others do not pass. Each time EVERY rank
-    raises the same DistributedError within seconds, naming the differing ranks, the first
-    difference and the values, before any product (before: a spectrum of neither model, gloo
-    "Connection closed by peer" on one rank, or the group's timeout). Then the same call on
+    raises the same DistributedError, naming the differing ranks, the first difference and
+    the values (words only the agreement writes, never a timeout's), before any product
+    (before: a spectrum of neither model, gloo "Connection closed by peer" on one rank, or
+    the group's timeout). Then the same call on
     every rank works and equals one process."""
     codes, logs, _ = spawn("disagree", 3, tmp_path)
     assert codes == [0, 0, 0], logs
@@ -164,10 +165,10 @@ def test_ranks_that_disagree_all_raise_naming_ranks_and_difference(tmp_path):
         said = {r[step][1].split(": ", 1)[-1] for r in ranks}
         assert len(said) == 1, (step, said)  # the same words after "who (rank r of 3): "
         for r in ranks:
-            name, msg, seconds = r[step]
+            name, msg, _ = r[step]
             assert name == "DistributedError", (step, name, msg)
             assert all(w in msg for w in words), (step, words, msg)
-            assert seconds < 15, (step, seconds)
+    assert [r["products_refused"] for r in ranks] == [0, 0, 0]
     assert "1 entries" not in ranks[0]["params"][1]  # only that one parameter differs
     model, batches = dist_workers.problem()
     H = hf.hessian(model, nn.CrossEntropyLoss(), batches)
