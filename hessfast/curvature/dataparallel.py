@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._digest import digest_text
 from ..errors import DistributedError, EmptyDataError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -169,8 +170,7 @@ def operator_entries(op: CurvatureOperator, options: CurvatureOptions) -> list[t
     names = ",".join(op.param_names)
     out = [
         ("the operator", f"{type(op).__name__} n={op.shape[0]} {op.dtype}"),
-        ("the selected parameters", f"{len(op.param_names)}, names sha256 "
-                                    f"{hashlib.sha256(names.encode()).hexdigest()[:16]}"),
+        ("the selected parameters", f"{len(op.param_names)}, names sha256 {digest_text(names)}"),
         ("loss_fn", _describe_loss(op.loss_fn)),
     ]
     for key in ("hvp_mode", "loss_form", "loss_reduction", "bn_mode", "check",
