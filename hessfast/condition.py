@@ -99,8 +99,7 @@ def lr_curvature_scale(A: Any, lr_scale: float | None = None, *, full_batch: boo
         return LrScale(1.0, None, f"{reduction}-reduced loss: the optimizer sees the mean-loss "
                                   "curvature (the operator's)")
     total = int(getattr(A, "num_samples", 0) or 0)
-    data = getattr(A, "_data", None)
-    sizes = [int(s) for s in getattr(data, "sizes", []) if s > 0]
+    sizes = [int(s) for s in getattr(A, "batch_sizes", ()) if s > 0]
     if full_batch or len(sizes) <= 1 or total <= 0:
         how = ("full-batch steps over all" if full_batch or len(sizes) > 1
                else "one batch holding all")

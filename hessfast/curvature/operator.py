@@ -77,6 +77,8 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             pre-flight: a float64 model with float32 pieces inside computes in float32);
             the pre-flight's symmetry and repeatability tolerances follow it.
         num_samples, num_batches: the data (empty batches not counted; of all ranks).
+        batch_sizes: the samples of each of this process's batches, in data order (a
+            tuple; empty batches included as 0).
         hvp_mode, hvp_mode_reason: the path of the last product, and why.
         loss_head, loss_head_reason: how the criterion's curvature w.r.t. the outputs is
             computed (``"autograd"`` or ``"fused cross-entropy (triton|torch)"``), and why.
@@ -131,6 +133,7 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             )
         self.num_samples = self._data.num_samples
         self.num_batches = self._data.num_batches
+        self.batch_sizes = tuple(self._data.sizes)
         self.loss_form, self.loss_form_reason = self._ranks.loss_form(self, options.loss_form)
         # The batch weights depend on how the loss reduces over a batch (mean or sum).
         self._data.set_loss(self.loss_fn, self.loss_form, options.loss_reduction)
