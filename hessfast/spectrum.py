@@ -28,10 +28,11 @@ from ._checks import (
     check_start_vectors,
     work_dtype,
 )
+from ._digest import tensor_digest
 from ._probe import probe_operator
 from .errors import ArgumentTypeError, ConfigurationError
 from .lanczos import WHICH, block_lanczos, select
-from .lanczos.checkpoint import Checkpoint, fingerprint_tensor
+from .lanczos.checkpoint import Checkpoint
 from .lanczos.sharded import check_sharded, sharded_lanczos, sharding_comm
 from .lanczos.verify import converge_threshold, residual_floor
 from .linop import LinearOperator
@@ -286,7 +287,7 @@ def eigsh(
         probe_operator(A, who, agree_only=True)  # ranks agree before a checkpoint's collective
         ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
             n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
-            seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=fingerprint_tensor(v0),
+            seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=tensor_digest(v0),
         ), checkpoint_every, who, operator=A)
         set_total(max_matvecs)
         probe_operator(A, who)

@@ -27,10 +27,11 @@ from .._checks import (
     unit_rows,
     work_dtype,
 )
+from .._digest import tensor_digest
 from .._mesh import Mesh
 from .._probe import probe_operator
 from ..errors import ConfigurationError
-from ..lanczos.checkpoint import Checkpoint, fingerprint_tensor
+from ..lanczos.checkpoint import Checkpoint
 from ..lanczos.probes import REORTHS
 from ..linop import LinearOperator
 from ..memory import choose_basis
@@ -217,7 +218,7 @@ def spectral_density(
         probe_operator(A, _WHO, agree_only=True)  # ranks agree before a checkpoint's collective
         ckpt = None if checkpoint is None else Checkpoint(checkpoint, "slq", dict(
             n=n, dtype=str(A.dtype), num_probes=num_probes, num_steps=m, seed=seed, probe=probe,
-            reorth=reorth, basis_dtype=str(bdtype), group=group, v0=fingerprint_tensor(v0),
+            reorth=reorth, basis_dtype=str(bdtype), group=group, v0=tensor_digest(v0),
         ), checkpoint_every, _WHO, operator=A)
         Z: torch.Tensor | None = None
         if v0 is not None:

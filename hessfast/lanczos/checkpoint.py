@@ -53,10 +53,9 @@ from typing import Any
 
 import torch
 
-from .._digest import tensor_digest
 from ..errors import ConfigurationError
 
-__all__ = ["Checkpoint", "Terminated", "fingerprint_tensor", "lanczos_state", "restore_lanczos"]
+__all__ = ["Checkpoint", "Terminated", "lanczos_state", "restore_lanczos"]
 
 DEFAULT_SECONDS = 60.0
 #: 2: the operator's state fingerprint and the step are stored (format 1 files are refused).
@@ -68,11 +67,6 @@ SHOWN = 8
 class Terminated(BaseException):  # noqa: N818 - a signal, like KeyboardInterrupt
     """SIGTERM, raised by the handler a checkpointed run installs; the run saves its state,
     and the signal is delivered again to the previous (default) handler."""
-
-
-def fingerprint_tensor(t: torch.Tensor | None) -> str:
-    """A short exact digest of a tensor's values (None -> ``"none"``)."""
-    return tensor_digest(t)
 
 
 def _to_cpu(x: Any) -> Any:
