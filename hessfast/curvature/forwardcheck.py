@@ -46,6 +46,7 @@ __all__ = [
     "check_graph_structure",
     "check_small_batches",
     "explain_call_error",
+    "shown_names",
 ]
 
 
@@ -274,10 +275,14 @@ def explain_call_error(exc: LossCallError, op: CurvatureOperator, batch: Any) ->
     return out
 
 
+def shown_names(names: list[str]) -> str:
+    """The first 8 of ``names`` as a list, then how many more (for an error message)."""
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return f"{names[:8]}{more}"
+
+
 def _names(op: CurvatureOperator, indices: list[int]) -> str:
-    shown = [op.param_names[i] for i in indices[:8]]
-    more = f" and {len(indices) - 8} more" if len(indices) > 8 else ""
-    return f"{shown}{more}"
+    return shown_names([op.param_names[i] for i in indices])
 
 
 def check_graph_structure(

@@ -70,6 +70,7 @@ from .forwardcheck import (
     check_graph_structure,
     check_small_batches,
     explain_call_error,
+    shown_names,
 )
 from .model import active_stochastic_modules
 from .plan import AGREE_EPS
@@ -169,7 +170,8 @@ def check_finite(
     if part.numel() and not torch.isfinite(torch.stack(torch.aminmax(part))).all():
         where = ""
         if op is not None:
-            where = f" in the rows of {_shown(_nonfinite_names(op.param_names, op._split(part)))}"
+            bad = _nonfinite_names(op.param_names, op._split(part))
+            where = f" in the rows of {shown_names(bad)}"
         raise NonFiniteError(
             f"the {kind} product on batch {index} contains NaN/Inf{where}: the loss is "
             "finite but its second derivative is not at these parameters (sqrt(x**2) or a "
@@ -202,7 +204,7 @@ def _check_finite_gradient(op: CurvatureOperator, state: Any, index: int) -> Non
     if bad:
         raise NonFiniteError(
             f"the loss on batch {index} is finite ({float(state.loss):.6g}) but its gradient "
-            f"is NaN/Inf in {_shown(bad)}: the loss is not differentiable at these "
+            f"is NaN/Inf in {shown_names(bad)}: the loss is not differentiable at these "
             f"parameters, so its {op._kind} is undefined there. {_FIX}"
         )
 
@@ -212,11 +214,6 @@ _FIX = (
     "sqrt(x**2 + eps); clamp before log), move the parameters off that point, or leave "
     "those parameters out with params="
 )
-
-
-def _shown(names: list[str]) -> str:
-    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-    return f"{names[:8]}{more}"
 
 
 def _check_repeatable(
