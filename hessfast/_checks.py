@@ -27,6 +27,7 @@ __all__ = [
     "BASIS_DTYPES",
     "PROBES",
     "Products",
+    "STREAM_BYTES",
     "as_operator",
     "check_basis_device",
     "check_basis_dtype",
@@ -52,6 +53,13 @@ BASIS_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 _KEY_MOD = 2**64
 _OPERATOR_ATTRS = ("matmat", "shape", "dtype", "device")
+#: Most bytes of one streamed block of vectors (and of its products): estimator probe blocks
+#: (estimators/session.py), SLQ probe groups (density/slq.py) and the block-masked vectors of
+#: analysis/blocks.py. Any budget streams through blocks of at most this size, so memory never
+#: grows with the budget. 256 MB was not tuned by a measurement: it is small next to any
+#: accelerator's memory (and the model's own activations) yet holds thousands of rows of a
+#: million-parameter model, so the per-block product overhead stays negligible.
+STREAM_BYTES = 2**28
 
 
 def _where(who: str | None) -> str:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from .._checks import (
+    STREAM_BYTES,
     Products,
     as_operator,
     check_int,
@@ -60,7 +61,7 @@ __all__ = ["BlockResult", "BlockSpectra", "block_spectra", "param_groups"]
 
 WHO = "block_spectra"
 #: Most bytes of one stacked block of masked vectors (and of its products).
-BLOCK_BYTES = 2**28
+BLOCK_BYTES = STREAM_BYTES
 #: Floor of the convergence scale, relative to the largest Ritz magnitude (see the docstring).
 _FLOOR = 1e-3
 

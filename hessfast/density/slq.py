@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._checks import STREAM_BYTES
 from ..lanczos.checkpoint import Checkpoint
 from ..lanczos.probes import probe_lanczos
 from ..results import Status
@@ -22,7 +23,7 @@ __all__ = ["GROUP_BYTES", "MIN_GROUP", "gather_slq", "slq", "slq_grouped", "slq_
 
 #: Probes advance together (one product per step for all of them) unless their memory (bases
 #: and recurrence vectors) exceeds this: then they run in groups of this size...
-GROUP_BYTES = 2**28
+GROUP_BYTES = STREAM_BYTES
 #: ...but never in groups of fewer probes than this (ordinary runs are one group).
 MIN_GROUP = 64
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .._checks import (
+    STREAM_BYTES,
     Products,
     as_operator,
     check_budget,
@@ -30,7 +31,7 @@ MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 2, "xdiag": 2}
 EXACT_BLOCK = 1024
 #: Most bytes of one block of probes (and of its products): a budget of any size streams
 #: through blocks of at most this many rows x n, so memory never grows with the budget.
-BLOCK_BYTES = 2**28
+BLOCK_BYTES = STREAM_BYTES
 _DEFAULT_BUDGET = 99
 
 
