@@ -127,9 +127,9 @@ def preconditioner_diagonal(H: LinearOperator, optimizer: optim.Optimizer) -> to
         )
     optimizer = _check_optimizer(optimizer, who)
     groups = _group_of(optimizer)
-    names = list(getattr(H, "param_names", [str(i) for i in range(len(H._params))]))
+    names = list(getattr(H, "param_names", [str(i) for i in range(len(H.params))]))
     pieces = []
-    for name, p in zip(names, H._params, strict=True):
+    for name, p in zip(names, H.params, strict=True):
         if id(p) not in groups:
             raise ConfigurationError(
                 f"{who}: parameter {name!r} of H is not in the optimizer's param_groups; "

@@ -266,7 +266,7 @@ class SharpnessTracker:
         lr, threshold, pthreshold = stability_thresholds(self.optimizer, self.lr)
         p_vals: list[float] | None = None
         if self.precond:
-            if any(self.optimizer.state.get(p) for p in H._params):
+            if any(self.optimizer.state.get(p) for p in H.params):
                 pres, pwarm = self._solve(preconditioned(H, self.optimizer), self._pvecs, seed)
                 self._pvecs = pres.eigenvectors
                 p_vals = [float(v) for v in pres.eigenvalues]

@@ -72,7 +72,8 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         loss_form: ``"criterion"`` or ``"model"``: how ``loss_fn`` is called.
         loss_reduction, loss_reduction_reason: ``"mean"`` or ``"sum"`` (how a batch's loss
             reduces over its samples, which sets the batch weights), and where it was read.
-        param_names, param_shapes, param_dtype: the selected parameters.
+        params: the selected parameters (a tuple, in layout order).
+        param_names, param_shapes, param_dtype: their names, shapes and dtype.
         compute_dtype: the least precise dtype the model computes in (seen by the
             pre-flight: a float64 model with float32 pieces inside computes in float32);
             the pre-flight's symmetry and repeatability tolerances follow it.
@@ -225,6 +226,12 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         raise NotImplementedError
 
     # -- vector layout -----------------------------------------------------------------
+    @property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        """The selected parameters, in layout order (the order of :attr:`param_names` and
+        of the flat vectors' pieces). Read-only: the operator is a snapshot of them."""
+        return tuple(self._params)
+
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector ``[n]`` (or block ``[k, n]``) into parameter-shaped pieces."""
         return self._layout.unflatten(v)
