@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 
+from ._checks import probe_generator
 from .errors import AsymmetricOperatorError, NonDeterministicError, NonFiniteError
 
 __all__ = ["PROBE_MATVECS", "PROBE_SLACK", "agree_arguments", "probe_operator"]
@@ -225,7 +226,7 @@ def probe_operator(
     n = int(A.shape[0])
     if _skip(A) or n == 0:
         return
-    gen = torch.Generator(device="cpu").manual_seed(_PROBE_SEED)
+    gen = probe_generator(_PROBE_SEED)
     X = torch.randn((2, n), dtype=torch.float64, generator=gen)
     X = X.to(device=A.device, dtype=A.dtype)
     with torch.no_grad():

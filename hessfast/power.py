@@ -14,7 +14,14 @@ from typing import ClassVar
 
 import torch
 
-from ._checks import as_operator, check_choice, check_int, check_positive, check_seed
+from ._checks import (
+    as_operator,
+    check_choice,
+    check_int,
+    check_positive,
+    check_seed,
+    probe_generator,
+)
 from ._probe import probe_operator
 from .lanczos.verify import ZERO_SCALE, residual_floor
 from .linop import LinearOperator
@@ -118,7 +125,7 @@ def power_iteration(
         probe_operator(A, who)
         n = A.shape[0]
         t0 = time.perf_counter()
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = probe_generator(seed)
         v = torch.randn(n, generator=gen, dtype=torch.float64)
         v = (v / v.norm()).to(device=A.device, dtype=A.dtype)
         theta, v, res, ok, used, norm = _power(A, v, 0.0, tol, max_matvecs)
