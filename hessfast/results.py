@@ -1,21 +1,26 @@
-"""Result types shared by hessfast's algorithms: the :class:`Status` every result carries, and
-the records of the stochastic estimators (:class:`TraceResult`, :class:`DiagonalResult`).
+"""Result types shared by hessfast's algorithms: the :class:`Status` every result carries, the
+one result contract (:class:`JsonResult`) and the records of the stochastic estimators
+(:class:`TraceResult`, :class:`DiagonalResult`).
 
 Every result has ``num_matvecs`` (vectors multiplied by the operator), ``num_passes``
-(``matmat`` calls: passes over the data for a model operator), ``status`` (a :class:`Status`)
-and ``converged`` (a ``bool``; :class:`~hessfast.EigshResult` has one per pair, a ``[k]`` bool
-tensor). :class:`~hessfast.SpectralDensity` lives with its methods in
-:mod:`hessfast.density`.
+(``matmat`` calls: passes over the data for a model operator), ``status`` (a :class:`Status`),
+``to_dict(*, vectors=False)`` and ``to_json(path=None, *, indent=None, vectors=False)`` (one
+writer, :func:`write_json`), a short ``repr`` (numbers, and tensors by their shape) and
+``summary()``. Most also have ``converged`` (a ``bool``; :class:`~hessfast.EigshResult` has
+one per pair, a ``[k]`` bool tensor). :class:`~hessfast.SpectralDensity` lives with its methods
+in :mod:`hessfast.density`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
 import statistics
+import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
@@ -30,8 +35,11 @@ __all__ = [
     "JsonResult",
     "Status",
     "TraceResult",
+    "check_vectors",
     "jsonable",
+    "short",
     "t_value",
+    "write_json",
     "z_value",
 ]
 
@@ -111,37 +119,163 @@ def jsonable(obj: Any, *, strict: bool = False) -> Any:
 
 
 class JsonResult:
-    """``to_dict()`` / ``to_json()`` for the dataclass results. ``_VECTOR_FIELDS`` names the
-    fields of size n (eigenvectors, a diagonal) that ``vectors=False`` replaces with None."""
+    """The one result contract: ``to_dict`` / ``to_json`` (the one JSON writer), a short
+    ``repr`` and a readable :meth:`summary`, for every result of hessfast.
+
+    Every result also has ``num_matvecs``, ``num_passes`` and ``status`` (fields or
+    properties). A result is a dataclass declared with ``repr=False`` (so this ``repr``
+    applies) and built by keyword. Class settings, overridden where a record needs them:
+
+    * ``_VECTOR_FIELDS``: the fields of size n (eigenvectors, a diagonal) that ``to_dict``
+      and ``to_json`` leave out (as None) unless ``vectors=True``: ``k`` eigenvectors of a
+      model with a million parameters are megabytes of JSON that nobody reads.
+    * ``_REPR_FIELDS``: the members ``repr`` shows (None: every field), in order.
+    * ``_JSON_INDENT``: the layout of ``to_json(indent=None)`` (None: one line; the records
+      people read, :class:`~hessfast.analysis.report.Report` and the tracker's, use 1).
+    * ``_JSON_STRICT``: refuse NaN/Infinity in the text (records whose ``to_dict`` already
+      stores non-finite numbers as None promise strict JSON).
+
+    A record that is not a dataclass overrides :meth:`to_dict` (and ``repr``); ``to_json``
+    is never overridden.
+    """
 
     _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ()
+    _REPR_FIELDS: ClassVar[tuple[str, ...] | None] = None
+    _JSON_INDENT: ClassVar[int | None] = None
+    _JSON_STRICT: ClassVar[bool] = False
 
-    def to_dict(self, vectors: bool = True) -> dict[str, Any]:
-        """The fields as JSON-safe values (:func:`jsonable`): ``json.dumps`` accepts it.
+    def to_dict(self, *, vectors: bool = False) -> dict[str, Any]:
+        """The fields as JSON-safe values (:func:`jsonable`), ``json.dumps`` accepts it, with
+        ``"kind"`` (the class name) first.
 
         Args:
-            vectors: include the ``[n]``/``[k, n]`` arrays (``_VECTOR_FIELDS``); False
-                replaces them with None (a small record of the numbers).
+            vectors: include the ``[n]``/``[k, n]`` arrays (``_VECTOR_FIELDS``, e.g.
+                ``eigenvectors``); False (the default) stores them as None (a small record
+                of the numbers).
         """
-        if not isinstance(vectors, bool):
-            raise ArgumentTypeError(f"to_dict: vectors must be True or False, got {vectors!r}")
+        vectors = check_vectors(vectors)
         out: dict[str, Any] = {"kind": type(self).__name__}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name.startswith("_"):
+                continue
             v = getattr(self, f.name)
             out[f.name] = None if not vectors and f.name in self._VECTOR_FIELDS else jsonable(v)
         return out
 
     def to_json(
-        self, path: str | os.PathLike | None = None, *, vectors: bool = True,
-        indent: int | None = None,
+        self, path: str | os.PathLike | None = None, *, indent: int | None = None,
+        vectors: bool = False,
     ) -> str:
-        """``json.dumps(self.to_dict(vectors))``; with ``path``, also written to that file
-        (UTF-8). Returns the JSON text."""
-        text = json.dumps(self.to_dict(vectors), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
+        """``self.to_dict(vectors=vectors)`` as JSON text; with ``path``, the text is also
+        written to that file (UTF-8, atomically: a temporary file in the same folder renamed
+        over it, so a reader never sees half a record). Returns the text (the file holds
+        exactly it).
+
+        Args:
+            path: a file to write, or None.
+            indent: ``json.dumps``'s indent; None: the record's own layout (one line for
+                results; 1 for the Report and the tracker's history, which people read).
+            vectors: include the ``[n]``/``[k, n]`` arrays (see :meth:`to_dict`).
+        """
+        return write_json(self.to_dict(vectors=vectors), path,
+                          indent=self._JSON_INDENT if indent is None else indent,
+                          strict=self._JSON_STRICT)
+
+    def __repr__(self) -> str:
+        names = self._REPR_FIELDS
+        if names is None:
+            names = tuple(f.name for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                          if not f.name.startswith("_"))
+        parts = [f"{name}={short(getattr(self, name, None))}" for name in names]
+        return cap_repr(type(self).__name__, parts)
+
+    def summary(self) -> str:
+        """A few readable lines: what ended how, at what cost, and the numbers (tensors by
+        shape; ``to_dict(vectors=True)`` has them all)."""
+        head = f"{type(self).__name__}: {getattr(self, 'status', '?')}"
+        cost = [f"{getattr(self, 'num_matvecs', '?')} products",
+                f"{getattr(self, 'num_passes', '?')} data passes"]
+        secs = getattr(self, "seconds", None)
+        if isinstance(secs, (int, float)):
+            cost.append(f"{secs:.3g} s")
+        lines = [head + " (" + ", ".join(cost) + ")"]
+        skip = {"status", "num_matvecs", "num_passes", "seconds"}
+        names = self._REPR_FIELDS or tuple(
+            f.name for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if not f.name.startswith("_"))
+        for name in names:
+            if name not in skip:
+                lines.append(f"  {name}: {short(getattr(self, name, None), width=72)}")
+        return "\n".join(lines)
+
+
+def check_vectors(vectors: Any) -> bool:
+    """``vectors`` of ``to_dict``/``to_json``: True or False (anything else is refused)."""
+    if not isinstance(vectors, bool):
+        raise ArgumentTypeError(f"to_dict: vectors must be True or False, got {vectors!r}")
+    return vectors
+
+
+def write_json(record: dict[str, Any], path: str | os.PathLike | None = None, *,
+               indent: int | None = None, strict: bool = False) -> str:
+    """The one JSON writer behind every ``to_json``: ``record`` (JSON-safe, from a
+    ``to_dict``) as text, written atomically to ``path`` when given; returns the text.
+    ``strict``: NaN/Infinity are refused (ValueError) instead of written as ``NaN``."""
+    text = json.dumps(record, indent=indent, allow_nan=not strict, ensure_ascii=False)
+    if path is not None:
+        target = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(target))
+        fd, tmp = tempfile.mkstemp(prefix=".hessfast-", suffix=".json.tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
-        return text
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return text
+
+
+def short(value: Any, *, width: int = 40) -> str:
+    """One member for a ``repr``/``summary``: numbers compact (``%.6g``), tensors by shape
+    (``<tensor [3, 1234]>``, never their values), short lists of numbers as they are, other
+    containers by length, long strings cut."""
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return repr(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {list(value.shape)}>"
+    if isinstance(value, str):
+        return repr(value if len(value) <= width else value[: width - 3] + "...")
+    if isinstance(value, (list, tuple)):
+        if len(value) <= 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                   for v in value):
+            inner = ", ".join(short(v) for v in value)
+            return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, dict):
+        return f"<dict of {len(value)}>"
+    return f"<{type(value).__name__}>"
+
+
+#: A ``repr`` stops adding members beyond this many characters (and says so with ``...``).
+REPR_WIDTH = 300
+
+
+def cap_repr(name: str, parts: list[str]) -> str:
+    """``name(part, part, ...)`` cut after :data:`REPR_WIDTH` characters with ``...``."""
+    out, size = [], len(name) + 2
+    for i, p in enumerate(parts):
+        if size + len(p) + 2 > REPR_WIDTH and i:
+            out.append("...")
+            break
+        out.append(p)
+        size += len(p) + 2
+    return f"{name}({', '.join(out)})"
 
 
 def z_value(level: float) -> float:
@@ -217,7 +351,7 @@ class _Estimate(JsonResult):
         return self.status is Status.EXACT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TraceResult(_Estimate):
     """Result of :func:`hessfast.trace`.
 
@@ -276,7 +410,7 @@ class TraceResult(_Estimate):
         return (self.value - half, self.value + half)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DiagonalResult(_Estimate):
     """Result of :func:`hessfast.diagonal`.
 
