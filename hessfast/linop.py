@@ -175,6 +175,19 @@ class LinearOperator:
         """
         return None
 
+    def saved_bytes(self) -> int | None:
+        """Bytes one product keeps saved for its backward passes, the unit the memory plan
+        (:func:`hessfast.estimate_memory`) scales its activation estimate by; None: unknown.
+
+        Model operators (:func:`hessfast.hessian`, :func:`hessfast.ggn`): the bytes autograd
+        saves for batch 0's first-order graph (forward and gradient with its graph, each
+        storage once), measured once by building that graph (about one gradient; the
+        user's model untouched) and cached. This default, ``from_matrix`` and
+        ``from_function``: None (no graph hessfast can measure). A subclass that overrides
+        it tells the memory plan that its products build graphs worth measuring.
+        """
+        return None
+
     # -- constructors -------------------------------------------------------------
     @staticmethod
     def from_matrix(M: torch.Tensor, *, check_symmetric: bool = True) -> LinearOperator:

@@ -11,8 +11,8 @@ What is exact and what is a model:
   evaluation, so buffers count three times).
 - **Measured**: the HVP's activations. The saved-tensor bytes ``S`` of batch 0's first-order
   graph (forward plus the gradient with ``create_graph=True``, each storage once), counted by
-  ``curvature.plan.measure_saved`` while :func:`graph_bytes` builds that graph once more
-  (about one gradient; cached per operator).
+  :func:`measure_saved` while the operator's :meth:`~hessfast.LinearOperator.saved_bytes`
+  builds that graph once more (about one gradient; cached by the operator).
 - **A model**: the product's peak is ``S (ACT_BASE + ACT_PER_ROW c)`` for chunks of ``c``
   rows (``S num_batches`` plus the product when every batch's graph is kept,
   ``reuse_graph``); the working vectors (block, product, next block, returned vectors) are
@@ -32,25 +32,25 @@ model's parameters and buffers), or ``available=`` when given (plan for another 
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from . import ops
 from ._checks import work_dtype
-from .curvature.plan import available_memory, measure_saved
 from .distributed import shard_size
 from .errors import ArgumentTypeError, ConfigurationError, OutOfMemoryPlanError
 from .linop import LinearOperator
 from .ops import CAST_CHUNK_BYTES
-from .results import JsonResult, jsonable
+from .results import JsonResult, Status, jsonable
 
-__all__ = ["ALGORITHMS", "MemoryItem", "MemoryPlan", "choose_basis", "estimate_memory",
-           "graph_bytes"]
+__all__ = ["ALGORITHMS", "MemoryItem", "MemoryPlan", "available_memory", "choose_basis",
+           "estimate_memory", "graph_bytes", "measure_saved"]
+
+T = TypeVar("T")
 
 ALGORITHMS = ("eigsh", "slq", "kpm", "trace", "power")
 #: Product peak in units of the measured saved bytes S: S (ACT_BASE + ACT_PER_ROW c).
@@ -76,6 +76,40 @@ def _fmt(x: float) -> str:
     return f"{x / 1024**unit:.4g} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
 
 
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device`` (host: ``MemAvailable``; 2 GiB when it cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def measure_saved(build: Callable[[], T]) -> tuple[T, int]:
+    """Run ``build`` and count the bytes of the tensors autograd saves meanwhile (each
+    storage once): what keeping the graph it builds costs. The graph stays usable (the pack
+    hook hands autograd a detached alias; autograd restores the history on unpack)."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            seen[(id(t), 0)] = t.numel() * t.element_size()
+        return t.detach()  # no reference cycle tensor -> grad_fn -> saved -> tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = build()
+    return result, sum(seen.values())
+
+
 @dataclass(frozen=True)
 class MemoryItem:
     """One line of a plan: ``bytes`` on ``where`` (``"device"`` or ``"host"``)."""
@@ -86,7 +120,7 @@ class MemoryItem:
     note: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MemoryPlan(JsonResult):
     """Bytes per device of one run (see the module docstring for what is measured).
 
@@ -103,6 +137,9 @@ class MemoryPlan(JsonResult):
         resident: bytes of ``items`` already allocated (counted in the capacity).
         activations_measured: False when activations were not measured (counted as 0).
         settings: the algorithm's arguments the plan used.
+        num_matvecs, num_passes: the operator's products the estimate itself ran (0: the
+            activation measurement builds one first-order graph, no product).
+        status: ``FIXED_BUDGET``: a plan has no stopping test (the common result member).
     """
 
     algorithm: str
@@ -118,6 +155,9 @@ class MemoryPlan(JsonResult):
     resident: int
     activations_measured: bool
     settings: dict[str, Any]
+    num_matvecs: int = 0
+    num_passes: int = 0
+    status: Status = Status.FIXED_BUDGET
     _rebuild: Callable[[int], MemoryPlan] | None = field(default=None, repr=False, compare=False)
 
     def _sum(self, *names: str) -> int:
@@ -255,8 +295,13 @@ def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
         return _build(n2, alg, s, w, a_bytes, dev, bdev, bdtype, pinned, params, act,
                       act_note, capacity, resident)
 
-    return MemoryPlan(alg, n, dev, bdev, bdtype, pinned, s["world_size"], s["basis_sharding"],
-                      tuple(items), caps, resident, act is not None, dict(s), rebuild)
+    return MemoryPlan(
+        algorithm=alg, n=n, device=dev, basis_device=bdev, basis_dtype=bdtype, pinned=pinned,
+        world_size=s["world_size"], basis_sharding=s["basis_sharding"], items=tuple(items),
+        capacity=caps, resident=resident, activations_measured=act is not None,
+        settings=dict(s), num_matvecs=0, num_passes=0, status=Status.FIXED_BUDGET,
+        _rebuild=rebuild,
+    )
 
 
 def estimate_memory(
@@ -344,7 +389,7 @@ def _activations(A: Any, model: nn.Module | None, measure: bool, b: int
     """Measured activation bytes of a product of ``b`` rows, and the table's note."""
     if isinstance(A, nn.Module):
         return None, "not measured (a model was given: pass its operator)"
-    if not all(hasattr(A, f) for f in ("_graph", "_batch0", "_guard")):
+    if not isinstance(A, LinearOperator) or not _keeps_graph(A):
         return 0, "none (not a model operator)"
     if not measure:
         return None, "not measured (measure=False)"
@@ -356,18 +401,18 @@ def _activations(A: Any, model: nn.Module | None, measure: bool, b: int
     return peak, f"measured S={S / 2**20:.1f} MiB x ({keep - 1} kept + {ACT_BASE} + {c} rows)"
 
 
-_GRAPH_BYTES: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+def _keeps_graph(A: LinearOperator) -> bool:
+    """Does ``A`` implement :meth:`~hessfast.LinearOperator.saved_bytes` (a model operator,
+    whose products build graphs), so that measuring may be asked of it?"""
+    return type(A).saved_bytes is not LinearOperator.saved_bytes
 
 
-def graph_bytes(H: Any) -> int:
-    """Bytes autograd saves for batch 0's first-order graph of a curvature operator (forward
-    and gradient with its graph, each storage once): measured by building that graph once
-    (about one gradient, the user's model untouched: the operator's own guard), cached."""
-    if H not in _GRAPH_BYTES:
-        with H._guard():
-            index, batch = H._batch0()
-            _GRAPH_BYTES[H] = measure_saved(lambda: H._graph(batch, index))[1]
-    return _GRAPH_BYTES[H]
+def graph_bytes(H: LinearOperator) -> int:
+    """Bytes autograd saves for batch 0's first-order graph of a model operator (forward
+    and gradient with its graph, each storage once): its
+    :meth:`~hessfast.LinearOperator.saved_bytes`, measured once by the operator (about one
+    gradient, the user's model untouched) and cached there; 0 when it cannot say."""
+    return H.saved_bytes() or 0
 
 
 def choose_basis(A: LinearOperator, algorithm: str, basis_dtype: torch.dtype | None,

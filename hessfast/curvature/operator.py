@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..kernels.ce_curvature import ce_backend
 from ..linop import LinearOperator
+from ..memory import measure_saved
 from .cehead import CESpec, ce_spec
 from .data import BatchSource, tensor_leaves
 from .dataparallel import data_parallel_init, refuse_fsdp
@@ -164,6 +165,7 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             else "requested"
         )
         self._symmetry: SymmetryProbe | None = None
+        self._saved_bytes: int | None = None  # saved_bytes(), measured on first ask
         self._ce_spec = self._decide_loss_head(options.fused_loss)
         self._build_wrappers()
         if options.check and self._data.num_samples:  # a rank without batches: others check
@@ -381,6 +383,17 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         else:
             out["data.contents"] = digest_text(",".join(batches))
         return out
+
+    def saved_bytes(self) -> int:
+        """Bytes autograd saves for batch 0's first-order graph (forward and gradient with
+        its graph, each storage once; :meth:`LinearOperator.saved_bytes`): measured by
+        building that graph once more under the operator's guard (about one gradient; the
+        user's model and RNG untouched), then cached."""
+        if self._saved_bytes is None:
+            with self._guard():
+                index, batch = self._batch0()
+                self._saved_bytes = measure_saved(lambda: self._graph(batch, index))[1]
+        return self._saved_bytes
 
     def __repr__(self) -> str:
         return (

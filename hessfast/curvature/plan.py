@@ -20,23 +20,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import HessfastError, UnsupportedModelError
+from ..memory import available_memory
 
 if TYPE_CHECKING:
     from .operator import CurvatureOperator
 
-__all__ = [
-    "GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "available_memory", "inplace_write_error",
-    "measure_saved",
-]
-
-T = TypeVar("T")
+__all__ = ["GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "inplace_write_error"]
 
 HVP_MODES = ("auto", "reuse_graph", "double_backward", "fwd_rev")
 GRAPH_MODES = ("reuse_graph", "double_backward")
@@ -77,40 +72,6 @@ class HVPPlan:
     chunk: int
     seconds_per_vector: dict[str, float] = field(default_factory=dict)
     reason: str = ""
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device`` (host: ``MemAvailable``; 2 GiB when it cannot be read)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2 << 30
-
-
-def measure_saved(build: Callable[[], T]) -> tuple[T, int]:
-    """Run ``build`` and count the bytes of the tensors autograd saves meanwhile (each
-    storage once): what keeping the graph it builds costs. The graph stays usable (the pack
-    hook hands autograd a detached alias; autograd restores the history on unpack)."""
-    seen: dict[tuple[int, int], int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):
-            seen[(id(t), 0)] = t.numel() * t.element_size()
-        return t.detach()  # no reference cycle tensor -> grad_fn -> saved -> tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = build()
-    return result, sum(seen.values())
 
 
 # torch's error when a backward finds that a tensor it saved was changed in place since

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from ..errors import HessfastError
+from ..memory import measure_saved
 from .data import to_device
-from .plan import HVPPlan, measure_saved
+from .plan import HVPPlan
 from .preflight import check_finite
 
 __all__ = ["BatchProducts", "ChunkProduct"]
