@@ -33,7 +33,7 @@ from .errors import ArgumentTypeError, ConfigurationError
 from .lanczos.verify import residual_floor
 from .linop import LinearOperator
 from .progress import set_total, track
-from .results import JsonResult
+from .results import JsonResult, Status
 from .spectrum import EigshResult, eigsh
 
 __all__ = ["SINGULAR_STAGE", "ConditionResult", "LrScale", "Smallest", "condition_number",
@@ -115,7 +115,7 @@ def lr_curvature_scale(A: Any, lr_scale: float | None = None, *, full_batch: boo
                                     f"pass lr_scale={total})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ConditionResult(JsonResult):
     """Conditioning of a symmetric operator.
 
@@ -140,10 +140,14 @@ class ConditionResult(JsonResult):
             mean; :func:`lr_curvature_scale`), and how it was decided.
         converged: lambda_max converged, and lambda_min converged or was shown to be within
             the zero threshold (``singular_early``).
-        num_matvecs, seconds: total cost of this call (reused values cost nothing).
+        status: ``CONVERGED`` when ``converged`` (a singular operator recognised early
+            included), else ``MAX_MATVECS`` (an extreme's budget ran out; eigsh warned).
+        num_matvecs, num_passes, seconds: total cost of this call: products, ``matmat``
+            calls (data passes) and wall time (reused values cost nothing).
         singular_early: the smallest-end search stopped early on a singular operator.
 
-    ``to_dict()`` / ``to_json(path=None)``: JSON-safe fields (``kappa`` may be ``inf``).
+    ``to_dict()`` / ``to_json(path=None)`` as on every result (:class:`JsonResult`;
+    ``kappa`` may be ``inf``).
     """
 
     lambda_max: float
@@ -155,7 +159,9 @@ class ConditionResult(JsonResult):
     stable_lr: float
     zero_threshold: float
     converged: bool
+    status: Status
     num_matvecs: int
+    num_passes: int
     seconds: float
     singular_early: bool = False
     lr_curvature_scale: float = 1.0
@@ -242,7 +248,7 @@ def condition_number(
                   + (density is True) * num_probes * min(num_steps, n))
         if top is None or bottom is None:
             probe_operator(A, who)  # once, before counting: the result counts the algorithm's
-        mv0 = A.num_matvecs
+        mv0, p0 = A.num_matvecs, A.num_passes
         if top is None:
             r = eigsh(A, k=1, which="LA", tol=tol, max_matvecs=max_matvecs, seed=seed)
             top = (float(r.eigenvalues[0]), bool(r.converged.all()))
@@ -273,7 +279,9 @@ def condition_number(
             lambda_max=lmax, lambda_min=lmin, kappa=kappa, definiteness=definiteness,
             negative_ratio=neg_ratio, negative_mass=neg_mass,
             stable_lr=2.0 / (lrs.scale * lmax) if lmax > 0 else math.inf, zero_threshold=zero,
-            converged=bool(top_ok and bottom_ok), num_matvecs=A.num_matvecs - mv0,
+            converged=bool(top_ok and bottom_ok),
+            status=Status.CONVERGED if top_ok and bottom_ok else Status.MAX_MATVECS,
+            num_matvecs=A.num_matvecs - mv0, num_passes=A.num_passes - p0,
             seconds=time.perf_counter() - t0, singular_early=early,
             lr_curvature_scale=lrs.scale, lr_curvature_scale_reason=lrs.reason,
         )
