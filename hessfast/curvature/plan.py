@@ -18,20 +18,15 @@ per block size and its reason are kept in an :class:`HVPPlan`.
 
 from __future__ import annotations
 
-import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import HessfastError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..memory import available_memory
 
-if TYPE_CHECKING:
-    from .operator import CurvatureOperator
-
-__all__ = ["GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "inplace_write_error"]
+__all__ = ["GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "TimePaths", "inplace_write_error"]
 
 HVP_MODES = ("auto", "reuse_graph", "double_backward", "fwd_rev")
 GRAPH_MODES = ("reuse_graph", "double_backward")
@@ -55,6 +50,13 @@ REUSE_WITHOUT_TIMING = 4
 GRAPH_MEMORY_FRACTION = 4
 # Relative gap above which forward-over-reverse "disagrees" with double backward (x eps).
 AGREE_EPS = 1e4
+
+
+#: The timings auto mode decides from: ``time(modes, k, chunks)`` runs each mode on the same
+#: vectors in chunks of each size and returns seconds per vector by ``(mode, chunk)``; a mode
+#: that fails or disagrees is reported to the planner (:meth:`Planner.path_failed`,
+#: :meth:`Planner.check_agreement`) and may be missing or marked unavailable.
+TimePaths = Callable[[list[str], int, list[int]], dict[tuple[str, int], float]]
 
 
 @dataclass(frozen=True)
@@ -212,21 +214,37 @@ class Planner:
             )
         self.mark_unavailable("fwd_rev", why)
 
-    def plan_for(self, op: CurvatureOperator, k: int) -> HVPPlan:
-        """The plan for blocks of ``k`` vectors (decided, and timed in auto mode, once)."""
+    def plan_for(
+        self, k: int, *, time: TimePaths, timed_on: int = 0,
+        release: Callable[[], None] = lambda: None,
+    ) -> HVPPlan:
+        """The plan for blocks of ``k`` vectors (decided, and timed in auto mode, once).
+
+        Args:
+            k: the block size.
+            time: the timings auto mode decides from (:data:`TimePaths`; the operator's
+                products measure them on batch 0). Not called for an explicit ``hvp_mode``
+                or a small block on a path that needs no timing.
+            timed_on: the index of the batch ``time`` measures on (for the reason).
+            release: called when auto mode timed the paths and chose one that does not
+                keep the graphs (the cached graphs are then dropped).
+
+        Auto mode needs the graph-reuse decision first: the caller measures batch 0's
+        graph (:meth:`record_graph_size`) while :attr:`needs_graph_size`.
+        """
         if k not in self.plans:
             if self.requested != "auto":
                 chunk = self.fixed_chunk or min(k, MAX_CHUNK)
                 self.plans[k] = HVPPlan(self.requested, chunk, reason="requested")
             else:
-                self.plans[k] = self._auto_plan(op, k)
+                self.plans[k] = self._auto_plan(k, time, timed_on, release)
         return self.plans[k]
 
-    def _auto_plan(self, op: CurvatureOperator, k: int) -> HVPPlan:
+    def _auto_plan(
+        self, k: int, time: TimePaths, timed_on: int, release: Callable[[], None]
+    ) -> HVPPlan:
         if self.fits is None:
-            with op._guard():
-                op._first_graph()  # measures the graph and decides
-        assert self.fits is not None
+            raise RuntimeError("auto mode's plan needs the graph size first (record_graph_size)")
         fits, why_fits = self.fits
         graph_mode = "reuse_graph" if fits else "double_backward"
         if graph_mode not in self.unavailable:
@@ -246,37 +264,35 @@ class Planner:
                 why = "the only path left"
             chunk, timings = self.fixed_chunk or k, {}
             if mode == "reuse_graph" and chunk > 1:
-                timings = self._small_chunk_timings(op, k)
+                # one batched double backward (chunk k) against k single ones (chunk 1):
+                # batching copies [k, tokens, vocab] intermediates, which lost on a GPT-2
+                # with a 50k vocabulary on the 2-core CPU (products.py says more)
+                per_vector = time(["reuse_graph"], k, [1, k])
+                timings = {c: t for (m, c), t in per_vector.items() if m not in self.unavailable}
                 if not timings:  # reuse failed while timed: now unavailable
-                    return self._auto_plan(op, k)
+                    return self._auto_plan(k, time, timed_on, release)
                 chunk = min(timings, key=timings.__getitem__)
                 why += f"; chunk {chunk} timed fastest of {sorted(timings)}"
             return HVPPlan(mode, chunk, {f"reuse_graph/chunk={c}": t for c, t in timings.items()},
                            reason=self._reason(f"auto for k={k}: {mode} {why}", why_fits))
-        per_vector = self._time(op, candidates, k)
+        chunks = (
+            [self.fixed_chunk]
+            if self.fixed_chunk
+            else sorted({c for c in CHUNK_CANDIDATES if c <= k} or {k})
+        )
+        per_vector = time(candidates, k, chunks)
         usable = {key: t for key, t in per_vector.items() if key[0] not in self.unavailable}
-        if not usable:
-            return self._auto_plan(op, k)  # every candidate failed and is now unavailable
+        if not usable:  # every candidate failed and is now unavailable
+            return self._auto_plan(k, time, timed_on, release)
         (mode, c), best = min(usable.items(), key=lambda item: item[1])
         if mode != "reuse_graph":
-            op.free_graphs()
+            release()
         timings = {f"{m}/chunk={cc}": t for (m, cc), t in per_vector.items()}
         reason = (
-            f"auto for k={k}: fastest of {len(timings)} timed on batch {op._data.first()[0]} "
+            f"auto for k={k}: fastest of {len(timings)} timed on batch {timed_on} "
             f"({best * 1e3:.3g} ms/vector)"
         )
         return HVPPlan(mode, c, timings, self._reason(reason, why_fits))
-
-    def _small_chunk_timings(self, op: CurvatureOperator, k: int) -> dict[int, float]:
-        """Seconds per vector of graph reuse for a small block (1 < k <= 4) in one batched
-        double backward (chunk k) or k single ones (chunk 1). The batched one won on the
-        MLPs and CNNs of bench/bench_hvp.py, and lost on a GPT-2 with a 50k vocabulary on
-        the 2-core CPU (5.4 vs 3.0 gradients per vector at k=4, 2 x 64 tokens): batching
-        copies its ``[k, tokens, vocab]`` intermediates. Graph reuse runs no forward, so
-        this costs about 3 products of the block, once per block size. Empty when reuse
-        failed (it is then unavailable)."""
-        per_vector = self._time(op, ["reuse_graph"], k, chunks=[1, k])
-        return {c: t for (m, c), t in per_vector.items() if m not in self.unavailable}
 
     def _reason(self, reason: str, why_fits: str) -> str:
         reason += f"; {why_fits}"
@@ -285,50 +301,3 @@ class Planner:
                 f"{m} ({r[:120]})" for m, r in self.unavailable.items()
             )
         return reason
-
-    def _time(
-        self, op: CurvatureOperator, modes: list[str], k: int, chunks: list[int] | None = None
-    ) -> dict[tuple[str, int], float]:
-        """Seconds per vector of each mode and chunk size on batch 0, with the same vectors
-        for every mode, so that forward-over-reverse is also checked against double
-        backward. A mode that fails or disagrees is marked unavailable."""
-        index, batch = op._batch0()
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        if chunks is None:
-            chunks = (
-                [self.fixed_chunk]
-                if self.fixed_chunk
-                else sorted({c for c in CHUNK_CANDIDATES if c <= k} or {k})
-            )
-        blocks = {c: torch.randn(c, op.shape[0], generator=gen, dtype=op.dtype) for c in chunks}
-        per_vector: dict[tuple[str, int], float] = {}
-        results: dict[tuple[str, int], torch.Tensor] = {}
-        for mode in modes:
-            mode_best = math.inf
-            try:
-                with op._guard():
-                    for j, c in enumerate(chunks):
-                        Vs = op._split(blocks[c].to(op.device))
-                        if j == 0:  # warm-up: allocator caches, lazy initialisation
-                            op._batch0_product(mode, batch, index, Vs)
-                        # best of two: one timing on a busy 2-core machine can be 2x off
-                        # and mislead the choice (seen on a 4-batch MLP at k=16)
-                        dt = math.inf
-                        for _rep in range(2 if c <= 4 else 1):
-                            t0 = time.perf_counter()
-                            results[(mode, c)] = op._batch0_product(mode, batch, index, Vs)
-                            op._sync()
-                            dt = min(dt, time.perf_counter() - t0)
-                        per_vector[(mode, c)] = dt / c
-                        if dt / c > 1.05 * mode_best:
-                            break  # larger chunks only add memory traffic from here on
-                        mode_best = min(mode_best, dt / c)
-            except HessfastError:
-                raise  # the user's to fix (a loss, a NaN), not a sign the path cannot run
-            except Exception as exc:  # noqa: BLE001 - a path that fails is just not used
-                self.path_failed(mode, exc)
-        for (mode, c), ref in results.items():
-            other = results.get(("fwd_rev", c))
-            if mode != "fwd_rev" and other is not None:
-                self.check_agreement(ref, other, op.compute_dtype)
-        return per_vector

@@ -11,12 +11,15 @@ it uses the operator's data source, planner, guard and the subclass's batch-leve
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from .._checks import probe_generator
 from ..errors import HessfastError
 from ..memory import measure_saved
 from .data import to_device
@@ -39,6 +42,9 @@ class BatchProducts:
     _proven: set[str]
     _kind: str
     device: torch.device
+    dtype: torch.dtype
+    shape: tuple[int, int]
+    compute_dtype: torch.dtype
     hvp_mode: str
     hvp_mode_reason: str
 
@@ -88,20 +94,78 @@ class BatchProducts:
             return self._graph_product(self._graph(batch, index), V, retain=False)
         return self._fwd_rev_product(batch, V)
 
+    # -- timings (what auto mode's planner decides from) ---------------------------------
+    def _time_paths(
+        self, modes: list[str], k: int, chunks: list[int]
+    ) -> dict[tuple[str, int], float]:
+        """Seconds per vector of each mode and chunk size on batch 0, with the same vectors
+        for every mode, so that forward-over-reverse is also checked against double
+        backward (:data:`~.plan.TimePaths`). A mode that fails or disagrees is reported to
+        the planner, which marks it unavailable.
+
+        Graph reuse runs no forward, so timing a small block's chunks (1 against k, for
+        1 < k <= 4) costs about 3 products of the block, once per block size. The batched
+        call won on the MLPs and CNNs of bench/bench_hvp.py, and lost on a GPT-2 with a 50k
+        vocabulary on the 2-core CPU (5.4 vs 3.0 gradients per vector at k=4, 2 x 64
+        tokens): batching copies its ``[k, tokens, vocab]`` intermediates."""
+        planner = self._planner
+        index, batch = self._batch0()
+        gen = probe_generator(1234)
+        blocks = {
+            c: torch.randn(c, self.shape[0], generator=gen, dtype=self.dtype) for c in chunks
+        }
+        per_vector: dict[tuple[str, int], float] = {}
+        results: dict[tuple[str, int], torch.Tensor] = {}
+        for mode in modes:
+            mode_best = math.inf
+            try:
+                with self._guard():
+                    for j, c in enumerate(chunks):
+                        Vs = self._split(blocks[c].to(self.device))
+                        if j == 0:  # warm-up: allocator caches, lazy initialisation
+                            self._batch0_product(mode, batch, index, Vs)
+                        # best of two: one timing on a busy 2-core machine can be 2x off
+                        # and mislead the choice (seen on a 4-batch MLP at k=16)
+                        dt = math.inf
+                        for _rep in range(2 if c <= 4 else 1):
+                            t0 = time.perf_counter()
+                            results[(mode, c)] = self._batch0_product(mode, batch, index, Vs)
+                            self._sync()
+                            dt = min(dt, time.perf_counter() - t0)
+                        per_vector[(mode, c)] = dt / c
+                        if dt / c > 1.05 * mode_best:
+                            break  # larger chunks only add memory traffic from here on
+                        mode_best = min(mode_best, dt / c)
+            except HessfastError:
+                raise  # the user's to fix (a loss, a NaN), not a sign the path cannot run
+            except Exception as exc:  # noqa: BLE001 - a path that fails is just not used
+                planner.path_failed(mode, exc)
+        for (mode, c), ref in results.items():
+            other = results.get(("fwd_rev", c))
+            if mode != "fwd_rev" and other is not None:
+                planner.check_agreement(ref, other, self.compute_dtype)
+        return per_vector
+
     # -- products ----------------------------------------------------------------------
     @property
     def plans(self) -> Mapping[int, HVPPlan]:
         """The plan (path, chunk, timings, reason) per block size used so far."""
         return MappingProxyType(self._planner.plans)
 
-    @property
-    def _plans(self) -> dict[int, HVPPlan]:  # read by bench/bench_spectrum.py
-        return self._planner.plans
+    def _plan_for(self, k: int) -> HVPPlan:
+        """The planner's plan for blocks of ``k``, given the timings of batch 0."""
+        planner = self._planner
+        if k not in planner.plans and planner.requested == "auto" and planner.needs_graph_size:
+            with self._guard():
+                self._first_graph()  # measures the graph: the planner decides graph reuse
+        return planner.plan_for(
+            k, time=self._time_paths, timed_on=self._data.first()[0], release=self.free_graphs
+        )
 
     def _local_matmat(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[0]
         while True:
-            plan = self._planner.plan_for(self, k)
+            plan = self._plan_for(k)
             try:
                 out = self._run(plan, V)
                 break
