@@ -223,8 +223,8 @@ def test_clustered_spectrum_mass_at_zero(method: str) -> None:
     if method == "slq":
         # 2-dimensional Krylov space: breakdown after 2 steps (3 when roundoff in the
         # 1e-8 cluster sits just above the threshold; the third node then has weight ~ 0)
-        assert int(r.steps.max()) <= 3 and r.num_passes <= 3
-        assert int((r.steps == 2).sum()) >= 12
+        assert int(r.steps_taken.max()) <= 3 and r.num_passes <= 3
+        assert int((r.steps_taken == 2).sum()) >= 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_point_spectrum(c: float, method: str) -> None:
     for t in (r.nodes, r.weights):
         assert bool(torch.isfinite(t).all())
     if method == "slq":
-        assert r.steps.tolist() == [1, 1, 1] and r.num_passes == 1
+        assert r.steps_taken.tolist() == [1, 1, 1] and r.num_passes == 1
         torch.testing.assert_close(r.nodes, torch.full((3, 10), c, dtype=F64), rtol=0, atol=1e-15)
         assert r.weights[:, 0].tolist() == [1.0] * 3 and float(r.weights[:, 1:].abs().sum()) == 0
     assert r.moments(1) == pytest.approx(c, abs=1e-13)
@@ -291,10 +291,10 @@ def test_low_rank_breakdown_is_exact_and_padded() -> None:
     assert r.nodes.shape == (4, 20)
     # Krylov space: 3 eigenvectors + null-space part; one step more where a small beta
     # amplified the rounding above the breakdown threshold (a null-space direction, weight ~0)
-    assert int(r.steps.max()) <= rank + 2
-    assert r.num_passes == int(r.steps.max())
+    assert int(r.steps_taken.max()) <= rank + 2
+    assert r.num_passes == int(r.steps_taken.max())
     for p in range(4):
-        k = int(r.steps[p])
+        k = int(r.steps_taken[p])
         assert float(r.weights[p, k:].abs().sum()) == 0.0
     U = draw_probes(n, 4, seed=1, dtype=F64)
     for p in (1, 2, 7, 15):  # every moment is exact after a breakdown
@@ -311,7 +311,7 @@ def test_probe_in_invariant_subspace_stops_while_others_continue() -> None:
     Z = torch.stack([draw_probes(n, 1, seed=4, dtype=F64)[0], special, -special * 3])
     A = op(M)
     r = spectral_density(A, num_steps=15, v0=Z)
-    assert r.steps.tolist() == [15, 2, 2]
+    assert r.steps_taken.tolist() == [15, 2, 2]
     assert r.num_matvecs == 15 + 2 + 2  # the block shrank after step 2
     for p in (1, 2):
         torch.testing.assert_close(r.nodes[p, :2], evals[[10, 50]], rtol=0, atol=1e-12)
@@ -438,7 +438,9 @@ def test_plot_smoke_and_missing_matplotlib(monkeypatch: pytest.MonkeyPatch) -> N
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ax = r.plot()  # log scale by default: the outliers stay visible
+        fig = r.plot()  # log scale by default: the outliers stay visible
+        assert isinstance(fig, matplotlib.figure.Figure)  # every plot() returns the Figure
+        (ax,) = fig.axes
         assert ax.get_yscale() == "log" and len(ax.lines) == 4  # curve, rug, max/min markers
         curve = ax.lines[0].get_ydata()
         peak = float(np.nanmax(curve))
@@ -452,9 +454,10 @@ def test_plot_smoke_and_missing_matplotlib(monkeypatch: pytest.MonkeyPatch) -> N
         assert min(rug) == pytest.approx(float(r.nodes[r.weights > 0].min()))
         assert "eigenvalue" in ax.get_xlabel() and "density" in ax.get_ylabel()
         plt.close(ax.figure)
-        ax = r.plot(log=False, ritz=False)
+        fig = r.plot(log=False, ritz=False)
+        ax = fig.axes[0]
         assert ax.get_yscale() == "linear" and len(ax.lines) == 1
-        plt.close(ax.figure)
+        plt.close(fig)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         r.plot()
@@ -467,8 +470,12 @@ def test_to_dict_json_round_trip(method: str, tmp_path) -> None:
     text = json.dumps(r.to_dict())  # JSON-safe: no tensors, no tuples of tensors
     back = SpectralDensity.from_dict(json.loads(text))
     assert back.to_dict() == r.to_dict()
-    for name in ("nodes", "weights", "trace_weights", "steps"):
+    for name in ("nodes", "weights", "trace_weights", "steps_taken"):
         assert torch.equal(getattr(back, name), getattr(r, name))
+    old = {("steps" if k == "steps_taken" else k): v for k, v in r.to_dict().items()}
+    assert SpectralDensity.from_dict(old).to_dict() == r.to_dict()  # a dict from 0.1
+    with pytest.warns(DeprecationWarning, match="steps_taken"):
+        assert torch.equal(r.steps, r.steps_taken)  # the old name, for one release
     grid = torch.linspace(-1, 2, 17, dtype=torch.float64)
     assert torch.equal(back.density(grid), r.density(grid))
     assert back.trace(lambda x: x) == r.trace(lambda x: x)

@@ -28,8 +28,8 @@ from .._checks import (
     work_dtype,
 )
 from .._digest import tensor_digest
-from .._mesh import Mesh
 from .._probe import probe_operator
+from ..distributed import Mesh
 from ..errors import ConfigurationError
 from ..lanczos.checkpoint import Checkpoint
 from ..lanczos.probes import REORTHS
@@ -266,6 +266,7 @@ def spectral_density(
             converged=fields["status"] != Status.OUT_OF_BOUNDS,
             seconds=time.perf_counter() - t0,
             resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
+            steps_taken=fields.pop("steps"),  # the runs' (and checkpoints') name for it
             **fields,
         )
 

@@ -3,26 +3,31 @@ it answers (densities, traces of functions, moments, plots)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from .._checks import check_int, check_positive
 from ..errors import ArgumentTypeError, ConfigurationError
-from ..results import Status
+from ..results import JsonResult, Status
 from .kpm import cheb_series, jackson
 
 __all__ = ["SpectralDensity", "slq_sigma"]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class SpectralDensity:
+class SpectralDensity(JsonResult):
     """An estimate of the spectral density of a symmetric ``n x n`` operator.
+
+    ``to_dict()`` / ``to_json(path=None)`` as on every result (:class:`JsonResult`; the
+    ``[P, N]`` quadrature is small and always included), :meth:`from_dict` rebuilds it.
 
     Attributes:
         nodes: ``[P, N]`` float64 (CPU) quadrature nodes per probe. SLQ: the Ritz values of
@@ -40,8 +45,9 @@ class SpectralDensity:
         n: operator size.
         num_steps: SLQ: Lanczos steps per probe (after clipping to ``n``); KPM: the number of
             Chebyshev moments.
-        steps: ``[P]`` int64: Lanczos steps each probe took (SLQ; ``< num_steps`` after a
-            breakdown, when the Gauss rule is exact), ``num_steps`` for KPM.
+        steps_taken: ``[P]`` int64: Lanczos steps each probe took (SLQ; ``< num_steps`` after
+            a breakdown, when the Gauss rule is exact), ``num_steps`` for KPM. (``steps``: its
+            deprecated old name.)
         probe: ``"rademacher"``, ``"gaussian"`` or ``"given"`` (the rows of ``v0``).
         seed: the probes' seed.
         bounds: ``(lo, hi)``. SLQ: extreme Ritz values widened by their Ritz residuals
@@ -66,7 +72,7 @@ class SpectralDensity:
     method: str
     n: int
     num_steps: int
-    steps: torch.Tensor
+    steps_taken: torch.Tensor
     probe: str
     seed: int
     bounds: tuple[float, float]
@@ -79,20 +85,25 @@ class SpectralDensity:
     chebyshev_moments: torch.Tensor | None = None
     resumed_from_step: int | None = None
 
+    _REPR_FIELDS: ClassVar[tuple[str, ...]] = (
+        "method", "n", "num_probes", "num_steps", "bounds", "status", "num_passes",
+        "num_matvecs", "seconds")
+
     # -- basic properties -------------------------------------------------------------------
     @property
     def num_probes(self) -> int:
         """Number of probes ``P``."""
         return int(self.nodes.shape[0])
 
-    def __repr__(self) -> str:
-        lo, hi = self.bounds
-        return (
-            f"SpectralDensity(method={self.method!r}, n={self.n}, num_probes={self.num_probes}, "
-            f"num_steps={self.num_steps}, bounds=({lo:.4g}, {hi:.4g}), "
-            f"num_passes={self.num_passes}, num_matvecs={self.num_matvecs}, "
-            f"seconds={self.seconds:.3g})"
+    @property
+    def steps(self) -> torch.Tensor:
+        """Deprecated name of :attr:`steps_taken` (removed in the next release)."""
+        warnings.warn(
+            "SpectralDensity.steps is deprecated and will be removed in the next release: "
+            "use SpectralDensity.steps_taken (num_steps is the int asked for)",
+            DeprecationWarning, stacklevel=2,
         )
+        return self.steps_taken
 
     # -- density ------------------------------------------------------------------------------
     def density(
@@ -208,40 +219,20 @@ class SpectralDensity:
         return out / self.n
 
     # -- serialisation ----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe fields (lists, floats, ints, strs, None): ``from_dict`` rebuilds an equal
-        result (float64 values round-trip exactly through :mod:`json`)."""
-        d: dict[str, Any] = {}
-        for name in _FIELDS:
-            v = getattr(self, name)
-            if isinstance(v, torch.Tensor):
-                v = v.detach().cpu().tolist()
-            elif isinstance(v, tuple):
-                v = [float(b) for b in v]
-            elif isinstance(v, Status):
-                v = v.value
-            d[name] = v
-        return d
-
-    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = None
-                ) -> str:
-        """``json.dumps(self.to_dict())`` (the signature of every result's ``to_json``); with
-        ``path``, also written to that file (UTF-8). Returns the JSON text."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        return text
+    # to_dict / to_json: JsonResult's (float64 values round-trip exactly through json)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpectralDensity:
-        """Inverse of :meth:`to_dict` (also accepts the output of ``json.loads``)."""
+        """Inverse of :meth:`to_dict` (also accepts the output of ``json.loads``, and the
+        dicts of earlier versions, which called ``steps_taken`` ``steps``)."""
         if not isinstance(d, dict):
             raise ArgumentTypeError(
                 f"SpectralDensity.from_dict: expected a dict from to_dict(), got {type(d).__name__}"
             )
-        missing = [f for f in _FIELDS
-                   if f not in d and f not in ("chebyshev_moments", "resumed_from_step")]
+        if "steps_taken" not in d and "steps" in d:  # written before 0.2
+            d = {**d, "steps_taken": d["steps"]}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in d and f.name not in ("chebyshev_moments", "resumed_from_step")]
         if missing:
             raise ConfigurationError(
                 f"SpectralDensity.from_dict: missing fields {missing}; pass the dict that "
@@ -254,7 +245,8 @@ class SpectralDensity:
             weights=torch.tensor(d["weights"], dtype=f64),
             trace_weights=torch.tensor(d["trace_weights"], dtype=f64),
             method=str(d["method"]), n=int(d["n"]), num_steps=int(d["num_steps"]),
-            steps=torch.tensor(d["steps"], dtype=torch.int64), probe=str(d["probe"]),
+            steps_taken=torch.tensor(d["steps_taken"], dtype=torch.int64),
+            probe=str(d["probe"]),
             seed=int(d["seed"]), bounds=(float(d["bounds"][0]), float(d["bounds"][1])),
             default_sigma=float(d["default_sigma"]), num_matvecs=int(d["num_matvecs"]),
             num_passes=int(d["num_passes"]), status=Status(d["status"]),
@@ -274,9 +266,13 @@ class SpectralDensity:
         *,
         floor: float = 1e-6,
         ritz: bool = True,
+        path: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Plot the density on ``ax`` (a new figure when None) and return the axes.
+        """Plot the density on ``ax`` (a new pyplot figure when None) and return the
+        :class:`matplotlib.figure.Figure` (``fig.axes`` holds the axes), as every ``plot()``
+        of hessfast does; with ``path``, the figure is also saved there (format from the
+        suffix).
 
         ``grid`` defaults to 1000 points over ``bounds`` widened by 5 sigma. ``log=True`` (the
         default) uses a logarithmic y axis down to ``floor`` times the peak, so the outliers
@@ -339,12 +335,12 @@ class SpectralDensity:
         ax.set_title(f"Estimated eigenvalue distribution of a {self.n:,}-dimensional operator\n"
                      f"({how}, {self.num_probes} random probes)", fontsize=10)
         ax.legend(fontsize=8, loc="upper right")
-        return ax
+        fig = ax.get_figure()
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path)
+        return fig
 
-
-_FIELDS = ("nodes", "weights", "trace_weights", "method", "n", "num_steps", "steps", "probe",
-           "seed", "bounds", "default_sigma", "num_matvecs", "num_passes", "status",
-           "converged", "seconds", "chebyshev_moments", "resumed_from_step")
 
 
 def _as_grid(grid: Any) -> torch.Tensor:
