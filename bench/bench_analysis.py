@@ -9,23 +9,24 @@ demo's wall time), one JSON line per measurement:
   samples) and on a positive definite matrix;
 * ``demo``: ``hessfast demo``'s wall time in a fresh process (includes ``import``).
 
-    python bench/bench_analysis.py [--only blocks,warm,condition,demo] [--out FILE]
+    python bench/bench_analysis.py [--only blocks,warm,condition,demo] [--out FILE] [--save]
+
+Flags, records and results files: bench/_harness.py (bench/README.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
+import _harness as harness
 import torch
 from torch import nn
 
 import hessfast as hf
+from hessfast.testing import timeit
 
 
 def _digits(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,17 +113,15 @@ def bench_condition() -> list[dict]:
 
 def bench_demo() -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "hessfast", "demo", "--quiet"], cwd=tmp,
-                              capture_output=True, text=True)
-        wall = time.perf_counter() - t
-    return [dict(bench="demo", seconds=round(wall, 2), rc=proc.returncode)]
+        t = timeit(lambda: subprocess.run([sys.executable, "-m", "hessfast", "demo", "--quiet"],
+                                          cwd=tmp, capture_output=True, text=True),
+                   repeats=1, warmup=0, device="cpu")
+    return [dict(bench="demo", seconds=round(t.seconds, 2), rc=t.result.returncode)]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__)
     ap.add_argument("--only", default="blocks,warm,condition,demo")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     only = set(args.only.split(","))
     rows: list[dict] = []
@@ -134,11 +133,9 @@ def main() -> None:
         rows += bench_condition()
     if "demo" in only:
         rows += bench_demo()
-    for r in rows:
-        print(json.dumps(r), flush=True)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    with harness.Records("bench_analysis", args, tag="cpu") as out:
+        for r in rows:
+            out.emit(r)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ floor. One JSON line per case (plus one for the copy bandwidth) to ``--out`` and
 on stderr.
 
     python bench/bench_ce.py [--device cuda|cpu] [--shapes N,V,k,dtype;...] [--repeats R]
-                             [--out FILE]
+                             [--out FILE] [--save]
+
+(flags, records and results files: bench/_harness.py, bench/README.md)
 
 For logits ``[N, V]`` (10% of rows ``ignore_index``, mean reduction) and k directions
 ``U [k, N, V]`` it times (median of R after one warm-up, the device synchronised):
@@ -31,12 +33,11 @@ tiny and the times mean nothing: it checks that the script runs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
 
+import _harness as harness
 import torch
 import torch.nn.functional as F
 
@@ -161,11 +162,9 @@ def _formatter(row: dict):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = harness.parser(__doc__, "device", "repeats", repeats=5,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default=None, help="N,V,k,dtype;... (default: per device)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -177,15 +176,8 @@ def main() -> None:
         "Triton does not import" if not triton_available()
         else "the Triton kernel runs on CUDA (or under TRITON_INTERPRET=1)")
 
-    sink = open(args.out, "a") if args.out else None  # noqa: SIM115
-
-    def emit(row: dict) -> None:
-        line = json.dumps(row)
-        print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
-
+    sink = harness.Records("bench_ce", args, tag=device.type)
+    emit = sink.emit
     bw = copy_bandwidth(device, args.repeats)
     emit({"kind": "copy_bandwidth", "device": str(device), "copy_GBps": bw / 1e9,
           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

@@ -9,22 +9,24 @@ adaptive stop (``rtol=0.05``; ``atol`` for the trace near zero, where no relativ
 be met). The diagonal's cells count (seed, entry) pairs; "worst entry" is the lowest coverage
 of any single entry over the seeds.
 
-Prints a markdown table (coverage, its binomial standard error, mean relative half-width,
-mean products, fraction that met the adaptive target) and, with ``--json FILE``, the rows.
+Prints one JSON line per cell, then a markdown table (coverage, its binomial standard error,
+mean relative half-width, mean products, fraction that met the adaptive target); with
+``--json FILE``, the rows as one JSON array; ``--out``/``--save`` append the JSON lines
+(bench/_harness.py, bench/README.md).
 
     python bench/bench_coverage.py [--seeds 200] [--n 400] [--budgets 30,100]
         [--only trace,diagonal] [--methods hutchinson,hutch++,xtrace]
-        [--modes fixed,adaptive] [--spectra SUBSTR,...] [--json FILE]
+        [--modes fixed,adaptive] [--spectra SUBSTR,...] [--json FILE] [--out FILE] [--save]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 import warnings
 
+import _harness as harness
 import torch
 
 import hessfast as hf
@@ -92,7 +94,7 @@ def diagonal_cell(M: torch.Tensor, method: str, budget: int, seeds: int) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=200)
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--budgets", default="30,100")
@@ -105,7 +107,8 @@ def main() -> None:
     torch.set_num_threads(1)
     budgets = [b for b in args.budgets.split(",") if b]
     rows = []
-    t0 = time.perf_counter()
+    out = harness.Records("bench_coverage", args, tag="cpu")
+    t0 = time.perf_counter()  # the run's wall time, printed: not a measurement
     for name, lam in spectra(args.n).items():
         if args.spectra and not any(p in name for p in args.spectra.split(",")):
             continue
@@ -120,14 +123,15 @@ def main() -> None:
                     row = dict(kind="trace", spectrum=name, method=method, mode=mode, **extra)
                     row.update(trace_cell(M, truth, method, mode, args.seeds, extra))
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    out.emit(row)
         if "diagonal" in args.only and "fixed" in args.modes:
             for method in ("hutchinson", "xdiag"):
                 for b in budgets:
                     row = dict(kind="diagonal", spectrum=name, method=method, mode=b)
                     row.update(diagonal_cell(M, method, int(b), args.seeds))
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    out.emit(row)
+    out.close()
     print(f"\n{args.seeds} seeds per cell, n = {args.n}, {time.perf_counter() - t0:.0f} s\n")
     print("| quantity | spectrum | method | budget | coverage (95%) | rel. half-width "
           "| products | target met |")

@@ -16,23 +16,22 @@ GPT-2-like block with plain-matmul attention).
 
     python bench/bench_distributed.py [--model mlp|lm] [--worlds 1,2] [--k 4]
                                       [--batches 8] [--batch 64] [--repeats 5]
+                                      [--out FILE] [--save]
 
 Speed is measured here only, never in tests; results go to bench/RESULTS.md with the
-machine, date and commit.
+machine, date and commit (flags, records and results files: bench/_harness.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import time
 
+import _harness as harness
 import torch
 from torch import nn
 
@@ -65,6 +64,7 @@ def rank_main(args: argparse.Namespace) -> None:
 
     import hessfast as hf
     from hessfast.distributed import Comm
+    from hessfast.testing import timeit
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     world, rank = args.world, args.rank
@@ -73,31 +73,30 @@ def rank_main(args: argparse.Namespace) -> None:
                                 world_size=world, timeout=datetime.timedelta(seconds=300))
     model, loss_fn, data = build(args.model, args.batches, args.batch)
     mine = data[rank::world]
-    t0 = time.perf_counter()
-    H = hf.hessian(model, loss_fn, mine)
-    build_s = time.perf_counter() - t0
+    built = timeit(lambda: hf.hessian(model, loss_fn, mine), repeats=1, warmup=0, device="cpu")
+    H, build_s = built.result, built.seconds
     V = torch.randn(args.k, H.shape[0], generator=torch.Generator().manual_seed(1))
-    H.matmat(V)  # warm-up (plans the path)
-    product, reduce = [], []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        H.matmat(V)
-        product.append(time.perf_counter() - t0)
-        if world > 1:
-            buf = torch.zeros(args.k, H.shape[0], dtype=H.dtype)
-            t0 = time.perf_counter()
-            Comm().allreduce_sum_(buf)
-            reduce.append(time.perf_counter() - t0)
+    # one warm-up product (plans the path), then the median of --repeats; every rank makes
+    # the same calls in the same order, so the collectives inside them pair up
+    product = timeit(lambda: H.matmat(V), repeats=args.repeats, warmup=1, device="cpu").median
+    reduce = None
+    if world > 1:
+        buf = torch.zeros(args.k, H.shape[0], dtype=H.dtype)
+        # the sum of zeros stays zeros: one buffer serves every repeat
+        reduce = timeit(lambda: Comm().allreduce_sum_(buf), repeats=args.repeats, warmup=0,
+                        device="cpu").median
     if rank == 0:
-        print(json.dumps({
+        out = harness.Records("bench_distributed", args, tag="cpu")
+        out.emit({
             "model": args.model, "world": world, "k": args.k, "n": H.shape[0],
             "global_batches": args.batches, "batch": args.batch,
             "build_s": round(build_s, 4),
-            "product_s": round(statistics.median(product), 5),
-            "allreduce_s": round(statistics.median(reduce), 5) if reduce else 0.0,
+            "product_s": round(product, 5),
+            "allreduce_s": round(reduce, 5) if reduce is not None else 0.0,
             "allreduce_bytes": args.k * H.shape[0] * H.dtype.itemsize if world > 1 else 0,
             "hvp_mode": H.hvp_mode,
-        }), flush=True)
+        })
+        out.close()
     if world > 1:
         dist.destroy_process_group()
 
@@ -109,7 +108,8 @@ def launch(args: argparse.Namespace, world: int) -> None:
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     common = ["--model", args.model, "--k", str(args.k), "--batches", str(args.batches),
-              "--batch", str(args.batch), "--repeats", str(args.repeats)]
+              "--batch", str(args.batch), "--repeats", str(args.repeats),
+              *(["--out", args.out] if args.out else []), *(["--save"] if args.save else [])]
     procs = [
         subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", str(world),
                           "--port", str(port), *common], env=env)
@@ -121,13 +121,12 @@ def launch(args: argparse.Namespace, world: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "repeats", repeats=5)
     parser.add_argument("--model", choices=["mlp", "lm"], default="mlp")
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

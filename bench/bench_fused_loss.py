@@ -5,47 +5,39 @@ Prints one JSON line per (curvature, shape): best-of-``--repeats`` time of ``mat
 ``[k, n]`` for both, their ratio, and the relative difference of the two products (same
 model, same vectors: rounding only). The models are an MLP ``d -> d -> V`` on N samples.
 
-    python bench/bench_fused_loss.py [--device cuda] [--repeats 5] [--out FILE]
+    python bench/bench_fused_loss.py [--device cuda] [--repeats 5] [--out FILE] [--save]
+
+Flags, records and results files: bench/_harness.py (bench/README.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
+import _harness as harness
 import torch
 from torch import nn
 
 import hessfast as hf
+from hessfast.testing import timeit
 
 SHAPES_CPU = ((1000, 512, 64, 1), (1000, 512, 64, 8), (10000, 256, 32, 1), (10000, 256, 32, 8),
               (50257, 128, 16, 4))
 SHAPES_CUDA = ((32000, 2048, 256, 1), (32000, 2048, 256, 4), (128256, 1024, 128, 4))
 
 
-def _time(A: hf.LinearOperator, X: torch.Tensor, repeats: int, sync) -> tuple[float, torch.Tensor]:
-    out = A.matmat(X)  # warm-up (graph cache, planner)
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        out = A.matmat(X)
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def _time(A: hf.LinearOperator, X: torch.Tensor, repeats: int,
+          device: torch.device) -> tuple[float, torch.Tensor]:
+    """Best of ``repeats`` products after one warm-up (graph cache, planner), and the last."""
+    t = timeit(lambda: A.matmat(X), repeats=repeats, warmup=1, device=device)
+    return t.best, t.result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=None)
+    ap = harness.parser(__doc__, "device", "repeats", repeats=5,
+                        repeats_help="timed products per case (the best is reported)")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    records = harness.Records("bench_fused_loss", args, tag=dev.type)
     shapes = SHAPES_CUDA if dev.type == "cuda" else SHAPES_CPU
-    rows = []
     for kind in ("ggn", "hessian"):
         for V, N, d, k in shapes:
             torch.manual_seed(0)
@@ -59,18 +51,15 @@ def main() -> None:
                 if X is None:
                     X = torch.randn(k, A.shape[0], device=dev,
                                     generator=torch.Generator(dev).manual_seed(1))
-                times[fused], outs[fused] = _time(A, X, args.repeats, sync)
+                times[fused], outs[fused] = _time(A, X, args.repeats, dev)
                 head = A.loss_head
             rel = ((outs[True] - outs[False]).norm() / outs[False].norm()).item()
             row = dict(curvature=kind, V=V, N=N, d=d, k=k, device=str(dev), head=head,
                        autograd_ms=round(times[False] * 1e3, 2),
                        fused_ms=round(times[True] * 1e3, 2),
                        speedup=round(times[False] / times[True], 2), rel_diff=f"{rel:.1e}")
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+            records.emit(row)
+    records.close()
 
 
 if __name__ == "__main__":

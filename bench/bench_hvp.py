@@ -14,19 +14,21 @@ after a warm-up) one gradient over the data, and ``H.matmat(V)`` for ``V: [k, n]
 k in {1, 4, 16}, for each mode; reports the time per block, the ratio to the gradient and
 what ``hvp_mode="auto"`` picked. One JSON line per case on stdout, a table on stderr.
 
-    python bench/bench_hvp.py [--quick] [--cases mlp_digits_1x512,lm_tiny] [--out FILE]
+    python bench/bench_hvp.py [--quick] [--cases mlp_digits_1x512,lm_tiny] [--device cuda]
+                              [--repeats R] [--out FILE] [--save]
+
+Flags, records and results files: bench/_harness.py (bench/README.md).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import os
 import platform
 import sys
 
+import _harness as harness
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -269,26 +271,22 @@ def _table(records: list[dict], ks: tuple[int, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 repeats, k in {1, 4}")
+    ap = harness.parser(__doc__, "quick", "repeats", "device",
+                        quick_help="2 repeats, k in {1, 4}",
+                        repeats_help="timed calls per measurement (default 7, --quick 2)")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     ks = (1, 4) if args.quick else (1, 4, 16)
     repeats = args.repeats or (2 if args.quick else 7)
     records = []
     all_ok = True
-    for name in args.cases.split(","):
-        rec = bench_case(name.strip(), ks, repeats, args.device)
-        records.append(rec)
-        all_ok &= rec["check"]["ok"]
-        line = json.dumps(rec, sort_keys=True)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+    with harness.Records("bench_hvp", args, tag=args.device.split(":")[0],
+                         sort_keys=True) as out:
+        for name in args.cases.split(","):
+            rec = bench_case(name.strip(), ks, repeats, args.device)
+            records.append(rec)
+            all_ok &= rec["check"]["ok"]
+            out.emit(rec)
     print(_table(records, ks), file=sys.stderr)
     return 0 if all_ok else 1
 

@@ -4,9 +4,10 @@ head: time and (on CUDA) peak extra memory. One JSON line per (case, method) on 
 
     python bench/bench_linear_ce.py [--device cpu|cuda] [--quick] [--dtype bfloat16|float32]
                                     [--n 2048 8192] [--vocab 32768 131072] [--d 2048] [--k 1 4]
-                                    [--repeats R] [--out results.jsonl]
+                                    [--repeats R] [--out results.jsonl] [--save]
 
-(hessfast must be importable: installed, or the repository root on PYTHONPATH.)
+(hessfast must be importable: installed, or the repository root on PYTHONPATH. Flags, records
+and results files: bench/_harness.py, bench/README.md.)
 
 Methods, for ``logits = h W^T + b``, mean cross-entropy with some ``ignore_index`` targets and k
 directions ``(dh, dW, db)``:
@@ -22,11 +23,10 @@ product is >= 3x faster than autograd at V >= 128k on a GPU. This script makes n
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import sys
 
+import _harness as harness
 import torch
 import torch.nn.functional as F
 
@@ -96,20 +96,17 @@ def measure(fn, args, device: torch.device, repeats: int) -> tuple[dict, tuple]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap = harness.parser(__doc__.splitlines()[0], "device", "quick", "repeats",
+                        device_choices=["cpu", "cuda"], quick_help="tiny sizes (a smoke run)")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--n", type=int, nargs="+", default=None, help="token counts N")
     ap.add_argument("--vocab", type=int, nargs="+", default=None, help="vocabulary sizes V")
     ap.add_argument("--d", type=int, default=None, help="hidden size d")
     ap.add_argument("--k", type=int, nargs="+", default=None, help="direction counts k")
-    ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--chunk-tokens", type=int, default=None, help="fused: rows per chunk")
     ap.add_argument("--chunk-bytes", type=int, default=None,
                     help="fused: budget of one [k, c, V] buffer (default 256 MiB)")
     ap.add_argument("--no-autograd", action="store_true", help="time only the fused product")
-    ap.add_argument("--out", default=None, help="append JSON lines to this file")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ns, vs, ks = a.n or ns, a.vocab or vs, a.k or ks
     d, reps = a.d or d, a.repeats or reps
     dtype = DTYPES[a.dtype or ("bfloat16" if gpu else "float32")]
-    sink = open(a.out, "a") if a.out else None  # noqa: SIM115
+    sink = harness.Records("bench_linear_ce", a, tag=device.type)
     try:
         for v in vs:
             for n in ns:
@@ -147,16 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(dict(common, method="autograd", **base))
                     del got
                     for row in rows:
-                        line = json.dumps(row)
-                        print(line, flush=True)
-                        if sink:
-                            sink.write(line + "\n")
+                        sink.emit(row)
                     del args
                     if gpu:
                         torch.cuda.empty_cache()
     finally:
-        if sink:
-            sink.close()
+        sink.close()
     return 0
 
 

@@ -1,7 +1,7 @@
 """GB/s of the native (or Triton) basis ops against torch's own matmul path and the machine's
 streaming read and copy bandwidth, measured in the same run. One JSON line per case on stdout.
 
-    python bench/bench_ops.py [--quick] [--device cpu|cuda] [--repeats R]
+    python bench/bench_ops.py [--quick] [--device cpu|cuda] [--repeats R] [--out FILE] [--save]
     python bench/bench_ops.py --device cuda --backend triton [--modes fma,dot] [--target]
     TRITON_INTERPRET=1 python bench/bench_ops.py --backend triton --shapes 1000:8:2 --repeats 1
 
@@ -13,7 +13,8 @@ asks >= 0.8 of it and >= 1.5x torch for the target shape. Rows where the Triton 
 torch name the ops for hessfast.ops._CUDA_AUTO_TRITON. CPU runs (interpreter) check the script
 only: no timing claims. The "native_*" columns hold the backend under test (column "backend").
 
-(hessfast must be importable: installed, or the repository root on PYTHONPATH with a built _C.)
+(hessfast must be importable: installed, or the repository root on PYTHONPATH with a built _C.
+Flags, records and results files: bench/_harness.py, bench/README.md.)
 
 Bytes counted are what each op must move at minimum (V is read once per pass over n):
   basis_dot       m n s + k n 4           (s = bytes per basis element, W float32)
@@ -25,11 +26,10 @@ torch's path: C = V @ W.T (fp32), then W.sub_(C.T @ V); a bf16 basis multiplies 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
+import _harness as harness
 import torch
 
 from hessfast import _native, ops
@@ -150,10 +150,9 @@ def bench_case(device, storage, m, k, n, repeats, stream, copy, backend="native"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="n=2e6, m in {16, 64}, k=4 only")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median)")
+    p = harness.parser(__doc__, "device", "quick", "repeats", raw=True,
+                       device_choices=["cpu", "cuda"], quick_help="n=2e6, m in {16, 64}, k=4 only",
+                       repeats_help="timed runs per case (median)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--backend", default="native", choices=["native", "triton"],
                    help="native: hessfast.ops as dispatched; triton: kernels/basis_triton.py")
@@ -186,14 +185,17 @@ def main() -> None:
             "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    print(json.dumps(info), flush=True)
+    with harness.Records("bench_ops", args, tag=device.type) as out:
+        run(args, device, info, out)
 
+
+def run(args, device: torch.device, info: dict, out: harness.Records) -> None:
+    """The measurements of :func:`main`, each record through ``out``."""
+    out.emit(info)
     stream = stream_bandwidth(device, 5)
-    print(json.dumps({"op": "stream_read", "device": device.type, "GBps": round(stream, 2)}),
-          flush=True)
+    out.emit({"op": "stream_read", "device": device.type, "GBps": round(stream, 2)})
     copy = copy_bandwidth(device, 5)
-    print(json.dumps({"op": "copy_d2d", "device": device.type, "GBps": round(copy, 2)}),
-          flush=True)
+    out.emit({"op": "copy_d2d", "device": device.type, "GBps": round(copy, 2)})
     modes = args.modes.split(",") if args.backend == "triton" else ["fma"]
     if args.shapes:
         grid = [tuple(int(float(x)) for x in sh.split(":")) for sh in args.shapes.split(",")]
@@ -209,18 +211,18 @@ def main() -> None:
             need = m * n * s * (1 if storage == torch.float32 else 3) + 4 * k * n * 4
             if need > 0.7 * free_bytes(device):
                 why = f"needs {need / 1e9:.1f} GB"
-                print(json.dumps({"skipped": [name, m, k, n], "reason": why}), flush=True)
+                out.emit({"skipped": [name, m, k, n], "reason": why})
                 continue
             reps = args.repeats or (3 if m * n * s > 2e9 else 7 if m * n * s > 2e8 else 15)
             for mode in modes:
                 for row in bench_case(device, storage, m, k, n, reps, stream, copy,
                                       args.backend, mode):
-                    print(json.dumps(row), flush=True)
+                    out.emit(row)
     if args.target:
         n, m, k = TARGET
         need = m * n * 2 + 6 * k * n * 4  # basis, W, W0, clone, torch's temporaries
         if need > 0.9 * free_bytes(device):
-            print(json.dumps({"skipped": "target", "reason": f"needs {need / 1e9:.1f} GB"}))
+            out.emit({"skipped": "target", "reason": f"needs {need / 1e9:.1f} GB"})
             return
         for mode in modes:
             for row in bench_case(device, torch.bfloat16, m, k, n, args.repeats or 5, stream,
@@ -228,7 +230,7 @@ def main() -> None:
                 row["target"] = True
                 row["meets_issue_target"] = bool(row["frac_of_copy"] >= 0.8
                                                  and row["speedup_vs_torch"] >= 1.5)
-                print(json.dumps(row), flush=True)
+                out.emit(row)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,16 @@ runs two warm-up gradients, and then:
 * ``peak_rss_bytes`` (``resource.getrusage``, after each phase) and, on a GPU,
   ``cuda_peak_bytes`` and the card.
 
-    python -m bench.bench_scale [--sizes 2x128x2,4x256x4,6x512x8,12x768x12]
+    python bench/bench_scale.py [--sizes 2x128x2,4x256x4,6x512x8,12x768x12]
         [--vocab 50257] [--batch 2] [--seq 64] [--tol 1e-3] [--slq-probes 16]
         [--slq-steps 32] [--slq-max-params 0] [--basis-dtype float32] [--device cpu]
-        [--threads 2] [--out bench/results/scale_cpu.jsonl]
+        [--threads 2] [--out FILE]
 
 A size is ``LAYERSxEMBDxHEADS`` (``12x768x12`` with the default vocabulary and 1024
-positions is GPT-2 small). One JSON line per size on stdout, appended to ``--out``. Speed
-is measured here only, never in tests.
+positions is GPT-2 small). One JSON line per size on stdout, appended to ``--out`` (default:
+the naming rule's ``bench/results/scale_<device>-<date>-<commit7>.jsonl``; flags, records
+and results files: bench/_harness.py, bench/README.md). Speed is measured here only, never
+in tests.
 """
 
 from __future__ import annotations
@@ -34,27 +36,12 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _harness as harness
+
 LADDER = "2x128x2,4x256x4,6x512x8,12x768x12"
-
-
-def _import_transformers():
-    """transformers, with a broken torchvision (a wheel built for another torch) hidden
-    from it: transformers treats an absent torchvision as optional."""
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - "operator torchvision::nms does not exist"
-        sys.modules["torchvision"] = None
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    return transformers
 
 
 def _peak_rss() -> int:
@@ -79,15 +66,11 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    transformers = _import_transformers()
+    transformers = harness.import_transformers()
     import hessfast as hf
     from hessfast.testing import timeit
 
     device = torch.device(spec["device"])
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     layers, embd, heads = (int(x) for x in spec["size"].split("x"))
     torch.manual_seed(0)
@@ -114,20 +97,18 @@ def child(spec: dict) -> dict:
     rec["gradient_s"] = round(grad_s, 5)
     rec["peak_rss_model_bytes"] = _peak_rss()
 
-    t0 = time.perf_counter()
-    H = hf.hessian(model, loss_fn, batch)
-    sync()
-    t1 = time.perf_counter()
+    # one cold call each (no warm-up): what the user waits for the first time
+    built = timeit(lambda: hf.hessian(model, loss_fn, batch), repeats=1, warmup=0,
+                   device=device)
+    H = built.result
     gen_v = torch.Generator().manual_seed(0)
     V1 = torch.randn(1, H.shape[0], generator=gen_v, dtype=H.dtype).to(device)
-    H.matmat(V1)
-    sync()
-    t2 = time.perf_counter()
+    first = timeit(lambda: H.matmat(V1), repeats=1, warmup=0, device=device).seconds
     rec.update({
         "n": H.shape[0], "hvp_mode": H.hvp_mode,
         "compute_dtype": str(H.compute_dtype).replace("torch.", ""),
-        "build_s": round(t1 - t0, 4), "first_product_s": round(t2 - t1, 4),
-        "setup_grads": round((t2 - t0) / grad_s, 2),
+        "build_s": round(built.seconds, 4), "first_product_s": round(first, 4),
+        "setup_grads": round((built.seconds + first) / grad_s, 2),
     })
     # a second, independent vector completes the pre-flight's symmetry probe (as a solver's
     # second step does); until then every product of the parallel V1 waits for one (copies)
@@ -142,27 +123,27 @@ def child(spec: dict) -> dict:
     })
 
     basis_dtype = getattr(torch, spec["basis_dtype"]) if spec["basis_dtype"] else None
-    t0 = time.perf_counter()
-    top = hf.eigsh(H, k=1, tol=spec["tol"], seed=0, basis_dtype=basis_dtype)
-    sync()
+    solved = timeit(lambda: hf.eigsh(H, k=1, tol=spec["tol"], seed=0, basis_dtype=basis_dtype),
+                    repeats=1, warmup=0, device=device)
+    top = solved.result
     rec["lambda_max"] = {
         "value": float(top.eigenvalues[0]), "products": int(top.num_matvecs),
-        "seconds": round(time.perf_counter() - t0, 3), "status": str(top.status),
+        "seconds": round(solved.seconds, 3), "status": str(top.status),
         "tol": spec["tol"],
     }
     rec["peak_rss_lambda_max_bytes"] = _peak_rss()
-    del top
+    del top, solved
 
     if spec["slq_max_params"] <= 0 or H.shape[0] <= spec["slq_max_params"]:
-        t0 = time.perf_counter()
-        density = hf.spectral_density(H, num_probes=spec["slq_probes"],
-                                      num_steps=spec["slq_steps"], seed=0,
-                                      basis_dtype=basis_dtype)
-        sync()
+        slq = timeit(lambda: hf.spectral_density(H, num_probes=spec["slq_probes"],
+                                                 num_steps=spec["slq_steps"], seed=0,
+                                                 basis_dtype=basis_dtype),
+                     repeats=1, warmup=0, device=device)
+        density = slq.result
         rec["slq"] = {
             "probes": spec["slq_probes"], "steps": spec["slq_steps"],
             "products": spec["slq_probes"] * spec["slq_steps"],
-            "seconds": round(time.perf_counter() - t0, 3),
+            "seconds": round(slq.seconds, 3),
             "node_range": [float(density.nodes.min()), float(density.nodes.max())],
         }
         rec["peak_rss_slq_bytes"] = _peak_rss()
@@ -179,7 +160,10 @@ def child(spec: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__, "device", "threads", threads=2,
+                        threads_help="torch threads in each size's process (default 2)",
+                        out_help="append the JSON lines here (default: the naming rule's "
+                        "bench/results/scale_<device>-<date>-<commit7>.jsonl)")
     ap.add_argument("--sizes", default=LADDER, help="comma-separated LAYERSxEMBDxHEADS")
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--batch", type=int, default=2)
@@ -191,10 +175,6 @@ def main() -> None:
                     help="run the SLQ density only up to this many parameters (0: always)")
     ap.add_argument("--basis-dtype", default="",
                     help="Lanczos basis storage (float32, bfloat16; default: hessfast's plan)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None,
-                    help="append the JSON lines here (default bench/results/scale_<device>.jsonl)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -206,31 +186,23 @@ def main() -> None:
             ap.error(f"--sizes: {size!r} is not LAYERSxEMBDxHEADS (e.g. 12x768x12)")
         if int(parts[1]) % int(parts[2]):
             ap.error(f"--sizes: {size!r}: the embedding width must divide by the heads")
-    out = args.out or os.path.join(ROOT, "bench", "results",
-                                   f"scale_{args.device.split(':')[0]}.jsonl")
-    from bench.bench_setup import _commit
-
-    commit = _commit()
+    if not args.out:
+        args.save = True  # the default file: the naming rule's
+    commit = harness.commit()
+    out = harness.Records("bench_scale", args, tag=args.device.split(":")[0])
     for size in args.sizes.split(","):
         spec = {"size": size, "vocab": args.vocab, "batch": args.batch, "seq": args.seq,
                 "tol": args.tol, "slq_probes": args.slq_probes, "slq_steps": args.slq_steps,
                 "slq_max_params": args.slq_max_params, "basis_dtype": args.basis_dtype,
                 "device": args.device, "threads": args.threads}
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.bench_scale", "--child", json.dumps(spec)],
-            cwd=ROOT, capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            rec = {"size": size, "error": proc.stderr.strip()[-2000:]}
-        else:
-            rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        t0 = time.perf_counter()  # the child's whole life (a watchdog's figure, not a timing)
+        rec, err = harness.run_child(__file__, spec)
+        if rec is None:
+            rec = {"size": size, "error": err.strip()[-2000:]}
         rec.update({"wall_s": round(time.perf_counter() - t0, 1), "commit": commit,
                     "date": time.strftime("%Y-%m-%d")})
-        line = json.dumps(rec)
-        print(line, flush=True)
-        with open(out, "a") as fh:
-            fh.write(line + "\n")
+        out.emit(rec)
+    out.close()
 
 
 if __name__ == "__main__":

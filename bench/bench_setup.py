@@ -21,10 +21,12 @@ process after two warm-up calls (median of 5). Reported in gradients: ``build_gr
 Cases: the tiny float64 test models of :mod:`hessfast.testing.models` (3 uneven batches) and
 the peer comparison's workloads of ``bench/peers/workloads.py`` (one batch, float32).
 
-    python -m bench.bench_setup [--cases tiny/mlp,peers/lm] [--modes auto,fwd_rev]
-                                [--start warm,cold] [--threads 2] [--out FILE]
+    python bench/bench_setup.py [--cases tiny/mlp,peers/lm] [--modes auto,fwd_rev]
+                                [--start warm,cold] [--threads 2] [--out FILE] [--save]
 
-One JSON line per case on stdout.
+One JSON line per case on stdout (flags, records and results files: bench/_harness.py).
+``import hessfast`` is timed with ``perf_counter`` (the timer lives in hessfast, so it cannot
+time hessfast's own import); everything else with :func:`hessfast.testing.timeit`.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _harness as harness
+
 TINY = ("tiny/mlp", "tiny/cnn", "tiny/lm")
 PEERS = ("peers/mlp", "peers/cnn", "peers/lm")
 SMALL = (*TINY, "peers/mlp")
@@ -51,7 +53,7 @@ def _load(case: str, workdir: str):
         from hessfast.testing import models
 
         return models.BUILDERS[name]()
-    from bench.peers import workloads
+    from peers import workloads  # bench/peers, next to this script
 
     path = os.path.join(workdir, f"{name}.pt")
     model, criterion, (x, y) = workloads.load(name, path)
@@ -83,17 +85,17 @@ def child(spec: dict) -> dict:
     if spec["start"] == "warm":
         _gradient(model, loss_fn, data, "auto")  # the references' rule fits these cases
 
-    t0 = time.perf_counter()
-    H = hf.hessian(model, loss_fn, data, hvp_mode=spec["mode"])
-    t1 = time.perf_counter()
+    # one cold call each (no warm-up): what the user waits for the first time
+    built = timeit(lambda: hf.hessian(model, loss_fn, data, hvp_mode=spec["mode"]),
+                   repeats=1, warmup=0, device="cpu")
+    H = built.result
     V = torch.randn(1, H.shape[0], generator=torch.Generator().manual_seed(0), dtype=H.dtype)
-    H.matmat(V)
-    t2 = time.perf_counter()
+    first = timeit(lambda: H.matmat(V), repeats=1, warmup=0, device="cpu").seconds
     func_init = "torch._dynamo" in sys.modules
     sympy = "sympy" in sys.modules
     product = timeit(lambda: H.matmat(V), repeats=5, warmup=0).median
     grad = timeit(lambda: _gradient(model, loss_fn, data, H.loss_form), repeats=5, warmup=2).median
-    build, first = t1 - t0, t2 - t1
+    build = built.seconds
     return {
         "case": spec["case"],
         "mode": spec["mode"],
@@ -121,23 +123,13 @@ def child(spec: dict) -> dict:
     }
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = harness.parser(__doc__, "threads", threads=2,
+                        threads_help="torch threads in each case's process (default 2)")
     ap.add_argument("--cases", default=",".join(SMALL),
                     help=f"comma-separated, from {', '.join(TINY + PEERS)} (default: the small)")
     ap.add_argument("--modes", default="auto", help="hvp_mode per case, comma-separated")
     ap.add_argument("--start", default="warm", help="warm and/or cold, comma-separated")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -147,12 +139,12 @@ def main() -> None:
     unknown = sorted(set(cases) - set(TINY + PEERS))
     if unknown:
         ap.error(f"unknown cases {unknown}; choose from {TINY + PEERS}")
-    commit = _commit()
-    with tempfile.TemporaryDirectory() as workdir:
+    commit = harness.commit()
+    with tempfile.TemporaryDirectory() as workdir, \
+            harness.Records("bench_setup", args, tag="cpu") as out:
         peers = sorted({c.split("/")[1] for c in cases if c.startswith("peers/")})
         if peers:
-            sys.path.insert(0, ROOT)
-            from bench.peers import workloads
+            from peers import workloads
 
             for name in peers:
                 workloads.prepare(name, os.path.join(workdir, f"{name}.pt"))
@@ -161,21 +153,11 @@ def main() -> None:
         for case, mode, start in runs:
             spec = {"case": case, "mode": mode, "start": start, "threads": args.threads,
                     "workdir": workdir}
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.bench_setup", "--child", json.dumps(spec)],
-                cwd=ROOT, capture_output=True, text=True,
-            )
-            if proc.returncode != 0:
-                rec = {"case": case, "mode": mode, "start": start,
-                       "error": proc.stderr.strip()[-2000:]}
-            else:
-                rec = json.loads(proc.stdout.strip().splitlines()[-1])
+            rec, err = harness.run_child(__file__, spec)
+            if rec is None:
+                rec = {"case": case, "mode": mode, "start": start, "error": err.strip()[-2000:]}
             rec["commit"] = commit
-            line = json.dumps(rec)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as fh:
-                    fh.write(line + "\n")
+            out.emit(rec)
 
 
 if __name__ == "__main__":

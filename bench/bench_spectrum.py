@@ -17,19 +17,20 @@ Questions (one JSON line per measurement on stdout, a table on stderr):
   one probe at a time (P separate runs), seconds and data passes.
 
     python bench/bench_spectrum.py [--quick] [--cases mlp_digits_1x512,lm_tiny]
+                                   [--only eigen,trace,slq] [--device cuda] [--out FILE] [--save]
+
+Flags, records and results files: bench/_harness.py (bench/README.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import warnings
 
+import _harness as harness
 import numpy as np
 import torch
 from bench_hvp import CASES, move  # bench/bench_hvp.py, next to this script
@@ -40,22 +41,12 @@ from hessfast.estimators import trace
 from hessfast.testing import dense_hessian_reference, timeit
 from hessfast.testing.models import make_cnn
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "-C", _ROOT, "rev-parse", "--short", "HEAD"], text=True
-        ).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def _emit(rec: dict) -> None:
+def _machine(rec: dict) -> dict:
+    """The record's own ``machine`` field (kept beside the harness's stamp)."""
     if not rec.get("machine"):
         rec["machine"] = f"{platform.node()} {os.cpu_count()} cpu, torch {torch.__version__}"
-    print(json.dumps(rec), flush=True)
+    return rec
 
 
 def _scipy_eigsh(H, k: int, tol: float, seed: int = 0) -> dict:
@@ -109,7 +100,7 @@ def bench_eigen(name: str, quick: bool) -> list[dict]:
         ref = ref1 if k == 1 else ref10
         base = _scipy_eigsh(H, k, tol)
         rec = {"bench": "spectrum", "case": name, "task": task, "tol": tol, "n": H.shape[0],
-               "hvp_mode": H.hvp_mode, "commit": _commit(),
+               "hvp_mode": H.hvp_mode, "commit": harness.commit(),
                "scipy_arpack": {**base, "rel_err": _rel_err(base["eigenvalues"], ref)}}
         for b in sorted({1, min(k, 4), 4}):
             hfr = _hessfast_eigsh(H, k, tol, b)
@@ -117,8 +108,7 @@ def bench_eigen(name: str, quick: bool) -> list[dict]:
             hfr["time_ratio_vs_arpack"] = hfr["seconds"] / base["seconds"]
             hfr["matvec_ratio_vs_arpack"] = hfr["matvecs"] / base["matvecs"]
             rec[f"hessfast_b{b}"] = hfr
-        _emit(rec)
-        out.append(rec)
+        out.append(_machine(rec))
     return out
 
 
@@ -130,7 +120,7 @@ def bench_trace(quick: bool) -> list[dict]:
     out = []
     for budget in (30, 99, 300):
         rec = {"bench": "trace", "case": "test_cnn", "n": H.shape[0], "budget": budget,
-               "exact": exact, "seeds": len(seeds), "commit": _commit()}
+               "exact": exact, "seeds": len(seeds), "commit": harness.commit()}
         for method in ("hutchinson", "hutch++", "xtrace"):
             errs, secs = [], []
             for s in seeds:
@@ -142,8 +132,7 @@ def bench_trace(quick: bool) -> list[dict]:
                            "median_seconds": statistics.median(secs)}
         rec["hutchpp_over_hutchinson"] = (rec["hutch++"]["mean_rel_err"]
                                           / rec["hutchinson"]["mean_rel_err"])
-        _emit(rec)
-        out.append(rec)
+        out.append(_machine(rec))
     return out
 
 
@@ -171,23 +160,22 @@ def bench_slq(name: str, probes: int, steps: int, device: str = "cpu") -> dict:
            "speedup": t_one / t_block, "hvp_mode_block": H.plans.get(probes).mode,
            "mean_eig_estimate": float(d.moments(1)), "device": device,
            "machine": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-           "commit": _commit()}
-    _emit(rec)
-    return rec
+           "commit": harness.commit()}
+    return _machine(rec)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap = harness.parser(__doc__, "quick", "device", device_help="device of the SLQ comparison")
     ap.add_argument("--cases", default="mlp_digits_1x512,cnn_bn_digits16,lm_tiny")
     ap.add_argument("--only", default="eigen,trace,slq")
-    ap.add_argument("--device", default="cpu", help="device of the SLQ comparison")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     torch.manual_seed(0)
+    out = harness.Records("bench_spectrum", args, tag=args.device.split(":")[0])
     for name in args.cases.split(","):
         if "eigen" in only:
             for rec in bench_eigen(name, args.quick):
+                out.emit(rec)
                 for key in [k for k in rec if k.startswith(("hessfast", "scipy"))]:
                     r = rec[key]
                     print(f"{name:18s} {rec['task']:10s} tol={rec['tol']:.0e} {key:14s} "
@@ -195,15 +183,18 @@ def main(argv: list[str] | None = None) -> int:
                           f"err={r['rel_err']:.1e}", file=sys.stderr)
         if "slq" in only:
             r = bench_slq(name, 8, 16 if args.quick else 32, args.device)
+            out.emit(r)
             print(f"{name:18s} slq block {r['block_seconds']:.3f}s ({r['block_passes']} passes)"
                   f" vs one-at-a-time {r['one_at_a_time_seconds']:.3f}s "
                   f"({r['one_at_a_time_passes']} passes): {r['speedup']:.2f}x", file=sys.stderr)
     if "trace" in only:
         for r in bench_trace(args.quick):
+            out.emit(r)
             print(f"trace budget={r['budget']:3d}: hutchinson {r['hutchinson']['mean_rel_err']:.2e}"
                   f" hutch++ {r['hutch++']['mean_rel_err']:.2e} xtrace "
                   f"{r['xtrace']['mean_rel_err']:.2e} (ratio {r['hutchpp_over_hutchinson']:.2f})",
                   file=sys.stderr)
+    out.close()
     return 0
 
 

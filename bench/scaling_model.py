@@ -4,7 +4,7 @@ full-reorthogonalisation Lanczos with a bf16 basis. A MODEL, NOT A MEASUREMENT: 
 run is behind any number here.
 
     python bench/scaling_model.py [--ranks 8] [--bw-bus 360e9] [--latency 10e-6] [--k 1]
-        [--t-hvp-124m S] [--t-hvp-1b S] [--out bench/results/scaling_model.json]
+        [--t-hvp-124m S] [--t-hvp-1b S] [--out FILE]
 
 Step time of one block product of k vectors on R ranks at a fixed number of tokens per rank:
 
@@ -38,7 +38,9 @@ Inputs (each one is tagged ``measured`` or ``assumed`` in the JSON and the table
   the meta device (bytes per parameter do not depend on the architecture; activations are
   not in that plan): ASSUMED 10 GB reserved for activations, as in section 5.
 
-Prints a table and writes JSON to ``--out``. Speed is never measured here.
+Prints a table and writes one JSON document to ``--out`` (default: the naming rule's
+``bench/results/scaling_model-<date>-<commit7>.json``, bench/_harness.py; the figures in
+bench/RESULTS.md are in ``results/scaling_model.json``). Speed is never measured here.
 """
 
 from __future__ import annotations
@@ -47,12 +49,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "bench", "results")
+import _harness as harness
+
+ROOT = harness.ROOT
+RESULTS = harness.RESULTS
 OPS_H200 = os.path.join(RESULTS, "ops_h200_2026-11-26.jsonl")
 HVP_H200 = os.path.join(RESULTS, "hvp_h200_2026-11-26.jsonl")
 SCALE_CPU = os.path.join(RESULTS, "scale_cpu2_issue9.jsonl")
@@ -232,13 +235,6 @@ def memory(inputs: list[dict[str, Any]]) -> list[dict]:
     return rows
 
 
-def _commit() -> str:
-    sys.path.insert(0, ROOT)
-    from bench.bench_setup import _commit as commit
-
-    return commit()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=8)
@@ -251,7 +247,9 @@ def main() -> None:
                     help="measured seconds of one HVP (1 vector, 8k tokens) at 1B")
     ap.add_argument("--scale-results", default=SCALE_CPU,
                     help="bench_scale JSON lines: the largest GPT-2's HVP/gradient ratio")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "scaling_model.json"))
+    ap.add_argument("--out", default=None,
+                    help="the JSON document (default: bench/results/scaling_model-<date>-"
+                    "<commit7>.json, the naming rule)")
     args = ap.parse_args()
     inputs: list[dict[str, Any]] = []
     scaling = weak_scaling(args, inputs)
@@ -278,13 +276,15 @@ def main() -> None:
     print("\ninputs:")
     for i in inputs:
         print(f"  {i['kind']:<9} {i['name']}: {i['value']:.4g} {i['unit']} ({i['source']})")
+    out = args.out or harness.results_path("scaling_model", ext="json")
     doc = {"what": "model, not measurement", "date": time.strftime("%Y-%m-%d"),
-           "commit": _commit(), "args": vars(args), "inputs": inputs,
-           "weak_scaling": scaling, "mesh_slq": mesh, "memory": mem}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+           "commit": harness.commit(), "args": vars(args), "inputs": inputs,
+           "weak_scaling": scaling, "mesh_slq": mesh, "memory": mem,
+           "stamp": harness.stamp("scaling_model")}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(doc, f, indent=1)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
