@@ -216,11 +216,12 @@ def _refs(tensor: torch.Tensor) -> int:
 
 def scenario_collectives_settle(rank: int, world: int) -> dict[str, Any]:
     """No hessfast collective leaves a buffer with gloo's worker thread at exit (the cause of
-    the SIGABRT, hessfast/distributed.py). Large buffers (2.4 MB): 20 all-reduces and 20
-    all-gathers, counting those that returned while another thread still referenced the
-    buffer (its Python reference count above the one before the call). Small ones: 40 of
-    each, then the exit hook's wait must end with nothing held."""
-    from hessfast import _gloo_settle, distributed
+    the SIGABRT, hessfast/distributed/_gloo_settle.py). Large buffers (2.4 MB): 20
+    all-reduces and 20 all-gathers, counting those that returned while another thread still
+    referenced the buffer (its Python reference count above the one before the call). Small
+    ones: 40 of each, then the exit hook's wait must end with nothing held."""
+    from hessfast import distributed
+    from hessfast.distributed import _gloo_settle
 
     comm = distributed.Comm()
     left = 0

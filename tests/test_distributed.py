@@ -250,6 +250,7 @@ def test_shutdown_without_a_group_and_the_disagreement_message():
     disagree names the first differing label in rank 0's order, groups ranks with equal
     values, marks a label a rank lacks, and counts the differing labels."""
     from hessfast import distributed
+    from hessfast.distributed import comm
 
     distributed.shutdown()
     distributed.shutdown()
@@ -258,10 +259,10 @@ def test_shutdown_without_a_group_and_the_disagreement_message():
         [["argument k", "2"], ["argument tol", "1e-06"], ["argument seed", "0"]],
         [["argument k", "2"], ["argument tol", "1e-08"]],
     ]
-    msg = distributed._disagreement("hessfast.eigsh", tables, "Fix it.")
+    msg = comm._disagreement("hessfast.eigsh", tables, "Fix it.")
     assert msg.startswith("hessfast.eigsh: the ranks disagree before any product: argument tol")
     assert "ranks 0, 2: 1e-08; rank 1: 1e-06" in msg
     assert "(2 entries differ in all)" in msg and "rank(s) [1] differ" in msg
     assert msg.endswith("Fix it.")
-    msg = distributed._disagreement("x", [tables[0], tables[0], tables[2]], "")
+    msg = comm._disagreement("x", [tables[0], tables[0], tables[2]], "")
     assert "argument seed differs (ranks 0, 1: 0; rank 2: (absent))" in msg

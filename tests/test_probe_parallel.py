@@ -21,7 +21,7 @@ from torch import nn
 import hessfast as hf
 from hessfast import errors
 from hessfast._checks import keyed_probes, probe_key
-from hessfast._mesh import _share
+from hessfast.distributed.mesh import _share
 
 WORKER = Path(__file__).with_name("probe_workers.py")
 

@@ -17,7 +17,7 @@ from ..results import Status
 from .result import slq_sigma
 
 if TYPE_CHECKING:
-    from .._mesh import Mesh
+    from ..distributed import Mesh
 
 __all__ = ["GROUP_BYTES", "MIN_GROUP", "gather_slq", "slq", "slq_grouped", "slq_group_size"]
 

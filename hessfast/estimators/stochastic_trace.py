@@ -20,8 +20,8 @@ from .._checks import (
     check_positive,
     check_seed,
 )
-from .._mesh import Mesh
 from .._probe import probe_operator
+from ..distributed import Mesh
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
 from ..progress import set_total, track

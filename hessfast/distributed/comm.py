@@ -1,4 +1,8 @@
-"""hessfast's one communication module: every collective hessfast runs goes through here.
+"""The communication layer of :mod:`hessfast.distributed`: every collective hessfast runs goes
+through :class:`Comm`, and the process-group helpers (:func:`init`, :func:`shutdown`,
+:func:`session`, :func:`is_initialized`, :func:`world_size`, :func:`rank`,
+:func:`is_main_process`) and shard arithmetic (:func:`shard_bounds`) live here.
+:mod:`.mesh` builds on this module; this module imports nothing from it.
 
 Collectives run outside autograd on detached, contiguous float32/float64 buffers (a plain
 ``dist.all_reduce`` has no autograd kernel, and gloo has no bfloat16 reductions), so a
@@ -12,29 +16,14 @@ product's buffer is never part of a graph. Two kinds of collective exist:
   :class:`~hessfast.errors.DistributedError` naming the failing rank(s) and their error.
   No rank is left waiting in the big collective.
 
-Timeouts are the process group's (``init_process_group(timeout=...)``; torch's default is
-30 minutes for gloo and 10 for NCCL). A rank waits at the barrier for the slowest rank's
-pass over its shard, so the timeout must exceed one pass over the largest shard. A rank
-that never arrives (it crashed, or only some ranks build the operator) ends in a
-:class:`~hessfast.errors.DistributedError` after that timeout, never in a hang.
-
-Probe parallelism: :class:`Mesh` lays the ranks out as ``probe x data``; each probe group
-builds its operator over :attr:`Mesh.data_group`, runs its share of the SLQ or Hutchinson
-probes and the per-probe results are all-gathered over :attr:`Mesh.probe_group` at the end.
-
 Agreement: :meth:`Comm.agree` compares what every rank holds (an operator's parameters and
 options at construction, an algorithm's arguments before its first product) in ONE all-gather
 of a fixed-size digest; on a difference every rank raises
 :class:`~hessfast.errors.DistributedError` naming the ranks and the first differing entry.
 
-Helpers: :func:`init` (from torchrun's environment), :func:`shutdown` (tear the process
-group down, also after a caught error), :func:`session` (``init`` and ``shutdown`` as a
-context manager), :func:`is_initialized`, :func:`world_size`, :func:`rank`,
-:func:`is_main_process` (rank 0, or no process group: where to print and write).
-
 Exit without a crash: no hessfast collective leaves a buffer with gloo's worker thread
-when the process exits (a SIGABRT otherwise); :mod:`hessfast._gloo_settle` says why and how.
-:func:`shutdown` lets the worker finish too before it destroys the group.
+when the process exits (a SIGABRT otherwise); :mod:`hessfast.distributed._gloo_settle` says
+why and how. :func:`shutdown` lets the worker finish too before it destroys the group.
 
 Sharded vectors (:mod:`hessfast.lanczos.sharded`): :func:`shard_bounds` gives each rank a
 contiguous 128-aligned slice of ``[0, n)`` and :meth:`Comm.allgather_cols` rebuilds full rows
@@ -54,13 +43,12 @@ from typing import Any
 
 import torch
 
+from ..errors import DistributedError
 from . import _gloo_settle as settle
-from .errors import DistributedError
 
 __all__ = [
     "SHARD_ALIGN",
     "Comm",
-    "Mesh",
     "init",
     "is_initialized",
     "is_main_process",
@@ -435,6 +423,3 @@ def _disagreement(what: str, tables: list[list[list[str]]], fix: str) -> str:
 def _short(text: str) -> str:
     return text if len(text) <= _VALUE_CHARS else text[: _VALUE_CHARS - 3] + "..."
 
-
-# Mesh builds on Comm and the helpers above; it lives in _mesh.py to keep this module small.
-from ._mesh import Mesh  # noqa: E402

@@ -1,7 +1,8 @@
 """The probe x data mesh of probe-parallel SLQ and Hutchinson, exported as
-:class:`hessfast.distributed.Mesh` (see its docstring). Its collectives are the mesh's error
-barrier (:meth:`Comm.error_barrier` over the world) and one all-gather of the per-probe
-results over the probe dimension."""
+:class:`hessfast.distributed.Mesh` (see its docstring). It builds on :mod:`.comm` (imported
+downward; comm knows nothing of the mesh). Its collectives are the mesh's error barrier
+(:meth:`Comm.error_barrier` over the world) and one all-gather of the per-probe results over
+the probe dimension."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .distributed import Comm, _dist, rank, world_size
-from .errors import ArgumentTypeError, ConfigurationError, DistributedError
+from ..errors import ArgumentTypeError, ConfigurationError, DistributedError
+from .comm import Comm, _dist, rank, world_size
 
 __all__ = ["Mesh"]
 

@@ -1,5 +1,5 @@
 """Collectives that leave no buffer with gloo's worker thread when the process exits, for
-:mod:`hessfast.distributed` (the one module that runs collectives).
+:mod:`hessfast.distributed.comm` (the one module that runs collectives).
 
 Why: gloo's worker thread lets go of a collective's tensors shortly AFTER the caller has its
 result, and dropping a tensor that Python also holds takes the GIL. A process that exits right
