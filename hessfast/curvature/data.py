@@ -193,7 +193,7 @@ class BatchSource:
         # per batch, the leading dimension of each tensor (None with batch_size_fn)
         self._dims: list[list[tuple[str, int]] | None] = []
         self._first: tuple[int, Any] | None = None
-        self.reduction, self.reduction_reason = "mean", "not known yet (set_loss)"
+        self.reduction, self.reduction_reason = "mean", "not known yet (set_reduction)"
         limit = None if _has_len(self._source) else (max_batches or MAX_UNSIZED_BATCHES)
         for i, batch in enumerate(self._source):
             if limit is not None and i >= limit:
@@ -271,11 +271,15 @@ class BatchSource:
                 "drop_last with a random sampler); materialise it: data=list(loader)"
             )
 
-    def set_loss(self, loss_fn: Callable, loss_form: str, reduction: str = "auto") -> None:
-        """Learn how ``loss_fn`` reduces over a batch, which decides the batch weights.
+    def set_reduction(self, found: str | None, where: str, declared: str = "auto") -> None:
+        """Learn how the loss reduces over a batch, which decides the batch weights.
 
-        ``reduction``: ``"mean"`` or ``"sum"`` as declared by the user, or ``"auto"``: read
-        from ``loss_fn`` (:func:`~hessfast.curvature.lossform.loss_reduction`), else mean.
+        Args:
+            found: the reduction read from ``loss_fn`` (``"mean"``, ``"sum"``, ``"none"``),
+                or None when it cannot be read (:func:`~.lossform.loss_reduction`).
+            where: where ``found`` was read (or why it was not), for the messages.
+            declared: ``"mean"`` or ``"sum"`` as declared by the user, or ``"auto"``: the
+                one found, else mean.
 
         Raises:
             LossError: ``loss_fn`` does not reduce (``reduction="none"``).
@@ -283,10 +287,7 @@ class BatchSource:
             BatchError: a batch's tensors disagree on its number of samples and the weights
                 depend on which one counts.
         """
-        from .lossform import loss_reduction  # lossform imports this module
-
-        self._loss = (loss_fn, loss_form)
-        found, where = loss_reduction(loss_fn)
+        reduction = declared
         if found == "none":
             raise LossError(
                 f"{where}: loss_fn returns one loss per sample, and the curvature needs one "

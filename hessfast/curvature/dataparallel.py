@@ -40,8 +40,9 @@ import functools
 import hashlib
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,13 +51,13 @@ from torch import nn
 from .. import distributed
 from .._digest import digest_text
 from ..errors import DistributedError, EmptyDataError, UnsupportedModelError
+from .guard import ParamFingerprint
 
 if TYPE_CHECKING:
-    from .operator import CurvatureOperator
     from .options import CurvatureOptions
     from .preflight import SymmetryProbe
 
-__all__ = ["RankGroup", "check_sampler", "data_parallel_init", "operator_entries"]
+__all__ = ["Agreement", "RankGroup", "check_sampler", "operator_entries"]
 
 # Loss forms and reductions as codes for the construction's one small all-reduce.
 _FORMS = ("criterion", "model")
@@ -123,25 +124,6 @@ def check_sampler(data: Any) -> None:
         )
 
 
-def data_parallel_init(setup: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a curvature operator's ``__init__(model, loss_fn, data, options)``: the process
-    group is resolved first (``op._ranks``), the set-up runs inside the error barrier, and
-    the ranks agree on the counts and loss reading afterwards (:meth:`RankGroup.finish`)."""
-
-    @functools.wraps(setup)
-    def __init__(
-        op: CurvatureOperator, model: nn.Module, loss_fn: Callable, data: Any,
-        options: CurvatureOptions,
-    ) -> None:
-        op._ranks = RankGroup(model, data, options.process_group)
-        with op._ranks.barrier("the operator's construction"):
-            setup(op, model, loss_fn, data, options)
-        op._ranks.finish(op)
-        op._ranks.agree(op, options)
-
-    return __init__
-
-
 def _describe_loss(loss_fn: Any) -> str:
     """``loss_fn`` as text that is equal on ranks with the same loss: its qualified name and,
     for a module or partial, its plain settings (reduction, label_smoothing, ...)."""
@@ -159,34 +141,62 @@ def _describe_loss(loss_fn: Any) -> str:
     return text + (f" {shown}" if shown else "")
 
 
-def operator_entries(op: CurvatureOperator, options: CurvatureOptions) -> list[tuple[str, str]]:
+def operator_entries(
+    operator: str, param_names: Sequence[str], loss_fn: Any, options: CurvatureOptions,
+    fingerprint: ParamFingerprint, buffers: Mapping[str, torch.Tensor],
+) -> list[tuple[str, str]]:
     """What the ranks of a data-parallel operator must hold alike, as ``(label, value)``
     pairs: the options that change the operator or the collectives, then every parameter of
     the model (shape, dtype, exact int32 checksum of its bits, as the operator's
     :class:`~hessfast.curvature.guard.ParamFingerprint` took them at construction) and every
-    buffer. No data: each rank holds its own."""
-    from .guard import ParamFingerprint
+    buffer (as at construction). No data: each rank holds its own.
 
-    names = ",".join(op.param_names)
+    Args:
+        operator: the operator's kind, size and dtype (``"HessianOperator n=10 float64"``).
+        param_names: the selected parameters' names.
+        loss_fn, options: as the operator was built with.
+        fingerprint: the checksums the operator took of the model's parameters.
+        buffers: the model's buffers by name, as at construction.
+    """
+    names = ",".join(param_names)
     out = [
-        ("the operator", f"{type(op).__name__} n={op.shape[0]} {op.dtype}"),
-        ("the selected parameters", f"{len(op.param_names)}, names sha256 {digest_text(names)}"),
-        ("loss_fn", _describe_loss(op.loss_fn)),
+        ("the operator", operator),
+        ("the selected parameters", f"{len(param_names)}, names sha256 {digest_text(names)}"),
+        ("loss_fn", _describe_loss(loss_fn)),
     ]
     for key in ("hvp_mode", "loss_form", "loss_reduction", "bn_mode", "check",
                 "check_deterministic", "causal_lm", "fused_loss"):
         out.append((f"option {key}", repr(getattr(options, key))))
     out.append(("option lm_head", "given" if options.lm_head is not None else "None"))
-    fp = op._fingerprint
-    for (name, p), s in zip(fp._named, fp._sums, strict=True):
+    for (name, p), s in zip(fingerprint._named, fingerprint._sums, strict=True):
         out.append((f"parameter {name!r}",
                     f"shape {tuple(p.shape)} {p.dtype} checksum {s & 0xFFFFFFFF:08x}"))
-    saved = list(op._buffers._saved.items())
+    saved = list(buffers.items())
     sums = ParamFingerprint._checksums([b for _, b in saved])
     for (name, b), s in zip(saved, sums, strict=True):
         out.append((f"buffer {name!r}",
                     f"shape {tuple(b.shape)} {b.dtype} checksum {s & 0xFFFFFFFF:08x}"))
     return out
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What the ranks of a curvature operator settled at construction
+    (:meth:`RankGroup.settle`); without a process group, this process's own values.
+
+    Attributes:
+        num_samples, num_batches: of all ranks (the batch weights' denominator).
+        loss_form, loss_reduction: one reading of ``loss_fn`` for all ranks (a rank without
+            batches takes the other ranks').
+        compute_dtype: the least precise dtype any rank's pre-flight saw the model compute
+            in (the symmetry tolerance follows it on every rank alike).
+    """
+
+    num_samples: int
+    num_batches: int
+    loss_form: str
+    loss_reduction: str
+    compute_dtype: torch.dtype
 
 
 class RankGroup:
@@ -222,35 +232,40 @@ class RankGroup:
         """An error barrier around a block of local work (a no-op with one process)."""
         return nullcontext() if self.comm is None else self.comm.error_barrier(what)
 
-    def loss_form(self, op: CurvatureOperator, loss_form: str) -> tuple[str, str]:
-        """``op._decide_loss_form`` on a rank with batches; a rank without batches takes
-        the other ranks' form in :meth:`finish`."""
-        if op._data.num_samples:
-            return op._decide_loss_form(loss_form)
+    @staticmethod
+    def empty_loss_form(loss_form: str) -> tuple[str, str]:
+        """The loss form of a rank without batches (it cannot read one): a placeholder that
+        :meth:`settle` replaces by the form the other ranks decided."""
         form = "criterion" if loss_form == "auto" else loss_form
         return form, "this rank has no batches: the loss form the other ranks decided"
 
-    def finish(self, op: CurvatureOperator) -> None:
-        """After every rank built its part: the global sample and batch counts (the batch
-        weights' denominator), and one loss form and reduction for all ranks.
+    def settle(
+        self, num_samples: int, num_batches: int, loss_form: str, loss_reduction: str,
+        compute_dtype: torch.dtype,
+    ) -> Agreement:
+        """After every rank built its part from its own data (this rank's counts and reading
+        of the loss given): the global sample and batch counts, one loss form and reduction,
+        and one compute dtype for all ranks, in one small all-reduce. Sets :attr:`scale`.
 
         Raises:
             EmptyDataError: no rank has a sample.
             DistributedError: ranks read the loss differently (form or reduction).
         """
-        data = op._data
-        op.local_num_samples, op.local_num_batches = data.num_samples, data.num_batches
+        own = Agreement(num_samples, num_batches, loss_form, loss_reduction, compute_dtype)
         if self.comm is None:
-            return
-        has = data.num_samples > 0
-        votes = [data.num_samples, data.num_batches]
-        votes += [int(has and op.loss_form == f) for f in _FORMS]
-        votes += [int(has and op.loss_reduction == r) for r in _REDUCTIONS]
-        compute = getattr(op, "compute_dtype", None)
-        votes += [int(has and compute == d) for d in _DTYPES]
+            return own
+        has = num_samples > 0
+        votes = [num_samples, num_batches]
+        votes += [int(has and loss_form == f) for f in _FORMS]
+        votes += [int(has and loss_reduction == r) for r in _REDUCTIONS]
+        votes += [int(has and compute_dtype == d) for d in _DTYPES]
         counts = self.comm.allreduce_ints(votes, "the sample counts at construction")
         total, batches, forms, reductions = counts[0], counts[1], counts[2:4], counts[4:6]
-        self._agree_precision(op, counts[6:])
+        # every rank takes the least precise compute dtype any rank's pre-flight saw (a rank
+        # without batches saw none), so that all apply the same symmetry tolerance
+        least = [d for d, c in zip(_DTYPES, counts[6:], strict=True) if c]
+        if least:
+            compute_dtype = least[-1]
         if total == 0:
             raise EmptyDataError(
                 f"no rank of the {self.world_size} holds a sample: the curvature of a loss "
@@ -263,27 +278,26 @@ class RankGroup:
                 "loss_reduction= explicitly so that every rank agrees"
             )
         if not has:
-            op.loss_form = _FORMS[forms.index(max(forms))]
-            op.loss_reduction = _REDUCTIONS[reductions.index(max(reductions))]
-        op.num_samples, op.num_batches = total, batches
-        self.scale = data.num_samples / total
+            loss_form = _FORMS[forms.index(max(forms))]
+            loss_reduction = _REDUCTIONS[reductions.index(max(reductions))]
+        self.scale = num_samples / total
+        return Agreement(total, batches, loss_form, loss_reduction, compute_dtype)
 
-    def agree(self, op: CurvatureOperator, options: CurvatureOptions) -> None:
-        """Record the operator's :func:`operator_entries` and their digest
-        (:attr:`digest`, which an algorithm's argument check compares too); under a process
-        group compare them across the ranks in one all-gather of a fixed-size digest.
+    def agree(self, kind: str, entries: list[tuple[str, str]]) -> None:
+        """Record the digest of the operator's :func:`operator_entries` (:attr:`digest`,
+        which an algorithm's argument check compares too); under a process group compare
+        the entries across the ranks in one all-gather of a fixed-size digest.
 
         Raises:
             DistributedError: on every rank, when some rank holds other parameters, buffers
                 or options (the message names the ranks and the first difference).
         """
-        entries = operator_entries(op, options)
         text = "\n".join(f"{k}={v}" for k, v in entries)
         self.digest = hashlib.sha256(text.encode()).hexdigest()
         if self.comm is None:
             return
         self.comm.agree(
-            f"the {op._kind} operator's construction (rank {self.rank} of {self.world_size})",
+            f"the {kind} operator's construction (rank {self.rank} of {self.world_size})",
             entries,
             "A data-parallel operator is the curvature of ONE model over every rank's data: "
             "build it on every rank from the same model (parameters and buffers equal bit for "
@@ -291,19 +305,6 @@ class RankGroup:
             "as DistributedDataParallel does when it wraps the model) with the same options; "
             "only the data differ between ranks",
         )
-
-    @staticmethod
-    def _agree_precision(op: CurvatureOperator, seen: list[int]) -> None:
-        """Every rank takes the least precise compute dtype any rank's pre-flight saw (a rank
-        without batches saw none), so that all apply the same symmetry tolerance."""
-        from .preflight import SymmetryProbe
-
-        least = [d for d, c in zip(_DTYPES, seen, strict=True) if c]
-        if not least or getattr(op, "compute_dtype", None) in (None, least[-1]):
-            return
-        op.compute_dtype = least[-1]
-        if op._symmetry is not None:
-            op._symmetry = SymmetryProbe(op._kind, least[-1])
 
     def check_symmetry(
         self, probe: SymmetryProbe | None, V: torch.Tensor, HV: torch.Tensor

@@ -35,9 +35,10 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigurationError, LossCallError, UnsupportedModelError
 from .data import tensor_leaves
+from .model import shown_names  # re-exported: preflight imports it from here
 
 if TYPE_CHECKING:
-    from .operator import CurvatureOperator
+    from ._contract import CheckedOperator
 
 __all__ = [
     "ForwardRecord",
@@ -183,7 +184,7 @@ class GraphWatch(TorchFunctionMode):
         return hook
 
 
-def check_custom_functions(op: CurvatureOperator, watch: GraphWatch) -> None:
+def check_custom_functions(op: CheckedOperator, watch: GraphWatch) -> None:
     """Refuse a graph with a custom ``autograd.Function`` whose backward is not
     differentiable (:attr:`GraphWatch.flat_functions`).
 
@@ -220,15 +221,15 @@ def check_custom_functions(op: CurvatureOperator, watch: GraphWatch) -> None:
         )
     raise UnsupportedModelError(
         f"the custom torch.autograd.Function {names} has no usable second derivative: "
-        f"{cause}, so the {op._kind} through it would be silently wrong. Fix: {fix}"
+        f"{cause}, so the {op.kind} through it would be silently wrong. Fix: {fix}"
     )
 
 
-def record_forward(op: CurvatureOperator, batch: Any, index: int) -> ForwardRecord:
+def record_forward(op: CheckedOperator, batch: Any, index: int) -> ForwardRecord:
     """One forward of batch ``index`` under :class:`ForwardRecord` (call inside the guard)."""
-    record = ForwardRecord(list(op._params))
+    record = ForwardRecord(list(op.params))
     with record:
-        op._loss_value(batch, index)
+        op.loss_value(batch, index)
     return record
 
 
@@ -246,7 +247,7 @@ _HINTS: list[tuple[tuple[str, ...], str]] = [
 ]
 
 
-def explain_call_error(exc: LossCallError, op: CurvatureOperator, batch: Any) -> LossCallError:
+def explain_call_error(exc: LossCallError, op: CheckedOperator, batch: Any) -> LossCallError:
     """``exc`` with a hint for the cause when the user's error is recognisable (the user's
     exception stays chained); ``exc`` itself otherwise."""
     cause = exc.__cause__
@@ -275,18 +276,12 @@ def explain_call_error(exc: LossCallError, op: CurvatureOperator, batch: Any) ->
     return out
 
 
-def shown_names(names: list[str]) -> str:
-    """The first 8 of ``names`` as a list, then how many more (for an error message)."""
-    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-    return f"{names[:8]}{more}"
-
-
-def _names(op: CurvatureOperator, indices: list[int]) -> str:
+def _names(op: CheckedOperator, indices: list[int]) -> str:
     return shown_names([op.param_names[i] for i in indices])
 
 
 def check_graph_structure(
-    op: CurvatureOperator, state: Any, batch: Any, index: int, stacklevel: int
+    op: CheckedOperator, state: Any, batch: Any, index: int, stacklevel: int
 ) -> None:
     """Parameters without gradient, and an identically zero curvature, on batch 0's graph.
 
@@ -316,14 +311,14 @@ def check_graph_structure(
         warnings.warn(
             f"hessfast: parameters {_names(op, missing)} receive no gradient on batch "
             f"{index} (unused by the loss, e.g. an unused head): their rows and columns of "
-            f"the {op._kind} are zero. Leave them out with params= to shrink the operator",
+            f"the {op.kind} are zero. Leave them out with params= to shrink the operator",
             stacklevel=stacklevel,
         )
     g_out = getattr(state, "g_out", None)
     linear_out = isinstance(g_out, torch.Tensor) and not g_out.requires_grad
     if len(missing) < len(grads) and (not state.live or linear_out):
         warnings.warn(
-            f"hessfast: the {op._kind} is identically zero on batch {index}: the gradient "
+            f"hessfast: the {op.kind} is identically zero on batch {index}: the gradient "
             "does not depend on the parameters (a loss linear in them), so every eigenvalue "
             "is 0",
             stacklevel=stacklevel,
@@ -339,13 +334,13 @@ def _batch_statistics(model: nn.Module) -> bool:
     )
 
 
-def check_small_batches(op: CurvatureOperator, batch: Any, index: int) -> None:
+def check_small_batches(op: CheckedOperator, batch: Any, index: int) -> None:
     """A later batch BatchNorm in training statistics cannot normalise (call in the guard).
 
     Raises:
         ConfigurationError: naming the batch, its size and the fixes.
     """
-    sizes = op._data.sizes
+    sizes = op.batch_sizes
     if 1 not in sizes or not _batch_statistics(op.model):
         return
     record = record_forward(op, batch, index)

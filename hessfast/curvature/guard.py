@@ -19,8 +19,9 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -79,6 +80,11 @@ class BufferCopies:
     def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
         self._saved = {n: b.detach().clone() for n, b in named}
         self.written: list[str] = []
+
+    @property
+    def saved(self) -> Mapping[str, torch.Tensor]:
+        """The buffers' values at construction by name (read-only view; do not write)."""
+        return MappingProxyType(self._saved)
 
     def fresh(self) -> dict[str, torch.Tensor]:
         """New copies of every buffer ``{name: tensor}`` for one evaluation."""

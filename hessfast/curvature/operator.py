@@ -32,10 +32,10 @@ from ..linop import LinearOperator
 from ..memory import measure_saved
 from .cehead import CESpec, ce_spec
 from .data import BatchSource, tensor_leaves
-from .dataparallel import data_parallel_init, refuse_fsdp
+from .dataparallel import RankGroup, operator_entries, refuse_fsdp
 from .guard import BufferCopies, ParamFingerprint, SlotGuard, tensor_slots
 from .layout import ParamLayout
-from .lossform import decide_loss_form
+from .lossform import decide_loss_form, loss_reduction
 from .model import (
     BatchSplit,
     check_params,
@@ -91,87 +91,115 @@ class CurvatureOperator(BatchProducts, LinearOperator):
     # the pre-flight (check=True) replaces the algorithms' one-time probe (hessfast._probe)
     checks_itself = True
 
-    @data_parallel_init  # under a process group: each rank its part, all raise if one does
     def __init__(
         self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ArgumentTypeError(
-                f"model must be a torch.nn.Module, got {type(model).__name__}"
-            )
-        model = unwrap_model(model)
-        refuse_fsdp(model)
-        if loss_fn is None and options.causal_lm:
-            loss_fn = nn.CrossEntropyLoss()  # the mean over tokens; ignore_index=-100
-        if not callable(loss_fn):
-            raise ArgumentTypeError(
-                f"loss_fn must be callable (a criterion loss_fn(outputs, targets) or "
-                f"loss_fn(model, batch); None only with causal_lm=True), got "
-                f"{type(loss_fn).__name__}"
-            )
-        # how a criterion's outputs and targets come from a batch
-        self._batch_split = BatchSplit(options.outputs, options.targets, options.causal_lm)
-        self.model = model
-        self.loss_fn = loss_fn
-        self.bn_mode = options.bn_mode
-        self.param_names, self._params = select_params(model, options.params)
-        device, self.param_dtype = check_params(self.param_names, self._params)
-        self.compute_dtype = self.param_dtype  # the pre-flight sees what the forward uses
-        # The operator is the curvature at these parameters: checked before every product.
-        self._fingerprint = ParamFingerprint(model)
-        self._slot_guard = SlotGuard(model)
-        self.param_shapes: list[torch.Size] = [p.shape for p in self._params]
-        self._layout = ParamLayout(self.param_names, self.param_shapes)
-        # Products and their sums over batches in at least fp32 (bf16/fp16 models).
-        dtype = torch.promote_types(self.param_dtype, torch.float32)
-        super().__init__(self._layout.n, dtype, device)
+        # Under a process group each rank builds its part from its own data inside an error
+        # barrier (all raise if one does), then the ranks settle the counts and the loss's
+        # reading (RankGroup.settle) and compare their models and options (RankGroup.agree).
+        self._ranks = RankGroup(model, data, options.process_group)
+        with self._ranks.barrier("the operator's construction"):  # this rank's part
+            if not isinstance(model, nn.Module):
+                raise ArgumentTypeError(
+                    f"model must be a torch.nn.Module, got {type(model).__name__}"
+                )
+            model = unwrap_model(model)
+            refuse_fsdp(model)
+            if loss_fn is None and options.causal_lm:
+                loss_fn = nn.CrossEntropyLoss()  # the mean over tokens; ignore_index=-100
+            if not callable(loss_fn):
+                raise ArgumentTypeError(
+                    f"loss_fn must be callable (a criterion loss_fn(outputs, targets) or "
+                    f"loss_fn(model, batch); None only with causal_lm=True), got "
+                    f"{type(loss_fn).__name__}"
+                )
+            # how a criterion's outputs and targets come from a batch
+            self._batch_split = BatchSplit(options.outputs, options.targets, options.causal_lm)
+            self.model = model
+            self.loss_fn = loss_fn
+            self.bn_mode = options.bn_mode
+            self.param_names, self._params = select_params(model, options.params)
+            device, self.param_dtype = check_params(self.param_names, self._params)
+            self.compute_dtype = self.param_dtype  # the pre-flight sees what the forward uses
+            # The operator is the curvature at these parameters: checked before every product.
+            self._fingerprint = ParamFingerprint(model)
+            self._slot_guard = SlotGuard(model)
+            self.param_shapes: list[torch.Size] = [p.shape for p in self._params]
+            self._layout = ParamLayout(self.param_names, self.param_shapes)
+            # Products and their sums over batches in at least fp32 (bf16/fp16 models).
+            dtype = torch.promote_types(self.param_dtype, torch.float32)
+            super().__init__(self._layout.n, dtype, device)
 
-        # Iterating a DataLoader draws a seed from the global RNG: fork it (once around
-        # both passes, so a shuffling loader still shows itself in the second one).
-        with torch.random.fork_rng(devices=self._rng_devices(device)):
-            self._data = BatchSource(
-                data, options.batch_size_fn, verify=options.check,
-                max_batches=options.max_batches, allow_empty=self._ranks.active,
+            # Iterating a DataLoader draws a seed from the global RNG: fork it (once around
+            # both passes, so a shuffling loader still shows itself in the second one).
+            with torch.random.fork_rng(devices=self._rng_devices(device)):
+                self._data = BatchSource(
+                    data, options.batch_size_fn, verify=options.check,
+                    max_batches=options.max_batches, allow_empty=self._ranks.active,
+                )
+            # this process's data; num_samples and num_batches become all ranks' (settle)
+            self.local_num_samples = self.num_samples = self._data.num_samples
+            self.local_num_batches = self.num_batches = self._data.num_batches
+            self.batch_sizes = tuple(self._data.sizes)
+            if self._data.num_samples:
+                self.loss_form, self.loss_form_reason = self._decide_loss_form(options.loss_form)
+            else:  # a rank without batches: the form the other ranks decided (settle)
+                self.loss_form, self.loss_form_reason = RankGroup.empty_loss_form(options.loss_form)
+            # The batch weights depend on how the loss reduces over a batch (mean or sum).
+            found, where = loss_reduction(self.loss_fn)
+            self._data.set_reduction(found, where, options.loss_reduction)
+            self.loss_reduction = self._data.reduction
+            self.loss_reduction_reason = self._data.reduction_reason
+            selected = {id(p) for p in self._params}
+            self._other_params = {
+                n: p for n, p in model.named_parameters() if id(p) not in selected
+            }
+            # Every evaluation gets fresh copies of the buffers as they are now: a forward that
+            # writes one (BatchNorm in training mode, an observer, a counter) changes neither the
+            # user's model nor the next evaluation.
+            self._buffers = BufferCopies(list(model.named_buffers()))
+            self._buffer_keys = {n: id(b) for n, b in model.named_buffers()}
+            self._slots = tensor_slots(model)
+            fixed_chunk = None if options.chunk_size is None else int(options.chunk_size)
+            self._planner = Planner(
+                options.hvp_mode, fixed_chunk, options.reuse_graph, self._data.num_batches
             )
-        self.num_samples = self._data.num_samples
-        self.num_batches = self._data.num_batches
-        self.batch_sizes = tuple(self._data.sizes)
-        self.loss_form, self.loss_form_reason = self._ranks.loss_form(self, options.loss_form)
-        # The batch weights depend on how the loss reduces over a batch (mean or sum).
-        self._data.set_loss(self.loss_fn, self.loss_form, options.loss_reduction)
-        self.loss_reduction = self._data.reduction
-        self.loss_reduction_reason = self._data.reduction_reason
-        selected = {id(p) for p in self._params}
-        self._other_params = {
-            n: p for n, p in model.named_parameters() if id(p) not in selected
-        }
-        # Every evaluation gets fresh copies of the buffers as they are now: a forward that
-        # writes one (BatchNorm in training mode, an observer, a counter) changes neither the
-        # user's model nor the next evaluation.
-        self._buffers = BufferCopies(list(model.named_buffers()))
-        self._buffer_keys = {n: id(b) for n, b in model.named_buffers()}
-        self._slots = tensor_slots(model)
-        fixed_chunk = None if options.chunk_size is None else int(options.chunk_size)
-        self._planner = Planner(
-            options.hvp_mode, fixed_chunk, options.reuse_graph, self._data.num_batches
+            # index -> (weight, graph state); batch 0's entry is shared with the pre-flight
+            self._graph_cache: dict[int, tuple[float, Any]] = {}
+            self._proven: set[str] = set()  # paths that completed a pass
+            self.hvp_mode: str = options.hvp_mode
+            self.hvp_mode_reason: str = (
+                "not decided yet: decided on the first product"
+                if options.hvp_mode == "auto"
+                else "requested"
+            )
+            self._symmetry: SymmetryProbe | None = None
+            self._saved_bytes: int | None = None  # saved_bytes(), measured on first ask
+            self._ce_spec = self._decide_loss_head(options.fused_loss)
+            self._build_wrappers()
+            if options.check and self._data.num_samples:  # a rank without batches: others check
+                self.compute_dtype = preflight(
+                    _CheckedView(self), options.check_deterministic,
+                    requested=self._planner.requested, path_failed=self._planner.path_failed,
+                    check_agreement=self._planner.check_agreement,
+                )
+            if options.check and options.check_deterministic:
+                self._symmetry = SymmetryProbe(self._kind, self.compute_dtype)
+
+        agreed = self._ranks.settle(
+            self.local_num_samples, self.local_num_batches, self.loss_form,
+            self.loss_reduction, self.compute_dtype,
         )
-        # index -> (weight, graph state); batch 0's entry is shared with the pre-flight
-        self._graph_cache: dict[int, tuple[float, Any]] = {}
-        self._proven: set[str] = set()  # paths that completed a pass
-        self.hvp_mode: str = options.hvp_mode
-        self.hvp_mode_reason: str = (
-            "not decided yet: decided on the first product"
-            if options.hvp_mode == "auto"
-            else "requested"
-        )
-        self._symmetry: SymmetryProbe | None = None
-        self._saved_bytes: int | None = None  # saved_bytes(), measured on first ask
-        self._ce_spec = self._decide_loss_head(options.fused_loss)
-        self._build_wrappers()
-        if options.check and self._data.num_samples:  # a rank without batches: others check
-            preflight(self, options.check_deterministic)
-        if options.check and options.check_deterministic:
-            self._symmetry = SymmetryProbe(self._kind, self.compute_dtype)
+        self.num_samples, self.num_batches = agreed.num_samples, agreed.num_batches
+        self.loss_form, self.loss_reduction = agreed.loss_form, agreed.loss_reduction
+        if agreed.compute_dtype != self.compute_dtype:  # a less precise rank: its tolerance
+            self.compute_dtype = agreed.compute_dtype
+            if self._symmetry is not None:
+                self._symmetry = SymmetryProbe(self._kind, agreed.compute_dtype)
+        self._ranks.agree(self._kind, operator_entries(
+            f"{type(self).__name__} n={self.shape[0]} {self.dtype}", self.param_names,
+            self.loss_fn, options, self._fingerprint, self._buffers.saved,
+        ))
 
     # -- hooks for subclasses ----------------------------------------------------------
     def _decide_loss_form(self, loss_form: str) -> tuple[str, str]:
@@ -368,7 +396,7 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             self._fingerprint.check(self._kind)
             out.update((f"parameter:{n}", tensor_digest(p))
                        for n, p in self.model.named_parameters())
-            out.update((f"buffer:{n}", tensor_digest(b)) for n, b in self._buffers._saved.items())
+            out.update((f"buffer:{n}", tensor_digest(b)) for n, b in self._buffers.saved.items())
             batches = ["0:empty"] * len(self._data.sizes)  # by the batch's index in data
             with torch.random.fork_rng(devices=self._rng_devices(self.device)):  # a loader's seed
                 for i, batch, _ in self._data:
@@ -401,3 +429,29 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             f"samples={self.num_samples}, batches={self.num_batches}, "
             f"hvp_mode={self.hvp_mode!r}, dtype={self.dtype}, device={self.device})"
         )
+
+
+class _CheckedView:
+    """The operator as its pre-flight checks see it (:class:`._contract.CheckedOperator`):
+    public names for the few private pieces they use, so that the checks never hold the
+    operator itself."""
+
+    def __init__(self, op: CurvatureOperator) -> None:
+        self.kind = op._kind
+        self.model = op.model
+        self.bn_mode = op.bn_mode
+        self.loss_form = op.loss_form
+        self.param_names = op.param_names
+        self.param_dtype = op.param_dtype
+        self.params = op.params
+        self.batch_sizes = op.batch_sizes
+        self.n = op.shape[0]
+        self.dtype = op.dtype
+        self.device = op.device
+        self.guard = op._guard
+        self.batch0 = op._batch0
+        self.first_graph = op._first_graph
+        self.loss_value = op._loss_value
+        self.split = op._split
+        self.graph_product = op._graph_product
+        self.fwd_rev_product = op._fwd_rev_product

@@ -52,10 +52,12 @@ Each failure raises its own ``hessfast.errors`` class naming the cause and the f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._checks import probe_generator
 from ..errors import (
     AsymmetricOperatorError,
     HessfastError,
@@ -76,7 +78,7 @@ from .model import active_stochastic_modules
 from .plan import AGREE_EPS
 
 if TYPE_CHECKING:
-    from .operator import CurvatureOperator
+    from ._contract import CheckedOperator
 
 __all__ = ["SymmetryProbe", "check_finite", "check_loss", "preflight"]
 
@@ -86,8 +88,28 @@ REPEAT_EPS = 1e3
 PARALLEL_COS = 0.99
 
 
-def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
+def preflight(
+    op: CheckedOperator,
+    check_deterministic: bool,
+    *,
+    requested: str,
+    path_failed: Callable[[str, BaseException], None],
+    check_agreement: Callable[[torch.Tensor, torch.Tensor, torch.dtype], None],
+) -> torch.dtype:
     """Check the loss, its repeatability and (when used) forward-over-reverse on batch 0.
+
+    Args:
+        op: the operator as the checks see it (:class:`~._contract.CheckedOperator`).
+        check_deterministic: compare a second evaluation of the loss with the first.
+        requested: the ``hvp_mode`` asked for (``"fwd_rev"`` runs one such product here).
+        path_failed: the planner's verdict on a path that raised (``Planner.path_failed``:
+            raises for an explicit ``hvp_mode`` or when no path is left).
+        check_agreement: the planner's comparison of forward-over-reverse with double
+            backward (``Planner.check_agreement``).
+
+    Returns:
+        The least precise dtype the model computes in, seen while batch 0's graph was built
+        (the operator's ``compute_dtype``).
 
     Raises:
         LossError, LossCallError, NonFiniteError: the loss on batch 0 is not a finite
@@ -96,41 +118,46 @@ def preflight(op: CurvatureOperator, check_deterministic: bool) -> None:
         UnsupportedModelError: no path can differentiate the model twice, or the requested
             one cannot.
     """
-    index, batch = op._batch0()
+    index, batch = op.batch0()
     # One guard for everything: the RNG advances from one evaluation to the next, so a
     # dropout layer draws a new mask for the repeat.
-    with op._guard():
+    with op.guard():
         try:
-            _checks(op, batch, index, check_deterministic)
+            return _checks(op, batch, index, check_deterministic, requested, path_failed,
+                           check_agreement)
         except LossCallError as exc:
             # the user's forward or loss raised: say so, with a hint for the cause
             raise explain_call_error(exc, op, batch) from exc.__cause__
 
 
-def _checks(op: CurvatureOperator, batch: Any, index: int, check_deterministic: bool) -> None:
+def _checks(
+    op: CheckedOperator, batch: Any, index: int, check_deterministic: bool, requested: str,
+    path_failed: Callable[[str, BaseException], None],
+    check_agreement: Callable[[torch.Tensor, torch.Tensor, torch.dtype], None],
+) -> torch.dtype:
     state: Any = None
     watch = GraphWatch(op.param_dtype)
     try:
-        # the forward is wrapped by op._call_loss: the user's errors are LossCallErrors,
-        # anything else is double backward failing
+        # the forward is wrapped by the operator's loss call: the user's errors are
+        # LossCallErrors, anything else is double backward failing
         with watch:
-            state = op._first_graph()
+            state = op.first_graph()
     except HessfastError:
         raise
     except Exception as exc:  # noqa: BLE001 - double backward cannot even start
-        op._planner.path_failed("double_backward", exc)
-    finally:
-        op.compute_dtype = watch.compute_dtype
+        path_failed("double_backward", exc)
+    compute_dtype = watch.compute_dtype
     check_custom_functions(op, watch)
     if check_deterministic:
-        first = state.loss if state is not None else op._loss_value(batch, index)
-        _check_repeatable(op, first, op._loss_value(batch, index), index)
+        first = state.loss if state is not None else op.loss_value(batch, index)
+        _check_repeatable(op, compute_dtype, first, op.loss_value(batch, index), index)
     if state is not None:
         check_graph_structure(op, state, batch, index, stacklevel=6)
         _check_finite_gradient(op, state, index)
     check_small_batches(op, batch, index)
-    if op._planner.requested == "fwd_rev" or state is None:
-        _check_fwd_rev(op, batch, index, state)
+    if requested == "fwd_rev" or state is None:
+        _check_fwd_rev(op, batch, index, state, compute_dtype, path_failed, check_agreement)
+    return compute_dtype
 
 
 def check_loss(loss: Any, index: int) -> None:
@@ -161,16 +188,18 @@ def check_loss(loss: Any, index: int) -> None:
 
 
 def check_finite(
-    part: torch.Tensor, index: int, kind: str, op: CurvatureOperator | None = None
+    part: torch.Tensor, index: int, kind: str, names: Sequence[str] | None = None,
+    split: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> None:
     """A product of batch ``index`` has no NaN/Inf: its min and max are finite (NaN
     propagates through both; one read without a boolean copy: 0.6 ms against 12 ms for
-    ``isfinite(part).all()`` on 7M float32 entries, 2-core CPU). With ``op``, the message
+    ``isfinite(part).all()`` on 7M float32 entries, 2-core CPU). With the parameters'
+    ``names`` and the operator's ``split`` (``[c, n]`` to per-parameter pieces), the message
     names the parameters whose rows hold them (``part: [c, n]``)."""
     if part.numel() and not torch.isfinite(torch.stack(torch.aminmax(part))).all():
         where = ""
-        if op is not None:
-            bad = _nonfinite_names(op.param_names, op._split(part))
+        if names is not None and split is not None:
+            bad = _nonfinite_names(list(names), split(part))
             where = f" in the rows of {shown_names(bad)}"
         raise NonFiniteError(
             f"the {kind} product on batch {index} contains NaN/Inf{where}: the loss is "
@@ -189,7 +218,7 @@ def _nonfinite_names(names: list[str], pieces: Any) -> list[str]:
     ]
 
 
-def _check_finite_gradient(op: CurvatureOperator, state: Any, index: int) -> None:
+def _check_finite_gradient(op: CheckedOperator, state: Any, index: int) -> None:
     """The loss is finite (checked before); its gradient on batch 0, which the Hessian's
     graph holds, must be too, or the Hessian is undefined at these parameters
     (``sqrt(w**2)`` or a norm at 0 gives 0/0). Free: no product. A finite gradient with a
@@ -205,7 +234,7 @@ def _check_finite_gradient(op: CurvatureOperator, state: Any, index: int) -> Non
         raise NonFiniteError(
             f"the loss on batch {index} is finite ({float(state.loss):.6g}) but its gradient "
             f"is NaN/Inf in {shown_names(bad)}: the loss is not differentiable at these "
-            f"parameters, so its {op._kind} is undefined there. {_FIX}"
+            f"parameters, so its {op.kind} is undefined there. {_FIX}"
         )
 
 
@@ -217,10 +246,11 @@ _FIX = (
 
 
 def _check_repeatable(
-    op: CurvatureOperator, first: torch.Tensor, again: torch.Tensor, index: int
+    op: CheckedOperator, compute_dtype: torch.dtype, first: torch.Tensor, again: torch.Tensor,
+    index: int,
 ) -> None:
     a, b = float(first), float(again)
-    eps = torch.finfo(op.compute_dtype).eps
+    eps = torch.finfo(compute_dtype).eps
     if a == b or abs(a - b) <= REPEAT_EPS * eps * max(abs(a), abs(b)):
         return
     active = active_stochastic_modules(op.model)
@@ -233,31 +263,35 @@ def _check_repeatable(
     )
     raise NonDeterministicError(
         f"two evaluations of the loss on batch {index} differ ({a:.9g} vs {b:.9g}, more "
-        f"than {op.compute_dtype}'s rounding, the precision the model computes in): the "
+        f"than {compute_dtype}'s rounding, the precision the model computes in): the "
         f"curvature is random. Cause: {cause}. check_deterministic=False skips this check"
     )
 
 
-def _check_fwd_rev(op: CurvatureOperator, batch: Any, index: int, state: Any) -> None:
+def _check_fwd_rev(
+    op: CheckedOperator, batch: Any, index: int, state: Any, compute_dtype: torch.dtype,
+    path_failed: Callable[[str, BaseException], None],
+    check_agreement: Callable[[torch.Tensor, torch.Tensor, torch.dtype], None],
+) -> None:
     """One forward-over-reverse product on batch 0; it must agree with double backward."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    V = torch.randn(1, op.shape[0], generator=gen, dtype=op.dtype).to(op.device)
-    Vs = op._split(V)
+    gen = probe_generator(0)
+    V = torch.randn(1, op.n, generator=gen, dtype=op.dtype).to(op.device)
+    Vs = op.split(V)
     try:
-        hv = op._fwd_rev_product(batch, Vs)
+        hv = op.fwd_rev_product(batch, Vs)
     except HessfastError:
         raise
     except Exception as exc:  # noqa: BLE001
-        op._planner.path_failed("fwd_rev", exc)
+        path_failed("fwd_rev", exc)
         return
-    check_finite(hv, index, op._kind, op)
+    check_finite(hv, index, op.kind, op.param_names, op.split)
     if state is None:
         return
     try:
-        ref = op._graph_product(state, Vs, retain=True)
+        ref = op.graph_product(state, Vs, retain=True)
     except Exception:  # noqa: BLE001 - no reference to compare with; the products will tell
         return
-    op._planner.check_agreement(ref, hv, op.compute_dtype)
+    check_agreement(ref, hv, compute_dtype)
 
 
 class SymmetryProbe:

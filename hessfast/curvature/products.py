@@ -42,6 +42,7 @@ class BatchProducts:
     _proven: set[str]
     _kind: str
     device: torch.device
+    param_names: list[str]
     dtype: torch.dtype
     shape: tuple[int, int]
     compute_dtype: torch.dtype
@@ -193,7 +194,7 @@ class BatchProducts:
             for index, weight, product in self._batch_products(plan.mode):
                 for a in range(0, k, chunk):
                     part = product(self._split(V[a : a + chunk]), a + chunk >= k)
-                    check_finite(part, index, self._kind, self)  # type: ignore[arg-type]
+                    check_finite(part, index, self._kind, self.param_names, self._split)
                     out[a : a + chunk].add_(part, alpha=weight)
         return out
 
