@@ -105,7 +105,9 @@ class GGNOperator(CurvatureOperator):
     def _build_wrappers(self) -> None:
         self._wrapper = OutputModule(self.model, self._batch_split)
         if self._lm_head is not None:
-            self._head_ids = check_head(self, self._lm_head)
+            self._head_ids = check_head(
+                self._lm_head, self.model, self._params, self._ce_spec, self.loss_head_reason
+            )
             self._head_checked = False  # head_graph compares its rows with the logits once
             if self._planner.requested == "fwd_rev":
                 raise ConfigurationError(
@@ -126,7 +128,14 @@ class GGNOperator(CurvatureOperator):
 
     def _graph(self, batch: Any, index: int) -> GGNGraph | LMHeadGraph:
         if self._lm_head is not None:
-            return head_graph(self, self._lm_head, batch, index, self._head_ids)
+            state = head_graph(
+                self._lm_head, batch, index, self._head_ids, call=self._call_loss,
+                split=self._batch_split.split, outputs=self._outputs, loss_fn=self.loss_fn,
+                leaves=self._leaves(), causal_lm=self._batch_split.causal_lm,
+                check_rows=not self._head_checked,
+            )
+            self._head_checked = True
+            return state
         inputs, targets = self._call_loss(self._batch_split.split, index, batch)
         leaves = self._leaves()
         with torch.enable_grad():
@@ -153,7 +162,9 @@ class GGNOperator(CurvatureOperator):
         self, state: GGNGraph | LMHeadGraph, V: list[torch.Tensor], *, retain: bool
     ) -> torch.Tensor:
         if isinstance(state, LMHeadGraph):
-            return head_product(self, state, V, retain=retain)
+            assert self._ce_spec is not None  # check_head: lm_head= needs the fused CE
+            return head_product(state, V, retain=retain, param_dtype=self.param_dtype,
+                                spec=self._ce_spec, cat=self._cat)
         c = V[0].shape[0]
         linear = state.head is None and not state.g_out.requires_grad
         if not state.live or linear:

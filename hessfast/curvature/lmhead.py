@@ -18,6 +18,7 @@ backward. A weight tied to an embedding gets both its body and its head parts.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from ..kernels.linear_ce import linear_ce_ggn_product
 from .autodiff import graph_vjp, scalar_vjp
-from .cehead import _usable
+from .cehead import CESpec, _usable
 
 __all__ = ["LMHeadGraph", "check_head", "head_graph", "head_product"]
 
@@ -70,30 +71,37 @@ class LMHeadGraph:
         return tuple(self.leaves[i] if i in own else g for i, g in enumerate(self.jt_u))
 
 
-def check_head(op: Any, head: Any) -> tuple[int | None, int | None]:
-    """Validate ``lm_head=`` for operator ``op``; the indices of its weight and bias among the
-    selected parameters (None when not selected)."""
+def check_head(
+    head: Any, model: nn.Module, params: Sequence[torch.Tensor], ce_spec: CESpec | None,
+    loss_head_reason: str,
+) -> tuple[int | None, int | None]:
+    """Validate ``lm_head=`` for a GGN operator of ``model`` over the selected ``params``
+    (``ce_spec``: the fused cross-entropy the loss is, or None with ``loss_head_reason``
+    saying why not); the indices of the head's weight and bias among ``params`` (None when
+    not selected)."""
     if not isinstance(head, nn.Linear):
         raise ConfigurationError(
             f"lm_head must be the model's output nn.Linear (e.g. model.lm_head), got "
             f"{type(head).__name__}")
-    if not any(m is head for m in op.model.modules()):
+    if not any(m is head for m in model.modules()):
         raise ConfigurationError(
             "lm_head is not a submodule of the model: pass the model's own head module "
             "(e.g. lm_head=model.lm_head)")
-    if op._ce_spec is None:
+    if ce_spec is None:
         raise ConfigurationError(
             "lm_head= computes the cross-entropy GGN block in chunks, so loss_fn must be "
             "torch's cross-entropy (nn.CrossEntropyLoss without class weights, "
             f"F.cross_entropy, or causal_lm=True) with fused_loss=True; here: "
-            f"{op.loss_head_reason}")
-    ids = {id(p): i for i, p in enumerate(op._params)}
+            f"{loss_head_reason}")
+    ids = {id(p): i for i, p in enumerate(params)}
     iw = ids.get(id(head.weight))
     ib = None if head.bias is None else ids.get(id(head.bias))
     return iw, ib
 
 
-def _rows(op: Any, h: torch.Tensor, head_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _rows(
+    causal_lm: bool, h: torch.Tensor, head_out: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """The hidden rows matching the criterion's logit rows ``out [N, V]``."""
     if out.dim() != 2:
         raise ConfigurationError(
@@ -101,18 +109,38 @@ def _rows(op: Any, h: torch.Tensor, head_out: torch.Tensor, out: torch.Tensor) -
             f"{tuple(out.shape)}: use causal_lm=True for a language model's [B, T, V] logits")
     if out is head_out:
         return h.reshape(-1, h.shape[-1])
-    if op._batch_split.causal_lm and head_out.dim() >= 2:
+    if causal_lm and head_out.dim() >= 2:
         return h[..., :-1, :].reshape(-1, h.shape[-1])
     raise ConfigurationError(
         "lm_head=: the criterion's outputs are not the head's logits (the model transforms "
         "them after the head); pass the head whose output the model returns, or drop lm_head=")
 
 
-def head_graph(op: Any, head: nn.Linear, batch: Any, index: int,
-               ids: tuple[int | None, int | None]) -> LMHeadGraph:
-    """Batch ``index``'s graph up to the head's input (see the module docstring)."""
-    inputs, targets = op._call_loss(op._batch_split.split, index, batch)
-    leaves = op._leaves()
+#: The operator's guarded call of the user's code on batch ``index``: ``call(fn, index,
+#: *args)`` is ``fn(*args)`` with the user's errors made into hessfast's (LossCallError).
+UserCall = Callable[..., Any]
+
+
+def head_graph(
+    head: nn.Linear, batch: Any, index: int, ids: tuple[int | None, int | None], *,
+    call: UserCall, split: Callable[[Any], tuple[Any, Any]],
+    outputs: Callable[[Sequence[torch.Tensor], Any], torch.Tensor], loss_fn: Callable,
+    leaves: list[torch.Tensor], causal_lm: bool, check_rows: bool,
+) -> LMHeadGraph:
+    """Batch ``index``'s graph up to the head's input (see the module docstring).
+
+    Args:
+        head, ids: the head and its weight's and bias's indices (:func:`check_head`).
+        call: the operator's guarded call of the user's code.
+        split: a batch to ``(inputs, targets)``; ``outputs(leaves, inputs)``: the model's
+            outputs with the selected parameters replaced by ``leaves``; ``loss_fn``: the
+            criterion.
+        leaves: fresh leaves of the selected parameters (``requires_grad``).
+        causal_lm: the criterion sees the logits shifted by one token.
+        check_rows: compare the head applied to its input rows with the criterion's
+            logits (the operator does it once).
+    """
+    inputs, targets = call(split, index, batch)
     seen: dict[str, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple, result: torch.Tensor) -> None:
@@ -122,7 +150,7 @@ def head_graph(op: Any, head: nn.Linear, batch: Any, index: int,
     handle = head.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            out = op._call_loss(op._outputs, index, leaves, inputs)
+            out = call(outputs, index, leaves, inputs)
     finally:
         handle.remove()
     if "h" not in seen:
@@ -134,18 +162,17 @@ def head_graph(op: Any, head: nn.Linear, batch: Any, index: int,
             f"outputs {tuple(out.shape)} and targets "
             f"{getattr(targets, 'dtype', type(targets).__name__)}")
     with torch.enable_grad():
-        h = _rows(op, seen["h"], seen["out"], out)
+        h = _rows(causal_lm, seen["h"], seen["out"], out)
     weight = seen["weight"].detach()
     bias = None if seen["bias"] is None else seen["bias"].detach()
-    if not op._head_checked:  # the rows must be what the criterion sees: checked once
+    if check_rows:  # the rows must be what the criterion sees
         again = F.linear(h.detach(), weight, bias)
         if again.shape != out.shape or not torch.allclose(
                 again, out.detach(), rtol=1e-3, atol=1e-3 * float(out.detach().abs().max())):
             raise ConfigurationError(
                 "lm_head=: the criterion's outputs are not the head applied to its input "
                 "rows (the model changes the logits after the head); drop lm_head=")
-        op._head_checked = True
-    loss = op._call_loss(op.loss_fn, index, out.detach(), targets).detach()
+    loss = call(loss_fn, index, out.detach(), targets).detach()
     with torch.enable_grad():
         u = torch.zeros_like(h, requires_grad=True)
         jt_u = scalar_vjp([h], leaves, [u], retain=True, create_graph=True)
@@ -156,16 +183,19 @@ def head_graph(op: Any, head: nn.Linear, batch: Any, index: int,
                        targets.reshape(-1).to(h.device), iw, ib)
 
 
-def head_product(op: Any, state: LMHeadGraph, V: list[torch.Tensor], *,
-                 retain: bool) -> torch.Tensor:
-    """``G V`` for one batch, per parameter ``V[i] [c, *shape]``; returns ``[c, n]``."""
+def head_product(
+    state: LMHeadGraph, V: list[torch.Tensor], *, retain: bool, param_dtype: torch.dtype,
+    spec: CESpec, cat: Callable[[Sequence[torch.Tensor | None], int], torch.Tensor],
+) -> torch.Tensor:
+    """``G V`` for one batch, per parameter ``V[i] [c, *shape]``; returns ``[c, n]``
+    (``cat``: the operator's per-parameter pieces to ``[c, n]``, zeros for None)."""
     c = V[0].shape[0]
     body = [i for i in state.live
             if state.jt_u[i] is not None and state.jt_u[i].requires_grad]
     h = state.h.detach()
     with torch.enable_grad():
         if body:
-            vs = [V[i].to(op.param_dtype) for i in body]
+            vs = [V[i].to(param_dtype) for i in body]
             dh = graph_vjp([state.jt_u[i] for i in body], [state.u], vs, retain=True)[0]
         else:
             dh = torch.zeros((c, *h.shape), dtype=h.dtype, device=h.device)
@@ -176,7 +206,6 @@ def head_product(op: Any, state: LMHeadGraph, V: list[torch.Tensor], *,
     if state.bias is not None:
         db = (V[state.ib].to(w.dtype) if state.ib is not None
               else torch.zeros((c, *state.bias.shape), dtype=w.dtype, device=w.device))
-    spec = op._ce_spec
     gh, gW, gb = linear_ce_ggn_product(h, w, state.bias, state.targets, dh.to(h.dtype), dW, db,
                                        ignore_index=spec.ignore_index, reduction=spec.reduction)
     res: list[torch.Tensor | None] = [None] * len(state.leaves)
@@ -186,4 +215,4 @@ def head_product(op: Any, state: LMHeadGraph, V: list[torch.Tensor], *,
     for i, g in ((state.iw, gW), (state.ib, gb)):
         if i is not None:
             res[i] = g if res[i] is None else res[i] + g
-    return op._cat(res, c)
+    return cat(res, c)
