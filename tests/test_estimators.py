@@ -303,7 +303,7 @@ def test_adaptive_hutchpp_spends_sketch_then_deflated_blocks():
 
 
 @pytest.mark.parametrize(
-    "method,block_size,matvecs,passes",
+    "method,chunk_size,matvecs,passes",
     [
         ("hutchinson", None, 100, 1),
         ("hutch++", None, 100, 3),
@@ -313,19 +313,29 @@ def test_adaptive_hutchpp_spends_sketch_then_deflated_blocks():
         ("xtrace", 16, 100, 4 + 4),
     ],
 )
-def test_counts_and_blocks(method, block_size, matvecs, passes):
+def test_counts_and_blocks(method, chunk_size, matvecs, passes):
     M, _ = spectra.decaying(150, seed=0)
     A = _op(M)
-    r = trace(A, 100, method=method, seed=0, block_size=block_size)
+    r = trace(A, 100, method=method, seed=0, chunk_size=chunk_size)
     assert r.num_matvecs == A.num_matvecs == matvecs
     assert r.num_passes == A.num_passes == passes
     assert r.seconds >= 0.0
 
 
-def test_block_size_does_not_change_hutchpp_sketch_math():
+def test_chunk_size_does_not_change_hutchpp_sketch_math():
     M, _ = spectra.low_rank_psd(100, 5, seed=0)
-    r = trace(_op(M), 30, method="hutch++", seed=0, block_size=4)
+    r = trace(_op(M), 30, method="hutch++", seed=0, chunk_size=4)
     assert r.value == pytest.approx(_exact(M), rel=1e-10)
+
+
+def test_block_size_is_the_deprecated_name_of_chunk_size():
+    M, _ = spectra.decaying(150, seed=0)
+    new = trace(_op(M), 100, method="hutch++", seed=0, chunk_size=16)
+    with pytest.warns(DeprecationWarning, match="use chunk_size="):
+        old = trace(_op(M), 100, method="hutch++", seed=0, block_size=16)
+    assert (old.value, old.stderr, old.num_passes) == (new.value, new.stderr, new.num_passes)
+    with pytest.raises(ConfigurationError, match="pass chunk_size once"):
+        trace(_op(M), 100, chunk_size=8, block_size=16)
 
 
 @pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
@@ -474,7 +484,7 @@ def test_diagonal_by_param_on_model_hessian(float64_default):
         ({"confidence": 1.0}, "confidence.*1.0"),
         ({"confidence": 1.5}, "confidence.*1.5"),
         ({"min_samples": 0}, "min_samples.*0"),
-        ({"block_size": 0}, "block_size.*0"),
+        ({"chunk_size": 0}, "chunk_size.*0"),
     ],
 )
 def test_trace_bad_arguments(kwargs, match):

@@ -23,11 +23,11 @@ from .._checks import (
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
 
-__all__ = ["MIN_MATVECS", "Session", "max_matvecs_arg", "mean_stderr"]
+__all__ = ["MIN_MATVECS", "Session", "max_matvecs_arg", "mean_stderr", "renamed_arg"]
 
 #: Fewest products each method needs when it cannot afford the exact computation (n products).
 MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 2, "xdiag": 2}
-#: Unit vectors per pass on the exact path when no block_size is given (memory: rows x n).
+#: Unit vectors per pass on the exact path when no chunk_size is given (memory: rows x n).
 EXACT_BLOCK = 1024
 #: Most bytes of one block of probes (and of its products): a budget of any size streams
 #: through blocks of at most this many rows x n, so memory never grows with the budget.
@@ -39,11 +39,11 @@ class Session:
     """One estimator run on ``A`` (validated here): probes ``[k, n]`` with ``E[z z^T] = I``
     from a private CPU generator (so the result does not depend on the device), and products
     in the working dtype (float64 for float64 operators, else float32), at most
-    ``block_size`` rows per ``matmat``."""
+    ``chunk_size`` rows per ``matmat``."""
 
     def __init__(
         self, A: Any, who: str, *, seed: int, probe: str = "rademacher",
-        block_size: int | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         self.A: LinearOperator = as_operator(A, who)
         self.n = int(self.A.shape[0])
@@ -55,7 +55,7 @@ class Session:
         #: mesh runs: the index of the next probe, drawn from its own generator keyed by
         #: (seed, index) (:func:`hessfast._checks.keyed_probes`); None: the stream of ``gen``
         self.key: int | None = None
-        self.block_size = block_size
+        self.chunk_size = chunk_size
         self.products = Products(self.A, self.work, who)
 
     @property
@@ -83,9 +83,9 @@ class Session:
         return max(1, BLOCK_BYTES // row)
 
     def chunks(self, k: int, default_cap: int | None = None) -> list[int]:
-        """Rows per ``matmat`` call for a block of k rows: ``block_size`` (or ``default_cap``,
+        """Rows per ``matmat`` call for a block of k rows: ``chunk_size`` (or ``default_cap``,
         else all k) caps them, and so does :attr:`max_rows` (memory bounded whatever k)."""
-        cap = min(self.block_size or default_cap or max(k, 1), self.max_rows)
+        cap = min(self.chunk_size or default_cap or max(k, 1), self.max_rows)
         return [min(cap, k - i) for i in range(0, k, cap)]
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
@@ -140,6 +140,27 @@ def max_matvecs_arg(max_matvecs: Any, num_matvecs: Any, who: str) -> Any:
         stacklevel=3,
     )
     return num_matvecs
+
+
+def renamed_arg(new: Any, old: Any, new_name: str, old_name: str, who: str, *,
+                default: Any = None, stacklevel: int = 3) -> Any:
+    """The value of an argument renamed in 0.2: ``new`` (the new name's value) or, with a
+    DeprecationWarning naming ``new_name``, ``old`` (the deprecated name's; ``None`` when it was
+    not passed). Both given (``new`` not at its ``default``): ConfigurationError."""
+    if old is None:
+        return new
+    if new is not default and (default is None or new != default):
+        raise ConfigurationError(
+            f"{who}: pass {new_name} once ({old_name} is its deprecated old name), got "
+            f"{new_name}={new!r} and {old_name}={old!r}"
+        )
+    warnings.warn(
+        f"{who}({old_name}=...) is deprecated and will be removed in the next release: "
+        f"use {new_name}=...",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return old
 
 
 def mean_stderr(samples: torch.Tensor) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from ..linop import LinearOperator
 from ..progress import set_total, track
 from ..results import Status, TraceResult, t_value
 from .exchangeable import Exchangeable, orth_rows, xtrace_estimates, xtrace_jackknife_stderr
-from .session import Session, max_matvecs_arg, mean_stderr
+from .session import Session, max_matvecs_arg, mean_stderr, renamed_arg
 
 __all__ = ["TRACE_METHODS", "trace"]
 
@@ -100,11 +100,12 @@ def trace(
     atol: float | None = None,
     confidence: float = 0.95,
     min_samples: int = 10,
-    block_size: int | None = None,
+    chunk_size: int | None = None,
     probe: str = "rademacher",
     num_matvecs: int | None = None,
     mesh: Mesh | None = None,
     progress: bool | None = None,
+    block_size: int | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` of a symmetric ``n x n`` operator from block products.
 
@@ -134,7 +135,10 @@ def trace(
         confidence: level of that interval, in (0, 1).
         min_samples: the adaptive pilot's size and the fewest samples (probes behind the
             standard error) of the block that answers; at least 2.
-        block_size: most rows per ``matmat`` call (None: a whole phase in one call).
+        chunk_size: most rows per ``matmat`` call (None: a whole phase in one call; the
+            operators call it ``chunk_size`` too). ``block_size`` is its deprecated old name
+            (a DeprecationWarning; removed in the next release): in ``eigsh`` a block is the
+            Lanczos width, not a chunk of rows.
         probe: ``"rademacher"`` (default) or ``"gaussian"``.
         num_matvecs: deprecated name of ``max_matvecs`` (a DeprecationWarning; removed in
             the next release).
@@ -169,7 +173,7 @@ def trace(
 
     Raises:
         ConfigurationError: bad method, probe, budget, rtol, confidence, min_samples,
-            block_size, or a non-square A.
+            chunk_size, or a non-square A.
         NonFiniteError: a product contains NaN or Inf.
     """
     with track(A, "trace", enabled=progress):
@@ -178,9 +182,10 @@ def trace(
         check_choice("method", method, TRACE_METHODS, who=_WHO)
         check_choice("probe", probe, PROBES, who=_WHO)
         seed = check_seed(seed, who=_WHO)
-        if block_size is not None:
-            block_size = check_int("block_size", block_size, 1, who=_WHO)
-        sess = Session(A, f"trace({method})", seed=seed, probe=probe, block_size=block_size)
+        chunk_size = renamed_arg(chunk_size, block_size, "chunk_size", "block_size", _WHO)
+        if chunk_size is not None:
+            chunk_size = check_int("chunk_size", chunk_size, 1, who=_WHO)
+        sess = Session(A, f"trace({method})", seed=seed, probe=probe, chunk_size=chunk_size)
         m = sess.budget(method, max_matvecs)
         stop = None
         if rtol is not None:
@@ -265,7 +270,7 @@ def _hutchinson_mesh(sess: Session, m: int, mesh: Mesh) -> _Outcome:
 
 def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Tensor:
     """k samples ``z^T A z`` (or of the deflated operator with ``z <- (I - QQ^T) z``),
-    float64; probes are drawn per ``matmat`` chunk so memory stays ``block_size x n``."""
+    float64; probes are drawn per ``matmat`` chunk so memory stays ``chunk_size x n``."""
     return _QuadForms(sess, Q).draw(k).samples
 
 
