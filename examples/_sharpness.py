@@ -12,11 +12,11 @@ import torch
 from _common import digits
 from torch import nn
 
-from hessfast.analysis.tracking import SharpnessTracker
+import hessfast as hf
 
 
 def run(make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer], *, steps: int,
-        every: int, samples: int, out: str, label: str) -> SharpnessTracker:
+        every: int, samples: int, out: str, label: str) -> hf.SharpnessTracker:
     X, y = digits(samples)
     targets = nn.functional.one_hot(y, 10).float()
     torch.manual_seed(0)
@@ -25,7 +25,7 @@ def run(make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer], *
     loss_fn = nn.MSELoss()
     opt = make_optimizer(list(model.parameters()))
     batch = [(X, targets)]  # full batch: the edge of stability is a gradient-descent effect
-    tracker = SharpnessTracker(model, loss_fn, batch, every=every, k=1, optimizer=opt)
+    tracker = hf.SharpnessTracker(model, loss_fn, batch, every=every, k=1, optimizer=opt)
     print(f"{label}: {sum(p.numel() for p in model.parameters())} parameters, {len(X)} "
           f"samples, {steps} full-batch steps, lambda_max every {every}")
     print(f"{'step':>5} {'loss':>9} {'sharpness':>10} {'threshold':>10} {'ratio':>6}  edge")

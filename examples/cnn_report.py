@@ -15,7 +15,7 @@ import torch
 from _common import digits, parser, write_report
 from torch import nn
 
-from hessfast.analysis.analyze import analyze
+import hessfast as hf
 
 
 class Block(nn.Module):
@@ -74,9 +74,9 @@ def main() -> None:
     batches = [(X[:n_eval], y[:n_eval])]
     blocks = {"stem": r"^stem\.", "block1": r"^block1\.", "block2": r"^block2\.",
               "head": r"^head\."}
-    report = analyze(model, loss_fn, batches, k=3 if args.quick else 5,
-                     probes=2 if args.quick else 4, steps=10 if args.quick else 24,
-                     groups=blocks)
+    report = hf.analyze(model, loss_fn, batches, k=3 if args.quick else 5,
+                        num_probes=2 if args.quick else 4,
+                        num_steps=10 if args.quick else 24, groups=blocks)
     write_report(report, args.out)
 
 

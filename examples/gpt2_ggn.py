@@ -15,7 +15,7 @@ import time
 import torch
 from _common import parser, write_report
 
-from hessfast.analysis.analyze import analyze
+import hessfast as hf
 
 
 def import_transformers():
@@ -77,9 +77,9 @@ def main() -> None:
                for ids in token_batches(2 if args.quick else 4, 8, seq, vocab, seed=2)]
     blocks = {"embeddings": r"^transformer\.w[tp]e\.", "layer0": r"^transformer\.h\.0\.",
               "layer1": r"^transformer\.h\.1\.", "final_ln": r"^transformer\.ln_f\."}
-    report = analyze(model, None, batches, curvature="ggn", causal_lm=True,
-                     k=3 if args.quick else 5, probes=2 if args.quick else 4,
-                     steps=10 if args.quick else 24, groups=blocks)
+    report = hf.analyze(model, None, batches, curvature="ggn", causal_lm=True,
+                        k=3 if args.quick else 5, num_probes=2 if args.quick else 4,
+                        num_steps=10 if args.quick else 24, groups=blocks)
     write_report(report, args.out)
 
 

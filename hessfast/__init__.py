@@ -11,6 +11,7 @@ See README.md for the quickstart and docs/architecture.md for the layers.
 from __future__ import annotations
 
 from . import distributed, errors
+from ._version import __version__
 from .analysis import (
     BlockSpectra,
     Report,
@@ -29,37 +30,42 @@ from .power import PowerResult, power_iteration
 from .results import Status
 from .spectrum import EigshResult, eigsh, lambda_max
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "BlockSpectra",
-    "Report",
+    "__version__",
+    # operators: the symmetric [n, n] operators everything below multiplies with
+    "GGNOperator",
+    "HessianOperator",
+    "LinearOperator",
+    "ggn",
+    "hessian",
+    # spectra: extreme eigenpairs and conditioning
+    "condition_number",
+    "eigsh",
+    "lambda_max",
+    "power_iteration",
+    # density and trace: the whole spectrum, its trace and diagonal, from random probes
+    "diagonal",
+    "spectral_density",
+    "trace",
+    # analysis: one-call reports, per-layer spectra, preconditioned curvature, training
     "SharpnessTracker",
     "analyze",
     "block_spectra",
     "preconditioned",
+    # results: every one has num_matvecs, num_passes, status, to_dict and to_json
+    "BlockSpectra",
     "ConditionResult",
     "DiagonalResult",
+    "EigshResult",
+    "PowerResult",
+    "Report",
     "SpectralDensity",
     "Status",
     "TraceResult",
-    "condition_number",
-    "diagonal",
-    "spectral_density",
-    "trace",
-    "EigshResult",
-    "GGNOperator",
-    "HessianOperator",
-    "LinearOperator",
-    "PowerResult",
-    "__version__",
-    "eigsh",
-    "estimate_memory",
+    # memory: what a run will need, before running it
     "MemoryPlan",
+    "estimate_memory",
+    # modules: the error classes and the multi-process helpers
     "distributed",
     "errors",
-    "ggn",
-    "hessian",
-    "lambda_max",
-    "power_iteration",
 ]

@@ -43,7 +43,8 @@ def hess():
     rng = torch.get_rng_state()
     # steps >= n: each probe's Gauss rule is exact, so the density-derived numbers differ from
     # the dense truth by probe sampling only (checked to 4 standard errors below)
-    report = analyze(model, loss_fn, batches, k=4, probes=PROBES, steps=200, tol=TOL, lr=0.5)
+    report = analyze(model, loss_fn, batches, k=4, num_probes=PROBES, num_steps=200, tol=TOL,
+                     lr=0.5)
     untouched = (
         torch.equal(rng, torch.get_rng_state())
         and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
@@ -139,18 +140,20 @@ def test_parts_account_for_the_products(hess) -> None:
     dens = r.part("density")
     # one pass per Lanczos step for all probes (a probe that breaks down early, in an
     # invariant subspace, stops costing products)
-    assert dens["data_passes"] == max(r.density["steps"]) <= 115
+    assert dens["num_passes"] == max(r.density["steps_taken"]) <= 115
     assert dens["num_matvecs"] == r.density["num_matvecs"] <= PROBES * 115
     for p in r.parts:
-        assert p["num_matvecs"] >= 0 and p["data_passes"] >= 0 and p["seconds"] >= 0
+        assert p["num_matvecs"] >= 0 and p["num_passes"] >= 0 and p["seconds"] >= 0
         assert p["source"]
+    assert r.num_passes == sum(p["num_passes"] for p in r.parts)
+    assert r.num_matvecs == sum(p["num_matvecs"] for p in r.parts)
     json.dumps(r.to_dict(), allow_nan=False)
 
 
 def test_ggn_is_positive_semidefinite():
     # 12 samples x 3 classes: rank(GGN) <= 24 < n = 115, so it is singular
     model, loss_fn, batches = _mlp(sizes=(6, 6))
-    r = analyze(model, loss_fn, batches, curvature="ggn", k=2, probes=4, steps=30,
+    r = analyze(model, loss_fn, batches, curvature="ggn", k=2, num_probes=4, num_steps=30,
                 per_layer=False)
     G = dense_ggn_reference(model, loss_fn, batches)
     ev = torch.linalg.eigvalsh(G)
@@ -171,8 +174,8 @@ def test_singular_float32_ggn_stops_early():
     from hessfast._cli_demo import train_demo_model
 
     model, batches, _ = train_demo_model(steps=50, analysis_samples=128)
-    r = analyze(model, torch.nn.CrossEntropyLoss(), batches, curvature="ggn", k=1, probes=2,
-                steps=8, per_layer=False, progress=False)
+    r = analyze(model, torch.nn.CrossEntropyLoss(), batches, curvature="ggn", k=1, num_probes=2,
+                num_steps=8, per_layer=False, progress=False)
     low = next(p for p in r.parts if p["name"] == "lambda_min")
     assert r.definiteness == "positive semi-definite (singular to tolerance)"
     assert low["num_matvecs"] <= SINGULAR_STAGE, low
@@ -184,7 +187,7 @@ def test_positive_definite_operator_condition_number() -> None:
     Q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=g))
     ev = torch.linspace(0.5, 20.0, 60, dtype=torch.float64)
     A = LinearOperator.from_matrix((Q * ev) @ Q.T, check_symmetric=False)
-    r = analyze(A, k=3, probes=4, steps=20, tol=1e-6, per_layer=False)
+    r = analyze(A, k=3, num_probes=4, num_steps=20, tol=1e-6, per_layer=False)
     assert r.curvature == "operator" and r.definiteness == "positive definite"
     assert r.condition == pytest.approx(40.0, rel=1e-5)
     assert r.negative_mass == 0.0
@@ -194,19 +197,19 @@ def test_operator_argument_and_small_budget_trace_fallback() -> None:
     model, loss_fn, batches = _mlp()
     H = hf.hessian(model, loss_fn, batches)
     M = dense_hessian_reference(model, loss_fn, batches)
-    r = analyze(H, k=1, probes=2, steps=20)  # probes < 8: an extra Hutch++ run for the trace
+    r = analyze(H, k=1, num_probes=2, num_steps=20)  # < 8 probes: an extra Hutch++ for the trace
     assert "operator" not in [p["name"] for p in r.parts]
     tpart = r.part("trace")
     assert "hutch++" in tpart["source"] and tpart["num_matvecs"] == 30
     assert abs(r.trace - float(M.trace())) <= 4 * r.trace_stderr
     assert r.operator["num_samples"] == 60 and r.operator["model"] == "Sequential"
     # a plain LinearOperator has no parameter names: per-layer is skipped, and says so
-    r2 = analyze(LinearOperator.from_matrix(M), k=1, probes=8, steps=10)
+    r2 = analyze(LinearOperator.from_matrix(M), k=1, num_probes=8, num_steps=10)
     assert r2.per_layer is None and "skipped" in r2.part("per_layer")["source"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(k=0), "k must be"), (dict(k=116), "k must be <= n"), (dict(probes=0), "probes"),
+    (dict(k=0), "k must be"), (dict(k=116), "k must be <= n"), (dict(num_probes=0), "num_probes"),
     (dict(tol=-1.0), "tol"), (dict(per_layer="yes"), "per_layer"), (dict(lr=0.0), "lr"),
     (dict(curvature="fisher"), "curvature"),
 ])
@@ -230,10 +233,36 @@ def test_exact_hutchpp_trace_preferred_on_a_small_operator() -> None:
     B = torch.randn(20, 20, dtype=torch.float64, generator=g)
     M = B + B.T
     with pytest.warns(UserWarning, match="solving densely"):
-        r = analyze(LinearOperator.from_matrix(M), k=2, probes=2, steps=8, per_layer=False)
+        r = analyze(LinearOperator.from_matrix(M), k=2, num_probes=2, num_steps=8, per_layer=False)
     # 2 probes: an extra Hutch++ run; its budget of 30 >= n = 20 makes it exact
     assert "EXACT" in r.part("trace")["source"] and "reported: hutch++" in r.part("trace")["source"]
     assert r.trace_stderr == 0.0 and r.trace == pytest.approx(float(M.trace()), abs=1e-10)
     ev = torch.linalg.eigvalsh(M)
     assert r.lambda_max == pytest.approx(float(ev[-1]), rel=1e-10)
     assert r.lambda_min == pytest.approx(float(ev[0]), rel=1e-10)
+
+
+def test_old_keywords_warn_and_give_the_same_report() -> None:
+    """probes=/steps= are the deprecated names of num_probes=/num_steps= (one release)."""
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(40, 40, dtype=torch.float64, generator=g)
+    A = LinearOperator.from_matrix(B @ B.T)
+    new = analyze(A, k=2, num_probes=3, num_steps=12, per_layer=False, progress=False)
+    with pytest.warns(DeprecationWarning, match=r"use num_probes=") as rec:
+        old = analyze(A, k=2, probes=3, steps=12, per_layer=False, progress=False)
+    assert any("use num_steps=" in str(w.message) for w in rec)
+    def numbers(r: hf.Report) -> dict:
+        d = {k: v for k, v in r.to_dict().items() if k not in ("created", "parts")}
+        d["density"] = {k: v for k, v in d["density"].items() if k != "seconds"}
+        return d
+
+    assert numbers(old) == numbers(new)
+    with pytest.raises(ConfigurationError, match="pass num_probes once"):
+        analyze(A, num_probes=4, probes=3)
+
+
+def test_unknown_keyword_names_analyze() -> None:
+    model, loss_fn, batches = _mlp(sizes=(4,))
+    with pytest.raises(TypeError, match=r"hessfast\.analyze: unknown keyword argument 'num_probe'"
+                       r".*Did you mean num_probes"):
+        analyze(model, loss_fn, batches, num_probe=4)

@@ -67,7 +67,7 @@ def test_stability_verdicts_match_gradient_descent(reduction: str) -> None:
 
     scale = N if reduction == "sum" else 1
     for lr, bad in ((stable, False), (unstable, True)):
-        rep = _quiet(hf.analyze, model, loss_fn, batch, k=1, probes=2, steps=5,
+        rep = _quiet(hf.analyze, model, loss_fn, batch, k=1, num_probes=2, num_steps=5,
                      per_layer=False, tol=1e-8, lr=lr)
         assert rep.lr_curvature_scale == scale
         assert rep.stable_lr == pytest.approx(lr_star, rel=1e-6)
@@ -104,7 +104,7 @@ def test_several_batches_step_per_batch_or_full_batch() -> None:
     batches = [(X[i:i + 16], y[i:i + 16]) for i in range(0, N, 16)]
     assert not _diverges(model, loss_fn, batches, 0.95 * lr_star)
     assert _diverges(model, loss_fn, batches, 1.05 * lr_star)
-    kw = dict(k=1, probes=2, steps=5, per_layer=False, tol=1e-8)
+    kw = dict(k=1, num_probes=2, num_steps=5, per_layer=False, tol=1e-8)
     rep = _quiet(hf.analyze, model, loss_fn, batches, **kw)
     assert rep.lr_curvature_scale == 16 and "16 samples" in rep.lr_curvature_scale_reason
     assert rep.stable_lr == pytest.approx(4 * lr_star, rel=1e-6)
@@ -134,7 +134,7 @@ def test_uneven_batches_use_the_largest_and_say_so() -> None:
 def test_bad_lr_scale_is_refused(bad) -> None:
     model, loss_fn, X, y, _ = _problem("sum")
     with pytest.raises((ConfigurationError, TypeError)):
-        _quiet(hf.analyze, model, loss_fn, (X, y), k=1, probes=2, steps=5, per_layer=False,
+        _quiet(hf.analyze, model, loss_fn, (X, y), k=1, num_probes=2, num_steps=5, per_layer=False,
                lr_scale=bad)
     with pytest.raises(ConfigurationError, match="lr_scale"):
         hf.SharpnessTracker(model, loss_fn, (X, y), lr_scale=bad)

@@ -110,6 +110,8 @@ def test_equals_dense(name):
     before = _state_copy(opt)
     H = hf.hessian(model, loss_fn, data)
     P = preconditioned(H, opt)
+    with pytest.warns(DeprecationWarning, match="use A="):  # the old keyword name, one release
+        assert torch.equal(preconditioned(H=H, optimizer=opt).diagonal, P.diagonal)
     params = list(model.parameters())
     D = _hand_diagonal(opt, params)
     assert torch.allclose(preconditioner_diagonal(H, opt), D, rtol=1e-13, atol=0)

@@ -24,7 +24,7 @@ LR = 0.9
 def report() -> Report:
     model, loss_fn, batches = make_mlp(sizes=(20, 20), d_in=6, hidden=6, n_out=3,
                                        dtype=torch.float64)
-    return analyze(model, loss_fn, batches, k=3, probes=6, steps=30, lr=LR)
+    return analyze(model, loss_fn, batches, k=3, num_probes=6, num_steps=30, lr=LR)
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +105,20 @@ def test_large_relative_stderr_is_flagged() -> None:
 
 
 def test_plot_writes_png(report: Report, tmp_path, plt) -> None:
-    path = report.plot(tmp_path / "fig" / "report.png")
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "fig" / "report.png"
+    fig = report.plot(path)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2  # every plot() returns the Figure
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    assert plt.get_fignums() == []  # the figure was closed
-    single = replace(report, per_layer=None).plot(tmp_path / "one.png")
-    assert single.stat().st_size > 10_000
+    assert plt.get_fignums() == []  # outside pyplot: no figure left open
+    replace(report, per_layer=None).plot(tmp_path / "one.png")
+    assert (tmp_path / "one.png").stat().st_size > 10_000
+    assert len(report.plot().axes) == 2  # no path: the figure only
     # re-plotted from JSON alone
-    assert Report.from_json(report.to_json()).plot(tmp_path / "again.pdf").stat().st_size > 0
+    Report.from_json(report.to_json()).plot(tmp_path / "again.pdf")
+    assert (tmp_path / "again.pdf").stat().st_size > 0
     with pytest.raises(ConfigurationError, match="no suffix"):
         report.plot(tmp_path / "noext")
 

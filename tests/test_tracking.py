@@ -158,8 +158,16 @@ def test_sgd_plot_and_no_optimizer(tmp_path):
     assert SharpnessTracker(model, loss_fn, data).step().threshold is None
     with pytest.raises(ConfigurationError, match="no measurements"):
         SharpnessTracker(model, loss_fn, data).plot(tmp_path / "x.png")
-    tracker.plot(tmp_path / "sgd.png")
+    fig = tracker.plot(tmp_path / "sgd.png")
     assert (tmp_path / "sgd.png").read_bytes()[:4] == b"\x89PNG"
+    from matplotlib.figure import Figure
+
+    assert isinstance(fig, Figure) and len(fig.axes) == 1  # every plot() returns the Figure
+    assert isinstance(tracker.plot(), Figure)  # no path: the figure only
+    # the one writer of every result: the same signature, the text returned and written
+    text = tracker.to_json(tmp_path / "t.json", indent=2)
+    assert (tmp_path / "t.json").read_text(encoding="utf-8") == text
+    assert json.loads(text) == json.loads(tracker.to_json()) == tracker.to_dict(vectors=True)
 
 
 def test_thresholds():

@@ -1,7 +1,8 @@
 """The figure of a :class:`~hessfast.analysis.report.Report`: (a) the spectral density on a log
 axis with the top eigenvalues, lambda_min and ``2 / lr`` marked; (b) lambda_max and the trace
-of every parameter group. matplotlib is imported inside the functions only (Agg backend, no
-window), so ``import hessfast`` stays light."""
+of every parameter group. matplotlib is imported inside the functions only (a
+:class:`matplotlib.figure.Figure` outside pyplot: no window, no global figure list), so
+``import hessfast`` stays light and works without it."""
 
 from __future__ import annotations
 
@@ -12,72 +13,77 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..density.result import SpectralDensity
 from ..errors import ConfigurationError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import Report
 
-__all__ = ["plot_density_panel", "plot_layers_panel", "plot_report"]
+__all__ = ["new_figure", "plot_density_panel", "plot_layers_panel", "plot_report"]
 
 #: The density's log axis starts at this fraction of its peak.
 FLOOR = 1e-6
 
 
-def _pyplot() -> Any:
+def new_figure(who: str, **kwargs: Any) -> Any:
+    """A :class:`matplotlib.figure.Figure` with an Agg canvas, outside pyplot (no window, no
+    global figure to close): what the ``plot()`` methods of hessfast draw on and return.
+
+    Raises:
+        ImportError: matplotlib is not installed (the message says how to install it).
+    """
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "Report.plot needs matplotlib, which is not installed: pip install matplotlib "
+            f"{who} needs matplotlib, which is not installed: pip install matplotlib "
             "(the rest of hessfast works without it)"
         ) from exc
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "cairo"):
-        matplotlib.use("Agg", force=True)  # files only: never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def plot_report(report: Report, path: str | os.PathLike, *, dpi: int = 150) -> Path:
-    """Draw the report's figure and save it to ``path`` (format from the suffix: .png, .pdf,
-    .svg); returns the path. Panel (b) is drawn when the report has per-layer results."""
-    path = Path(path)
-    if not path.suffix:
-        raise ConfigurationError(
-            f"Report.plot: {str(path)!r} has no suffix; name the file e.g. 'report.png' or "
-            "'report.pdf' (the suffix picks the format)"
-        )
+def plot_report(report: Report, path: str | os.PathLike | None = None, *, dpi: int = 150
+                ) -> Any:
+    """Draw the report's figure and return it (a :class:`matplotlib.figure.Figure`); with
+    ``path``, also save it there (format from the suffix: .png, .pdf, .svg). Panel (b) is
+    drawn when the report has per-layer results."""
+    if path is not None:
+        path = Path(path)
+        if not path.suffix:
+            raise ConfigurationError(
+                f"Report.plot: {str(path)!r} has no suffix; name the file e.g. 'report.png' "
+                "or 'report.pdf' (the suffix picks the format)"
+            )
     if report.density is None:
         raise ConfigurationError(
             "Report.plot: the report has no density to draw; build it with analyze(...)"
         )
-    plt = _pyplot()
     layers = report.per_layer or []
     if layers:
         width = 13 + 0.25 * max(0, len(layers) - 10)
-        fig, (ax, bx) = plt.subplots(1, 2, figsize=(min(width, 30), 5.2),
-                                     gridspec_kw=dict(width_ratios=[1.5, 1]))
+        fig = new_figure("Report.plot", figsize=(min(width, 30), 5.2))
+        ax, bx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.5, 1]))
     else:
-        fig, ax = plt.subplots(figsize=(8, 5.2))
-        bx = None
-    try:
-        plot_density_panel(report, ax)
-        if bx is not None:
-            plot_layers_panel(report, bx)
-        op = report.operator
-        what = f"{report.curvature} of {op['model']}" if op.get("model") else report.curvature
-        fig.suptitle(f"Curvature of the loss: {what}, {report.n:,} parameters", fontsize=12)
-        fig.tight_layout()
+        fig = new_figure("Report.plot", figsize=(8, 5.2))
+        ax, bx = fig.subplots(), None
+    plot_density_panel(report, ax)
+    if bx is not None:
+        plot_layers_panel(report, bx)
+    op = report.operator
+    what = f"{report.curvature} of {op['model']}" if op.get("model") else report.curvature
+    fig.suptitle(f"Curvature of the loss: {what}, {report.n:,} parameters", fontsize=12)
+    fig.tight_layout()
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
+    return fig
 
 
 def plot_density_panel(report: Report, ax: Any) -> Any:
     """Panel (a) on ``ax``: log-scale density, Ritz values, top-k, lambda_min, ``2 / lr``."""
-    from ..density.result import SpectralDensity
 
     d = SpectralDensity.from_dict({k: v for k, v in report.density.items() if k != "sigma"})
     sigma = report.density.get("sigma") or d.default_sigma

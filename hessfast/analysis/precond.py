@@ -31,6 +31,7 @@ from torch import optim
 
 from .._digest import tensor_digest
 from ..errors import ArgumentTypeError, ConfigurationError
+from ..estimators.session import renamed_arg
 from ..linop import LinearOperator
 
 __all__ = ["PreconditionedOperator", "preconditioned", "preconditioner_diagonal",
@@ -190,8 +191,10 @@ class PreconditionedOperator(LinearOperator):
             self.diagonal)}
 
 
-def preconditioned(H: LinearOperator, optimizer: optim.Optimizer) -> PreconditionedOperator:
-    """The preconditioned curvature ``D^-1/2 H D^-1/2`` of an adaptive optimizer.
+def preconditioned(A: LinearOperator | None = None, optimizer: optim.Optimizer | None = None,
+                   *, H: LinearOperator | None = None) -> PreconditionedOperator:
+    """The preconditioned curvature ``D^-1/2 A D^-1/2`` of an adaptive optimizer (``A`` the
+    curvature operator, called H below).
 
     Its eigenvalues are those of ``D^-1 H``, the curvature the update ``-lr * m_hat / D``
     sees (times ``lr_curvature_scale(H).scale`` for a sum-reduced loss, module docstring);
@@ -199,9 +202,12 @@ def preconditioned(H: LinearOperator, optimizer: optim.Optimizer) -> Preconditio
     ``(2 + 2 beta1) / ((1 - beta1) lr)`` for Adam (see :mod:`hessfast.analysis.tracking`).
 
     Args:
-        H: curvature operator ``[n, n]`` from :func:`hessfast.hessian` / :func:`hessfast.ggn`.
+        A: curvature operator ``[n, n]`` from :func:`hessfast.hessian` / :func:`hessfast.ggn`
+            (named ``A`` like every operator argument of hessfast).
         optimizer: Adam, AdamW (amsgrad or not), RMSprop (centered or not) or Adagrad, after
             at least one step; per-group hyperparameters are honoured; its state is only read.
+        H: deprecated keyword name of ``A`` (a DeprecationWarning; removed in the next
+            release). Positional calls ``preconditioned(H, optimizer)`` are unchanged.
 
     Returns:
         :class:`PreconditionedOperator` ``[n, n]``: ``matmat(V [k, n]) -> [k, n]``, the
@@ -210,4 +216,5 @@ def preconditioned(H: LinearOperator, optimizer: optim.Optimizer) -> Preconditio
     Raises:
         See :func:`preconditioner_diagonal`.
     """
-    return PreconditionedOperator(H, preconditioner_diagonal(H, optimizer))
+    A = renamed_arg(A, H, "A", "H", "hessfast.analysis.preconditioned")
+    return PreconditionedOperator(A, preconditioner_diagonal(A, optimizer))

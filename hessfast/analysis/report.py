@@ -7,9 +7,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ArgumentTypeError, ConfigurationError
+from ..results import JsonResult, Status, check_vectors
 from ..results import jsonable as _jsonable
 
 __all__ = ["REL_STDERR_FLAG", "Report", "jsonable"]
@@ -25,13 +26,15 @@ def jsonable(x: Any) -> Any:
     return _jsonable(x, strict=True)
 
 
-@dataclass
-class Report:
+@dataclass(repr=False)
+class Report(JsonResult):
     """The curvature of one model at one point, from :func:`analyze`.
 
     Every field is JSON-safe (float, int, str, bool, list, dict or None; non-finite values are
     stored as None), so ``json.dumps(report.to_dict())`` works and
-    ``Report.from_json(report.to_json()) == report``.
+    ``Report.from_json(report.to_json()) == report``. ``to_json`` is every result's
+    (:class:`~hessfast.results.JsonResult`), strict JSON with an indent of 1 by default.
+    ``num_matvecs``, ``num_passes`` (sums over ``parts``) and ``status`` are properties.
 
     Attributes:
         curvature: ``"Hessian"``, ``"GGN"`` or ``"operator"`` (a plain LinearOperator).
@@ -62,9 +65,11 @@ class Report:
         per_layer: ``BlockSpectra.to_dict()["groups"]`` (one dict per parameter group with
             name, size, lambda_max, lambda_max_residual, converged, trace, trace_stderr), or
             None.
-        parts: one dict per part: name, quantities, num_matvecs, data_passes, seconds, source
-            (where its numbers came from, in words).
-        settings: the arguments of :func:`analyze` (k, probes, steps, tol, seed, groups).
+        parts: one dict per part: name, quantities, num_matvecs, num_passes, seconds, source
+            (where its numbers came from, in words). (Reports of 0.1 said ``data_passes``;
+            :meth:`from_dict` renames it.)
+        settings: the arguments of :func:`analyze` (k, num_probes, num_steps, tol, seed,
+            groups, ...).
         lr: the training learning rate, if given (the plot marks ``2 / lr``).
         lr_curvature_scale, lr_curvature_scale_reason: the curvature the optimizer sees over
             the operator's (the eigenvalues are the MEAN loss's; a sum-reduced loss's optimizer
@@ -111,9 +116,18 @@ class Report:
     created: str = ""
     uncertain: dict[str, float | None] = field(default_factory=dict)
 
+    _REPR_FIELDS: ClassVar[tuple[str, ...]] = (
+        "curvature", "n", "lambda_max", "lambda_min", "trace", "definiteness", "status",
+        "num_matvecs", "num_passes")
+    _JSON_INDENT: ClassVar[int | None] = 1  # a record people read
+    _JSON_STRICT: ClassVar[bool] = True  # non-finite values are stored as None
+
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, jsonable(getattr(self, f.name)))
+        # a report of 0.1 counted each part's data passes as "data_passes"
+        self.parts = [{("num_passes" if key == "data_passes" else key): v for key, v in p.items()}
+                      if isinstance(p, dict) else p for p in self.parts]
         flags: dict[str, float | None] = {}
         rel = _rel(self.trace, self.trace_stderr)
         if rel is not None and not rel <= REL_STDERR_FLAG:
@@ -124,17 +138,31 @@ class Report:
                 flags[f"per_layer.{g.get('name')}.trace"] = rel
         self.uncertain = jsonable(flags)
 
-    # -- serialisation ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-safe dict (a deep copy)."""
-        return asdict(self)
+    # -- the result contract ------------------------------------------------------------------
+    @property
+    def num_matvecs(self) -> int:
+        """Products of all parts (the operator's pre-flight included)."""
+        return int(sum(p.get("num_matvecs") or 0 for p in self.parts))
 
-    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = 1) -> str:
-        """Strict JSON text of :meth:`to_dict`; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
-        if path is not None:
-            Path(path).write_text(text + "\n", encoding="utf-8")
-        return text
+    @property
+    def num_passes(self) -> int:
+        """``matmat`` calls (data passes) of all parts."""
+        return int(sum(p.get("num_passes") or 0 for p in self.parts))
+
+    @property
+    def status(self) -> Status:
+        """``CONVERGED`` when the top-k pairs and lambda_min met ``tol``, else
+        ``MAX_MATVECS`` (a budget ran out first, or lambda_min stopped early on a singular
+        operator: the ``lambda_min`` part says which)."""
+        ok = self.top_converged and self.lambda_min_converged
+        return Status.CONVERGED if ok else Status.MAX_MATVECS
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self, *, vectors: bool = False) -> dict[str, Any]:
+        """``"kind"`` and all fields as a JSON-safe dict (a deep copy). ``vectors``: the
+        result interface's flag (a report holds no ``[n]`` arrays)."""
+        check_vectors(vectors)
+        return {"kind": type(self).__name__, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
@@ -143,6 +171,7 @@ class Report:
             raise ArgumentTypeError(
                 f"Report.from_dict: expected a dict from Report.to_dict(), got {type(d).__name__}"
             )
+        d = {key: v for key, v in d.items() if key != "kind"}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         missing = sorted(k for k in ("curvature", "n") if k not in d)
@@ -243,11 +272,11 @@ class Report:
             ])
         if self.uncertain:
             lines.append(f"  (!) relative stderr above {REL_STDERR_FLAG:.0%}: a rough estimate; "
-                         "raise the probes (analyze's probes=) for a tighter one")
+                         "raise the probes (analyze's num_probes=) for a tighter one")
         lines += ["", "cost:"]
-        tot = [sum(p.get(c) or 0 for p in self.parts) for c in ("num_matvecs", "data_passes")]
+        tot = [sum(p.get(c) or 0 for p in self.parts) for c in ("num_matvecs", "num_passes")]
         secs = sum(p.get("seconds") or 0.0 for p in self.parts)
-        prow = [(p["name"], f"{p.get('num_matvecs', 0):,}", f"{p.get('data_passes', 0):,}",
+        prow = [(p["name"], f"{p.get('num_matvecs', 0):,}", f"{p.get('num_passes', 0):,}",
                  f"{p.get('seconds') or 0.0:.2f}", p.get("source", "")) for p in self.parts]
         prow.append(("total", f"{tot[0]:,}", f"{tot[1]:,}", f"{secs:.2f}", ""))
         lines += _table(("part", "products", "data passes", "seconds", "source"), prow)
@@ -256,11 +285,12 @@ class Report:
     def __str__(self) -> str:
         return self.summary()
 
-    def plot(self, path: str | os.PathLike, *, dpi: int = 150) -> Path:
-        """Write the figure (density with the eigenvalues marked, per-layer bars) to ``path``
-        (PNG, PDF or SVG by the suffix) and return the path; see
+    def plot(self, path: str | os.PathLike | None = None, *, dpi: int = 150) -> Any:
+        """The figure (density with the eigenvalues marked, per-layer bars) as a
+        :class:`matplotlib.figure.Figure`, as every ``plot()`` of hessfast returns; with
+        ``path``, also saved there (PNG, PDF or SVG by the suffix). See
         :func:`hessfast.analysis.plot.plot_report`. Needs matplotlib."""
-        from .plot import plot_report
+        from .plot import plot_report  # plot imports report (the one allowed circle)
 
         return plot_report(self, path, dpi=dpi)
 

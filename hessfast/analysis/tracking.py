@@ -64,7 +64,9 @@ from ..condition import lr_curvature_scale
 from ..curvature import ggn, hessian
 from ..errors import ArgumentTypeError, ConfigurationError
 from ..linop import LinearOperator
+from ..results import check_vectors, write_json
 from ..spectrum import EigshResult, default_block_size, eigsh
+from .plot import new_figure
 from .precond import SUPPORTED_OPTIMIZERS, preconditioned
 
 __all__ = ["EDGE_FRACTION", "SharpnessTracker", "TrackPoint", "stability_thresholds"]
@@ -174,7 +176,11 @@ class SharpnessTracker:
         optimizer: the training optimizer (SGD, Adam, AdamW, RMSprop, Adagrad) for the
             thresholds and, for adaptive ones, the preconditioned sharpness; only read.
         curvature: ``"hessian"`` or ``"ggn"``.
-        tol: eigsh's relative residual tolerance.
+        tol: eigsh's relative residual tolerance. 1e-3, looser than the solvers' 1e-4
+            (``eigsh``, ``lambda_max``): a tracker measures many points and records each
+            residual next to its eigenvalue, and the edge-of-stability flag leaves a 10%
+            margin (``EDGE_FRACTION``), so the products a tighter stop costs at every point
+            buy nothing the flag can use; pass ``tol=1e-4`` for the solvers' precision.
         lr: learning rate for the thresholds (default ``optimizer.param_groups[0]["lr"]``).
         lr_scale: the curvature the optimizer sees over the operator's (module docstring).
             Default: 1 for a mean-reduced loss, N (all samples of ``data``) for a sum-reduced
@@ -294,8 +300,10 @@ class SharpnessTracker:
         return point
 
     # -- records ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe settings and history (non-finite floats as None)."""
+    def to_dict(self, *, vectors: bool = False) -> dict[str, Any]:
+        """JSON-safe settings and history (non-finite floats as None). ``vectors``: the
+        result interface's flag (the history holds no ``[n]`` arrays)."""
+        check_vectors(vectors)
         return {
             "format": _FORMAT, "every": self.every, "k": self.k, "curvature": self.curvature,
             "tol": self.tol, "lr": self.lr, "calls": self._calls,
@@ -305,13 +313,13 @@ class SharpnessTracker:
             "history": [{k: _clean(v) for k, v in asdict(p).items()} for p in self.history],
         }
 
-    def to_json(self, path: str | os.PathLike | None = None) -> str:
-        """The :meth:`to_dict` record as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        return text
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = None,
+                vectors: bool = False) -> str:
+        """The :meth:`to_dict` record as strict JSON text, through the writer of every result
+        (:meth:`hessfast.results.JsonResult.to_json`: ``indent=None`` gives this record's
+        indent of 1; with ``path``, written there atomically). Returns the text."""
+        return write_json(self.to_dict(vectors=vectors), path,
+                          indent=1 if indent is None else indent, strict=True)
 
     @classmethod
     def from_json(cls, source: str | os.PathLike) -> SharpnessTracker:
@@ -344,20 +352,18 @@ class SharpnessTracker:
         self._calls, self._vecs, self._pvecs = d["calls"], None, None
         return self
 
-    def plot(self, path: str | os.PathLike) -> None:
-        """Save a PNG of lambda_max (and the preconditioned sharpness, in its own panel)
-        against the step, with the stability thresholds as dashed lines."""
+    def plot(self, path: str | os.PathLike | None = None) -> Any:
+        """lambda_max (and the preconditioned sharpness, in its own panel) against the step,
+        with the stability thresholds as dashed lines: the
+        :class:`matplotlib.figure.Figure`, as every ``plot()`` of hessfast returns; with
+        ``path``, also saved there as a PNG."""
         if not self.history:
             raise ConfigurationError("SharpnessTracker.plot: no measurements yet; call "
                                      "step() during training first")
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         h = self.history
         steps = [p.step for p in h]
         has_p = any(p.preconditioned_lambda_max is not None for p in h)
-        fig = Figure(figsize=(7, 6.5 if has_p else 4))
-        FigureCanvasAgg(fig)
+        fig = new_figure("SharpnessTracker.plot", figsize=(7, 6.5 if has_p else 4))
         axes = fig.subplots(2 if has_p else 1, 1, sharex=True, squeeze=False)[:, 0]
         panels = [(axes[0], "lambda_max", "threshold", r"$\lambda_{\max}(H)$", "threshold")]
         if has_p:
@@ -387,4 +393,6 @@ class SharpnessTracker:
         axes[-1].set_xlabel("training step")
         axes[0].set_title(f"Sharpness ({self.curvature}, top {self.k})")
         fig.tight_layout()
-        fig.savefig(path, format="png", dpi=110)
+        if path is not None:
+            fig.savefig(path, format="png", dpi=110)
+        return fig
