@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -302,15 +301,15 @@ def load_checkpoint(model: Any, path: str, device: str) -> None:
 
 
 def select_params(model: Any, pattern: str) -> list[str]:
-    """Names of the trainable parameters that ``re.search(pattern, name)`` matches."""
+    """The names ``--params PATTERN`` selects: :func:`hessfast.curvature.model.select_params`
+    of ``[pattern]``, the one rule ``params=`` follows in the API too (the parameter of that
+    exact name, else every trainable parameter whose name ``re.search(pattern, name)``
+    matches); its refusals become a :class:`UsageError` of ``--params``."""
+    from .curvature.model import select_params as select  # torch: imported when needed
+    from .errors import ConfigurationError
+
     try:
-        rx = re.compile(pattern)
-    except re.error as exc:
-        raise UsageError("--params", f"{pattern!r} is not a regular expression: {exc}") from None
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    chosen = [n for n in names if rx.search(n)]
-    if not chosen:
-        listed = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-        raise UsageError("--params", f"{pattern!r} matches no trainable parameter "
-                                     f"(the model has: {listed})")
-    return chosen
+        names, _ = select(model, [pattern])
+    except ConfigurationError as exc:
+        raise UsageError("--params", str(exc).removeprefix("params: ")) from None
+    return names

@@ -143,7 +143,7 @@ BAD_VALUES = [
     (["--seed", "-1"], "seed must be an integer"),
     (["--device", "cuda:7"], "is not available here"),
     (["--device", "gpu"], "is not a torch device name"),
-    (["--params", "nomatch"], "'nomatch' matches no trainable parameter (the model has: 0."),
+    (["--params", "nomatch"], "'nomatch' matches no trainable parameter (the model has: ['0."),
     (["--params", "("], "is not a regular expression"),
     (["--checkpoint", "nofile.pt"], "'nofile.pt': no such file"),
     (["--data", "usermod:not_a_model"], "must return batches"),

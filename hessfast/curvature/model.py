@@ -4,6 +4,7 @@ the model modes and kernels a computation runs in (restored afterwards)."""
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ __all__ = [
     "model_modes",
     "twice_differentiable",
     "select_params",
+    "shown_names",
     "split_batch",
     "unwrap_model",
 ]
@@ -168,8 +170,34 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 def select_params(
     model: nn.Module, params: Sequence[str] | Sequence[torch.Tensor] | None
 ) -> tuple[list[str], list[nn.Parameter]]:
-    """Names and parameters to differentiate: ``params`` (names or tensors), or every
-    trainable parameter in ``named_parameters`` order (tied parameters once)."""
+    r"""Names and parameters to differentiate: THE parameter selection of ``params=`` in the
+    API (:func:`hessfast.hessian`, :func:`hessfast.ggn`, :func:`hessfast.analyze`) and of the
+    CLI's ``--params PATTERN`` (which passes ``[PATTERN]`` here).
+
+    ``params`` is None (every trainable parameter, in ``named_parameters`` order, tied
+    parameters once) or a list whose items are any of:
+
+    - one of the model's parameters (an ``nn.Parameter`` object): that parameter;
+    - a string equal to a parameter's name (``"fc.weight"``): that parameter, even a frozen
+      one (with a warning);
+    - any other string: a regular expression that selects every TRAINABLE parameter whose
+      name it matches anywhere (``re.search``), in ``named_parameters`` order. So ``"fc"``
+      selects ``fc.weight`` and ``fc.bias`` (and ``fc2.weight``, ``head.fc.bias``: anchor it,
+      ``r"^fc\."``, for the ``fc`` module alone), and ``r"\.bias$"`` every bias.
+
+    The selection is in the order of the items; a pattern adds only the parameters that no
+    other item selected (a parameter or name listed explicitly keeps its own place). Listing
+    one parameter twice by object or exact name is an error.
+
+    Raises:
+        ArgumentTypeError: ``params`` is a bare string, tensor or module, or an item is
+            neither a string nor a tensor.
+        NoParametersError: ``params=[]``, or nothing is trainable and ``params`` is None.
+        ConfigurationError: a string that is no parameter's name and, as a regular
+            expression, matches no trainable parameter's name (or does not compile): the
+            message names it and lists the trainable parameters; a tensor that is not the
+            model's; a parameter listed twice.
+    """
     named = list(model.named_parameters())
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
@@ -194,27 +222,32 @@ def select_params(
         raise NoParametersError("params=[] selects no parameters: pass names or tensors")
     by_name = dict(named)
     by_id = {id(p): n for n, p in named}
-    names: list[str] = []
+    trainable = [n for n, p in named if p.requires_grad]
+    # First every item's own selection: one name for a parameter or an exact name, the
+    # matches for a pattern; then patterns skip what an explicit item selected.
+    picks: list[tuple[bool, list[str]]] = []  # (explicit?, names)
     for item in params:
         if isinstance(item, str):
-            if item not in by_name:
-                raise ConfigurationError(
-                    f"params: no parameter named {item!r} in the model; names look like "
-                    f"{[n for n, _ in named[:3]]}"
-                )
-            names.append(item)
+            if item in by_name:
+                picks.append((True, [item]))
+            else:
+                picks.append((False, _pattern_matches(item, trainable)))
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
                 raise ConfigurationError(
                     f"params: a tensor of shape {tuple(item.shape)} is not a parameter of the "
                     "model (pass the model's own nn.Parameter objects or their names)"
                 )
-            names.append(by_id[id(item)])
+            picks.append((True, [by_id[id(item)]]))
         else:
             raise ArgumentTypeError(
                 f"params items must be parameter names or the model's parameters, got "
                 f"{type(item).__name__}"
             )
+    explicit = {n for is_explicit, ns in picks if is_explicit for n in ns}
+    names: list[str] = []
+    for is_explicit, ns in picks:
+        names += ns if is_explicit else [n for n in ns if n not in explicit and n not in names]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ConfigurationError(f"params lists the same parameter twice: {dup}")
@@ -226,6 +259,34 @@ def select_params(
             stacklevel=4,
         )
     return names, [by_name[n] for n in names]
+
+
+def shown_names(names: list[str]) -> str:
+    """The first 8 of ``names`` as a list, then how many more (for an error message)."""
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return f"{names[:8]}{more}"
+
+
+def _pattern_matches(pattern: str, trainable: list[str]) -> list[str]:
+    """The names in ``trainable`` that the regular expression ``pattern`` matches
+    (``re.search``), in order; a ConfigurationError naming the pattern and listing the
+    trainable parameters when it matches none or does not compile."""
+    how = ("a string selects the parameter of that name, or else every trainable parameter "
+           "whose name it matches as a regular expression (re.search)")
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigurationError(
+            f"params: {pattern!r} is not a regular expression ({exc}) nor a parameter's name "
+            f"({how})"
+        ) from None
+    chosen = [n for n in trainable if rx.search(n)]
+    if not chosen:
+        raise ConfigurationError(
+            f"params: {pattern!r} matches no trainable parameter (the model has: "
+            f"{shown_names(trainable)}; {how})"
+        )
+    return chosen
 
 
 @contextmanager
