@@ -88,13 +88,11 @@ def info() -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - info must report, never fail
         out["native_loaded"] = False
         out["native_error"] = f"{type(exc).__name__}: {exc}"
-    try:
-        import triton
+    from .kernels import _triton  # the one "is Triton here?" rule, shared with the dispatchers
 
-        out["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        out["triton"] = None
-        out["triton_error"] = f"{type(exc).__name__}: {exc}"
+    out["triton"] = _triton.version()
+    if _triton.import_error() is not None:
+        out["triton_error"] = _triton.import_error()
     try:
         out["ops"] = _ops_report()
     except Exception as exc:  # noqa: BLE001

@@ -33,7 +33,7 @@ import torch
 from hessfast import _native, _reference
 from hessfast._reference import CAST_CHUNK_BYTES, DGKS_ETA
 from hessfast.errors import BackendUnavailableError
-from hessfast.kernels import basis_triton
+from hessfast.kernels import _triton, basis_triton
 from hessfast.kernels._triton import runs_on
 
 __all__ = [
@@ -103,7 +103,7 @@ _CUDA_AUTO_TRITON_REASON = (
 def _triton_reasons(device_type: str) -> list[str]:
     """Why the Triton backend cannot run on this device type (empty: it can). Imports Triton
     (once per process) only when asked."""
-    err = basis_triton.triton_import_error()
+    err = _triton.import_error()
     if err is not None:
         return [f"triton failed to import ({err}); install it with `pip install triton`"]
     if device_type == "cuda":

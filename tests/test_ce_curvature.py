@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hessfast.errors import BackendUnavailableError, ConfigurationError
-from hessfast.kernels import ce_curvature
+from hessfast.kernels import _triton, ce_curvature
 from hessfast.kernels.ce_curvature import ce_hessian_product, ce_hessian_product_reference
 
 IGNORE = -100
@@ -102,7 +102,9 @@ def test_missing_triton_is_a_backend_error(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
     monkeypatch.setattr(ce_curvature, "_KERNEL", None)
-    assert not ce_curvature.triton_available()
+    monkeypatch.setattr(_triton, "_failure", _triton._UNTRIED)  # ask the one rule afresh
+    assert not _triton.available() and not ce_curvature.triton_available()
+    assert "import of triton halted" in _triton.import_error()
     logits, _, U = _case(2, 3, 1, 8)
     with pytest.raises(BackendUnavailableError, match="pip install triton"):
         ce_curvature.ce_hessian_product_triton(logits, U)

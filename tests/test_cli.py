@@ -15,6 +15,7 @@ import hessfast as hf
 from hessfast import _native
 from hessfast._cli_demo import train_demo_model
 from hessfast.cli import demo, info, main
+from hessfast.kernels import _triton
 
 
 def test_info_reports_native_module_and_backends(capsys) -> None:
@@ -115,10 +116,31 @@ def test_info_reports_the_ce_curvature_backend(monkeypatch) -> None:
     if not ce.torch.cuda.is_available():
         assert data["ce_curvature"]["cuda"] == {"selected": "none", "why": "no CUDA device visible"}
     monkeypatch.setattr(ce.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(ce, "triton_available", lambda: False)
+    monkeypatch.setattr(_triton, "_failure", ImportError("simulated"))
     assert ce.backend_report()["cuda"]["selected"] == "torch"
     assert "pip install triton" in ce.backend_report()["cuda"]["why"]
-    monkeypatch.setattr(ce, "triton_available", lambda: True)
+    monkeypatch.setattr(_triton, "_failure", None)
     assert ce.backend_report()["cuda"]["selected"] == "triton"
     monkeypatch.setenv("HESSFAST_CE_BACKEND", "torch")
     assert ce.backend_report()["cuda"] == {"selected": "torch", "why": "HESSFAST_CE_BACKEND=torch"}
+
+
+def test_info_and_both_dispatchers_ask_one_triton_rule(monkeypatch) -> None:
+    """hessfast info, ops (HESSFAST_BACKEND) and ce_backend (HESSFAST_CE_BACKEND) all answer
+    "is Triton here?" from kernels/_triton.py's cached import_error()."""
+    import hessfast.kernels.ce_curvature as ce
+    from hessfast import ops
+
+    monkeypatch.setattr(_triton, "_failure", ImportError("simulated"))
+    data = info()
+    assert data["triton"] is None and data["triton_error"] == "ImportError: simulated"
+    assert not _triton.available()
+    reasons = ops.backend_report()["_triton"]["not_supported_reasons"]
+    assert all("simulated" in reasons[op]["cuda"][0] for op in ops.OPS)
+    monkeypatch.setenv("HESSFAST_CE_BACKEND", "triton")
+    with pytest.raises(hf.errors.BackendUnavailableError, match="does not import"):
+        ce.ce_backend(torch.device("cuda"))
+    monkeypatch.setattr(_triton, "_failure", _triton._UNTRIED)  # asked afresh: tried once
+    first = _triton.import_error()
+    assert _triton._failure is not _triton._UNTRIED and _triton.import_error() == first
+    assert (info()["triton"] is None) == (first is not None)

@@ -40,7 +40,7 @@ import torch
 
 from hessfast import ops
 from hessfast.errors import BackendUnavailableError
-from hessfast.kernels import basis_triton
+from hessfast.kernels import _triton, basis_triton
 
 COMMON = textwrap.dedent(
     """
@@ -309,8 +309,8 @@ def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch) -> None:
 
 
 def test_forced_triton_without_triton_names_the_import_error(monkeypatch) -> None:
-    monkeypatch.setattr(basis_triton, "_IMPORT_TRIED", True)
-    monkeypatch.setattr(basis_triton, "_IMPORT_ERROR", "ImportError: simulated")
+    monkeypatch.setattr(_triton, "_failure", ImportError("simulated"))
+    assert basis_triton.triton_import_error() == "ImportError: simulated"
     monkeypatch.setenv("HESSFAST_BACKEND", "triton")
     with pytest.raises(BackendUnavailableError, match="simulated.*pip install triton"):
         ops.basis_dot(torch.randn(3, 10), torch.randn(2, 10))

@@ -31,6 +31,7 @@ import torch
 
 from hessfast._reference import DGKS_ETA
 from hessfast.errors import BackendUnavailableError, ConfigurationError
+from hessfast.kernels import _triton
 from hessfast.kernels._triton import interpreted, runs_on
 
 __all__ = [
@@ -45,20 +46,12 @@ MODES = ("fma", "dot")
 _STORAGE = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _WORK = (torch.float32, torch.float64)
 _KERNELS = None
-_IMPORT_ERROR: str | None = None
-_IMPORT_TRIED = False
 
 
 def triton_import_error() -> str | None:
-    """None when ``import triton`` works here, else the error (tried once per process)."""
-    global _IMPORT_ERROR, _IMPORT_TRIED
-    if not _IMPORT_TRIED:
-        _IMPORT_TRIED = True
-        try:
-            import triton  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - any failure means "no Triton backend"
-            _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-    return _IMPORT_ERROR
+    """None when ``import triton`` works here, else the error: the one rule,
+    :func:`hessfast.kernels._triton.import_error` (kept under this name for its callers)."""
+    return _triton.import_error()
 
 
 def _kernels():  # -> (dot kernel, update kernel, tl)
@@ -66,13 +59,8 @@ def _kernels():  # -> (dot kernel, update kernel, tl)
     global _KERNELS
     if _KERNELS is not None:
         return _KERNELS
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"the Triton basis kernels need Triton, which does not import here ({exc}); install "
-            "it with `pip install triton`, or set HESSFAST_BACKEND=auto") from exc
+    triton, tl = _triton.load("the Triton basis kernels need Triton",
+                              "set HESSFAST_BACKEND=auto")
 
     @triton.jit
     def _dot_kernel(v_ptr, w_ptr, part_ptr, nsq_ptr, flag_ptr, M, K, N, CHUNKS, TILES_M, TILES,

@@ -32,6 +32,7 @@ import os
 import torch
 
 from hessfast.errors import BackendUnavailableError, ConfigurationError
+from hessfast.kernels import _triton
 from hessfast.kernels._triton import runs_on
 
 __all__ = [
@@ -102,12 +103,9 @@ def ce_hessian_product_reference(
 
 
 def triton_available() -> bool:
-    """Whether ``import triton`` succeeds here."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether ``import triton`` works here: the one rule,
+    :func:`hessfast.kernels._triton.available` (kept under this name for its callers)."""
+    return _triton.available()
 
 
 _KERNEL = None
@@ -118,14 +116,8 @@ def _kernel():  # -> triton JITFunction
     global _KERNEL
     if _KERNEL is not None:
         return _KERNEL
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "the fused cross-entropy curvature kernel needs Triton, which does not import here "
-            f"({exc}); install it with `pip install triton`, or use "
-            "ce_hessian_product_reference") from exc
+    triton, tl = _triton.load("the fused cross-entropy curvature kernel needs Triton",
+                              "use ce_hessian_product_reference")
 
     @triton.jit
     def _ce_hvp_kernel(
@@ -238,7 +230,14 @@ CE_BACKENDS = ("auto", "triton", "torch")
 def ce_backend(device: torch.device) -> tuple[str, str]:
     """``("triton" | "torch", why)``: what :func:`ce_hessian_product` runs for tensors on
     ``device``. ``HESSFAST_CE_BACKEND=auto|triton|torch`` (default auto: Triton on CUDA when it
-    imports, torch otherwise); ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (tests)."""
+    imports, torch otherwise); ``triton`` on the CPU needs ``TRITON_INTERPRET=1`` (tests).
+
+    This is hessfast's SECOND backend dispatcher, besides :mod:`hessfast.ops` (which picks
+    native / Triton / reference for the basis ops under ``HESSFAST_BACKEND``): the softmax-CE
+    curvature product is not a basis op, so it has its own switch and environment variable.
+    Both ask the same Triton rule (:mod:`hessfast.kernels._triton`: :func:`~._triton.available`
+    and :func:`~._triton.runs_on`). ``hessfast info`` reports its choice
+    (:func:`backend_report`)."""
     forced = os.environ.get("HESSFAST_CE_BACKEND", "auto").strip().lower() or "auto"
     if forced not in CE_BACKENDS:
         raise ConfigurationError(
@@ -246,7 +245,7 @@ def ce_backend(device: torch.device) -> tuple[str, str]:
     if forced == "torch":
         return "torch", "HESSFAST_CE_BACKEND=torch"
     if forced == "triton":
-        if not triton_available():
+        if not _triton.available():
             raise BackendUnavailableError(
                 "HESSFAST_CE_BACKEND=triton but Triton does not import: pip install triton, "
                 "or unset HESSFAST_CE_BACKEND")
@@ -257,7 +256,7 @@ def ce_backend(device: torch.device) -> tuple[str, str]:
                 "HESSFAST_CE_BACKEND")
         return "triton", "HESSFAST_CE_BACKEND=triton"
     if device.type == "cuda":
-        if triton_available():
+        if _triton.available():
             return "triton", "CUDA tensors and Triton imports"
         return "torch", "Triton does not import (pip install triton)"
     return "torch", f"the Triton kernel runs on CUDA only; {device.type} uses plain torch"
