@@ -22,7 +22,7 @@ from .cehead import CEHead
 from .lmhead import LMHeadGraph, check_head, head_graph, head_product
 from .model import OutputModule
 from .operator import CurvatureOperator
-from .options import CurvatureOptions
+from .options import DEFAULTS, CurvatureOptions, options_of, with_options_doc
 from .preflight import check_loss
 
 __all__ = ["GGNGraph", "GGNOperator", "ggn"]
@@ -221,23 +221,23 @@ def ggn(
     loss_fn: Callable,
     data: Any,
     *,
-    params: Sequence[str] | Sequence[torch.Tensor] | None = None,
-    bn_mode: str = "eval",
-    hvp_mode: str = "auto",
-    check: bool = True,
-    check_deterministic: bool = True,
-    batch_size_fn: Callable[[Any], int] | None = None,
-    loss_form: str = "auto",
-    chunk_size: int | None = None,
-    reuse_graph: bool | None = None,
-    loss_reduction: str = "auto",
-    max_batches: int | None = None,
-    process_group: Any = "auto",
-    outputs: Callable[[nn.Module, Any], Any] | None = None,
-    targets: Callable[[Any], Any] | None = None,
-    causal_lm: bool = False,
-    fused_loss: bool = True,
-    lm_head: nn.Module | None = None,
+    params: Sequence[str] | Sequence[torch.Tensor] | None = DEFAULTS.params,
+    bn_mode: str = DEFAULTS.bn_mode,
+    hvp_mode: str = DEFAULTS.hvp_mode,
+    check: bool = DEFAULTS.check,
+    check_deterministic: bool = DEFAULTS.check_deterministic,
+    batch_size_fn: Callable[[Any], int] | None = DEFAULTS.batch_size_fn,
+    loss_form: str = DEFAULTS.loss_form,
+    chunk_size: int | None = DEFAULTS.chunk_size,
+    reuse_graph: bool | None = DEFAULTS.reuse_graph,
+    loss_reduction: str = DEFAULTS.loss_reduction,
+    max_batches: int | None = DEFAULTS.max_batches,
+    process_group: Any = DEFAULTS.process_group,
+    outputs: Callable[[nn.Module, Any], Any] | None = DEFAULTS.outputs,
+    targets: Callable[[Any], Any] | None = DEFAULTS.targets,
+    causal_lm: bool = DEFAULTS.causal_lm,
+    fused_loss: bool = DEFAULTS.fused_loss,
+    lm_head: nn.Module | None = DEFAULTS.lm_head,
 ) -> GGNOperator:
     """The generalized Gauss-Newton ``J^T H_loss J`` of the mean loss (PSD for convex losses).
 
@@ -246,8 +246,8 @@ def ggn(
     the outputs); batches are ``(inputs, targets)``. As for the Hessian, the GGN is that of
     the loss averaged over samples, whatever the criterion's ``reduction`` (``"mean"`` or
     ``"sum"``; see :func:`~hessfast.hessian`). ``loss_form="criterion"`` overrides a
-    detection that takes ``loss_fn`` for ``loss_fn(model, batch)``. Other arguments as in
-    :func:`~hessfast.hessian`, including attention (the math SDPA backend: O(S^2) memory in
+    detection that takes ``loss_fn`` for ``loss_fn(model, batch)``. As in
+    :func:`~hessfast.hessian`: attention (the math SDPA backend: O(S^2) memory in
     the sequence length), compiled code and precision.
 
     Batches of other kinds name their outputs and targets (see ``outputs``, ``targets`` and
@@ -282,15 +282,15 @@ def ggn(
     ``model.float()``) raises :class:`~hessfast.errors.ParametersChangedError`; build a new
     operator at the new parameters. The model is never modified.
 
+    Args:
+        model, loss_fn, data: as in :func:`~hessfast.hessian`.
+        options (keyword-only): as the fields of
+            :class:`~hessfast.curvature.options.CurvatureOptions`.
+
     Returns:
         :class:`GGNOperator`, ``matmat(V: [k, n]) -> [k, n]``.
     """
-    options = CurvatureOptions(
-        params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
-        check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
-        loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
-        loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
-        outputs=outputs, targets=targets, causal_lm=causal_lm, fused_loss=fused_loss,
-        lm_head=lm_head,
-    )
-    return GGNOperator(model, loss_fn, data, options)
+    return GGNOperator(model, loss_fn, data, options_of(locals()))
+
+
+with_options_doc(ggn)

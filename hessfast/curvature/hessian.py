@@ -14,7 +14,7 @@ from .autodiff import graph_vjp
 from .cehead import FusedCriterion
 from .model import LossModule
 from .operator import CurvatureOperator
-from .options import CurvatureOptions
+from .options import DEFAULTS, options_of, with_options_doc
 from .preflight import check_loss
 
 __all__ = ["HessianGraph", "HessianOperator", "hessian"]
@@ -110,22 +110,22 @@ def hessian(
     loss_fn: Callable,
     data: Any,
     *,
-    params: Sequence[str] | Sequence[torch.Tensor] | None = None,
-    bn_mode: str = "eval",
-    hvp_mode: str = "auto",
-    check: bool = True,
-    check_deterministic: bool = True,
-    batch_size_fn: Callable[[Any], int] | None = None,
-    loss_form: str = "auto",
-    chunk_size: int | None = None,
-    reuse_graph: bool | None = None,
-    loss_reduction: str = "auto",
-    max_batches: int | None = None,
-    process_group: Any = "auto",
-    outputs: Callable[[nn.Module, Any], Any] | None = None,
-    targets: Callable[[Any], Any] | None = None,
-    causal_lm: bool = False,
-    fused_loss: bool = True,
+    params: Sequence[str] | Sequence[torch.Tensor] | None = DEFAULTS.params,
+    bn_mode: str = DEFAULTS.bn_mode,
+    hvp_mode: str = DEFAULTS.hvp_mode,
+    check: bool = DEFAULTS.check,
+    check_deterministic: bool = DEFAULTS.check_deterministic,
+    batch_size_fn: Callable[[Any], int] | None = DEFAULTS.batch_size_fn,
+    loss_form: str = DEFAULTS.loss_form,
+    chunk_size: int | None = DEFAULTS.chunk_size,
+    reuse_graph: bool | None = DEFAULTS.reuse_graph,
+    loss_reduction: str = DEFAULTS.loss_reduction,
+    max_batches: int | None = DEFAULTS.max_batches,
+    process_group: Any = DEFAULTS.process_group,
+    outputs: Callable[[nn.Module, Any], Any] | None = DEFAULTS.outputs,
+    targets: Callable[[Any], Any] | None = DEFAULTS.targets,
+    causal_lm: bool = DEFAULTS.causal_lm,
+    fused_loss: bool = DEFAULTS.fused_loss,
 ) -> HessianOperator:
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 
@@ -187,61 +187,8 @@ def hessian(
             another kind, wrap it: ``data=[batch]``. Data without ``len()`` (an
             ``IterableDataset``) may hold at most ``hessfast.curvature.data.
             MAX_UNSIZED_BATCHES`` (100_000) batches, else ``UnboundedDataError``.
-        params: parameter names or tensors to differentiate; default all trainable ones.
-        bn_mode: ``"eval"`` (dropout off, BatchNorm running statistics), ``"train"``
-            (BatchNorm with each batch's statistics, running statistics never updated,
-            dropout off), ``"as_is"`` (the model's own modes; active dropout makes the
-            pre-flight raise).
-        hvp_mode: ``"auto"``, ``"reuse_graph"``, ``"double_backward"`` or ``"fwd_rev"``.
-        check: run the pre-flight on batch 0 (a valid, finite loss; forward-over-reverse
-            agreeing with double backward when it is used) and check the first products
-            (finite, ``u.(Hv) == v.(Hu)`` for the first two vectors multiplied). Costs one
-            forward beyond batch 0's graph, which graph reuse keeps. Also warns (once, a
-            ``UserWarning`` starting "hessfast:") about parameters that get no gradient on
-            batch 0 and an identically zero Hessian (a loss linear in the parameters).
-        check_deterministic: in the pre-flight, also evaluate the loss twice and require
-            equality (catches dropout, noise); False accepts a random operator and skips
-            the symmetry check.
-        batch_size_fn: number of samples of a batch (default: the leading dimension of its
-            tensors that have one; when they disagree and the weights depend on which
-            counts, ``BatchError`` asks for this).
-        loss_form: ``"auto"``, ``"criterion"`` (``loss_fn(model(inputs), targets)``) or
-            ``"model"`` (``loss_fn(model, batch)``).
-        chunk_size: rows of a block per batched call (default: chosen by timing / up to 32).
-        reuse_graph: force graph reuse on/off in auto mode (default: when it fits memory).
-        loss_reduction: ``"auto"`` (read from ``loss_fn`` as above, else mean), ``"mean"``
-            or ``"sum"``: how ``loss_fn`` reduces over a batch; a declared value that
-            contradicts ``loss_fn.reduction`` raises. Recorded as ``H.loss_reduction`` with
-            ``H.loss_reduction_reason``.
-        max_batches: for data without ``len()`` (an ``IterableDataset`` loader), the most
-            batches the first pass reads before raising ``UnboundedDataError`` (default
-            100_000): an endless stream fails fast instead of hanging.
-        process_group: the ranks whose data shards make up the data (torch.distributed).
-            ``"auto"`` (default): a ``DistributedDataParallel`` model's group, else the
-            default group when ``torch.distributed`` is initialised with more than one
-            process, else none. A group: that one. ``None``: this process's data only.
-            Under a group EVERY rank must build the operator (each with its own shard,
-            possibly empty) and run the same algorithm with the same arguments; each
-            product ends in one all-reduce, so every rank gets the same result, that of one
-            process on all the data. An error on one rank raises on all ranks
-            (``DistributedError`` on the others). See :mod:`hessfast.curvature.dataparallel`.
-        outputs, targets, causal_lm: name the outputs and targets of batches of any kind for
-            a criterion ``loss_fn(outputs, targets)`` (e.g. a tokenizer's dict):
-            ``outputs(model, batch) -> Tensor`` (default: ``model(**batch)`` without its
-            ``"labels"`` for a dict, ``model(batch[0])`` for a pair, the ``.logits`` of a
-            transformers output), ``targets(batch)`` (default: ``batch["labels"]`` of a
-            dict, ``batch[1]`` of a pair). ``causal_lm=True``: next-token prediction, the
-            logits ``[B, T, V]`` lose their last position and the labels ``[B, T]`` their
-            first, flattened to ``[B(T-1), V]`` and ``[B(T-1)]``; ``loss_fn=None`` is then
-            ``nn.CrossEntropyLoss()`` (the mean over the tokens whose label is not -100,
-            as transformers' causal-LM loss). Then the batch weights count sequences.
-        fused_loss: when ``loss_fn`` is torch's cross-entropy (``nn.CrossEntropyLoss``
-            without class weights, ``F.cross_entropy`` or a ``functools.partial`` of it) and
-            the targets are class indices, its second derivative w.r.t. the logits,
-            ``p*u - p*(p.u)`` per row, is computed by a fused kernel (Triton on CUDA, plain
-            torch on the CPU) instead of autograd's double backward of the softmax; same
-            numbers to rounding, in float32 for bf16/fp16 logits. ``False``: autograd.
-            Recorded as ``H.loss_head`` with ``H.loss_head_reason``.
+        options (keyword-only): as the fields of
+            :class:`~hessfast.curvature.options.CurvatureOptions`.
 
     Returns:
         :class:`HessianOperator` with ``shape == (n, n)``, n the number of selected
@@ -268,11 +215,7 @@ def hessian(
         (the parameters changed since construction) and, for an explicit
         ``hvp_mode`` that cannot run, ``UnsupportedModelError``.
     """
-    options = CurvatureOptions(
-        params=params, bn_mode=bn_mode, hvp_mode=hvp_mode, check=check,
-        check_deterministic=check_deterministic, batch_size_fn=batch_size_fn,
-        loss_form=loss_form, chunk_size=chunk_size, reuse_graph=reuse_graph,
-        loss_reduction=loss_reduction, max_batches=max_batches, process_group=process_group,
-        outputs=outputs, targets=targets, causal_lm=causal_lm, fused_loss=fused_loss,
-    )
-    return HessianOperator(model, loss_fn, data, options)
+    return HessianOperator(model, loss_fn, data, options_of(locals()))
+
+
+with_options_doc(hessian, skip=("lm_head",))
