@@ -20,17 +20,29 @@ Nothing here touches the user's model state: parameters enter as detached leaves
 ``torch.func.functional_call``, modes are restored, buffers that training-mode layers would
 update are copies, ``.grad`` is never written, and the global RNG is restored after each pass.
 
-Modules, one job each:
+Modules, one job each (each imports only modules listed before it, and ``memory`` below
+the package):
 
 * ``data``: the batch source: one batch or a sequence (the rule), weights, fingerprints;
-* ``lossform``: how ``loss_fn`` is called (criterion or ``loss_fn(model, batch)``), and why;
+* ``lossform``: how ``loss_fn`` is called (criterion or ``loss_fn(model, batch)``), how it
+  reduces over a batch, and why;
 * ``model``: loss and output wrappers, parameter selection, model modes;
-* ``options``: the options of :func:`hessian` and :func:`ggn`, validated once;
 * ``layout``: the parameters' places in the flat vectors;
 * ``autodiff``: vector-Jacobian products through a kept graph, one vector or a chunk;
-* ``plan``: which path and chunk size per block size (:class:`HVPPlan`), the graph-size probe;
-* ``preflight``: the checks: at construction on batch 0, and on the first products;
-* ``operator``: :class:`CurvatureOperator`, the shared core and the one chunk loop;
+* ``guard``: the parameters' fingerprint, the buffers' copies, the slots put back;
+* ``cehead`` / ``lmhead``: the fused cross-entropy product w.r.t. the logits, and the GGN
+  split at the model's output head;
+* ``plan``: which path and chunk size per block size (:class:`HVPPlan`): pure policy, fed
+  the timings by ``products``;
+* ``options``: the options of :func:`hessian` and :func:`ggn`, stated and validated once;
+* ``_contract``: the Protocol the pre-flight checks see of an operator (a leaf);
+* ``forwardcheck`` / ``preflight``: the checks: at construction on batch 0, and on the
+  first products;
+* ``products``: batch 0's graph, the graph cache, the timings and the one chunk loop (a
+  mixin of the operator);
+* ``dataparallel``: the rank group, its ``Agreement`` at construction and the all-reduce;
+* ``operator``: :class:`CurvatureOperator`, built top to bottom in one ``__init__``: the
+  only module that touches the operator's private state;
 * ``hessian`` / ``ggn``: the two operators, their graph states and factories.
 """
 

@@ -168,11 +168,11 @@ def operator_entries(
                 "check_deterministic", "causal_lm", "fused_loss"):
         out.append((f"option {key}", repr(getattr(options, key))))
     out.append(("option lm_head", "given" if options.lm_head is not None else "None"))
-    for (name, p), s in zip(fingerprint._named, fingerprint._sums, strict=True):
+    for name, p, s in fingerprint.taken():
         out.append((f"parameter {name!r}",
                     f"shape {tuple(p.shape)} {p.dtype} checksum {s & 0xFFFFFFFF:08x}"))
     saved = list(buffers.items())
-    sums = ParamFingerprint._checksums([b for _, b in saved])
+    sums = ParamFingerprint.checksums([b for _, b in saved])
     for (name, b), s in zip(saved, sums, strict=True):
         out.append((f"buffer {name!r}",
                     f"shape {tuple(b.shape)} {b.dtype} checksum {s & 0xFFFFFFFF:08x}"))

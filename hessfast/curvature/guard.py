@@ -154,6 +154,16 @@ class ParamFingerprint:
                 out[i] = s
         return out
 
+    def taken(self) -> list[tuple[str, torch.Tensor, int]]:
+        """``(name, parameter, checksum)`` of every parameter of the model, as taken at
+        construction (the checksum: the int of :meth:`checksums` over its bits)."""
+        return [(n, p, s) for (n, p), s in zip(self._named, self._sums, strict=True)]
+
+    @classmethod
+    def checksums(cls, tensors: list[torch.Tensor]) -> list[int]:
+        """The exact checksum of each tensor's bits (what :meth:`taken` holds)."""
+        return cls._checksums(tensors)
+
     def changes(self) -> list[str]:
         """What changed since construction, one entry per parameter (empty: nothing)."""
         now = list(self._model.named_parameters())

@@ -262,6 +262,13 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         of the flat vectors' pieces). Read-only: the operator is a snapshot of them."""
         return tuple(self._params)
 
+    @property
+    def ranks(self) -> RankGroup:
+        """The ranks the products are reduced over (:class:`~.dataparallel.RankGroup`:
+        ``active``, ``comm``, ``rank``, ``world_size``, ``digest``; one process: inactive).
+        Read-only: what the algorithms' collective checks ask of a data-parallel operator."""
+        return self._ranks
+
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector ``[n]`` (or block ``[k, n]``) into parameter-shaped pieces."""
         return self._layout.unflatten(v)
