@@ -63,8 +63,8 @@ _FLAGS: dict[str, tuple[str, Any, Any]] = {
 # ---------------------------------------------------------------------------------------------
 # flags
 # ---------------------------------------------------------------------------------------------
-def parser(doc: str | None, *flags: str, raw: bool = False, **defaults: Any
-           ) -> argparse.ArgumentParser:
+def parser(doc: str | None, *flags: str, raw: bool = False, save: bool = True,
+           **defaults: Any) -> argparse.ArgumentParser:
     """The argument parser of a bench script: ``--out``, ``--save`` and the shared ``flags``.
 
     Args:
@@ -72,6 +72,8 @@ def parser(doc: str | None, *flags: str, raw: bool = False, **defaults: Any
             it with ``raw=True``, printed as written).
         flags: names from ``quick``, ``repeats``, ``device``, ``threads``.
         raw: keep the whole docstring and its line breaks in ``--help``.
+        save: offer ``--save`` (False for a script whose default file already follows the
+            naming rule).
         defaults: a script's own default per flag name (``repeats=5``); ``<name>_help``
             replaces the flag's help text.
 
@@ -86,9 +88,10 @@ def parser(doc: str | None, *flags: str, raw: bool = False, **defaults: Any
         ap = argparse.ArgumentParser(description=text.split("\n\n")[0])
     ap.add_argument("--out", default=defaults.pop("out", None),
                     help=defaults.pop("out_help", "append the JSON records to this file"))
-    ap.add_argument("--save", action="store_true",
-                    help="also append them to bench/results/<name>[_<tag>]-<date>-<commit7>"
-                    ".jsonl (the naming rule, bench/README.md)")
+    if save:
+        ap.add_argument("--save", action="store_true",
+                        help="also append them to bench/results/<name>[_<tag>]-<date>-"
+                        "<commit7>.jsonl (the naming rule, bench/README.md)")
     for name in flags:
         if name not in _FLAGS:
             raise ValueError(f"unknown shared flag {name!r}; choose from {sorted(_FLAGS)}")
@@ -194,35 +197,41 @@ def stamp(script: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # the naming rule and the writer
 # ---------------------------------------------------------------------------------------------
-def results_path(script: str, tag: str | None = None, ext: str = "jsonl") -> str:
+def results_path(script: str, tag: str | None = None, ext: str | None = "jsonl") -> str:
     """``bench/results/<name>[_<tag>]-<YYYY-MM-DD>-<commit7>[-dirty].<ext>`` (UTC date).
 
     ``<name>`` is ``script`` without a ``bench_`` prefix (``bench_hvp`` -> ``hvp``,
     ``compare`` -> ``compare``); ``tag`` says where it ran (``cpu``, ``cuda``, ``cuda_quick``).
+    ``ext=None`` gives the prefix a script adds its own extensions to (``compare.py``).
     """
     name = script.removeprefix("bench_")
     if tag:
         name += f"_{tag}"
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     suffix = "-dirty" if dirty() else ""
-    return os.path.join(RESULTS, f"{name}-{day}-{commit()}{suffix}.{ext}")
+    stem = os.path.join(RESULTS, f"{name}-{day}-{commit()}{suffix}")
+    return stem if ext is None else f"{stem}.{ext}"
 
 
 class Records:
     """The one JSON record writer: each record is stamped, printed as one line on stdout and
     appended to the files ``--out`` and ``--save`` name (a results file is a log: appended,
-    never overwritten).
+    never overwritten), or to ``paths``.
 
     Args:
         script: the script's name (``bench_hvp``): in the stamp and the ``--save`` file name.
-        args: the parsed flags (``out``, ``save``); or None for no file.
+        args: the parsed flags (``out``, ``save``); or None for no file from the flags.
         tag: where it ran, for the ``--save`` name (``cpu``, ``cuda``).
+        paths: more files to write.
         echo: print each record on stdout (False: files only).
         sort_keys: print the keys sorted (as some scripts always did).
+        append: False starts the files afresh (a file that holds one run beside a report of
+            that run, as ``compare.py``'s).
     """
 
     def __init__(self, script: str, args: argparse.Namespace | None = None, *,
-                 tag: str | None = None, echo: bool = True, sort_keys: bool = False) -> None:
+                 tag: str | None = None, paths: tuple[str, ...] = (), echo: bool = True,
+                 sort_keys: bool = False, append: bool = True) -> None:
         self.script = script
         self.echo = echo
         self.sort_keys = sort_keys
@@ -231,10 +240,11 @@ class Records:
             self.paths.append(args.out)
         if args is not None and getattr(args, "save", False):
             self.paths.append(results_path(script, tag))
+        self.paths += list(paths)
         self._sinks: list[TextIO] = []
         for path in self.paths:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._sinks.append(open(path, "a"))  # noqa: SIM115 - closed in close()
+            self._sinks.append(open(path, "a" if append else "w"))  # noqa: SIM115 - close()
 
     def emit(self, record: dict[str, Any]) -> dict[str, Any]:
         """Stamp ``record`` (a new dict: the argument is left as it was), print and append it.

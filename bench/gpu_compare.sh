@@ -13,4 +13,4 @@ fi
 bash bench/gpu_check.sh --no-bench > "$OUT/gpu_build.log" 2>&1 || { tail -30 "$OUT/gpu_build.log"; exit 1; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 bench/compare.py --device cuda "$@" 2>&1 | tee "$OUT/compare_cuda.log" | tail -60
-cp bench/results/compare_cuda.* "$OUT/" 2>/dev/null
+cp bench/results/compare_cuda* "$OUT/" 2>/dev/null  # compare_cuda-<date>-<commit7>.*

@@ -80,10 +80,12 @@ else
 fi
 
 stamp "fused cross-entropy loss head vs autograd in ggn/hessian products"              # 30 s
+rm -f "$OUT/bench_fused_loss.jsonl"  # --out appends (bench/_harness.py)
 step 30 bench_fused_loss.txt \
   $PY bench/bench_fused_loss.py --device cuda --repeats 3 --out "$OUT/bench_fused_loss.jsonl"
 
 stamp "HVP benchmark on the GPU"                                                            # 55 s
+rm -f "$OUT/bench_hvp_cuda.jsonl"
 timeout -k 5 55 $PY bench/bench_hvp.py --device cuda --quick --out "$OUT/bench_hvp_cuda.jsonl" \
   > /dev/null 2> "$OUT/bench_hvp_cuda.txt" || echo "!! bench_hvp: exit $?"
 cat "$OUT/bench_hvp_cuda.txt"

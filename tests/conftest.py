@@ -1,7 +1,7 @@
 """Shared fixtures for the curvature tests (tiny float64 models and cached dense references).
 
-``tests`` and ``bench`` are on the import path through ``pythonpath`` in pyproject's pytest
-configuration: ``import models`` is tests/models.py, ``import compare`` is bench/compare.py.
+``tests`` is on the import path through ``pythonpath`` in pyproject's pytest configuration:
+``import models`` is tests/models.py. Nothing in bench/ is importable from the tests.
 """
 
 from __future__ import annotations

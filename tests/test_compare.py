@@ -1,18 +1,26 @@
-"""The peer-comparison harness (bench/compare.py): references, errors and verdicts.
+"""The peer comparison's rules (hessfast.testing.comparison, which bench/compare.py runs):
+references, errors, verdicts, the ranking and the report; and its cells (bench/peers), run as
+compare.py runs them: ``python -m peers.cell SPEC`` in a fresh process in bench/.
 
-Runs without the peers installed; the tests that need one use ``pytest.importorskip``.
+Runs without the peers installed; the tests that need one use ``pytest.importorskip``. The
+suite imports nothing from bench/ (it is not on the import path).
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
-import compare  # bench/compare.py (bench is on pytest's pythonpath)
 import pytest
-import torch
-from peers import cell as cellmod
-from peers import pyhessian_peer
+
+from hessfast.testing import comparison as compare
+
+# the repository's bench/ (this file may sit in a subfolder of tests/)
+BENCH = str(next(p / "bench" for p in Path(__file__).resolve().parents
+                 if (p / "bench" / "peers").is_dir()))
 
 CFG = dict(compare.QUICK)
 REF = {"top": [10.0, 5.0, 4.0, 3.0, 2.0], "lambda_min": -1.0, "trace": 100.0,
@@ -168,38 +176,45 @@ def test_markdown_lists_every_cell_with_its_set_up():
 
 # ---------------------------------------------------------------------------------- adapters
 def test_pyhessian_eig_shim_matches_eigh():
-    had = hasattr(torch, "eig")
-    old = getattr(torch, "eig", None)
-    try:
+    # in its own process, as a cell installs it: the shim patches torch
+    code = textwrap.dedent("""
+        import torch
+        from peers import pyhessian_peer
+
         pyhessian_peer.install_eig_shim()
         assert pyhessian_peer.install_eig_shim() is False      # a working eig is left alone
         T = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]])
         vals, vecs = torch.eig(T, eigenvectors=True)
         assert vals.shape == (3, 2) and torch.all(vals[:, 1] == 0)
         assert torch.allclose(T @ vecs, vecs * vals[:, 0], atol=1e-5)
-    finally:
-        if had:
-            torch.eig = old
-        elif hasattr(torch, "eig"):
-            del torch.eig
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BENCH, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _handle(spec: dict) -> dict:
+    """One cell of bench/peers in a fresh process, as compare.py runs it."""
+    return compare.run_spec(sys.executable, spec, 600, BENCH)
 
 
 @pytest.fixture(scope="module")
 def mlp_path(tmp_path_factory):
     pytest.importorskip("sklearn")
     path = str(tmp_path_factory.mktemp("cmp") / "mlp.pt")
-    cellmod.handle({"kind": "prepare", "case": "mlp", "path": path})
+    prep = _handle({"kind": "prepare", "case": "mlp", "path": path})
+    assert "error" not in prep, prep
     return path
 
 
 def _run_cell(tool, task, path, cfg=None):
-    return cellmod.handle({"kind": "cell", "tool": tool, "task": task, "case": "mlp",
-                           "path": path, "device": "cpu", "cfg": dict(cfg or CFG)})
+    return _handle({"kind": "cell", "tool": tool, "task": task, "case": "mlp",
+                    "path": path, "device": "cpu", "cfg": dict(cfg or CFG)})
 
 
 def test_hessfast_cell_is_correct_on_the_mlp(mlp_path):
-    ref = cellmod.handle({"kind": "reference", "case": "mlp", "path": mlp_path,
-                          "device": "cpu", "cfg": dict(compare.REF_QUICK)})
+    ref = _handle({"kind": "reference", "case": "mlp", "path": mlp_path,
+                   "device": "cpu", "cfg": dict(compare.REF_QUICK)})
     assert ref["kind"] == "dense float64 eigh" and ref["n"] == 2410
     res = _run_cell("hessfast", "lambda_max", mlp_path)
     v = compare.verdict("lambda_max", res, ref, CFG)
@@ -212,7 +227,7 @@ def test_hessfast_cell_is_correct_on_the_mlp(mlp_path):
 def test_cells_run_as_fresh_processes_in_bench():
     """compare.py starts ``python -m peers.cell`` in bench/: the cell finds its package and
     the installed hessfast from there."""
-    info = compare.run_spec(sys.executable, {"kind": "version", "device": "cpu"}, 120)
+    info = compare.run_spec(sys.executable, {"kind": "version", "device": "cpu"}, 120, BENCH)
     assert "error" not in info, info
     assert info["tools"]["hessfast"] and info["wall_seconds"] > 0
 

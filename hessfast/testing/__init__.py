@@ -11,13 +11,15 @@ solver (hessfast's or their own) the same way:
 * :mod:`hessfast.testing.models`: tiny seeded MLP (LayerNorm), CNN (BatchNorm, Dropout) and
   transformer LM builders with uneven batches, small enough for the dense references.
 * :mod:`hessfast.testing.timing`: ``timeit`` with warm-up, best and median, CUDA-synchronised.
+* :mod:`hessfast.testing.comparison`: the rules of the peer comparison (``bench/compare.py``):
+  verdicts of an answer against a reference, the ranking of correct cells, the report.
 
 ``import hessfast`` does not import this subpackage.
 """
 
 from __future__ import annotations
 
-from . import dense, models, spectra, timing
+from . import comparison, dense, models, spectra, timing
 from .dense import assert_symmetric, dense_ggn_reference, dense_hessian_reference
 from .spectra import random_orthogonal, with_spectrum
 from .timing import Timing, timeit
@@ -25,6 +27,7 @@ from .timing import Timing, timeit
 __all__ = [
     "Timing",
     "assert_symmetric",
+    "comparison",
     "dense",
     "dense_ggn_reference",
     "dense_hessian_reference",
