@@ -9,15 +9,14 @@ import path; nothing edits ``sys.path``)::
 
     ap = harness.parser(__doc__, "quick", "repeats", "device", repeats=5)
     args = ap.parse_args()
-    harness.apply(args)                         # --threads, if the script takes it
     out = harness.Records("bench_hvp", args)    # --out FILE and/or --save
     t = timeit(lambda: H.matmat(V), repeats=args.repeats, device=args.device)
     out.emit({"case": "mlp", "hvp_s": t.median})  # one stamped JSON line
     out.close()
 
-* **Flags.** :func:`parser` always gives ``--out FILE`` (append the records to FILE) and
-  ``--save`` (append them to the file the naming rule gives); a script asks for the other
-  shared flags by name (``quick``, ``repeats``, ``device``, ``threads``) with its own default.
+* **Flags.** :func:`parser` gives ``--out FILE`` (append the records to FILE) and ``--save``
+  (append them to the file the naming rule gives); a script asks for the other shared flags
+  by name (``quick``, ``repeats``, ``device``, ``threads``) with its own default.
 * **Timer.** :func:`hessfast.testing.timeit` (warm-up calls, then timed ones; median and
   best; the device synchronised): no script hand-rolls ``perf_counter`` loops. This module
   itself needs the standard library alone (``compare.py`` only orchestrates processes).
@@ -30,6 +29,9 @@ import path; nothing edits ``sys.path``)::
   [-dirty].<ext>``, where ``<name>`` is the script's file name without ``bench_`` and ``.py``
   and ``<tag>`` says where it ran (the device: ``cpu``, ``cuda``). Files written before the
   rule keep their names (``bench/RESULTS.md`` cites them).
+* **Fresh processes.** :func:`run_child` runs a script's ``--child`` mode for one case and
+  reads its JSON line back; :func:`import_transformers` imports transformers past a broken
+  torchvision.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 RESULTS = os.path.join(BENCH, "results")
 
-# The shared flags a script may ask for by name: (help, type, default). ``--out`` and
-# ``--save`` are always there; "quick" is a switch.
+# The shared flags a script may ask for by name: (help, type, default); "quick" is a switch.
+# ``--out`` is always there, ``--save`` unless the script says otherwise.
 _FLAGS: dict[str, tuple[str, Any, Any]] = {
     "quick": ("the smallest cases and fewest repeats (a smoke run)", None, False),
     "repeats": ("timed calls per measurement (the median is reported)", int, None),
@@ -75,7 +77,8 @@ def parser(doc: str | None, *flags: str, raw: bool = False, save: bool = True,
         save: offer ``--save`` (False for a script whose default file already follows the
             naming rule).
         defaults: a script's own default per flag name (``repeats=5``); ``<name>_help``
-            replaces the flag's help text.
+            replaces the flag's help text, ``<name>_choices`` restricts its values
+            (``out`` and ``out_help`` likewise for ``--out``).
 
     Returns:
         an :class:`argparse.ArgumentParser` the script adds its own flags to.
@@ -107,15 +110,6 @@ def parser(doc: str | None, *flags: str, raw: bool = False, save: bool = True,
     if defaults:
         raise ValueError(f"defaults for flags not asked for: {sorted(defaults)}")
     return ap
-
-
-def apply(args: argparse.Namespace) -> None:
-    """Apply the shared flags that act on the process: ``--threads`` sets torch's threads."""
-    threads = getattr(args, "threads", None)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
