@@ -116,7 +116,7 @@ def demo_with_training(
         raise ConfigurationError(str(exc)) from None
     model, batches, figures = train_demo_model(seed=seed, steps=steps, device=device)
     report = analyze(model, nn.CrossEntropyLoss(), batches, curvature="hessian", k=k,
-                     probes=probes, steps=lanczos_steps, tol=tol, seed=seed,
+                     num_probes=probes, num_steps=lanczos_steps, tol=tol, seed=seed,
                      progress=progress)
     return report, figures
 

@@ -58,7 +58,7 @@ def describe(exc: BaseException) -> str:
 
 def check_numbers(**values: Any) -> None:
     """Checks ``seed``, ``steps`` (training steps), ``epochs``, ``tol``, ``k``, ``probes`` and
-    ``slq_steps`` (analyze's ``--steps``) when given, each refused with a :class:`UsageError`
+    ``slq_steps`` (analyze's ``--num-steps``) when given, each refused with a :class:`UsageError`
     naming its option."""
     for name, value in values.items():
         if value is None:
@@ -79,7 +79,8 @@ def check_numbers(**values: Any) -> None:
                 )
         elif name in ("k", "probes", "slq_steps", "density_steps"):
             arg, label = {
-                "slq_steps": ("--steps", "steps (Lanczos steps per probe)"),
+                "probes": ("--num-probes", "num-probes"),
+                "slq_steps": ("--num-steps", "num-steps (Lanczos steps per probe)"),
                 "density_steps": ("--density-steps", "density-steps (Lanczos steps per probe)"),
             }.get(name, (arg, name))
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

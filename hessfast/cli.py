@@ -153,13 +153,33 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class _RenamedOption(argparse.Action):
+    """The old, hidden spelling of a renamed option (``--probes`` for ``--num-probes``): it
+    stores into the new option's destination and says on stderr, once per use, which name
+    replaces it. Kept one release, like the library's renamed keywords."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated and will be removed; "
+              f"use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _add_common(p: argparse.ArgumentParser, *, out_default: str, probes: int) -> None:
     p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance (0 < tol < 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--k", type=int, default=5, help="number of top eigenvalues (default 5)")
-    p.add_argument("--probes", type=int, default=probes,
+    p.add_argument("--num-probes", type=int, default=probes, dest="probes", metavar="N",
                    help=f"random probes for trace and density (default {probes})")
+    p.add_argument("--probes", type=int, dest="probes", action=_RenamedOption,
+                   new="--num-probes")
     p.add_argument("--out", default=out_default,
                    help=f"folder for report.json and spectrum.png (default {out_default})")
     p.add_argument("--json", action="store_true",
@@ -193,10 +213,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                       help="weights to load (a state_dict, or a dict with 'state_dict' or "
                            "'model'; read with torch.load(weights_only=True))")
     p_an.add_argument("--params", metavar="REGEX",
-                      help="only the parameters whose names match (re.search)")
+                      help="only these parameters: the one of this exact name, else the "
+                           "trainable ones whose names the regular expression matches "
+                           "(re.search); the rule of params= in the API")
     p_an.add_argument("--curvature", choices=("hessian", "ggn"), default="hessian")
-    p_an.add_argument("--steps", type=int, default=64,
+    p_an.add_argument("--num-steps", type=int, default=64, dest="steps", metavar="N",
                       help="Lanczos steps per probe of the spectral density (default 64)")
+    p_an.add_argument("--steps", type=int, dest="steps", action=_RenamedOption,
+                      new="--num-steps")
     p_an.add_argument("--no-per-layer", action="store_true",
                       help="skip the per-layer results")
     _add_common(p_an, out_default="hessfast-report", probes=8)
@@ -279,8 +303,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
     try:
         report = analyze(model, loss_fn, data, curvature=args.curvature, k=args.k,
-                         probes=args.probes,
-                         steps=args.steps, per_layer=not args.no_per_layer, tol=args.tol,
+                         num_probes=args.probes, num_steps=args.steps,
+                         per_layer=not args.no_per_layer, tol=args.tol,
                          seed=args.seed, progress=_progress(args), **kwargs)
     except HessfastError:
         raise

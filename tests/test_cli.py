@@ -55,7 +55,7 @@ def test_demo_writes_the_report_checked_against_eigsh(tmp_path) -> None:
     with hf.eigsh on the same CNN trained here with the same seed and steps."""
     out = tmp_path / "demo"
     env = dict(os.environ, HESSFAST_PROGRESS="0", MPLBACKEND="Agg")
-    argv = ["demo", "--steps", "40", "--seed", "3", "--probes", "2", "--density-steps", "12",
+    argv = ["demo", "--steps", "40", "--seed", "3", "--num-probes", "2", "--density-steps", "12",
             "--json", "--out", str(out)]
     res = subprocess.run([sys.executable, "-m", "hessfast", *argv], capture_output=True,
                          text=True, env=env, timeout=300)
@@ -84,7 +84,8 @@ def test_demo_writes_the_report_checked_against_eigsh(tmp_path) -> None:
         (["--seed", "-1"], "seed must be an integer"),
         (["--k", "0"], "k must be a positive integer"),
         (["--density-steps", "0"], "density-steps (Lanczos steps per probe) must be a positive"),
-        (["--probes", "-2"], "probes must be a positive integer"),
+        (["--num-probes", "-2"], "argument --num-probes: num-probes must be a positive integer"),
+        (["--probes", "-2"], "num-probes must be a positive integer"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"],
          "is not available here"),
         (["--device", "cuda:7"], "is not available here"),

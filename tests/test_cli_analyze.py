@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import hessfast as hf
-from hessfast.cli import info, main
+from hessfast.cli import _parser, info, main
 
 USER_MODULE = textwrap.dedent(
     '''
@@ -98,7 +98,7 @@ def test_analyze_writes_report_and_plot_that_match_eigsh(work: Path) -> None:
     weights = usermod.make_model(seed=5)
     torch.save({"model": weights.state_dict(), "epoch": 3}, work / "ck.pt")
     res = _run(["analyze", "--model", "usermod:make_model", "--data", "usermod:make_data",
-                "--checkpoint", "ck.pt", "--k", "3", "--probes", "4", "--steps", "20",
+                "--checkpoint", "ck.pt", "--k", "3", "--num-probes", "4", "--num-steps", "20",
                 "--tol", "1e-6", "--out", "rep"], work)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
@@ -119,7 +119,7 @@ def test_analyze_json_ggn_params_file_path_and_xy_data(work: Path) -> None:
     """A .py path, a module-level Module, an (X, y) tuple as one batch, --params, --json."""
     res = _run(["analyze", "--model", str(work / "usermod.py") + ":MODEL",
                 "--data", "usermod:make_xy", "--curvature", "ggn", "--params", r"^2\.",
-                "--k", "2", "--probes", "2", "--steps", "10", "--no-per-layer", "--json",
+                "--k", "2", "--num-probes", "2", "--num-steps", "10", "--no-per-layer", "--json",
                 "--quiet", "--out", str(work / "out2")], work)
     assert res.returncode == 0, res.stderr
     printed = json.loads(res.stdout)
@@ -130,7 +130,9 @@ def test_analyze_json_ggn_params_file_path_and_xy_data(work: Path) -> None:
 
 BAD_VALUES = [
     (["--model", "usermod"], "argument --model: expected MODULE:NAME"),
-    (["--steps", "-5"], "steps (Lanczos steps per probe) must be a positive integer"),
+    (["--num-steps", "-5"],
+     "argument --num-steps: num-steps (Lanczos steps per probe) must be a positive integer"),
+    (["--steps", "-5"], "num-steps (Lanczos steps per probe) must be a positive integer"),
     (["--model", "nosuchmod:f"], "no module named 'nosuchmod'"),
     (["--model", "usermod:nothing"], "usermod has no attribute 'nothing'"),
     (["--model", "usermod:not_a_model"], "must be (or return) a torch.nn.Module, got int"),
@@ -139,7 +141,8 @@ BAD_VALUES = [
     (["--tol", "0"], "tol must be a number in (0, 1)"),
     (["--tol", "nan"], "tol must be a number in (0, 1)"),
     (["--k", "0"], "k must be a positive integer"),
-    (["--probes", "0"], "probes must be a positive integer"),
+    (["--num-probes", "0"], "argument --num-probes: num-probes must be a positive integer"),
+    (["--probes", "0"], "num-probes must be a positive integer"),
     (["--seed", "-1"], "seed must be an integer"),
     (["--device", "cuda:7"], "is not available here"),
     (["--device", "gpu"], "is not a torch device name"),
@@ -180,6 +183,29 @@ def test_bad_values_in_process(work: Path, argv, fragment, capsys, monkeypatch) 
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert fragment in err and "usage: hessfast analyze" in err and "Traceback" not in err
+
+
+def test_num_probes_and_num_steps_with_their_deprecated_spellings(capsys) -> None:
+    """--num-probes/--num-steps are the documented names; --probes/--steps still work for one
+    release (hidden from --help), each use saying on stderr which name replaces it."""
+    parser, subs = _parser()
+    base = ["analyze", "--model", "m:f", "--data", "m:d"]
+    args = parser.parse_args(base)
+    assert (args.probes, args.steps) == (8, 64)
+    assert capsys.readouterr().err == ""
+    args = parser.parse_args([*base, "--num-probes", "3", "--num-steps", "7"])
+    assert (args.probes, args.steps) == (3, 7) and capsys.readouterr().err == ""
+    args = parser.parse_args([*base, "--probes", "3", "--steps", "7"])
+    assert (args.probes, args.steps) == (3, 7)
+    err = capsys.readouterr().err
+    assert "--probes is deprecated and will be removed; use --num-probes" in err
+    assert "--steps is deprecated and will be removed; use --num-steps" in err
+    shown = subs["analyze"].format_help()
+    assert "--num-probes N" in shown and "--num-steps N" in shown
+    assert "--probes" not in shown and "--steps" not in shown
+    demo = parser.parse_args(["demo", "--steps", "9", "--probes", "2"])  # --steps: training
+    assert (demo.steps, demo.probes) == (9, 2)
+    assert "use --num-steps" not in capsys.readouterr().err
 
 
 def test_checkpoint_mismatch_lists_the_keys(work: Path) -> None:
