@@ -270,7 +270,7 @@ def test_spectrum(in_tmp: Path) -> None:
     dens, m2, trf, ax = out[expr]
     assert dens.dim() == 1 and bool(torch.isfinite(dens).all()) and bool((dens >= 0).all())
     assert m2 > 0 and math.isfinite(trf)  # tr(H^2)/n > 0; tr f(H) is a number (not log of < 0)
-    assert hasattr(ax, "plot")  # the matplotlib axes
+    assert hasattr(ax, "savefig") and ax.axes  # the matplotlib Figure (every plot() returns it)
     c = ns["c"]
     assert isinstance(c, hf.ConditionResult) and c.lambda_max > 0
 
