@@ -113,3 +113,20 @@ def test_mesh_refusals():
         hf.distributed.Mesh(probe=2)
     with pytest.raises(errors.ConfigurationError, match="integer >= 1"):
         hf.distributed.Mesh(probe=0)
+
+
+def test_mesh_checks_the_operator_group_through_its_public_ranks():
+    """Mesh.check_operator reads the operator's public ``ranks`` (no private attribute): an
+    operator reducing over more ranks than a probe group's ``data`` is refused; a one-process
+    curvature operator and a plain matrix pass."""
+    from types import SimpleNamespace
+
+    mesh = hf.distributed.Mesh()
+    wide = SimpleNamespace(ranks=SimpleNamespace(world_size=4))
+    with pytest.raises(errors.ConfigurationError, match="over 4 process"):
+        mesh.check_operator(wide, "hessfast.trace")
+    model = torch.nn.Linear(3, 2)
+    H = hf.hessian(model, torch.nn.MSELoss(), [(torch.randn(4, 3), torch.randn(4, 2))])
+    assert H.ranks.world_size == 1
+    mesh.check_operator(H, "hessfast.trace")
+    mesh.check_operator(torch.eye(3), "hessfast.trace")

@@ -141,7 +141,7 @@ class Mesh:
         """Refuse a data-parallel operator whose group is not a probe group's ``data`` ranks
         (built with ``process_group='auto'`` over the whole world, say): its products
         would sum different probes' vectors across probe groups."""
-        size = getattr(getattr(A, "_ranks", None), "world_size", None)
+        size = getattr(getattr(A, "ranks", None), "world_size", None)
         if size is not None and size != self.data:
             raise ConfigurationError(
                 f"{who}: the operator reduces its products over {size} process(es), but the "
