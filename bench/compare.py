@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_cfg = dict(REF_QUICK if args.quick else REF_FULL)
     timeout = args.timeout or (90.0 if args.quick else 150.0)
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
-    # --save is the default here: the naming rule's prefix unless --out names one
+    # the naming rule's prefix unless --out names one (so no --save flag here)
     out = args.out or harness.results_path("compare", f"{dev}{'_quick' if args.quick else ''}",
                                            ext=None)
     os.makedirs(os.path.dirname(out), exist_ok=True)
