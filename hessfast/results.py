@@ -205,7 +205,9 @@ class JsonResult:
             if not f.name.startswith("_"))
         for name in names:
             if name not in skip:
-                lines.append(f"  {name}: {short(getattr(self, name, None), width=72)}")
+                v = getattr(self, name, None)
+                shown = v if isinstance(v, str) and len(v) <= 72 else short(v, width=72)
+                lines.append(f"  {name}: {shown}")
         return "\n".join(lines)
 
 
