@@ -29,6 +29,7 @@ from typing import Any
 
 from ._checks import as_operator, check_int, check_positive, check_seed, shift_seed
 from ._probe import probe_operator
+from .density import spectral_density
 from .errors import ArgumentTypeError, ConfigurationError
 from .lanczos.verify import residual_floor
 from .linop import LinearOperator
@@ -271,8 +272,6 @@ def condition_number(
         if definiteness == "indefinite" and density is not False:
             d = density
             if density is True:
-                from .density import spectral_density
-
                 d = spectral_density(A, num_probes=num_probes, num_steps=num_steps, seed=seed)
             neg_mass = float((d.weights * (d.nodes < -zero)).sum(dim=1).mean())
         return ConditionResult(

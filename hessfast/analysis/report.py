@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from ..errors import ArgumentTypeError, ConfigurationError
 from ..results import JsonResult, Status, check_vectors
 from ..results import jsonable as _jsonable
+from .plot import plot_report  # plot reads Report only for type checking: no import circle
 
 __all__ = ["REL_STDERR_FLAG", "Report", "jsonable"]
 
@@ -290,8 +291,6 @@ class Report(JsonResult):
         :class:`matplotlib.figure.Figure`, as every ``plot()`` of hessfast returns; with
         ``path``, also saved there (PNG, PDF or SVG by the suffix). See
         :func:`hessfast.analysis.plot.plot_report`. Needs matplotlib."""
-        from .plot import plot_report  # plot imports report (the one allowed circle)
-
         return plot_report(self, path, dpi=dpi)
 
 
