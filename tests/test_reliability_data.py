@@ -126,7 +126,7 @@ def test_dict_batches_with_a_0d_tensor_first_are_sized_by_their_samples():
         model, _tempered_loss, batches, batch_size_fn=lambda b: len(b["y"])
     )
     H = hf.hessian(model, _tempered_loss, batches)
-    assert H._data.sizes == [8, 8, 5]
+    assert H.batch_sizes == (8, 8, 5)
     assert rel_err(dense(H), ref) < TOL
 
 
