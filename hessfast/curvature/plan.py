@@ -14,6 +14,11 @@ An explicit ``hvp_mode`` is used as given. ``hvp_mode="auto"`` decides per block
 So ``torch.func`` (1-2.5 s of one-time initialisation in a fresh process) is touched only
 when ``fwd_rev`` is requested, raced where it can win, or the only path left. The decision
 per block size and its reason are kept in an :class:`HVPPlan`.
+
+The planner is policy only: it never touches the operator. It is told the size of batch 0's
+graph (:meth:`Planner.record_graph_size`) and given the timings it decides from
+(:data:`TimePaths`, measured by :mod:`.products` next to the products), so a test can drive
+it with fake ones (tests/curvature/test_plan_policy.py).
 """
 
 from __future__ import annotations
