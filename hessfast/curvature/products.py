@@ -1,8 +1,9 @@
 """Graphs and products of a curvature operator, batch by batch: batch 0's first-order graph
 (built once, shared by the pre-flight, the graph-size probe and the reuse cache), the graph
-cache, and the one loop that multiplies a block batch by batch, chunk by chunk, on the path
-the planner chose (a path that raises on its first pass is reported for an explicit
-``hvp_mode`` or replaced by the next one in auto mode).
+cache, the timings of the paths on batch 0 that auto mode's planner decides from
+(:meth:`BatchProducts._time_paths`), and the one loop that multiplies a block batch by batch,
+chunk by chunk, on the path the planner chose (a path that raises on its first pass is
+reported for an explicit ``hvp_mode`` or replaced by the next one in auto mode).
 
 :class:`BatchProducts` is a mixin of :class:`~hessfast.curvature.operator.CurvatureOperator`;
 it uses the operator's data source, planner, guard and the subclass's batch-level pieces
