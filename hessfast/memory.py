@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -42,10 +42,10 @@ from torch import nn
 from . import ops
 from ._checks import work_dtype
 from .distributed import shard_size
-from .errors import ArgumentTypeError, ConfigurationError, OutOfMemoryPlanError
+from .errors import ConfigurationError, OutOfMemoryPlanError
 from .linop import LinearOperator
 from .ops import CAST_CHUNK_BYTES
-from .results import JsonResult, Status, jsonable
+from .results import JsonResult, Status
 
 __all__ = ["ALGORITHMS", "MemoryItem", "MemoryPlan", "available_memory", "choose_basis",
            "estimate_memory", "graph_bytes", "measure_saved"]
@@ -169,16 +169,11 @@ class MemoryPlan(JsonResult):
     vectors = property(lambda self: self._sum("vectors", "working vectors", "scratch",
                                               "reorth cast"), doc="bytes of working vectors")
 
-    def to_dict(self, vectors: bool = True) -> dict[str, Any]:
+    def to_dict(self, *, vectors: bool = False) -> dict[str, Any]:
         """The fields as JSON-safe values (``json.dumps`` accepts it), without the private
         rescaling function, plus ``totals`` per place and ``fits``. ``vectors`` is accepted
         for the common result interface (a plan holds no ``[n]`` arrays)."""
-        if not isinstance(vectors, bool):
-            raise ArgumentTypeError(f"to_dict: vectors must be True or False, got {vectors!r}")
-        out: dict[str, Any] = {"kind": type(self).__name__}
-        for f in fields(self):
-            if not f.name.startswith("_"):
-                out[f.name] = jsonable(getattr(self, f.name))
+        out = super().to_dict(vectors=vectors)
         places = dict.fromkeys([*self.capacity, *(i.where for i in self.items)])
         out["totals"] = {w: self.total(w) for w in places}
         out["fits"] = self.fits
