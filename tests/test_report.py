@@ -144,3 +144,16 @@ def test_density_panel_marks_eigenvalues_and_lr(report: Report, plt) -> None:
         assert bx.get_yscale() in ("log", "symlog")
     finally:
         plt.close(fig)
+
+
+def test_a_report_of_0_1_reads_back() -> None:
+    """Reports written before the vocabulary pass said data_passes in parts and had no kind."""
+    old = {"curvature": "operator", "n": 3, "top_converged": True, "lambda_min_converged": True,
+           "parts": [{"name": "top_k", "num_matvecs": 4, "data_passes": 2, "seconds": 0.1,
+                      "source": "eigsh"}]}
+    r = Report.from_dict(old)
+    assert r.parts[0]["num_passes"] == 2 and "data_passes" not in r.parts[0]
+    assert (r.num_matvecs, r.num_passes, r.status) == (4, 2, "CONVERGED")
+    d = r.to_dict()
+    assert d["kind"] == "Report" and Report.from_dict(d) == r
+    assert "cost:" in r.summary() and len(repr(r)) < 400
