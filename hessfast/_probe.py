@@ -163,7 +163,7 @@ def _agreement_comm(A: Any, args: Mapping[str, Any]) -> Any:
     mesh = args.get("mesh")
     if isinstance(mesh, distributed.Mesh) and mesh.comm is not None:
         return mesh.comm  # the whole mesh: every probe group's operator too
-    ranks = getattr(A, "_ranks", None)
+    ranks = getattr(A, "ranks", None)
     if ranks is not None and getattr(ranks, "active", False):
         return ranks.comm
     if args.get("basis_sharding") is True and distributed.world_size() > 1:
@@ -183,7 +183,7 @@ def agree_arguments(A: Any, who: str, args: Mapping[str, Any]) -> None:
     comm = _agreement_comm(A, args)
     if comm is None:
         return
-    digest = getattr(getattr(A, "_ranks", None), "digest", "")
+    digest = getattr(getattr(A, "ranks", None), "digest", "")
     entries = [
         ("the algorithm", who),
         ("the operator", f"{type(A).__name__} n={int(A.shape[0])} {A.dtype}"

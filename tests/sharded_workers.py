@@ -49,7 +49,7 @@ def scenario_sharded(rank: int, world: int) -> dict[str, Any]:
     allocations recorded), the memory plan, a replicated matrix operator with a triple top
     eigenvalue and a small basis (restarts, verification misses), and the refusals."""
     import hessfast as hf
-    import hessfast.lanczos.restart as restart_mod
+    import hessfast.lanczos.run as run_mod
     import hessfast.lanczos.sharded as sharded_mod
     from hessfast.lanczos.basis import Basis
 
@@ -60,7 +60,7 @@ def scenario_sharded(rank: int, world: int) -> dict[str, Any]:
             super().__init__(*args, **kwargs)
             seen.append(self.Q.nbytes)
 
-    restart_mod.Basis = Recording  # type: ignore[misc]
+    run_mod.Basis = Recording  # type: ignore[misc]
     sharded_mod.Basis = Recording  # type: ignore[misc]
     out: dict[str, Any] = {}
     model, batches = problem()

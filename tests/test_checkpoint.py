@@ -407,7 +407,7 @@ def test_sigint_during_a_restart_waits_for_the_next_step(matrix, tmp_path, monke
 
     kw = dict(k=3, which="LA", tol=1e-10, max_basis=10, seed=7)
     ref = hf.eigsh(hf.LinearOperator.from_matrix(matrix), **kw)
-    original = restart._Run.restart
+    original = restart.Run.restart
     calls = []
 
     def interrupted_restart(self, idx, drop_residual_block=False):
@@ -418,11 +418,11 @@ def test_sigint_during_a_restart_waits_for_the_next_step(matrix, tmp_path, monke
                 time.sleep(0.001)
         return original(self, idx, drop_residual_block)
 
-    monkeypatch.setattr(restart._Run, "restart", interrupted_restart)
+    monkeypatch.setattr(restart.Run, "restart", interrupted_restart)
     path = tmp_path / "r.ckpt"
     with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
         hf.eigsh(hf.LinearOperator.from_matrix(matrix), checkpoint=path, **kw)
-    monkeypatch.setattr(restart._Run, "restart", original)
+    monkeypatch.setattr(restart.Run, "restart", original)
     step = torch.load(path, weights_only=True)["step"]
     assert step == calls[1]  # the top of the step after the restart
     with pytest.warns(UserWarning, match=f"resumed from step {step} of"):

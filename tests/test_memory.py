@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import hessfast as hf
-import hessfast.lanczos.restart as restart_mod
+import hessfast.lanczos.run as run_mod
 import hessfast.memory as memory
 from hessfast.errors import OutOfMemoryPlanError
 
@@ -52,12 +52,12 @@ def test_basis_bytes_exact():
 def test_basis_bytes_equal_the_allocation(monkeypatch):
     seen = []
 
-    class Recording(restart_mod.Basis):
+    class Recording(run_mod.Basis):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             seen.append(self.Q.nbytes)
 
-    monkeypatch.setattr(restart_mod, "Basis", Recording)
+    monkeypatch.setattr(run_mod, "Basis", Recording)
     A = _op()
     hf.eigsh(A, k=3, max_basis=12, tol=1e-6, basis_dtype=torch.float32)
     plan = hf.estimate_memory(A, "eigsh", k=3, max_basis=12, basis_dtype=torch.float32)
@@ -139,13 +139,13 @@ def test_eigsh_picks_basis_at_thresholds(monkeypatch, recwarn):
     t = _totals(A, **kw)
     assert t[torch.float64] > t[torch.float32] > t[torch.bfloat16]
     chosen = []
-    real = restart_mod._Run.__init__
+    real = run_mod.Run.__init__
 
     def spy(self, *args, **kwargs):
         real(self, *args, **kwargs)
         chosen.append((self.bdtype, self.bdev))
 
-    monkeypatch.setattr(restart_mod._Run, "__init__", spy)
+    monkeypatch.setattr(run_mod.Run, "__init__", spy)
     for free, want in ((t[torch.float64], torch.float64), (t[torch.float64] - 1, torch.float32),
                        (t[torch.float32] - 1, torch.bfloat16)):
         _free(monkeypatch, free)

@@ -2,16 +2,30 @@
 
 - :mod:`.basis`: the row basis and its float64 projection, block orthonormalisation with
   rank-deficiency replacement, selection of wanted Ritz values.
-- :mod:`.restart`: thick-restart block Lanczos with a verified wanted set (the engine of
-  :func:`hessfast.eigsh`); :mod:`.verify`: the verification round's arithmetic.
+- :mod:`.verify`: the residual floor, THE convergence rule of every eigenvalue solver
+  (:func:`.verify.converged`) and the verification round's arithmetic.
+- :mod:`.run`: the state of one thick-restart run (:class:`.run.Run`) and its result
+  (:class:`LanczosState`); :mod:`.restart`: the loop that drives it (thick-restart block
+  Lanczos with a verified wanted set, the engine of :func:`hessfast.eigsh`);
+  :mod:`.wanted`: the pairs a run returns; :mod:`.sharded`: a basis split over the ranks;
+  :mod:`.checkpoint`: save and resume.
 - :mod:`.probes`: one Lanczos tridiagonal per probe, all probes advanced by one product per
-  step (the engine of SLQ, :func:`hessfast.spectral_density`).
+  step, and their Gauss rule (the engine of SLQ, :func:`hessfast.spectral_density`).
+- :mod:`.lockstep`: Lanczos on many small blocks advanced by one shared product per step,
+  on the probes' Gauss rule (the engine of :func:`hessfast.analysis.block_spectra`).
+
+Imports point down only: ``restart`` -> ``run``, ``wanted``, ``checkpoint``; ``wanted`` ->
+``run``, ``checkpoint``; ``sharded`` -> ``restart``, ``run``, ``basis``; ``run`` ->
+``basis``, ``verify``; ``lockstep`` -> ``probes``, ``verify``; ``verify`` -> ``basis``.
 """
 
 from __future__ import annotations
 
 from .basis import WHICH, select
+from .lockstep import Lockstep
 from .probes import ProbeTridiagonals, probe_lanczos
 from .restart import LanczosState, block_lanczos
+from .verify import converged
 
-__all__ = ["WHICH", "LanczosState", "ProbeTridiagonals", "block_lanczos", "probe_lanczos", "select"]
+__all__ = ["WHICH", "LanczosState", "Lockstep", "ProbeTridiagonals", "block_lanczos",
+           "converged", "probe_lanczos", "select"]

@@ -208,6 +208,12 @@ class Checkpoint:
         self._deferring = False  # the state is being rewritten in place: signals wait
         self._pending: int | None = None  # a signal that waits for the next step
 
+    def bind(self, operator: Any) -> None:
+        """Bind the file to ``operator``'s state (what ``operator=`` does at construction):
+        for a caller that validates the arguments first and reads the fingerprint, a
+        collective for a data-parallel operator, only after its ranks agreed on them."""
+        self.state = operator.state_fingerprint()
+
     def _refuse(self, what: str) -> ConfigurationError:
         return ConfigurationError(
             f"{self.who}: checkpoint {str(self.path)!r} {what}. Delete the file to start "
@@ -368,17 +374,17 @@ class Checkpoint:
 
 #: What a block Lanczos checkpoint holds besides the basis rows, T and the generator.
 RUN_FIELDS = ("G", "coupling", "norm_est", "theta", "Y", "res", "ok", "block", "restarts",
-              "history", "extremes", "ref", "ref_res", "ref_vecs", "ref_slack", "verify_left",
-              "n_verify", "n_miss", "verify_mv", "verify_mv0")
+              "extremes", "ref", "ref_res", "ref_vecs", "ref_slack", "verify_left", "n_verify",
+              "n_miss", "verify_mv", "verify_mv0")
 
 
 def lanczos_state(run: Any, used: int, passes: int) -> dict[str, Any]:
-    """The state of a block Lanczos run (``restart._Run``) at the top of a step, with the
+    """The state of a block Lanczos run (:class:`.run.Run`) at the top of a step, with the
     products (``used``) and passes so far."""
     state = {f: getattr(run, f) for f in RUN_FIELDS}
     # kept until the next step (an interrupt writes it): what the loop changes in place is
     # copied (lists, T: small); the rows Q[:m] stay as they are until a restart (busy())
-    state.update(G=list(run.G), history=list(run.history), extremes=list(run.extremes))
+    state.update(G=list(run.G), extremes=list(run.extremes))
     state.update(m=run.basis.m, Q=run.basis.rows(), T=run.basis.T.clone(),
                  gen=run.gen.get_state(), used=used, passes=passes)
     # the verification rounds' dropped rows (exact residuals); a step reorthogonalises them in

@@ -47,7 +47,8 @@ from .._checks import sample_probes
 from ..errors import ConfigurationError
 from ..linop import LinearOperator
 from .basis import Basis
-from .restart import LanczosState, _Run, block_lanczos
+from .restart import block_lanczos
+from .run import LanczosState, Run
 
 __all__ = ["ShardedRun", "check_sharded", "sharded_lanczos", "sharding_comm"]
 
@@ -68,7 +69,7 @@ def sharding_comm(A: LinearOperator, who: str) -> distributed.Comm | None:
             "hessfast.distributed.init() (or torch.distributed.init_process_group) first, "
             "or drop basis_sharding"
         )
-    ranks = getattr(A, "_ranks", None)
+    ranks = getattr(A, "ranks", None)
     if ranks is not None and ranks.active:
         return ranks.comm
     if ranks is not None and distributed.world_size() > 1:
@@ -99,8 +100,8 @@ def check_sharded(block_size: int, reorth: str, checkpoint: Any, who: str) -> No
         )
 
 
-class ShardedRun(_Run):
-    """A :class:`~.restart._Run` whose basis rows hold only this rank's columns
+class ShardedRun(Run):
+    """A :class:`~.run.Run` whose basis rows hold only this rank's columns
     ``[lo, hi)`` (``basis.Q: [cap, hi - lo]``); blocks, products and Ritz values stay full
     and replicated. Supports block size 1 and ``reorth="full"``."""
 
@@ -175,7 +176,7 @@ class ShardedRun(_Run):
         return Qn[: n - m], L[:, : n - m]
 
     def step(self, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """:meth:`~.restart._Run.step` on shards: the full block ``[1, n]`` is multiplied, its
+        """:meth:`~.run.Run.step` on shards: the full block ``[1, n]`` is multiplied, its
         product sliced to this rank's columns; returns the full next block ``[b', n]`` and
         its coupling ``L [1, b']``, or None when the product is not finite."""
         basis, A, bb = self.basis, self.A, block.shape[0]

@@ -31,7 +31,8 @@ import torch
 from .basis import select
 
 __all__ = ["RESIDUAL_FLOOR_C", "VERIFY_MARGIN", "VERIFY_MAX_ESCALATION", "VERIFY_MIN_STEPS",
-           "beaten", "converge_threshold", "first_seen", "residual_floor", "verify_steps"]
+           "ZERO_SCALE", "beaten", "converge_threshold", "converged", "first_seen",
+           "residual_floor", "verify_steps"]
 
 VERIFY_MARGIN = 1.5  # verification steps per step the run needed to see past the k-th value
 VERIFY_MIN_STEPS = 2
@@ -57,6 +58,33 @@ def converge_threshold(vals: torch.Tensor, tol: float, norm_est: float, floor: f
     so a pair whose floored residual is at the floor is converged as far as the working
     precision allows."""
     return torch.clamp(tol * torch.clamp(vals.abs(), min=ZERO_SCALE * norm_est), min=floor)
+
+
+def converged(theta: float | torch.Tensor, residuals: float | torch.Tensor, tol: float,
+              norm_est: float, dtype: torch.dtype) -> bool | torch.Tensor:
+    """THE convergence rule of every eigenvalue solver (eigsh's Lanczos and dense paths,
+    power iteration, the per-layer lockstep Lanczos): a Ritz pair ``(theta, v)`` is converged
+    when ``||A v - theta v|| <= max(tol * max(|theta|, 1e-3 ||A||_est), residual_floor)``.
+
+    ``1e-3 ||A||_est`` (:data:`ZERO_SCALE`) lets an eigenvalue near zero converge; the floor
+    (:func:`residual_floor` of ``norm_est`` and the operator's ``dtype``) is the smallest
+    residual the working precision can show, so the rule never asks for less.
+
+    Args:
+        theta: a Ritz value (float) or values ``[m]`` (float64 tensor).
+        residuals: their residual norms, same shape (as reported: already floored).
+        tol: relative tolerance.
+        norm_est: the estimate of ``||A||`` both the scale and the floor use.
+        dtype: the operator's dtype (picks ``eps`` of the floor).
+
+    Returns:
+        a ``bool`` for a float ``theta``, else a ``[m]`` bool tensor.
+    """
+    floor = residual_floor(norm_est, dtype)
+    vals = torch.as_tensor(theta, dtype=torch.float64)
+    ok = torch.as_tensor(residuals, dtype=torch.float64) <= converge_threshold(
+        vals, tol, norm_est, floor)
+    return ok if isinstance(theta, torch.Tensor) else bool(ok)
 
 
 def score(vals: torch.Tensor, which: str) -> torch.Tensor:

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import NonFiniteError
 from .basis import select
-
-if TYPE_CHECKING:
-    from .restart import _Run
+from .checkpoint import _user_stacklevel
+from .run import Run
 
 __all__ = ["wanted_pairs"]
 
 
-def wanted_pairs(run: _Run, k: int, which: str, status: str,
+def wanted_pairs(run: Run, k: int, which: str, status: str,
             answer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, float]:
     """The returned pairs ``(theta [k], vectors [k, n], residuals [k], converged [k], status,
@@ -46,6 +44,6 @@ def wanted_pairs(run: _Run, k: int, which: str, status: str,
     if status == "INVARIANT_SUBSPACE" and want.numel() < k:
         warnings.warn(
             f"hessfast: the Krylov space became invariant at dimension {m} < k={k}",
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),  # the user's call, however deep the route
         )
     return theta[want].clone(), vecs, res[want].clone(), ok[want].clone(), status, ortho
