@@ -23,15 +23,15 @@ from ._checks import (
     probe_generator,
 )
 from ._probe import probe_operator
-from .lanczos.verify import ZERO_SCALE, residual_floor
+from .lanczos.verify import converged, residual_floor
 from .linop import LinearOperator
 from .progress import set_postfix, set_total, track
-from .results import JsonResult
+from .results import JsonResult, Status
 
 __all__ = ["PowerResult", "power_iteration"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PowerResult(JsonResult):
     """Result of :func:`power_iteration`.
 
@@ -40,8 +40,13 @@ class PowerResult(JsonResult):
         eigenvector: ``[n]`` unit vector.
         residual: ``||A v - theta v||`` (computed in float64 from the product), never below
             ``residual_floor``.
-        converged: residual <= max(tol * max(|theta|, 1e-3 * ||A||_est), residual_floor).
+        converged: residual <= max(tol * max(|theta|, 1e-3 * ||A||_est), residual_floor)
+            (:func:`hessfast.lanczos.verify.converged`).
+        status: ``CONVERGED`` when ``converged``, else ``MAX_MATVECS`` (the budget ran out
+            first).
         num_matvecs: products with A.
+        num_passes: ``matmat`` calls (one product each: power iteration multiplies one
+            vector at a time).
         seconds: wall time.
         norm_estimate: ``||A||_est``, the largest ``||A v||`` seen.
         residual_floor: ``64 * eps * ||A||_est`` with ``eps`` of the working dtype
@@ -60,11 +65,13 @@ class PowerResult(JsonResult):
     seconds: float
     norm_estimate: float = 0.0
     residual_floor: float = 0.0
+    num_passes: int = 0
+    status: Status = Status.MAX_MATVECS
 
     _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvector",)
 
 
-def _power(
+def _iterate(
     A: LinearOperator, v: torch.Tensor, shift: float, tol: float, max_matvecs: int
 ) -> tuple[float, torch.Tensor, float, bool, int, float]:
     """Power iteration on ``A - shift I``; returns the Ritz value of A itself."""
@@ -78,7 +85,7 @@ def _power(
         res = max(float((w - theta * v.double()).norm()), floor)
         if used % 10 == 1:
             set_postfix(ritz=f"{theta:.4g}", res=f"{res:.2g}")
-        ok = res <= max(tol * max(abs(theta), ZERO_SCALE * norm_est), floor)
+        ok = converged(theta, res, tol, norm_est, A.dtype)
         if ok:
             return theta, v, res, True, used, norm_est
         w = w - shift * v.double()
@@ -123,20 +130,32 @@ def power_iteration(
         seed = check_seed(seed, who=who)
         set_total(max_matvecs)
         probe_operator(A, who)
-        n = A.shape[0]
-        t0 = time.perf_counter()
-        gen = probe_generator(seed)
-        v = torch.randn(n, generator=gen, dtype=torch.float64)
-        v = (v / v.norm()).to(device=A.device, dtype=A.dtype)
-        theta, v, res, ok, used, norm = _power(A, v, 0.0, tol, max_matvecs)
-        if which == "LA" and theta < 0 and used < max_matvecs:
-            # The dominant eigenvalue is negative; A - theta I is PSD with its largest
-            # eigenvalue at lambda_max - theta, so power iteration on it finds lambda_max.
-            v0 = torch.randn(n, generator=gen, dtype=torch.float64)
-            v0 = (v0 / v0.norm()).to(device=A.device, dtype=A.dtype)
-            theta, v, res, ok, more, norm2 = _power(A, v0, theta, tol, max_matvecs - used)
-            used += more
-            norm = max(norm, norm2)
-        floor = residual_floor(norm, A.dtype)
-        return PowerResult(theta, v, max(res, floor), ok, used, time.perf_counter() - t0, norm,
-                           floor)
+        return _power(A, which, tol, max_matvecs, seed)
+
+
+def _power(A: LinearOperator, which: str, tol: float, max_matvecs: int, seed: int
+           ) -> PowerResult:
+    """The algorithm of :func:`power_iteration` on validated, probed arguments (also
+    ``eigsh(method="power")``'s route: it validates, probes and tracks progress itself)."""
+    n = A.shape[0]
+    t0 = time.perf_counter()
+    p0 = A.num_passes
+    gen = probe_generator(seed)
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    v = (v / v.norm()).to(device=A.device, dtype=A.dtype)
+    theta, v, res, ok, used, norm = _iterate(A, v, 0.0, tol, max_matvecs)
+    if which == "LA" and theta < 0 and used < max_matvecs:
+        # The dominant eigenvalue is negative; A - theta I is PSD with its largest
+        # eigenvalue at lambda_max - theta, so power iteration on it finds lambda_max.
+        v0 = torch.randn(n, generator=gen, dtype=torch.float64)
+        v0 = (v0 / v0.norm()).to(device=A.device, dtype=A.dtype)
+        theta, v, res, ok, more, norm2 = _iterate(A, v0, theta, tol, max_matvecs - used)
+        used += more
+        norm = max(norm, norm2)
+    floor = residual_floor(norm, A.dtype)
+    return PowerResult(
+        eigenvalue=theta, eigenvector=v, residual=max(res, floor), converged=ok,
+        num_matvecs=used, seconds=time.perf_counter() - t0, norm_estimate=norm,
+        residual_floor=floor, num_passes=A.num_passes - p0,
+        status=Status.CONVERGED if ok else Status.MAX_MATVECS,
+    )

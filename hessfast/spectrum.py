@@ -34,17 +34,17 @@ from .errors import ArgumentTypeError, ConfigurationError
 from .lanczos import WHICH, block_lanczos, select
 from .lanczos.checkpoint import Checkpoint
 from .lanczos.sharded import check_sharded, sharded_lanczos, sharding_comm
-from .lanczos.verify import converge_threshold, residual_floor
+from .lanczos.verify import converged, residual_floor
 from .linop import LinearOperator
 from .memory import choose_basis
-from .power import power_iteration
+from .power import _power
 from .progress import set_total, track
 from .results import JsonResult, Status
 
 __all__ = ["EigshResult", "default_block_size", "eigsh", "lambda_max"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class EigshResult(JsonResult):
     """Eigenpairs of a symmetric operator.
 
@@ -100,25 +100,6 @@ class EigshResult(JsonResult):
     _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvectors",)
 
 
-def _dense_eigsh(A: LinearOperator, k: int, which: str, tol: float, t0: float) -> EigshResult:
-    mv0, p0 = A.num_matvecs, A.num_passes
-    M = A.to_dense().double()
-    theta, Y = torch.linalg.eigh(0.5 * (M + M.T))
-    idx = select(theta.cpu(), k, which).to(theta.device)
-    vecs = Y[:, idx].T.contiguous()
-    scale = float(theta.abs().max()) if theta.numel() else 0.0
-    floor = residual_floor(scale, A.dtype)  # the vectors are returned in A's dtype
-    res = (vecs @ M - theta[idx, None] * vecs).norm(dim=1).cpu().clamp(min=floor)
-    ok = res <= converge_threshold(theta[idx].cpu(), tol, scale, floor)
-    gram = vecs @ vecs.T
-    ortho = float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max())
-    return EigshResult(
-        theta[idx].cpu(), vecs.to(A.dtype), res, ok, Status.CONVERGED if bool(ok.all()) else
-        Status.MAX_MATVECS, A.num_matvecs - mv0, A.num_passes - p0, 0, scale, ortho,
-        time.perf_counter() - t0, which, tol, "dense", True, residual_floor=floor,
-    )
-
-
 def eigsh(
     A: LinearOperator,
     k: int = 6,
@@ -150,7 +131,10 @@ def eigsh(
         tol: relative residual tolerance; converged when ``||A v - theta v|| <= max(tol *
             max(|theta|, 1e-3 ||A||_est), residual_floor)`` (the ``1e-3`` lets zero
             eigenvalues converge; ``residual_floor``, see :class:`EigshResult`, is the
-            smallest residual the working precision can show).
+            smallest residual the working precision can show;
+            :func:`hessfast.lanczos.verify.converged`). The default 1e-4 is every solver's
+            (a precise call whose numbers are used as they are); the analysis (``analyze``,
+            ``block_spectra``) uses 1e-3, a survey whose report shows the residuals.
         max_matvecs: budget of products (default ``max(1000, 40 k)``); on exhaustion the
             partial result is returned with a warning and ``status == "MAX_MATVECS"``.
         block_size: rows per block, one data pass each (default: 1 on the CPU, where a block
@@ -224,109 +208,195 @@ def eigsh(
         if not isinstance(basis_sharding, bool):
             raise ArgumentTypeError(f"{who}: basis_sharding must be a bool, got {basis_sharding!r}")
         comm = sharding_comm(A, who) if basis_sharding else None
-        if method == "power":
-            if k != 1:
-                raise ConfigurationError(
-                    f"method='power' finds one eigenpair, got k={k}; use method='lanczos'"
-                )
-            if which not in ("LA", "LM"):
-                raise ConfigurationError(f"method='power' supports which='LA' or 'LM', got {which}")
-            set_total(max_matvecs)
-            probe_operator(A, who)
-            mv0, p0 = A.num_matvecs, A.num_passes
-            r = power_iteration(A, which=which, tol=tol, max_matvecs=max_matvecs, seed=seed)
-            vec = r.eigenvector.unsqueeze(0)
-            if not r.converged:
-                warnings.warn(
-                    f"hessfast.eigsh(method='power'): not converged after {r.num_matvecs} "
-                    f"products (residual {r.residual:.3g}); returning the partial result",
-                    stacklevel=2,
-                )
-            return EigshResult(
-                torch.tensor([r.eigenvalue], dtype=torch.float64), vec,
-                torch.tensor([r.residual], dtype=torch.float64), torch.tensor([r.converged]),
-                Status.CONVERGED if r.converged else Status.MAX_MATVECS, A.num_matvecs - mv0,
-                A.num_passes - p0, 0, r.norm_estimate, 0.0, time.perf_counter() - t0, which,
-                tol, "power", residual_floor=r.residual_floor,
-            )
-        if n <= dense_below or k > n // 2:
-            warnings.warn(
-                f"hessfast.eigsh: n={n} is tiny or k={k} is more than half of it; solving "
-                f"densely ({n} products, float64 eigh)",
-                stacklevel=2,
-            )
-            set_total(n)
-            probe_operator(A, who)
-            return _dense_eigsh(A, k, which, tol, t0)
-        b = block_size if block_size is not None else default_block_size(A, k)
-        if block_size is None and v0 is not None:
-            b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
-        if comm is not None:
-            b = 1 if block_size is None else b
-            check_sharded(b, reorth, checkpoint, who)
-        b = check_int("block_size", b, 1, who=who)
-        b = min(b, n)
-        if max_matvecs < max(b, k):
-            raise ConfigurationError(
-                f"{who}: max_matvecs={max_matvecs} is below what one run needs: a first block "
-                f"of block_size={b} products and at least k={k} products for k pairs; raise "
-                f"max_matvecs to at least {max(b, k)} (or lower block_size / k)"
-            )
-        cap = max_basis if max_basis is not None else max(2 * k + 2 * b, 32)
-        cap = min(cap, n)
-        if cap < k + 2 * b and cap < n:
-            raise ConfigurationError(
-                f"max_basis={cap} is too small for k={k} and block_size={b}: it needs at least "
-                f"k + 2*block_size = {k + 2 * b}"
-            )
-        given = None if explicit_dtype is None else basis_dtype
-        shards = {} if comm is None else dict(world_size=comm.size, basis_sharding=True)
-        bd, basis_device, pin = choose_basis(A, "eigsh", given, basis_device, who, k=k,
-                                             block_size=b, max_basis=cap, **shards)
-        basis_dtype = bd or basis_dtype
-        probe_operator(A, who, agree_only=True)  # ranks agree before a checkpoint's collective
-        ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
-            n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
-            seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=tensor_digest(v0),
-        ), checkpoint_every, who, operator=A)
-        set_total(max_matvecs)
+        route = _route(n, k, which, method, dense_below)
+        plan = None
+        if route == "lanczos":
+            plan = _plan_lanczos(A, k, which, tol, seed, reorth, v0, block_size, max_basis,
+                                 max_matvecs, explicit_dtype, basis_dtype, basis_device,
+                                 checkpoint, checkpoint_every, comm, who)
+            basis_dtype, basis_device = plan.basis_dtype, plan.basis_device  # as agreed below
+        set_total(n if route == "dense" else max_matvecs)
+        # once, before the first product: the ranks agree on the arguments above (read from
+        # this frame), then an unchecked operator is probed for symmetry and determinism
         probe_operator(A, who)
-        lanczos = block_lanczos if comm is None else functools.partial(sharded_lanczos, comm=comm)
-        with nullcontext() if ckpt is None else ckpt.guard():  # saves on Ctrl-C / SIGTERM
-            st = lanczos(
-                A, k, which, tol=tol, block_size=b, max_basis=cap, max_matvecs=max_matvecs,
-                v0=v0, seed=seed, reorth=reorth, basis_dtype=basis_dtype,
-                basis_device=basis_device, pin_memory=pin, checkpoint=ckpt,
+        if route == "power":
+            return _solve_power(A, which, tol, max_matvecs, seed, t0)
+        if route == "dense":
+            return _solve_dense(A, k, which, tol, t0)
+        assert plan is not None
+        return _solve_lanczos(A, k, which, tol, max_matvecs, v0, seed, reorth, plan, comm, t0)
+
+
+def _route(n: int, k: int, which: str, method: str, dense_below: int) -> str:
+    """Which solver :func:`eigsh` runs: ``"power"``, ``"dense"`` (tiny n or k > n / 2,
+    with a warning) or ``"lanczos"``."""
+    if method == "power":
+        if k != 1:
+            raise ConfigurationError(
+                f"method='power' finds one eigenpair, got k={k}; use method='lanczos'"
             )
-        lost = 100 * math.sqrt(torch.finfo(basis_dtype).eps)  # the basis' own precision
-        if st.orthogonality > lost:
-            warnings.warn(
-                f"hessfast.eigsh: the returned vectors are far from orthogonal (max|V V^T - I| = "
-                f"{st.orthogonality:.2g}, reorth={reorth!r}): duplicate 'ghost' eigenvalues and "
-                "wrong residuals are likely. Use reorth='full'",
-                stacklevel=2,
-            )
-        if st.status != "CONVERGED" and bool(st.converged.all()):
-            warnings.warn(
-                f"hessfast.eigsh: all {k} pairs converged but the check that no eigenvalue was "
-                f"missed (verification, {st.verify_matvecs} products) did not finish within "
-                f"max_matvecs={max_matvecs}; status {st.status}. Raise max_matvecs",
-                stacklevel=2,
-            )
-        elif st.status != "CONVERGED":
-            warnings.warn(
-                f"hessfast.eigsh: {int(st.converged.sum())} of {k} pairs converged "
-                f"(status {st.status}, {st.num_matvecs} products); returning the partial result "
-                "with its residuals. Raise max_matvecs or tol",
-                stacklevel=2,
-            )
-        return EigshResult(
-            st.theta, st.vectors, st.residuals, st.converged, Status(st.status), st.num_matvecs,
-            st.num_passes, st.num_restarts, st.norm_estimate, st.orthogonality,
-            time.perf_counter() - t0, which, tol, "lanczos", st.verified, st.verify_matvecs,
-            resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
-            residual_floor=st.residual_floor,
+        if which not in ("LA", "LM"):
+            raise ConfigurationError(f"method='power' supports which='LA' or 'LM', got {which}")
+        return "power"
+    if n <= dense_below or k > n // 2:
+        warnings.warn(
+            f"hessfast.eigsh: n={n} is tiny or k={k} is more than half of it; solving "
+            f"densely ({n} products, float64 eigh)",
+            stacklevel=3,
         )
+        return "dense"
+    return "lanczos"
+
+
+@dataclass(frozen=True)
+class _LanczosPlan:
+    """What the Lanczos route runs with, chosen before the operator probe."""
+
+    block_size: int
+    max_basis: int
+    basis_dtype: torch.dtype
+    basis_device: torch.device | str | None
+    pin_memory: bool
+    checkpoint: Checkpoint | None
+
+
+def _plan_lanczos(A: LinearOperator, k: int, which: str, tol: float, seed: int, reorth: str,
+                  v0: torch.Tensor | None, block_size: int | None, max_basis: int | None,
+                  max_matvecs: int, explicit_dtype: torch.dtype | None,
+                  basis_dtype: torch.dtype, basis_device: torch.device | str | None,
+                  checkpoint: str | os.PathLike | None,
+                  checkpoint_every: int | float | None, comm: Any, who: str) -> _LanczosPlan:
+    """Block size, basis size and storage (the memory plan) and the checkpoint file (its
+    arguments validated; bound to the operator's state after the probe) of the Lanczos
+    route."""
+    n = A.shape[0]
+    b = block_size if block_size is not None else default_block_size(A, k)
+    if block_size is None and v0 is not None:
+        b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
+    if comm is not None:
+        b = 1 if block_size is None else b
+        check_sharded(b, reorth, checkpoint, who)
+    b = check_int("block_size", b, 1, who=who)
+    b = min(b, n)
+    if max_matvecs < max(b, k):
+        raise ConfigurationError(
+            f"{who}: max_matvecs={max_matvecs} is below what one run needs: a first block "
+            f"of block_size={b} products and at least k={k} products for k pairs; raise "
+            f"max_matvecs to at least {max(b, k)} (or lower block_size / k)"
+        )
+    cap = max_basis if max_basis is not None else max(2 * k + 2 * b, 32)
+    cap = min(cap, n)
+    if cap < k + 2 * b and cap < n:
+        raise ConfigurationError(
+            f"max_basis={cap} is too small for k={k} and block_size={b}: it needs at least "
+            f"k + 2*block_size = {k + 2 * b}"
+        )
+    given = None if explicit_dtype is None else basis_dtype
+    shards = {} if comm is None else dict(world_size=comm.size, basis_sharding=True)
+    bd, basis_device, pin = choose_basis(A, "eigsh", given, basis_device, who, k=k,
+                                         block_size=b, max_basis=cap, **shards)
+    basis_dtype = bd or basis_dtype
+    ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
+        n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
+        seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=tensor_digest(v0),
+    ), checkpoint_every, who)
+    return _LanczosPlan(block_size=b, max_basis=cap, basis_dtype=basis_dtype,
+                        basis_device=basis_device, pin_memory=pin, checkpoint=ckpt)
+
+
+def _solve_power(A: LinearOperator, which: str, tol: float, max_matvecs: int, seed: int,
+                 t0: float) -> EigshResult:
+    """``eigsh(method="power")``: power iteration's loop (:func:`hessfast.power._power`) on
+    the arguments eigsh validated and probed."""
+    mv0, p0 = A.num_matvecs, A.num_passes
+    r = _power(A, which, tol, max_matvecs, seed)
+    if not r.converged:
+        warnings.warn(
+            f"hessfast.eigsh(method='power'): not converged after {r.num_matvecs} "
+            f"products (residual {r.residual:.3g}); returning the partial result",
+            stacklevel=3,
+        )
+    return EigshResult(
+        eigenvalues=torch.tensor([r.eigenvalue], dtype=torch.float64),
+        eigenvectors=r.eigenvector.unsqueeze(0),
+        residuals=torch.tensor([r.residual], dtype=torch.float64),
+        converged=torch.tensor([r.converged]), status=r.status,
+        num_matvecs=A.num_matvecs - mv0, num_passes=A.num_passes - p0, num_restarts=0,
+        norm_estimate=r.norm_estimate, orthogonality=0.0, seconds=time.perf_counter() - t0,
+        which=which, tol=tol, method="power", residual_floor=r.residual_floor,
+    )
+
+
+def _solve_dense(A: LinearOperator, k: int, which: str, tol: float, t0: float) -> EigshResult:
+    """The dense route: ``A.to_dense()`` (n products) and a float64 ``eigh``."""
+    mv0, p0 = A.num_matvecs, A.num_passes
+    M = A.to_dense().double()
+    theta, Y = torch.linalg.eigh(0.5 * (M + M.T))
+    idx = select(theta.cpu(), k, which).to(theta.device)
+    vecs = Y[:, idx].T.contiguous()
+    scale = float(theta.abs().max()) if theta.numel() else 0.0
+    floor = residual_floor(scale, A.dtype)  # the vectors are returned in A's dtype
+    res = (vecs @ M - theta[idx, None] * vecs).norm(dim=1).cpu().clamp(min=floor)
+    ok = converged(theta[idx].cpu(), res, tol, scale, A.dtype)
+    gram = vecs @ vecs.T
+    ortho = float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max())
+    return EigshResult(
+        eigenvalues=theta[idx].cpu(), eigenvectors=vecs.to(A.dtype), residuals=res,
+        converged=ok, status=Status.CONVERGED if bool(ok.all()) else Status.MAX_MATVECS,
+        num_matvecs=A.num_matvecs - mv0, num_passes=A.num_passes - p0, num_restarts=0,
+        norm_estimate=scale, orthogonality=ortho, seconds=time.perf_counter() - t0,
+        which=which, tol=tol, method="dense", verified=True, residual_floor=floor,
+    )
+
+
+def _solve_lanczos(A: LinearOperator, k: int, which: str, tol: float, max_matvecs: int,
+                   v0: torch.Tensor | None, seed: int, reorth: str, plan: _LanczosPlan,
+                   comm: Any, t0: float) -> EigshResult:
+    """The Lanczos route: thick-restart block Lanczos (sharded over ``comm`` when given),
+    with a checkpoint when planned; warns about a partial or unorthogonal result."""
+    ckpt = plan.checkpoint
+    if ckpt is not None:
+        ckpt.bind(A)  # after the probe: the ranks agreed before this collective
+    lanczos = block_lanczos if comm is None else functools.partial(sharded_lanczos, comm=comm)
+    with nullcontext() if ckpt is None else ckpt.guard():  # saves on Ctrl-C / SIGTERM
+        st = lanczos(
+            A, k, which, tol=tol, block_size=plan.block_size, max_basis=plan.max_basis,
+            max_matvecs=max_matvecs, v0=v0, seed=seed, reorth=reorth,
+            basis_dtype=plan.basis_dtype, basis_device=plan.basis_device,
+            pin_memory=plan.pin_memory, checkpoint=ckpt,
+        )
+    lost = 100 * math.sqrt(torch.finfo(plan.basis_dtype).eps)  # the basis' own precision
+    if st.orthogonality > lost:
+        warnings.warn(
+            f"hessfast.eigsh: the returned vectors are far from orthogonal (max|V V^T - I| = "
+            f"{st.orthogonality:.2g}, reorth={reorth!r}): duplicate 'ghost' eigenvalues and "
+            "wrong residuals are likely. Use reorth='full'",
+            stacklevel=3,
+        )
+    if st.status != "CONVERGED" and bool(st.converged.all()):
+        warnings.warn(
+            f"hessfast.eigsh: all {k} pairs converged but the check that no eigenvalue was "
+            f"missed (verification, {st.verify_matvecs} products) did not finish within "
+            f"max_matvecs={max_matvecs}; status {st.status}. Raise max_matvecs",
+            stacklevel=3,
+        )
+    elif st.status != "CONVERGED":
+        warnings.warn(
+            f"hessfast.eigsh: {int(st.converged.sum())} of {k} pairs converged "
+            f"(status {st.status}, {st.num_matvecs} products); returning the partial result "
+            "with its residuals. Raise max_matvecs or tol",
+            stacklevel=3,
+        )
+    return EigshResult(
+        eigenvalues=st.theta, eigenvectors=st.vectors, residuals=st.residuals,
+        converged=st.converged, status=Status(st.status), num_matvecs=st.num_matvecs,
+        num_passes=st.num_passes, num_restarts=st.num_restarts,
+        norm_estimate=st.norm_estimate, orthogonality=st.orthogonality,
+        seconds=time.perf_counter() - t0, which=which, tol=tol, method="lanczos",
+        verified=st.verified, verify_matvecs=st.verify_matvecs,
+        resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
+        residual_floor=st.residual_floor,
+    )
 
 
 def default_block_size(A: LinearOperator, k: int) -> int:
@@ -337,13 +407,42 @@ def default_block_size(A: LinearOperator, k: int) -> int:
 
 
 def lambda_max(
-    A: LinearOperator, tol: float = 1e-4, *, progress: bool | None = None, **kwargs: Any
+    A: LinearOperator,
+    tol: float = 1e-4,
+    *,
+    max_matvecs: int | None = None,
+    block_size: int | None = None,
+    max_basis: int | None = None,
+    v0: torch.Tensor | None = None,
+    seed: int = 0,
+    reorth: str = "full",
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    method: str = "lanczos",
+    dense_below: int = 32,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | float | None = None,
+    basis_sharding: bool = False,
+    progress: bool | None = None,
 ) -> float:
-    """The largest algebraic eigenvalue of A (``eigsh(A, k=1, which="LA", **kwargs)``).
+    """The largest algebraic eigenvalue of A: ``eigsh(A, k=1, which="LA", ...)``.
+
+    Every keyword is :func:`eigsh`'s, passed on as given (see there). ``tol`` defaults to
+    1e-4 like every solver (``eigsh``, ``power_iteration``, ``condition_number``): a solver
+    is the precise call, whose one number the caller uses as it is. The analysis
+    (``analyze``, ``block_spectra``, ``SharpnessTracker``) defaults to 1e-3: it is a survey of
+    many parts whose report shows every residual next to its number.
 
     ``progress``: a progress bar of products on stderr; None: when stderr is a terminal.
+
+    Returns:
+        the eigenvalue (a float); for its residual and status call :func:`eigsh`.
     """
     with track(A, "lambda_max", enabled=progress):
-        return float(eigsh(A, k=1, which="LA", tol=tol, **kwargs).eigenvalues[0])
-
-
+        return float(eigsh(
+            A, k=1, which="LA", tol=tol, max_matvecs=max_matvecs, block_size=block_size,
+            max_basis=max_basis, v0=v0, seed=seed, reorth=reorth, basis_dtype=basis_dtype,
+            basis_device=basis_device, method=method, dense_below=dense_below,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+            basis_sharding=basis_sharding,
+        ).eigenvalues[0])
