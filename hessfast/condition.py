@@ -116,7 +116,7 @@ def lr_curvature_scale(A: Any, lr_scale: float | None = None, *, full_batch: boo
                                     f"pass lr_scale={total})")
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, kw_only=True)
 class ConditionResult(JsonResult):
     """Conditioning of a symmetric operator.
 

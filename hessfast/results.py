@@ -353,7 +353,7 @@ class _Estimate(JsonResult):
         return self.status is Status.EXACT
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, kw_only=True)
 class TraceResult(_Estimate):
     """Result of :func:`hessfast.trace`.
 
@@ -412,7 +412,7 @@ class TraceResult(_Estimate):
         return (self.value - half, self.value + half)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, kw_only=True)
 class DiagonalResult(_Estimate):
     """Result of :func:`hessfast.diagonal`.
 

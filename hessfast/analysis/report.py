@@ -27,7 +27,7 @@ def jsonable(x: Any) -> Any:
     return _jsonable(x, strict=True)
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, kw_only=True)
 class Report(JsonResult):
     """The curvature of one model at one point, from :func:`analyze`.
 

@@ -22,7 +22,7 @@ from .kpm import cheb_series, jackson
 __all__ = ["SpectralDensity", "slq_sigma"]
 
 
-@dataclass(frozen=True, eq=False, repr=False)
+@dataclass(frozen=True, eq=False, repr=False, kw_only=True)
 class SpectralDensity(JsonResult):
     """An estimate of the spectral density of a symmetric ``n x n`` operator.
 
