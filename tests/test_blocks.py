@@ -67,7 +67,7 @@ def test_modules_match_dense_blocks(case):
     res = block_spectra(A, tol=tol, num_probes=8 if case.startswith("cnn") else 12, seed=1)
     blocks = {name: D[_coords(A, p)][:, _coords(A, p)] for name, p in param_groups(A)}
     assert _check_against_dense(res, blocks, tol) == {"exact", "probed"}
-    assert res.num_matvecs > 0 and res.data_passes > 0 and res.seconds >= 0
+    assert res.num_matvecs > 0 and res.num_passes > 0 and res.seconds >= 0
 
 
 def test_module_names_and_root_group():
@@ -109,9 +109,10 @@ def test_dict_and_regex_groups_may_overlap():
 
 def test_unconverged_residual_is_honest():
     A, D = CASES["mlp-hessian"]
-    res = block_spectra(A, {"big": r"^0\.weight$"}, tol=1e-12, num_probes=4, max_steps=3)
+    res = block_spectra(A, {"big": r"^0\.weight$"}, tol=1e-12, num_probes=4, num_steps=3)
     g = res["big"]
     assert g.steps == 3 and not g.converged
+    assert res.status == "MAX_MATVECS" and not res.converged
     B = D[_coords(A, [0])][:, _coords(A, [0])]
     ev = torch.linalg.eigvalsh(B)
     # a Ritz value lies within its residual of an eigenvalue; Ritz values interlace
@@ -132,7 +133,7 @@ def _deep_mlp(layers: int = 6, width: int = 7):
     return model, nn.CrossEntropyLoss(), (x, y)
 
 
-def test_data_passes_do_not_grow_with_groups():
+def test_passes_do_not_grow_with_groups():
     model, loss, batch = _deep_mlp()
     H = hf.hessian(model, loss, batch)
     modules = [n for n, _ in param_groups(H)]
@@ -141,21 +142,21 @@ def test_data_passes_do_not_grow_with_groups():
     six = {m: rf"^{m}\." for m in modules}
     # 6 steps: the 24-coordinate output layer reaches the float64 residual floor (64 eps
     # ||A||, where a tol of 1e-300 is met too) at step 7
-    kw = dict(tol=1e-300, num_probes=4, max_steps=6, seed=0)
+    kw = dict(tol=1e-300, num_probes=4, num_steps=6, seed=0)
     counts = []
     for spec in (two, six):
         before = H.num_passes
         res = block_spectra(H, spec, **kw)
-        assert H.num_passes - before == res.data_passes
+        assert H.num_passes - before == res.num_passes
         assert all(g.steps == 6 for g in res.groups)
-        counts.append((res.data_passes, res.num_matvecs))
+        counts.append((res.num_passes, res.num_matvecs))
     assert counts[0][0] == counts[1][0] == 6  # 1 probe pass + 5 further Lanczos steps
     assert counts[1][1] == 3 * counts[0][1]
     # at a real tolerance: the shared run costs the passes of its slowest group alone, and
     # every group's answer is the one it gets alone (probes are keyed by the group's name)
     together = block_spectra(H, six, tol=1e-6, num_probes=4, seed=3)
     alone = [block_spectra(H, {m: six[m]}, tol=1e-6, num_probes=4, seed=3) for m in six]
-    assert together.data_passes == max(r.data_passes for r in alone)
+    assert together.num_passes == max(r.num_passes for r in alone)
     for g, r in zip(together.groups, alone, strict=True):
         assert g.steps == r.groups[0].steps
         assert g.lambda_max == pytest.approx(r.groups[0].lambda_max, rel=1e-9)
@@ -223,10 +224,56 @@ def test_model_and_rng_untouched():
     H = hf.hessian(model, loss, data)
     torch.manual_seed(123)
     rng = torch.random.get_rng_state()
-    block_spectra(H, num_probes=4, max_steps=10)
+    block_spectra(H, num_probes=4, num_steps=10)
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert model.training and all(m.training for m in model.modules())
     for p, p0 in zip(model.parameters(), params, strict=True):
         assert torch.equal(p, p0) and torch.equal(p.grad, torch.full_like(p, 0.5))
     for b, b0 in zip(model.buffers(), buffers, strict=True):
         assert torch.equal(b, b0)
+
+
+def test_status_and_counters():
+    A, _ = CASES["mlp-hessian"]
+    res = block_spectra(A, tol=1e-6, num_probes=12, seed=1)
+    assert res.status == "CONVERGED" and res.converged
+    small = block_spectra(A, {"bias": r"^3\.bias$"}, num_probes=12)  # 3 coordinates: exact
+    assert small.status == "EXACT" and small.groups[0].trace_exact
+    assert set(res.to_dict()) >= {"kind", "num_matvecs", "num_passes", "status"}
+
+
+def test_renamed_names_keep_a_deprecated_alias():
+    A, _ = CASES["mlp-hessian"]
+    new = block_spectra(A, tol=1e-3, num_probes=4, num_steps=4, seed=2)
+    with pytest.warns(DeprecationWarning, match="num_steps"):
+        old = block_spectra(A, tol=1e-3, num_probes=4, max_steps=4, seed=2)
+    assert [g.lambda_max for g in old.groups] == [g.lambda_max for g in new.groups]
+    assert [g.steps for g in old.groups] == [g.steps for g in new.groups]
+    with pytest.raises(ConfigurationError, match="num_steps"):
+        block_spectra(A, num_steps=5, max_steps=4)
+    with pytest.warns(DeprecationWarning, match="num_passes"):
+        assert new.data_passes == new.num_passes
+    # a dict written by 0.1: data_passes, no status, no kind
+    d = new.to_dict()
+    d["data_passes"] = d.pop("num_passes")
+    del d["status"], d["kind"]
+    back = BlockSpectra.from_dict(d)
+    assert back.num_passes == new.num_passes and back.status == new.status
+
+
+def test_float32_blocks_match_dense_float64():
+    with seeded(11):
+        Q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
+        M = Q @ torch.diag(torch.linspace(-2.0, 5.0, 60, dtype=torch.float64)) @ Q.T
+    A = LinearOperator.from_matrix(M.float())
+    spec = {"a": list(range(0, 35)), "b": torch.arange(35, 60)}
+    res = block_spectra(A, spec, tol=1e-3, num_probes=6, seed=5)
+    for g in res.groups:
+        idx = torch.as_tensor(spec[g.name])
+        ev = torch.linalg.eigvalsh(M[idx][:, idx])
+        scale = float(ev.abs().max())
+        assert g.converged and not g.trace_exact
+        assert abs(g.lambda_max - float(ev[-1])) <= 1e-2 * scale, g
+        # the residual is floored at float32's 64 eps ||A_gg||
+        assert g.residual_floor == pytest.approx(64 * 2.0**-23 * scale, rel=1e-3)
+        assert g.lambda_max_residual >= g.residual_floor

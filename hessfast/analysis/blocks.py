@@ -8,12 +8,13 @@ data pass serves every group (the naive way, one operator per layer, pays passes
 * trace: Rademacher probes of all groups packed into one block ``[G p, n]`` (streamed in
   chunks of at most 256 MB); a group of size ``<= num_probes`` gets its exact block from unit
   vectors instead (``trace_exact``; its lambda_max/lambda_min come from that dense block);
-* lambda_max: Lanczos on every ``A_gg`` in lockstep, one ``matmat`` of the stacked Lanczos
-  vectors per step, full reorthogonalisation within each group's basis, started from the
-  group's first normalised probe (so the trace pass is also its first step). A group stops
-  when its top Ritz residual ``|beta_j s_j|`` (Lanczos relation, floored at ``64 eps
-  max|Ritz|``) is ``<= max(tol * max(|theta|, 1e-3 max|Ritz|), that floor)``, when its
-  Krylov space is the whole block, or at ``max_steps``.
+* lambda_max: Lanczos on every ``A_gg`` in lockstep (:class:`hessfast.lanczos.lockstep.Lockstep`),
+  one ``matmat`` of the stacked Lanczos vectors per step, full reorthogonalisation within
+  each group's basis, started from the group's first normalised probe (so the trace pass is
+  also its first step). A group stops when its top Ritz residual ``|beta_j s_j|`` (Lanczos
+  relation, floored at ``64 eps max|Ritz|``) meets the rule of every solver,
+  :func:`hessfast.lanczos.verify.converged` (``<= max(tol * max(|theta|, 1e-3 max|Ritz|),
+  that floor)``), when its Krylov space is the whole block, or at ``num_steps``.
 
 Data passes: ``ceil(trace rows / chunk)`` + longest Lanczos run - 1, independent of the number
 of groups while ``G p n`` entries fit one chunk. Bases: ``steps x size`` entries per group.
@@ -28,16 +29,14 @@ ConfigurationError.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import math
-import os
 import re
 import time
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -55,18 +54,20 @@ from .._checks import (
     work_dtype,
 )
 from ..errors import ArgumentTypeError, ConfigurationError
+from ..estimators.session import renamed_arg
+from ..lanczos.lockstep import Lockstep
 from ..lanczos.verify import residual_floor
+from ..progress import track
+from ..results import JsonResult, Status
 
 __all__ = ["BlockResult", "BlockSpectra", "block_spectra", "param_groups"]
 
 WHO = "block_spectra"
 #: Most bytes of one stacked block of masked vectors (and of its products).
 BLOCK_BYTES = STREAM_BYTES
-#: Floor of the convergence scale, relative to the largest Ritz magnitude (see the docstring).
-_FLOOR = 1e-3
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockResult:
     """One group's diagonal block ``A_gg`` (``size x size``).
 
@@ -79,6 +80,8 @@ class BlockResult:
     samples with its standard error. ``steps``: Lanczos vectors (0 for exact groups).
     ``residual_floor``: ``64 eps max|Ritz|`` (:func:`hessfast.lanczos.verify.residual_floor`):
     both residuals are reported as at least this, and the stopping rule never asks for less.
+    A record inside :class:`BlockSpectra` (the groups share the products: the counters and
+    the status are the run's).
     """
 
     name: str
@@ -95,19 +98,44 @@ class BlockResult:
     residual_floor: float = 0.0
 
 
-@dataclass
-class BlockSpectra:
+@dataclass(frozen=True, repr=False)
+class BlockSpectra(JsonResult):
     """Result of :func:`block_spectra`: one :class:`BlockResult` per group, in group order,
-    and the cost of the whole run (``num_matvecs`` vectors, ``data_passes`` ``matmat`` calls,
-    ``seconds`` wall time)."""
+    and the cost of the whole run.
+
+    Attributes:
+        groups: one :class:`BlockResult` per group.
+        num_matvecs: vectors multiplied by the full operator (all groups together).
+        num_passes: ``matmat`` calls (data passes), shared by all groups.
+        status: ``EXACT`` (every group's block came from unit vectors), ``CONVERGED`` (every
+            group's top Ritz pair met the stopping rule) or ``MAX_MATVECS`` (some group
+            reached ``num_steps`` first: see its ``converged`` and residual).
+        seconds: wall time; tol, num_probes, seed: the arguments.
+    """
 
     groups: list[BlockResult]
     num_matvecs: int
-    data_passes: int
+    num_passes: int
+    status: Status
     seconds: float
     tol: float = 1e-3
     num_probes: int = 16
     seed: int = 0
+
+    @property
+    def converged(self) -> bool:
+        """Every group's stopping rule was met (``status`` is ``CONVERGED`` or ``EXACT``)."""
+        return all(g.converged for g in self.groups)
+
+    @property
+    def data_passes(self) -> int:
+        """Deprecated name of :attr:`num_passes` (removed in the next release)."""
+        warnings.warn(
+            "BlockSpectra.data_passes is deprecated and will be removed in the next release: "
+            "it is now called num_passes, like on every other result",
+            DeprecationWarning, stacklevel=2,
+        )
+        return self.num_passes
 
     def __getitem__(self, name: str) -> BlockResult:
         """The result of the group called ``name``."""
@@ -116,36 +144,32 @@ class BlockSpectra:
                 return g
         raise KeyError(f"no group {name!r}; groups: {[g.name for g in self.groups]}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain floats, ints, bools, strings and lists (``json.dumps`` accepts it)."""
-        return asdict(self)
-
-    def to_json(
-        self, path: str | os.PathLike | None = None, *, indent: int | None = None
-    ) -> str:
-        """:meth:`to_dict` as JSON text; with ``path``, also written to that file (UTF-8),
-        like every other result's ``to_json``. Returns the JSON text."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        return text
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BlockSpectra:
-        """Inverse of :meth:`to_dict` (keys it does not know are ignored)."""
+        """Inverse of :meth:`to_dict` (keys it does not know are ignored; a dict of 0.1,
+        with ``data_passes`` and no ``status``, is read too)."""
         names = {f.name for f in fields(BlockResult)}
-        top = {f.name for f in fields(cls)} - {"groups"}
+        top = {f.name for f in fields(cls)} - {"groups", "status"}
         try:
             groups = [BlockResult(**{k: v for k, v in g.items() if k in names})
                       for g in d["groups"]]
             rest = {k: v for k, v in d.items() if k in top}
-            return cls(groups=groups, **rest)
+            if "num_passes" not in rest and "data_passes" in d:
+                rest["num_passes"] = d["data_passes"]
+            status = Status(d["status"]) if "status" in d else _status(groups)
+            return cls(groups=groups, status=status, **rest)
         except (KeyError, TypeError) as exc:
             raise ConfigurationError(
                 f"BlockSpectra.from_dict: not a BlockSpectra dict ({exc}); pass what "
                 "BlockSpectra.to_dict() returned"
             ) from None
+
+
+def _status(groups: list[BlockResult]) -> Status:
+    """The run's status from its groups (see :class:`BlockSpectra`)."""
+    if groups and all(g.trace_exact for g in groups):
+        return Status.EXACT
+    return Status.CONVERGED if all(g.converged for g in groups) else Status.MAX_MATVECS
 
 
 def _is_index_list(x: Any) -> bool:
@@ -283,64 +307,16 @@ class _Stacked:
                 yield tag, W[r, idx]
 
 
-class _Lanczos:
-    """Lanczos on one block with full reorthogonalisation (CGS2), in local coordinates."""
-
-    def __init__(self, q0: torch.Tensor, w0: torch.Tensor, max_steps: int, tol: float) -> None:
-        self.m, self.tol, self.w, self.j, self.converged = q0.numel(), tol, w0, 1, False
-        self.cap = min(max_steps, self.m)
-        self.Q = q0.new_zeros((self.cap, self.m))
-        self.Q[0] = q0
-        self.alphas: list[float] = []
-        self.betas: list[float] = []
-        self.ritz = (math.nan,) * 4  # theta_max, its residual, theta_min, its residual
-        self.floor = 0.0
-
-    def step(self) -> torch.Tensor | None:
-        """Absorb ``self.w = A_gg q_j``; return the next Lanczos vector, or None when done."""
-        j, Q, w = self.j, self.Q[: self.j], self.w
-        h = Q @ w
-        self.alphas.append(float(h[j - 1]))
-        w = w - Q.T @ h
-        w = w - Q.T @ (Q @ w)
-        beta = float(torch.linalg.vector_norm(w))
-        T = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
-        if self.betas:
-            off = torch.tensor(self.betas, dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        evals, evecs = torch.linalg.eigh(T)
-        norm = float(evals.abs().max())
-        self.floor = floor = residual_floor(norm, self.Q.dtype)  # the arithmetic's limit
-        theta, res = float(evals[-1]), max(abs(beta * float(evecs[-1, -1])), floor)
-        self.ritz = (theta, res, float(evals[0]), max(abs(beta * float(evecs[-1, 0])), floor))
-        scale = max(abs(theta), _FLOOR * norm)
-        breakdown = beta <= 1e-14 * max(norm, 1e-300)  # invariant space
-        self.converged = res <= max(self.tol * scale, floor) or j >= self.m or breakdown
-        if self.converged or j >= self.cap:
-            return None
-        self.betas.append(beta)
-        self.Q[j] = w / beta
-        self.j = j + 1
-        return self.Q[j]
-
-
-def _progress(A: Any, enabled: Any):
-    try:
-        from ..progress import track  # type: ignore[import-not-found]
-    except ImportError:
-        return contextlib.nullcontext()
-    return track(A, "per-layer spectra", enabled=enabled)
-
-
 def block_spectra(
     A: Any,
     groups: Any = "modules",
     *,
     tol: float = 1e-3,
     num_probes: int = 16,
-    max_steps: int = 60,
+    num_steps: int = 60,
     seed: int = 0,
-    progress: Any = None,
+    progress: bool | None = None,
+    max_steps: int | None = None,
 ) -> BlockSpectra:
     """lambda_max and trace of every group's diagonal block ``A_gg``, all groups sharing passes.
 
@@ -351,14 +327,16 @@ def block_spectra(
         tol: relative residual at which a group's top Ritz pair is converged.
         num_probes: Rademacher probes per group for the trace (>= 2); groups of at most this
             size get their exact block from unit vectors.
-        max_steps: most Lanczos vectors per group.
+        num_steps: most Lanczos vectors per group (``max_steps`` is its deprecated old name,
+            removed in the next release).
         seed: seed of the private generators of the probes (one per group, keyed by
             (seed, group name), so a group's result does not depend on the other groups; the
             global RNG is not touched).
-        progress: passed to ``hessfast.progress.track`` when that module exists.
+        progress: a progress bar of products on stderr (:mod:`hessfast.progress`); None: when
+            stderr is a terminal.
 
     Returns:
-        :class:`BlockSpectra`; ``data_passes`` counts ``A.matmat`` calls made here. Unlike
+        :class:`BlockSpectra`; ``num_passes`` counts ``A.matmat`` calls made here. Unlike
         :func:`hessfast.eigsh` there is no verification round: a converged ``lambda_max`` is
         an eigenvalue of ``A_gg`` within its residual, and the largest one with high
         probability (random start), not certified.
@@ -366,7 +344,8 @@ def block_spectra(
     A = as_operator(A, WHO, allow_empty=False)
     tol = check_positive("tol", tol, who=WHO)
     num_probes = check_int("num_probes", num_probes, 2, who=WHO)
-    max_steps = check_int("max_steps", max_steps, 1, who=WHO)
+    num_steps = renamed_arg(num_steps, max_steps, "num_steps", "max_steps", WHO, default=60)
+    num_steps = check_int("num_steps", num_steps, 1, who=WHO)
     seed = check_seed(seed, who=WHO)
     n = int(A.shape[0])
     coords = _coordinate_groups(A, groups, n)
@@ -391,8 +370,8 @@ def block_spectra(
 
     columns: dict[int, list[torch.Tensor]] = {g: [] for g in range(len(coords)) if exact[g]}
     samples: dict[int, list[float]] = {g: [] for g in range(len(coords)) if not exact[g]}
-    solvers: dict[int, _Lanczos] = {}
-    with _progress(A, progress):
+    lanczos = Lockstep(len(coords), num_steps, tol)
+    with track(A, "per-layer spectra", enabled=progress):
         for (g, i, v), y in stacked(probe_rows()):  # the shared probe pass(es)
             if exact[g]:
                 columns[g].append(y.double())  # A_gg e_i
@@ -400,13 +379,10 @@ def block_spectra(
             samples[g].append(float(v.double() @ y.double()))
             if i == 0:
                 nz = float(torch.linalg.vector_norm(v))
-                solvers[g] = _Lanczos(v / nz, y / nz, max_steps, tol)
-        active = list(solvers)
-        while active:  # Lanczos in lockstep: one stacked product per step
-            nxt = [(g, solvers[g].step()) for g in active]
-            active = [g for g, q in nxt if q is not None]
-            for g, w in stacked((coords[g][1], q, g) for g, q in nxt if q is not None):
-                solvers[g].w = w
+                lanczos.start(g, v / nz, y / nz)
+        while nxt := lanczos.advance():  # Lanczos in lockstep: one stacked product per step
+            for g, w in stacked((coords[g][1], q, g) for g, q in nxt):
+                lanczos.receive(g, w)
     results = []
     for g, (gname, idx) in enumerate(coords):
         if exact[g]:
@@ -415,20 +391,26 @@ def block_spectra(
             floor = residual_floor(float(evals.abs().max()), work)
             res = torch.linalg.vector_norm(B @ evecs - evecs * evals, dim=0).clamp(min=floor)
             results.append(BlockResult(
-                gname, idx.numel(), float(evals[-1]), float(res[-1]), True,
-                float(torch.trace(B)), 0.0, True, float(evals[0]), float(res[0]), 0, floor,
+                name=gname, size=idx.numel(), lambda_max=float(evals[-1]),
+                lambda_max_residual=float(res[-1]), converged=True, trace=float(torch.trace(B)),
+                trace_stderr=0.0, trace_exact=True, lambda_min=float(evals[0]),
+                lambda_min_residual=float(res[0]), steps=0, residual_floor=floor,
             ))
         else:
-            lz, z = solvers[g], torch.tensor(samples[g], dtype=torch.float64)
-            theta, res, tmin, rmin = lz.ritz
+            r, z = lanczos.ritz(g), torch.tensor(samples[g], dtype=torch.float64)
             results.append(BlockResult(
-                gname, lz.m, theta, res, lz.converged, float(z.mean()),
-                float(z.std() / math.sqrt(z.numel())), False, tmin, rmin, lz.j, lz.floor,
+                name=gname, size=idx.numel(), lambda_max=r.lambda_max,
+                lambda_max_residual=r.lambda_max_residual, converged=r.converged,
+                trace=float(z.mean()), trace_stderr=float(z.std() / math.sqrt(z.numel())),
+                trace_exact=False, lambda_min=r.lambda_min,
+                lambda_min_residual=r.lambda_min_residual, steps=r.steps,
+                residual_floor=r.residual_floor,
             ))
     return BlockSpectra(
         groups=results,
         num_matvecs=products.num_matvecs,
-        data_passes=products.num_passes,
+        num_passes=products.num_passes,
+        status=_status(results),
         seconds=time.perf_counter() - t0,
         tol=tol,
         num_probes=num_probes,
