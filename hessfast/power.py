@@ -31,7 +31,7 @@ from .results import JsonResult, Status
 __all__ = ["PowerResult", "power_iteration"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, kw_only=True)
 class PowerResult(JsonResult):
     """Result of :func:`power_iteration`.
 
@@ -61,12 +61,12 @@ class PowerResult(JsonResult):
     eigenvector: torch.Tensor
     residual: float
     converged: bool
+    status: Status
     num_matvecs: int
+    num_passes: int
     seconds: float
     norm_estimate: float = 0.0
     residual_floor: float = 0.0
-    num_passes: int = 0
-    status: Status = Status.MAX_MATVECS
 
     _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvector",)
 

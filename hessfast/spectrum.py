@@ -44,7 +44,7 @@ from .results import JsonResult, Status
 __all__ = ["EigshResult", "default_block_size", "eigsh", "lambda_max"]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, kw_only=True)
 class EigshResult(JsonResult):
     """Eigenpairs of a symmetric operator.
 

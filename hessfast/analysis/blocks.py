@@ -67,7 +67,7 @@ WHO = "block_spectra"
 BLOCK_BYTES = STREAM_BYTES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BlockResult:
     """One group's diagonal block ``A_gg`` (``size x size``).
 
@@ -98,7 +98,7 @@ class BlockResult:
     residual_floor: float = 0.0
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, kw_only=True)
 class BlockSpectra(JsonResult):
     """Result of :func:`block_spectra`: one :class:`BlockResult` per group, in group order,
     and the cost of the whole run.
