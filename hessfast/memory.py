@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._checks import work_dtype
+from ._checks import STREAM_BYTES, work_dtype
 from .distributed import shard_size
 from .errors import ConfigurationError, OutOfMemoryPlanError
 from .linop import LinearOperator
@@ -61,9 +61,9 @@ SCRATCH_BYTES = 2**26
 #: The automatic choice measures activations only when the basis needs more than this
 #: fraction of the capacity (smaller runs skip the extra graph build).
 MEASURE_FRACTION = 8
-GROUP_BYTES = 2**28  # = density.slq.GROUP_BYTES (SLQ probe groups)
+GROUP_BYTES = STREAM_BYTES  # what density.slq.GROUP_BYTES is (SLQ probe groups)
 MIN_GROUP = 64
-BLOCK_BYTES = 2**28  # = estimators.session.BLOCK_BYTES (probe blocks of the estimators)
+BLOCK_BYTES = STREAM_BYTES  # what estimators.session.BLOCK_BYTES is (estimator probe blocks)
 
 
 def _size(dtype: torch.dtype) -> int:
