@@ -325,11 +325,21 @@ def estimate_memory(
             not measured and count as 0, said in the table).
         algorithm: ``eigsh`` (also for ``lambda_max``), ``slq`` (``spectral_density``),
             ``kpm``, ``trace`` (Hutchinson, Hutch++, XTrace, diagonal) or ``power``.
-        k, block_size, max_basis: eigsh's arguments (defaults as in eigsh).
-        num_steps, num_probes, reorth: SLQ/KPM/trace arguments.
-        basis_dtype, basis_device: basis storage (default: working dtype, operator device).
-        world_size, basis_sharding: ranks, and each rank's ~1/R slice of the basis (the
-            largest of :func:`hessfast.distributed.shard_bounds`, as eigsh allocates it).
+        k: eigsh's number of pairs.
+        block_size: eigsh's rows per block (default as in eigsh: 1 on the CPU, else
+            ``min(k, 4)``).
+        max_basis: eigsh's basis rows before a restart (default as in eigsh:
+            ``max(2k + 2 block_size, 32)``, at most n).
+        num_steps: Lanczos steps per probe of SLQ (the basis holds ``probes x steps`` rows).
+        num_probes: probes of SLQ/KPM/trace (SLQ and trace stream them in groups or blocks,
+            as those runs do).
+        reorth: SLQ's reorthogonalisation: ``"full"`` keeps the probes' bases, other values
+            keep none.
+        basis_dtype: storage dtype of the basis (default: the working dtype).
+        basis_device: where the basis lives (default: the operator's device).
+        world_size: number of ranks of a data-parallel run (>= 1).
+        basis_sharding: each rank stores its ~1/R slice of the basis (the largest of
+            :func:`hessfast.distributed.shard_bounds`, as eigsh allocates it).
         available: capacity in bytes of the operator's device (default: free now plus the
             plan's resident parameters); plan for another machine by giving it.
         measure: False skips the activation measurement.

@@ -159,11 +159,13 @@ def eigsh(
         dense_below: operators with ``n <= dense_below`` are solved densely (n products),
             with a warning.
         checkpoint: a file path: the run saves its state there every ``checkpoint_every``
-            (an int: block steps; a float: seconds; default 60.0) and at once on Ctrl-C or
-            SIGTERM; a call with the same path, operator and arguments resumes from it (with
-            a warning and ``resumed_from_step``), giving the uninterrupted result. A file
-            made by another run (arguments, parameters, data) is refused naming the
-            difference (:mod:`hessfast.lanczos.checkpoint`; only rank 0 writes).
+            and at once on Ctrl-C or SIGTERM; a call with the same path, operator and
+            arguments resumes from it (with a warning and ``resumed_from_step``), giving the
+            uninterrupted result. A file made by another run (arguments, parameters, data)
+            is refused naming the difference (:mod:`hessfast.lanczos.checkpoint`; only rank
+            0 writes).
+        checkpoint_every: how often the ``checkpoint`` file is written: an int counts block
+            steps, a float seconds (default 60.0 seconds).
         basis_sharding: under a process group (a data-parallel operator's, else the
             default group; the operator must be the same on every rank), each rank stores
             only its 1/R slice of every basis vector; every rank returns the same result,

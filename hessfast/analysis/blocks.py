@@ -334,6 +334,7 @@ def block_spectra(
             global RNG is not touched).
         progress: a progress bar of products on stderr (:mod:`hessfast.progress`); None: when
             stderr is a terminal.
+        max_steps: deprecated name of ``num_steps`` (DeprecationWarning; removed next release).
 
     Returns:
         :class:`BlockSpectra`; ``num_passes`` counts ``A.matmat`` calls made here. Unlike

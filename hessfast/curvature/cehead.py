@@ -205,8 +205,14 @@ def fused_cross_entropy(spec: CESpec, logits: torch.Tensor, targets: torch.Tenso
     w.r.t. the logits from the fused product (for a double-backward graph).
 
     Args:
-        logits: ``[N, C, *d]`` or ``[C]``; targets: class indices ``[N, *d]`` or ``[]``
-            (check with :meth:`CEHead.build` or ``_usable`` first).
+        spec: the recognised cross-entropy (:func:`ce_spec`): its reduction, ignored index and
+            label smoothing.
+        logits: ``[N, C, *d]`` or ``[C]`` (check with :meth:`CEHead.build` or ``_usable``
+            first).
+        targets: class indices ``[N, *d]`` (or ``[]`` for ``[C]`` logits).
+
+    Returns:
+        The loss, a scalar ``[]``.
     """
     rows = _rows(logits)
     return _CELoss.apply(rows, targets.reshape(-1).to(rows.device), spec)
@@ -220,6 +226,8 @@ class FusedCriterion:
         self.loss_fn, self.spec = loss_fn, spec
 
     def __call__(self, outputs: Any, targets: Any) -> Any:
+        """The loss of one batch: fused when ``outputs``/``targets`` are class-index logits and
+        targets it can take, else ``loss_fn(outputs, targets)`` unchanged."""
         if _usable(outputs, targets):
             return fused_cross_entropy(self.spec, outputs, targets)
         return self.loss_fn(outputs, targets)

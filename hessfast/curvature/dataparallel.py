@@ -154,7 +154,10 @@ def operator_entries(
     Args:
         operator: the operator's kind, size and dtype (``"HessianOperator n=10 float64"``).
         param_names: the selected parameters' names.
-        loss_fn, options: as the operator was built with.
+        loss_fn: the criterion the operator was built with (compared by its qualified name
+            and plain settings, see ``_describe_loss``).
+        options: the operator's :class:`CurvatureOptions`; those that change the operator or
+            its collectives are compared.
         fingerprint: the checksums the operator took of the model's parameters.
         buffers: the model's buffers by name, as at construction.
     """

@@ -57,6 +57,9 @@ class SlotGuard:
 
     @contextmanager
     def hold(self) -> Iterator[None]:
+        """A context in which the model's modules may swap their parameter and buffer
+        entries (functional calls do); on exit every module's entries are the very tensors
+        they were on entry, even after an exception."""
         saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self._model.modules()]
         try:
             yield

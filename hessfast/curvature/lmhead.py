@@ -130,15 +130,25 @@ def head_graph(
     """Batch ``index``'s graph up to the head's input (see the module docstring).
 
     Args:
-        head, ids: the head and its weight's and bias's indices (:func:`check_head`).
+        head: the model's output ``nn.Linear`` (``lm_head=``, validated by
+            :func:`check_head`), weight ``[V, d]``.
+        batch: one batch of the data, as the data yields it.
+        index: the batch's position in the data (for the error messages of ``call``).
+        ids: the indices of the head's weight and bias among the selected parameters (None
+            when not selected), as :func:`check_head` returns them.
         call: the operator's guarded call of the user's code.
-        split: a batch to ``(inputs, targets)``; ``outputs(leaves, inputs)``: the model's
-            outputs with the selected parameters replaced by ``leaves``; ``loss_fn``: the
-            criterion.
+        split: a batch to ``(inputs, targets)``.
+        outputs: ``outputs(leaves, inputs)``, the model's outputs (the criterion's logit rows
+            ``[N, V]``) with the selected parameters replaced by ``leaves``.
+        loss_fn: the criterion ``loss_fn(outputs, targets)`` (torch's cross-entropy).
         leaves: fresh leaves of the selected parameters (``requires_grad``).
         causal_lm: the criterion sees the logits shifted by one token.
         check_rows: compare the head applied to its input rows with the criterion's
             logits (the operator does it once).
+
+    Returns:
+        The batch's :class:`LMHeadGraph`: hidden rows ``h [N, d]`` with their graph to
+        ``leaves``, the detached loss, the head's detached weight and bias, targets ``[N]``.
     """
     inputs, targets = call(split, index, batch)
     seen: dict[str, torch.Tensor] = {}

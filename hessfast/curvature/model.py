@@ -137,6 +137,8 @@ class LossModule(nn.Module):
         self._split = split
 
     def forward(self, batch: Any) -> torch.Tensor:
+        """The loss of one batch, a scalar ``[]``: ``loss_fn(model, batch)`` in the model
+        form, else ``loss_fn(outputs, targets)`` of the batch's ``(inputs, targets)``."""
         loss_fn = self._loss[0]
         if self._form == "model":
             return loss_fn(self.model, batch)
@@ -153,6 +155,8 @@ class OutputModule(nn.Module):
         self._split = split
 
     def forward(self, inputs: Any) -> torch.Tensor:
+        """The model's outputs as the criterion takes them, from ``inputs`` (the first
+        element of :meth:`BatchSplit.split`); logit rows ``[N, V]`` with ``causal_lm``."""
         return self._split.outputs(self.model, inputs)
 
 

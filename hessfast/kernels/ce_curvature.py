@@ -273,8 +273,10 @@ def ce_hessian_product(
     :func:`ce_hessian_product_reference`, as :func:`ce_backend` decides.
 
     Args:
-        logits: ``[N, V]``. U: ``[k, N, V]``. mask: ``[N]`` bool or None. scale: float or 0-d
-        tensor.
+        logits: ``[N, V]``, the rows whose softmax ``p [N, V]`` is taken.
+        U: ``[k, N, V]``, the k directions.
+        mask: ``[N]`` bool; rows where it is False give zeros. None: every row counts.
+        scale: a float or a 0-d tensor (read on the device, never with ``.item()``).
 
     Returns:
         ``[k, N, V]`` in ``U``'s dtype.

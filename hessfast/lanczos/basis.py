@@ -48,6 +48,8 @@ class Basis:
         self.m = 0
 
     def rows(self, a: int = 0, b: int | None = None) -> torch.Tensor:
+        """The basis rows ``Q[a:b]`` (``b`` None: up to the ``m`` rows filled so far), a view
+        ``[b - a, n]`` in the storage dtype and device."""
         return self.Q[a : self.m if b is None else b]
 
 

@@ -96,10 +96,13 @@ def probe_lanczos(
         reorth: ``"full"`` (each probe against its whole basis; memory ``P m n`` in
             ``basis_dtype``) or ``"none"`` (the plain three-term recurrence).
         basis_dtype: storage of the bases (default: ``Z.dtype``).
-        basis_device: where the bases live (default: ``Z``'s device), pinned with
-            ``pin_memory`` (host bases of a CUDA operator).
+        basis_device: where the bases live (default: ``Z``'s device).
+        pin_memory: allocate the bases in pinned host memory (host bases of a CUDA
+            operator, for faster copies to the device).
         save: called with the state at the top of each step (a checkpoint decides whether
-            to write it); resume: such a state to continue from (same arguments).
+            to write it).
+        resume: such a state (a dict ``save`` was given) to continue from; the other
+            arguments must be the same as in the run that saved it.
 
     Returns:
         :class:`ProbeTridiagonals` with ``[P, num_steps]`` coefficients.

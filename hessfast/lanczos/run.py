@@ -93,6 +93,10 @@ class Run:
                              device=self.bdev)
 
     def start_block(self, b: int, v0: torch.Tensor | None) -> torch.Tensor:
+        """The first block: ``min(b, n)`` orthonormal rows ``[b', n]`` in the working dtype,
+        spanning the user's start vectors ``v0`` (``[n]`` or ``[j, n]``, the first ``b``
+        rows used; None: none) completed by random rows; start vectors that are duplicate
+        or zero are perturbed by random ones instead of dividing by zero."""
         n, acc = self.n, self.acc
         X0 = self.random_rows(b)
         if v0 is not None:

@@ -120,6 +120,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(12, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, 3]`` of images ``x [B, 2, 6, 6]``."""
         x = self.pool(self.drop(self.act(self.bn(self.conv(x)))))
         return self.fc(x.flatten(1))
 
@@ -164,6 +165,7 @@ class TinyLM(nn.Module):
         self.register_buffer("mask", torch.ones(seq, seq).tril().bool(), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[B, T, vocab]`` of token ids ``ids [B, T]`` (``T <= seq``)."""
         B, T = ids.shape
         x = self.tok(ids) + self.pos[:T]
         q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
