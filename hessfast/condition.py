@@ -80,6 +80,7 @@ def lr_curvature_scale(A: Any, lr_scale: float | None = None, *, full_batch: boo
             loss gives ``N``. Otherwise one optimizer step per batch of the data is assumed:
             one batch gives ``N``, several give the largest batch size (the step on the
             largest batch is the least stable; uneven batches are named in ``reason``).
+        who: the public function asking, named in the error message of a bad ``lr_scale``.
 
     Defaults: a mean-reduced loss (or an operator that does not say how its loss reduces,
     e.g. a plain :class:`~hessfast.linop.LinearOperator`) gives 1.0.
@@ -201,7 +202,10 @@ def condition_number(
         density: ``False`` (default: extremes only, no ``negative_mass``); ``True``: an SLQ
             density of ``num_probes x num_steps`` products for an indefinite operator; or a
             :class:`~hessfast.SpectralDensity` of A already computed (reused, no products).
-        num_probes, num_steps, seed: the density's (``density=True``) and eigsh's seed.
+        num_probes: probes of the SLQ density (``density=True`` only).
+        num_steps: Lanczos steps per probe of the SLQ density (``density=True`` only).
+        seed: seed of the private generators of eigsh's random starts and of the density's
+            probes (the global RNG is not touched).
         lambda_max: reuse: the largest eigenvalue as a float, or an ``eigsh`` result with
             ``which`` ``"LA"`` or ``"BE"`` (its largest value; its convergence is kept).
         lambda_min: reuse: the smallest eigenvalue, a float or an ``"SA"``/``"BE"`` result.

@@ -120,11 +120,16 @@ def analyze(
         model: an ``nn.Module``; or an already-built operator (``hf.hessian(...)``,
             ``hf.ggn(...)`` or any symmetric :class:`~hessfast.linop.LinearOperator`
             ``[n, n]``), with ``loss_fn``, ``data`` and ``operator_kwargs`` omitted.
-        loss_fn, data: as for :func:`hessfast.hessian`.
+        loss_fn: the loss, as for :func:`hessfast.hessian` (a criterion
+            ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)``); omitted for a given
+            operator.
+        data: one batch or a sequence of batches, as for :func:`hessfast.hessian`; omitted
+            for a given operator.
         curvature: ``"hessian"`` or ``"ggn"`` (ignored for a given operator).
         k: number of top eigenvalues, ``1 <= k <= n``.
-        num_probes, num_steps: SLQ probes (>= 1) and Lanczos steps per probe (>= 1), the
-            names of :func:`hessfast.spectral_density`.
+        num_probes: SLQ probes (>= 1), the name of :func:`hessfast.spectral_density`.
+        num_steps: Lanczos steps per SLQ probe (>= 1), the name of
+            :func:`hessfast.spectral_density`.
         per_layer: also compute the per-group spectra.
         groups: parameter groups for ``per_layer`` (see
             :func:`hessfast.analysis.blocks.param_groups`); a plain LinearOperator without
@@ -147,8 +152,8 @@ def analyze(
             report says which scale it used (``lr_curvature_scale``, its reason, a summary
             line).
         progress: progress bars per part (``hessfast.progress.track``; None: automatic).
-        probes, steps: deprecated names of ``num_probes`` and ``num_steps`` (a
-            DeprecationWarning; removed in the next release).
+        probes: deprecated name of ``num_probes`` (DeprecationWarning; removed next release).
+        steps: deprecated name of ``num_steps`` (DeprecationWarning; removed next release).
         operator_kwargs: passed to ``hf.hessian`` / ``hf.ggn`` (``params=``, ``causal_lm=``,
             ``hvp_mode=``, ``bn_mode=`` ...); a keyword neither analyze nor they take is
             refused by analyze, naming the close ones.

@@ -131,12 +131,13 @@ def spectral_density(
             :func:`hessfast.eigsh`'s.
         basis_device: where the SLQ bases live, e.g. ``"cpu"`` for a CUDA operator
             (default: the operator's device, or the memory plan's choice).
-        checkpoint, checkpoint_every: SLQ only: save the run's state to this file every
-            ``checkpoint_every`` (an int: steps; a float: seconds; default 60.0) and at once
-            on Ctrl-C or SIGTERM, and resume from it when called again with the same
-            operator and arguments (the uninterrupted result, with a warning and
-            ``resumed_from_step``); a file made by another run is refused naming the
-            difference (:mod:`hessfast.lanczos.checkpoint`).
+        checkpoint: SLQ only: a file path; the run saves its state there every
+            ``checkpoint_every`` and at once on Ctrl-C or SIGTERM, and resumes from it when
+            called again with the same operator and arguments (the uninterrupted result,
+            with a warning and ``resumed_from_step``); a file made by another run is refused
+            naming the difference (:mod:`hessfast.lanczos.checkpoint`).
+        checkpoint_every: how often the ``checkpoint`` file is written: an int counts
+            steps, a float seconds (default 60.0 seconds).
         mesh: SLQ only: a :class:`hessfast.distributed.Mesh` (probe x data). ``A`` must be
             built with ``process_group=mesh.data_group``; each probe group runs a contiguous
             share of the probe indices (at least one each) and the nodes, weights and steps

@@ -103,6 +103,7 @@ class Exchangeable:
 
     @property
     def k(self) -> int:
+        """The number of probes drawn so far (rows of ``Om``, ``Q`` and ``Z``)."""
         return self.Om.shape[0]
 
     def grow(self, j: int) -> None:
@@ -126,6 +127,8 @@ class Exchangeable:
         self.R = Rnew
 
     def directions(self) -> torch.Tensor:
+        """The k leave-one-out downdate directions ``s_i`` as the columns of a float64 CPU
+        ``[k, k]`` (:func:`downdate_directions` of ``R``)."""
         return downdate_directions(self.R, torch.finfo(self.sess.work).eps)
 
 

@@ -60,10 +60,12 @@ class Session:
 
     @property
     def matvecs(self) -> int:
+        """Products with ``A`` made by this run so far (rows of all its ``matmat`` calls)."""
         return self.products.num_matvecs
 
     @property
     def passes(self) -> int:
+        """``matmat`` calls (data passes) made by this run so far."""
         return self.products.num_passes
 
     def probes(self, k: int) -> torch.Tensor:

@@ -155,6 +155,8 @@ def trace(
             needs the probes' ``[n]`` diagonals, which the groups do not share).
         progress: a progress bar of products on stderr (total: the budget, or n on the
             exact path); None: when stderr is a terminal.
+        block_size: deprecated name of ``chunk_size`` (DeprecationWarning; removed next
+            release).
 
     Returns:
         :class:`TraceResult`. Budget use with ``rtol=None``: Hutchinson m probes in one
