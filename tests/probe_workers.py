@@ -27,7 +27,8 @@ def measure(H: Any, mesh: Any) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     dens = hf.spectral_density(H, num_probes=5, num_steps=12, seed=5, mesh=mesh)
-    out["slq_nodes"], out["slq_weights"], out["slq_steps"] = dens.nodes, dens.weights, dens.steps_taken
+    out["slq_nodes"], out["slq_weights"] = dens.nodes, dens.weights
+    out["slq_steps"] = dens.steps_taken
     out["slq_bounds"] = torch.tensor(dens.bounds, dtype=torch.float64)
     out["slq_sigma"] = torch.tensor(dens.default_sigma, dtype=torch.float64)
     out["slq_matvecs"] = torch.tensor(dens.num_matvecs)
