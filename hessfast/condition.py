@@ -246,7 +246,7 @@ def condition_number(
         top = _known("lambda_max", lambda_max, ("LA", "BE"), n, who)
         bottom = _known("lambda_min", lambda_min, ("SA", "BE"), n, who)
         if psd is None:
-            psd = getattr(A, "_kind", None) == "GGN"
+            psd = getattr(A, "kind", None) == "GGN"
         elif not isinstance(psd, bool):
             raise ArgumentTypeError(f"{who}: psd must be True, False or None, got {psd!r}")
         set_total((top is None) * budget + (bottom is None) * budget

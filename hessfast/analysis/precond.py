@@ -120,7 +120,7 @@ def preconditioner_diagonal(H: LinearOperator, optimizer: optim.Optimizer) -> to
             optimizer does not hold, or no state yet (before the first ``optimizer.step()``).
     """
     who = "hessfast.analysis.preconditioned"
-    if not isinstance(H, LinearOperator) or not hasattr(H, "_params"):
+    if not isinstance(H, LinearOperator) or not hasattr(H, "params"):
         raise ArgumentTypeError(
             f"{who}: H must be a curvature operator from hessfast.hessian or hessfast.ggn "
             f"(it knows its parameters), got {type(H).__name__}; for a plain operator scale "

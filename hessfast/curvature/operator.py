@@ -257,6 +257,12 @@ class CurvatureOperator(BatchProducts, LinearOperator):
 
     # -- vector layout -----------------------------------------------------------------
     @property
+    def kind(self) -> str:
+        """Which curvature this operator is: ``"Hessian"`` or ``"GGN"`` (the word its
+        messages use)."""
+        return self._kind
+
+    @property
     def params(self) -> tuple[nn.Parameter, ...]:
         """The selected parameters, in layout order (the order of :attr:`param_names` and
         of the flat vectors' pieces). Read-only: the operator is a snapshot of them."""
