@@ -107,7 +107,7 @@ def preconditioner_diagonal(H: LinearOperator, optimizer: optim.Optimizer) -> to
 
     Args:
         H: a curvature operator from :func:`hessfast.hessian` / :func:`hessfast.ggn` (its
-            ``_params`` and ``flatten`` give the parameter order).
+            ``params`` and ``flatten`` give the parameter order).
         optimizer: an Adam, AdamW, RMSprop or Adagrad optimizer over (at least) H's
             parameters, after at least one ``optimizer.step()``.
 
