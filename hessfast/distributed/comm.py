@@ -46,20 +46,6 @@ import torch
 from ..errors import DistributedError
 from . import _gloo_settle as settle
 
-__all__ = [
-    "SHARD_ALIGN",
-    "Comm",
-    "init",
-    "is_initialized",
-    "is_main_process",
-    "rank",
-    "session",
-    "shard_bounds",
-    "shard_size",
-    "shutdown",
-    "world_size",
-]
-
 # The longest failure message one rank sends to the others.
 _MESSAGE_CHARS = 600
 # An agreement digest: SHA-256 of the entries (32 bytes), then their byte length (8 bytes).
