@@ -14,6 +14,6 @@ cp build/gpu/_C*.so hessfast/
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "from hessfast import _native; print(_native.build_info())"
 if [ "${1:-}" = "--no-bench" ]; then exit 0; fi  # build only (bench/gpu_compare.sh)
-$PY -m pytest -q -x -p no:cacheprovider tests/test_ops.py -m cuda 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
+$PY -m pytest -q -x -p no:cacheprovider tests/kernels/test_ops.py -m cuda 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -15
 if [ "${1:-}" = "--full" ]; then Q=""; else Q="--quick"; fi
 $PY bench/bench_ops.py --device cuda $Q 2>&1 | tee "$OUT/bench_cuda.jsonl"

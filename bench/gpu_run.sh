@@ -42,18 +42,18 @@ fi
 echo "triton: ${triton_version##*$'\n'}" > "$OUT/triton.txt"
 
 stamp "pipeline on CUDA vs CPU float64 reference"                                        # 45 s
-step 45 pytest_pipeline_cuda.txt $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -m cuda
+step 45 pytest_pipeline_cuda.txt $PY -m pytest -q -p no:cacheprovider tests/kernels/test_cuda.py -m cuda
 
 if [ "$HAVE_TRITON" = 1 ]; then
   stamp "Triton kernels on CUDA: CE curvature product"                                    # 75 s
   step 75 pytest_gpu_kernels.txt \
-    $PY -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py -m cuda
-  if [ -f tests/test_triton_basis.py ]; then
+    $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_kernels.py -m cuda
+  if [ -f tests/kernels/test_triton_basis.py ]; then
     stamp "Triton kernels on CUDA: basis ops"                                              # 30 s
     step 30 pytest_triton_basis.txt \
-      $PY -m pytest -q -p no:cacheprovider tests/test_triton_basis.py -m cuda
+      $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_basis.py -m cuda
   else
-    echo "tests/test_triton_basis.py absent: skipped"
+    echo "tests/kernels/test_triton_basis.py absent: skipped"
   fi
   stamp "CE curvature kernel benchmark (Triton vs eager vs autograd, vs the byte floor)"    # 45 s
   rm -f "$OUT/bench_ce.jsonl"
@@ -66,7 +66,7 @@ if [ "$HAVE_TRITON" = 1 ]; then
     echo "bench/bench_ops.py has no Triton backend: skipped"
   fi
 else
-  echo "skipped (no Triton): tests/test_gpu_kernels.py, tests/test_triton_basis.py," \
+  echo "skipped (no Triton): tests/kernels/test_gpu_kernels.py, tests/kernels/test_triton_basis.py," \
     "bench/bench_ce.py, bench/bench_ops.py --backend triton"
 fi
 

@@ -20,7 +20,7 @@ What is exact and what is a model:
   Calibrated on the CPU (rise of ``VmHWM`` after ``malloc_trim``; two MLPs and a CNN, S of
   16-22 MiB, double backward): peak/S was 2.9-4.2 at c = 1, 8.0-11.1 at c = 4, 12.4-13.8 at
   c = 8 (graph reuse, graph included: 2.8-3.5, 8.1-10.4, 12.5-15.6); the model's 3.9, 8.1 and
-  13.7 are within 1.4x of each (tests/test_memory.py checks 1.5x at c = 4).
+  13.7 are within 1.4x of each (tests/contracts/test_memory.py checks 1.5x at c = 4).
 - On CUDA the torch backend of ``ops.reorthogonalize`` converts a low-precision basis to the
   working dtype in row chunks of ``_reference.CAST_CHUNK_BYTES`` (64 MiB): that transient is
   counted (at most one chunk, or the whole basis when smaller).

@@ -225,7 +225,7 @@ def _check_finite_gradient(op: CheckedOperator, state: Any, index: int) -> None:
     non-finite second derivative (``|w|**1.5`` at 0) and the GGN (whose graph holds no
     gradient) are caught by the first product, which names the parameters
     (:func:`check_finite`): a product of batch 0 here would cost one double backward at
-    every construction (tests/test_transformers.py::test_setup_cost_counts pins one)."""
+    every construction (tests/curvature/test_transformers.py::test_setup_cost_counts pins one)."""
     grads = getattr(state, "grads", None)
     if grads is None:
         return

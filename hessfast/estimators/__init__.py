@@ -27,7 +27,8 @@ Diagonal (:func:`diagonal`):
   estimator on the probe that ``P_i`` left out.
 
 Error bars (issue 16: each ``confidence_interval(level)`` covers at its level; measured over
-a family of spectra by ``bench/bench_coverage.py``, guarded by ``tests/test_coverage.py``):
+a family of spectra by ``bench/bench_coverage.py``, guarded by
+``tests/estimators/test_coverage.py``):
 
 * Hutchinson and Hutch++'s deflated samples: the larger of the sample standard error and
   the unbiased closed-form plug-in ``sqrt(2 (mean ||Bz||^2 - est. sum b_jj^2) / m)``, which

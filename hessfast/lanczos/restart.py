@@ -64,7 +64,7 @@ step; D costs d rows of memory, b per round). The triangle bound ``||c|| + sum_r
 or a run resumed from a checkpoint, which does not save D) was up to the square root of the
 number of rounds too large once the Rayleigh-Ritz rotated the copies of a repeated eigenvalue
 (every copy a candidate of a different round) into each other: with -9.5 x20 wanted at b = 1
-(tests/test_multiplicity.py, ``second``) ten rounds' bounds stayed at 0.3-1.5x the tolerance
+(tests/lanczos/test_multiplicity.py, ``second``) ten rounds' bounds stayed at 0.3-1.5x the tolerance
 while the true residuals were 0.1-0.6x, and the run stalled at 15 of 20 for 6000 products
 (converged in 766 under another thread count only by the luck of the rotations).
 

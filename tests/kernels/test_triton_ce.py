@@ -16,7 +16,7 @@ dtypes. Each case checks
 
 The interpreter must be chosen before Triton is imported, and another test may already have
 imported it in this process, so the whole grid runs in one subprocess (``python
-tests/test_triton_ce.py --grid``) with ``TRITON_INTERPRET=1``. Skipped when Triton does not
+tests/kernels/test_triton_ce.py --grid``) with ``TRITON_INTERPRET=1``. Skipped when Triton does not
 import.
 """
 
@@ -39,7 +39,7 @@ def oracle(logits: torch.Tensor, U: torch.Tensor, mask: torch.Tensor | None,
            scale: float) -> torch.Tensor:
     """fp64 ``[k, N, V]``: ``scale * H u_j`` with H the Hessian of the summed cross-entropy
     w.r.t. ``logits [N, V]`` (masked rows as ``ignore_index``), by double backward, on
-    ``logits``' device (also used by tests/test_gpu_kernels.py)."""
+    ``logits``' device (also used by tests/kernels/test_gpu_kernels.py)."""
     ld = logits.detach().double().requires_grad_(True)
     n, v = ld.shape
     target = torch.arange(n, device=ld.device) % v
@@ -173,7 +173,7 @@ def _fp64_symmetry(tri, g: torch.Generator) -> list[str]:
 def test_triton_kernel_interpreter_grid() -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--grid"], env=env,
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,6 +1,6 @@
 """Probe-parallel SLQ and Hutchinson over a ``probe x data`` mesh (issue 9 section 3), on gloo.
 
-Two spawned runs (tests/probe_workers.py through the harness of tests/test_distributed.py):
+Two spawned runs (tests/distributed/probe_workers.py through the harness in _spawn.py):
 4 ranks as a 2 x 2 mesh (data-parallel operators over 2-rank data groups) and 2 ranks as a
 2 x 1 mesh. Every rank must return exactly the same result, equal to this process's run on
 all the data with ``mesh=Mesh()`` (1 x 1, the same keyed probes) to 1e-10 in float64.
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _spawn
 import dist_workers
 import probe_workers
 import pytest
-import test_distributed
 import torch
 from torch import nn
 
@@ -39,10 +39,10 @@ def test_mesh_equals_one_process_on_all_probes(world, tmp_path, monkeypatch):
     """SLQ (Rademacher, Gaussian, v0) and Hutchinson over the mesh: every rank holds the
     same result, equal to one process with all probes and all data (1e-10); an operator
     over the whole world is refused; a raising probe group stops every rank."""
-    monkeypatch.setattr(test_distributed, "WORKER", WORKER)
-    codes, logs, _ = test_distributed.spawn("mesh", world, tmp_path)
+    monkeypatch.setattr(_spawn, "WORKER", WORKER)
+    codes, logs, _ = _spawn.spawn("mesh", world, tmp_path)
     assert codes == [0] * world, logs
-    ranks = test_distributed.results("mesh", world, tmp_path)
+    ranks = _spawn.results("mesh", world, tmp_path)
     data = world // probe_workers.PROBE_GROUPS
     assert [r.pop("coords") for r in ranks] == [(r // data, r % data, 35) for r in range(world)]
     failing = [r for r in range(world) if r // data == 1]
@@ -59,7 +59,7 @@ def test_mesh_equals_one_process_on_all_probes(world, tmp_path, monkeypatch):
     for key, value in want.items():
         got = ranks[0][key]
         assert got.shape == value.shape, key
-        assert test_distributed.rel(got, value) < 1e-10, (key, got, value)
+        assert _spawn.rel(got, value) < 1e-10, (key, got, value)
         for other in ranks[1:]:
             assert torch.equal(other[key], got), key
 

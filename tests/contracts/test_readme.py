@@ -35,7 +35,7 @@ from torch import nn
 
 import hessfast as hf
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 USE = "Use"
 ANALYZE = "The whole picture in one call: `hf.analyze`"

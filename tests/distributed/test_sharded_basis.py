@@ -1,6 +1,6 @@
 """A sharded Lanczos basis (``eigsh(..., basis_sharding=True)``, issue 9 section 3) on gloo.
 
-Each spawned run (tests/sharded_workers.py through tests/test_distributed.py's harness: one
+Each spawned run (tests/distributed/sharded_workers.py through _spawn.py's harness: one
 thread per rank, every exit code checked) computes the top 3 of the data-parallel Hessian of a
 1045-parameter float64 MLP with a sharded and an unsharded basis, recording the basis
 allocations; the test compares every rank with this process's single-process run on all the
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _spawn
 import pytest
 import sharded_workers
-import test_distributed
 import torch
 from torch import nn
 
@@ -26,11 +26,11 @@ pytestmark = pytest.mark.distributed
 
 
 def spawn(scenario: str, world: int, tmp_path: Path, monkeypatch) -> list[dict]:
-    """test_distributed's harness with this file's worker; every rank's results."""
-    monkeypatch.setattr(test_distributed, "WORKER", Path(sharded_workers.__file__))
-    codes, logs, _ = test_distributed.spawn(scenario, world, tmp_path)
+    """_spawn's harness with this file's worker; every rank's results."""
+    monkeypatch.setattr(_spawn, "WORKER", Path(sharded_workers.__file__))
+    codes, logs, _ = _spawn.spawn(scenario, world, tmp_path)
     assert codes == [0] * world, logs
-    return test_distributed.results(scenario, world, tmp_path)
+    return _spawn.results(scenario, world, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +48,15 @@ def _check(ranks: list[dict], reference: tuple[hf.EigshResult, torch.Tensor]) ->
     n = ref.eigenvectors.shape[1]
     first = ranks[0]
     assert first["sharded_status"] == "CONVERGED", first["sharded_residuals"]
-    assert test_distributed.rel(first["sharded_values"], ref.eigenvalues) < 1e-10
+    assert _spawn.rel(first["sharded_values"], ref.eigenvalues) < 1e-10
     dots = (first["sharded_vectors"] * ref.eigenvectors).sum(1).abs()  # signs are free
     assert (1 - dots).abs().max() < 1e-10, dots
     assert first["sharded_vectors"].shape == (3, n)
     assert first["sharded_ortho"] < 1e-10
     # the unsharded run under the same group agrees too (the same operator)
-    assert test_distributed.rel(first["plain_values"], ref.eigenvalues) < 1e-10
+    assert _spawn.rel(first["plain_values"], ref.eigenvalues) < 1e-10
     assert first["matrix_status"] == "CONVERGED" and first["matrix_restarts"] >= 1
-    assert test_distributed.rel(first["matrix_values"], exact) < 1e-10, first["matrix_values"]
+    assert _spawn.rel(first["matrix_values"], exact) < 1e-10, first["matrix_values"]
     for other in ranks:  # every rank returns the same result
         for key in ("sharded_values", "sharded_vectors", "matrix_values", "matrix_vectors"):
             assert torch.equal(other[key], first[key]), key

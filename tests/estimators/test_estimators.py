@@ -560,7 +560,7 @@ def test_exactly_rank_one_and_zero_operators(n):
 
 
 # ---------------------------------------------------------------------------------------
-# the interval machinery of issue 16 (coverage itself: tests/test_coverage.py)
+# the interval machinery of issue 16 (coverage itself: tests/estimators/test_coverage.py)
 # ---------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Rank processes for tests/test_distributed.py: ``python tests/dist_workers.py SCENARIO RANK
+"""Rank processes for test_distributed.py: ``python dist_workers.py SCENARIO RANK
 WORLD PORT OUTDIR``. Each rank joins a gloo group on 127.0.0.1:PORT (30 s timeout, one
 thread), runs the scenario and writes ``OUTDIR/SCENARIO-RANK.pt`` (a dict); the test
 compares the ranks with each other and with one process on all the data.

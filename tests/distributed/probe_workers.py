@@ -1,5 +1,5 @@
-"""Rank processes for tests/test_probe_parallel.py: ``python tests/probe_workers.py SCENARIO
-RANK WORLD PORT OUTDIR``, run by the spawn harness of tests/test_distributed.py (the same
+"""Rank processes for test_probe_parallel.py: ``python probe_workers.py SCENARIO
+RANK WORLD PORT OUTDIR``, run by the spawn harness _spawn.py (the same
 ``dist_workers.main``: a gloo group on 127.0.0.1:PORT, 30 s timeout, one thread, the
 scenario's dict written to ``OUTDIR/SCENARIO-RANK.pt``).
 

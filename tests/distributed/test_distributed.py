@@ -1,6 +1,6 @@
 """The data-parallel operator over torch.distributed (issue 9 section 3), on gloo.
 
-Each test spawns 2-3 rank processes (``tests/dist_workers.py``: one thread each, a free
+Each test spawns 2-3 rank processes (``tests/distributed/dist_workers.py``: one thread each, a free
 port on 127.0.0.1, a 30 s group timeout), joins them with a deadline, checks EVERY exit code
 and compares what each rank wrote with the other ranks and with this process's
 single-process run on all the data (float64, 1e-10 relative). Several checks share one
@@ -10,74 +10,16 @@ spawned run: starting a rank costs a few seconds (the torch import). Marked ``di
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import dist_workers
 import pytest
 import torch
+from _spawn import rel, results, spawn
 from torch import nn
 
 import hessfast as hf
 from hessfast import errors
 
 pytestmark = pytest.mark.distributed
-
-WORKER = Path(__file__).with_name("dist_workers.py")
-DEADLINE_S = 120.0  # the whole spawned run; the group's own timeout is 30 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _gloo() -> None:
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-
-
-def spawn(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[str], float]:
-    """Run ``world`` ranks of ``scenario``; returns exit codes, stderr tails, wall time."""
-    _gloo()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    port = str(_free_port())
-    logs = [tmp_path / f"{scenario}-{r}.log" for r in range(world)]
-    t0 = time.perf_counter()
-    procs = []
-    for r in range(world):
-        with open(logs[r], "w") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(r), str(world), port,
-                 str(tmp_path)], env=env, stdout=log, stderr=subprocess.STDOUT,
-            ))
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, DEADLINE_S - (time.perf_counter() - t0))))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            for q in procs:
-                q.wait()
-            pytest.fail(f"{scenario}: a rank did not finish within {DEADLINE_S} s (a hang)")
-    return codes, [log.read_text()[-3000:] for log in logs], time.perf_counter() - t0
-
-
-def results(scenario: str, world: int, tmp_path: Path) -> list[dict]:
-    return [torch.load(tmp_path / f"{scenario}-{r}.pt") for r in range(world)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def test_three_ranks_5_3_0_batches_equal_one_process(tmp_path):

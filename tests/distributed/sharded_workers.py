@@ -1,5 +1,5 @@
-"""Rank processes for tests/test_sharded_basis.py, run through tests/dist_workers.py's harness
-(``python tests/sharded_workers.py SCENARIO RANK WORLD PORT OUTDIR``: a gloo group on
+"""Rank processes for test_sharded_basis.py, run through dist_workers.py's harness
+(``python tests/distributed/sharded_workers.py SCENARIO RANK WORLD PORT OUTDIR``: a gloo group on
 127.0.0.1, one thread, 30 s timeout; each rank writes ``OUTDIR/SCENARIO-RANK.pt``).
 
 The problems are built here so the test process builds the same ones for its single-process
