@@ -128,37 +128,35 @@ class Session:
 def max_matvecs_arg(max_matvecs: Any, num_matvecs: Any, who: str) -> Any:
     """The budget from ``max_matvecs`` or its deprecated alias ``num_matvecs`` (the name of
     the argument until 0.1; ``num_matvecs`` now means products *spent*, on every result)."""
-    if num_matvecs is None:
-        return max_matvecs
-    if max_matvecs != _DEFAULT_BUDGET:
-        raise ConfigurationError(
-            f"{who}: pass the budget once, as max_matvecs (num_matvecs is its deprecated old "
-            f"name), got max_matvecs={max_matvecs!r} and num_matvecs={num_matvecs!r}"
-        )
-    warnings.warn(
-        f"{who}(num_matvecs=...) is deprecated and will be removed in the next release: the "
-        "budget is now called max_matvecs (num_matvecs is the count spent, on the result)",
-        DeprecationWarning,
-        stacklevel=3,
+    return renamed_arg(
+        max_matvecs, num_matvecs, "max_matvecs", "num_matvecs", who, default=_DEFAULT_BUDGET,
+        what="the budget", stacklevel=4,
+        why="the budget is now called max_matvecs (num_matvecs is the count spent, on the "
+            "result)",
     )
-    return num_matvecs
 
 
 def renamed_arg(new: Any, old: Any, new_name: str, old_name: str, who: str, *,
-                default: Any = None, stacklevel: int = 3) -> Any:
-    """The value of an argument renamed in 0.2: ``new`` (the new name's value) or, with a
+                default: Any = None, stacklevel: int = 3, what: str | None = None,
+                why: str | None = None) -> Any:
+    """The value of a renamed argument: ``new`` (the new name's value) or, with a
     DeprecationWarning naming ``new_name``, ``old`` (the deprecated name's; ``None`` when it was
-    not passed). Both given (``new`` not at its ``default``): ConfigurationError."""
+    not passed). Both given (``new`` not at its ``default``): ConfigurationError.
+
+    ``what`` names the quantity in that error ("pass the budget once, as max_matvecs");
+    ``why`` replaces the warning's "use NEW=..." ending. ``stacklevel`` points the warning at
+    the user's call (3: the caller of the public function that calls this)."""
     if old is None:
         return new
     if new is not default and (default is None or new != default):
+        once = f"{what} once, as {new_name}" if what else f"{new_name} once"
         raise ConfigurationError(
-            f"{who}: pass {new_name} once ({old_name} is its deprecated old name), got "
+            f"{who}: pass {once} ({old_name} is its deprecated old name), got "
             f"{new_name}={new!r} and {old_name}={old!r}"
         )
     warnings.warn(
         f"{who}({old_name}=...) is deprecated and will be removed in the next release: "
-        f"use {new_name}=...",
+        f"{why or f'use {new_name}=...'}",
         DeprecationWarning,
         stacklevel=stacklevel,
     )
