@@ -19,7 +19,7 @@ import torch
 from ._digest import tensor_digest
 from .errors import ArgumentTypeError, AsymmetricOperatorError, ConfigurationError
 
-__all__ = ["PRODUCT_LISTENERS", "LinearOperator"]
+__all__ = ["PRODUCT_LISTENERS", "LinearOperator", "refuse_sharded", "row_dots"]
 
 #: Callbacks ``fn(k)`` told of every ``matmat`` of k vectors made in this context, by any
 #: operator (:func:`hessfast.progress.track` installs one for a progress bar). Empty by
@@ -45,6 +45,13 @@ class LinearOperator:
 
     #: True for subclasses that check symmetry and determinism themselves (never probed).
     checks_itself: ClassVar[bool] = False
+    #: The ranks over which every vector of this operator is SHARDED (a
+    #: :class:`hessfast.distributed.Comm`): each rank's ``[k, n]`` blocks hold only its own
+    #: ``n`` entries of every global vector (an FSDP model's local parameter shards), so a
+    #: dot product is the local one summed over these ranks (:func:`row_dots`). None (the
+    #: default): every rank holds whole vectors. Algorithms that cannot work on shards
+    #: refuse an operator whose ``shards`` is set (:func:`refuse_sharded`).
+    shards: object | None = None
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
         if int(n) < 0:
@@ -309,3 +316,24 @@ class _FunctionOperator(LinearOperator):
                 f"a block on {V.device}; it must compute the products (on {self.device})"
             )
         return out.to(dtype=self.dtype, device=self.device)
+
+
+def row_dots(A: LinearOperator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products ``[k]`` (float64, CPU) of two ``[k, n]`` blocks of ``A``'s
+    vectors: the local sums, added over ``A.shards``' ranks when the vectors are sharded
+    (one all-reduce of k numbers). ``X is Y`` gives squared norms."""
+    local = (X.double() * Y.double()).sum(dim=-1) if X is not Y else X.double().pow(2).sum(-1)
+    comm = A.shards
+    if comm is None:
+        return local.cpu()
+    return comm.allreduce_sum_(local.cpu(), "the dot products of sharded vectors").cpu()  # type: ignore[attr-defined]
+
+
+def refuse_sharded(A: LinearOperator, who: str, instead: str) -> None:
+    """Raise ConfigurationError when ``A``'s vectors are sharded over ranks (``A.shards``)
+    and the caller (``who``) needs whole vectors; ``instead`` names what runs on shards."""
+    if A.shards is not None:
+        raise ConfigurationError(
+            f"{who}: this operator's vectors are sharded over the ranks (an FSDP model: each "
+            f"rank holds its parameter shards only), and {who} needs whole vectors. {instead}"
+        )
