@@ -144,17 +144,21 @@ def scenario_faults(rank: int, world: int) -> dict[str, Any]:
     handle = model.register_forward_hook(nan_in_second_pass)
     H2 = hf.hessian(model, loss, mine, hvp_mode="double_backward")
     state["armed"] = True
+    before = H2.num_matvecs
     _expect_failure("nan_mid_run", out, lambda: hf.lambda_max(H2))
+    out["nan_mid_run_products"] = H2.num_matvecs - before  # completed before the raise
     handle.remove()
 
     _expect_failure("all_empty", out, lambda: hf.hessian(model, loss, []))
 
     H3 = hf.hessian(model, loss, mine)
     H3.matvec(vectors(H3.shape[0])[0])
+    before = H3.num_matvecs
     if rank == 1:
         with torch.no_grad():
             model[0].weight.mul_(1.0)  # a change of version: the snapshot is stale
     _expect_failure("params_changed", out, lambda: H3.matvec(vectors(H3.shape[0])[1]))
+    out["params_changed_products"] = H3.num_matvecs - before
     return out
 
 
@@ -167,7 +171,9 @@ def scenario_peer_exit(rank: int, world: int) -> dict[str, Any]:
     if rank == 1:
         os._exit(7)
     out: dict[str, Any] = {}
+    before = H.num_matvecs
     _expect_failure("peer_exit", out, lambda: H.matvec(vectors(H.shape[0])[0]))
+    out["peer_exit_products"] = H.num_matvecs - before
     return out
 
 

@@ -49,7 +49,8 @@ def test_three_ranks_5_3_0_batches_equal_one_process(tmp_path):
 def test_ddp_model_and_a_failing_rank_stop_every_rank(tmp_path):
     """A DDP model is unwrapped and reduced over its group; rank 1 failing (a NaN batch at
     construction, a NaN output in the 2nd product of lambda_max, a parameter change) makes
-    it raise its own error and rank 0 a DistributedError naming rank 1, within seconds."""
+    it raise its own error and rank 0 a DistributedError naming rank 1 (words only the error
+    barrier writes, never a timeout's), with no product completed past the failing one."""
     codes, logs, _ = spawn("faults", 2, tmp_path)
     assert codes == [0, 0], logs
     r0, r1 = results("faults", 2, tmp_path)
@@ -62,12 +63,15 @@ def test_ddp_model_and_a_failing_rank_stop_every_rank(tmp_path):
     for step, own in [("nan_at_construction", "NonFiniteError"),
                       ("nan_mid_run", "NonFiniteError"),
                       ("params_changed", "ParametersChangedError")]:
-        name0, msg0, t0 = r0[step]
-        name1, msg1, t1 = r1[step]
+        name0, msg0, _ = r0[step]
+        name1, msg1, _ = r1[step]
         assert name1 == own, (step, name1, msg1)
         assert name0 == "DistributedError", (step, name0, msg0)
         assert "rank(s) [1]" in msg0 and own in msg0, msg0
-        assert t0 < 15 and t1 < 15, (step, t0, t1)
+    # lambda_max's first product completed on both ranks, its second raised on both; the
+    # stale snapshot's product never completed
+    assert r0["nan_mid_run_products"] == r1["nan_mid_run_products"] == 1
+    assert r0["params_changed_products"] == r1["params_changed_products"] == 0
     for r in (r0, r1):  # no rank holds a sample: every rank says so
         assert r["all_empty"][0] == "EmptyDataError", r["all_empty"]
 
@@ -77,10 +81,10 @@ def test_a_rank_that_exits_does_not_hang_the_others(tmp_path):
     codes, logs, wall = spawn("peer_exit", 2, tmp_path)
     assert codes == [0, 7], logs
     (r0,) = [torch.load(tmp_path / "peer_exit-0.pt")]
-    name, msg, seconds = r0["peer_exit"]
+    name, msg, _ = r0["peer_exit"]
     assert name == "DistributedError", (name, msg)
     assert "all-reduce" in msg and "process_group=None" in msg
-    assert seconds < 35, seconds
+    assert r0["peer_exit_products"] == 0  # the product never completed
 
 
 def test_ranks_that_disagree_all_raise_naming_ranks_and_difference(tmp_path):
