@@ -332,7 +332,10 @@ class RankGroup:
 
 
 def refuse_fsdp(model: nn.Module) -> None:
-    """Refuse a model sharded by FSDP (``FullyShardedDataParallel`` or ``fully_shard``).
+    """Refuse a model sharded by FSDP that reached an exact operator: FSDP1
+    (``FullyShardedDataParallel``) always, FSDP2 (``fully_shard``) in :func:`hessfast.ggn`
+    (:func:`hessfast.hessian` sends FSDP2 models to the finite-difference operator of
+    :mod:`hessfast.curvature.fsdp` before this check).
 
     Exact double backward is not supported under FSDP (FSDP1 warns that it is unsupported;
     FSDP2 frees the gathered parameters and reduce-scatters in post-backward hooks, so a
@@ -346,17 +349,28 @@ def refuse_fsdp(model: nn.Module) -> None:
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is None:
         return
-    kinds = tuple(
-        cls for cls in (getattr(fsdp, "FullyShardedDataParallel", None),
-                        getattr(fsdp, "FSDPModule", None)) if isinstance(cls, type)
-    )
+    two = getattr(fsdp, "FSDPModule", None)
+    one = getattr(fsdp, "FullyShardedDataParallel", None)
+    kinds = tuple(cls for cls in (one, two) if isinstance(cls, type))
     sharded = [name or "<root>" for name, m in model.named_modules() if isinstance(m, kinds)]
-    if sharded:
+    if not sharded:
+        return
+    if isinstance(two, type) and any(isinstance(m, two) for m in model.modules()):
         raise UnsupportedModelError(
-            f"modules {sharded[:4]} are sharded by FSDP: torch cannot differentiate an FSDP "
-            "model twice (its parameters are freed and its gradients reduce-scattered in "
-            "backward hooks), so no exact Hessian product exists. Measure the unsharded "
-            "model: load its full state dict into a plain model on each rank and pass each "
-            "rank's data shard (process_group='auto' reduces the products), or measure a "
-            "sub-model that fits one device"
+            f"modules {sharded[:4]} are sharded by FSDP (fully_shard): torch cannot "
+            "differentiate an FSDP model twice, so no exact GGN product exists, and a finite "
+            "difference of gradients gives the Hessian, not the GGN. Use hf.hessian(model, "
+            "loss_fn, data) (finite-difference products on the local shards), or measure the "
+            "unsharded model: load its full state dict into a plain model on each rank and "
+            "pass each rank's data shard (process_group='auto' reduces the products)"
         )
+    raise UnsupportedModelError(
+        f"modules {sharded[:4]} are sharded by FSDP1 (FullyShardedDataParallel): torch "
+        "cannot differentiate an FSDP model twice (its parameters are freed and its "
+        "gradients reduce-scattered in backward hooks), so no exact Hessian product exists, "
+        "and hessfast's finite-difference operator runs on FSDP2 only. Shard the model with "
+        "torch.distributed.fsdp.fully_shard (FSDP2) and call hf.hessian again (products by "
+        "finite differences on the local shards), or measure the unsharded model: load its "
+        "full state dict into a plain model on each rank and pass each rank's data shard "
+        "(process_group='auto' reduces the products)"
+    )

@@ -12,6 +12,7 @@ from torch import nn
 
 from .autodiff import graph_vjp
 from .cehead import FusedCriterion
+from .fsdp import FSDPHessian, fsdp_kind
 from .model import LossModule
 from .operator import CurvatureOperator
 from .options import DEFAULTS, options_of, with_options_doc
@@ -218,7 +219,10 @@ def hessian(  # noqa: D417
         (the parameters changed since construction) and, for an explicit
         ``hvp_mode`` that cannot run, ``UnsupportedModelError``.
     """
-    return HessianOperator(model, loss_fn, data, options_of(locals()))
+    options = options_of(locals())
+    if fsdp_kind(model) == "fully_shard":  # FSDP2: finite differences on the local shards
+        return FSDPHessian(model, loss_fn, data, options)  # type: ignore[return-value]
+    return HessianOperator(model, loss_fn, data, options)
 
 
 with_options_doc(hessian, skip=("lm_head",))

@@ -1,5 +1,9 @@
-"""FSDP-sharded models are refused with the cause and the fix (no exact second derivative
-exists under FSDP), and a model of the user's that merely has FSDP loaded is not."""
+"""FSDP: FSDP1 models are refused with the cause and the fix (no exact second derivative,
+and the finite-difference operator runs on FSDP2 only), and a model of the user's that merely
+has FSDP loaded is not; an FSDP2 (``fully_shard``) model on a 1-process gloo group gets the
+finite-difference operator (hessfast.curvature.fsdp), equal to the dense float64 Hessian
+within its recorded error, and refused by ggn() and exact products. The multi-process runs
+are tests/distributed/test_fsdp_fd.py."""
 
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ def test_fsdp_wrapped_module_refused(monkeypatch) -> None:
     model, loss_fn, batches = make_mlp()
     wrapped = nn.Sequential(FullyShardedDataParallel(model))
     before = snapshot(wrapped)
-    with pytest.raises(errors.UnsupportedModelError, match=r"sharded by FSDP.*full state dict"):
+    with pytest.raises(errors.UnsupportedModelError,
+                       match=r"sharded by FSDP1.*fully_shard.*full state dict"):
         hf.hessian(wrapped, loss_fn, batches)
     assert_same_state(wrapped, before)
     hf.hessian(model, loss_fn, batches)  # FSDP loaded, the model not sharded: fine
@@ -44,23 +49,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fully_shard_model_refused() -> None:
-    """A real FSDP2 model (fully_shard on a 1-process gloo group) is refused."""
+def test_fully_shard_model_finite_differences() -> None:
+    """A real FSDP2 model (fully_shard on a 1-process gloo group) gets the finite-difference
+    operator: products equal the dense float64 Hessian times v within the recorded error,
+    the parameters are restored bit for bit and ``.grad`` is left alone; ggn() is refused."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("gloo not available")
     from torch.distributed.fsdp import fully_shard
 
+    from hessfast.curvature.fsdp import FSDPHessian
+    from hessfast.testing.dense import dense_hessian_reference
+
     dist.init_process_group(
         "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}"
     )
     try:
-        model, loss_fn, batches = make_mlp(dtype=torch.float32)
+        model, loss_fn, batches = make_mlp(dtype=torch.float64)
+        dense = dense_hessian_reference(model, loss_fn, batches)
         try:
             fully_shard(model)
         except Exception as exc:  # noqa: BLE001 - FSDP2 on CPU depends on the torch build
             pytest.skip(f"fully_shard unavailable on this CPU build: {exc}")
-        with pytest.raises(errors.UnsupportedModelError, match="sharded by FSDP"):
-            hf.hessian(model, loss_fn, batches, process_group=None)
+        before = [p.to_local().clone() for p in model.parameters()]
+        with pytest.warns(UserWarning, match="hessfast: the model is sharded by FSDP"):
+            H = hf.hessian(model, loss_fn, batches)
+        assert isinstance(H, FSDPHessian) and H.hvp_mode == "finite_difference"
+        assert "cannot differentiate it twice" in H.hvp_mode_reason
+        assert H.shards is not None and H.shards.size == 1 and H.shape[0] == dense.shape[0]
+        V = torch.randn(2, H.shape[0], dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(0))
+        HV = H.matmat(V)
+        want = V @ dense
+        err = ((HV - want).norm(dim=1) / want.norm(dim=1)).max().item()
+        assert H.fd_error is not None and 0 < H.fd_error < 1e-6
+        assert err <= H.fd_error, (err, H.fd_error)
+        assert (H.num_matvecs, H.num_passes, H.num_gradients) == (2, 1, 6)
+        assert all(p.to_local().view(torch.uint8).equal(b.view(torch.uint8))
+                   for p, b in zip(model.parameters(), before, strict=True))
+        assert all(p.grad is None for p in model.parameters())
+        with pytest.raises(errors.UnsupportedModelError, match=r"fully_shard.*hf.hessian"):
+            hf.ggn(model, loss_fn, batches)
+        with pytest.raises(errors.ConfigurationError, match="finite differences"):
+            hf.hessian(model, loss_fn, batches, hvp_mode="double_backward")
     finally:
         dist.destroy_process_group()

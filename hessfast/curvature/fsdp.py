@@ -1,0 +1,476 @@
+"""The Hessian of an FSDP2 (``fully_shard``) model by central finite differences of its
+own sharded gradients: :class:`FSDPHessian`, which :func:`hessfast.hessian` returns when the
+model holds ``FSDPModule`` s.
+
+Why finite differences. torch cannot differentiate an FSDP model twice: FSDP2 frees the
+gathered parameters after use and reduce-scatters the gradients in post-backward hooks
+(outside autograd), so a second backward meets freed storage and unreduced gradients, and
+forward-mode AD fails on its hooks. Two ordinary FSDP gradients per vector give
+``H v ~= (g(theta + e v) - g(theta - e v)) / (2 e)`` instead (error O(e^2) plus rounding
+O(eps / e), recorded as ``H.fd_error``).
+
+What each rank holds. Every vector of the operator is SHARDED like the parameters: a rank's
+``[k, n]`` block holds its local shards (``p.to_local()``) of the selected parameters,
+flattened in ``model.named_parameters()`` order, so ``n = H.shape[0]`` differs between
+ranks and no rank ever holds a whole vector. ``H.shards`` is the FSDP mesh's group
+(a :class:`hessfast.distributed.Comm`): a dot product is the local one summed over it
+(:func:`hessfast.linop.row_dots`). Algorithms that run on shards (the lean Krylov modes)
+take such an operator; the others refuse it (:func:`hessfast.linop.refuse_sharded`).
+
+One product row: the local shards are set to ``theta + e v`` in place (under ``no_grad``),
+the user's loss runs forward and ``.backward()`` batch by batch on this rank's data (FSDP
+all-gathers the parameters and reduce-scatters the gradient as in training), the local
+gradient shards are read, the same with ``theta - e v``, and the shards are RESTORED by
+copying back the copy kept at construction (never by subtraction: bit for bit). The
+user's ``.grad`` (each parameter's own object, or None), the modules' modes (``bn_mode``)
+and the buffers (copied back after each pass) and the RNG are as they were afterwards.
+
+Batch weights. FSDP's reduce-scatter AVERAGES the gradient over the R ranks of its mesh.
+Each batch loss is therefore scaled by ``R n_b / N`` (mean-reduced loss) or ``R / N``
+(sum-reduced), with ``N`` all ranks' samples, so the operator is the Hessian of the loss
+averaged over all samples of all ranks, for any batch sizes. Every backward is a
+collective, so every rank must hold the SAME NUMBER of non-empty batches (refused
+otherwise). A user-set gradient divide factor (``set_gradient_divide_factor``) is not seen
+and would scale the products.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._digest import digest_text, tensor_digest
+from ..distributed import Comm
+from ..errors import (
+    AsymmetricOperatorError,
+    ConfigurationError,
+    NonFiniteError,
+    ParametersChangedError,
+    UnsupportedModelError,
+)
+from ..linop import LinearOperator, row_dots
+from .data import BatchSource
+from .lossform import decide_loss_form, loss_reduction
+from .model import BatchSplit, LossModule, model_modes, select_params
+from .options import CurvatureOptions
+
+__all__ = ["FSDPHessian", "fd_relative_error", "fd_step", "fsdp_kind"]
+
+#: Slack of the symmetry check of the first two products, in units of the FD error.
+SYMMETRY_SLACK = 8.0
+
+
+def fsdp_kind(model: nn.Module) -> str | None:
+    """``"fully_shard"`` when some module of ``model`` is an FSDP2 ``FSDPModule``,
+    ``"FullyShardedDataParallel"`` for FSDP1, else None. Imports nothing: FSDP is looked
+    for only when the user's code has loaded it."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return None
+    two = getattr(fsdp, "FSDPModule", None)
+    one = getattr(fsdp, "FullyShardedDataParallel", None)
+    mods = list(model.modules())
+    if isinstance(two, type) and any(isinstance(m, two) for m in mods):
+        return "fully_shard"
+    if isinstance(one, type) and any(isinstance(m, one) for m in mods):
+        return "FullyShardedDataParallel"
+    return None
+
+
+def _shared() -> Any:
+    """``curvature.finitediff`` (the one step rule and error estimate), or None while it is
+    not there (a placeholder below then)."""
+    try:
+        from . import finitediff
+    except ImportError:
+        return None
+    return finitediff
+
+
+def fd_step(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
+    """The central-difference step ``e`` for a vector of norm ``v_norm`` at parameters of
+    norm ``theta_norm`` in ``dtype``: :func:`hessfast.curvature.finitediff.fd_step` (the
+    placeholder ``0.1 eps^(1/3) max(theta_norm, 1) / v_norm`` without it)."""
+    shared = _shared()
+    if shared is not None:
+        return float(shared.fd_step(theta_norm, v_norm, dtype))
+    eps = torch.finfo(dtype).eps
+    return float(0.1 * eps ** (1.0 / 3.0) * max(theta_norm, 1.0) / max(v_norm, 1e-300))
+
+
+def fd_relative_error(
+    diff_norm: float, hv_norm: float, step: float, grad_norm: float, dtype: torch.dtype
+) -> float:
+    """The relative error estimate of a step-``e`` product from global norms:
+    :func:`hessfast.curvature.finitediff.fd_error_from_norms` (``||Hv(2e) - Hv(e)||``, the
+    Richardson step-doubling difference, plus the gradients' rounding ``eps ||g|| / e``,
+    over ``||Hv(e)||``)."""
+    shared = _shared()
+    if shared is not None:
+        return float(shared.fd_error_from_norms(diff_norm, hv_norm, step, grad_norm, dtype))
+    absolute = diff_norm + torch.finfo(dtype).eps * grad_norm / step
+    return absolute / hv_norm if hv_norm > 0 else (0.0 if absolute == 0 else math.inf)
+
+
+class FSDPHessian(LinearOperator):
+    """The Hessian of an FSDP2 model's sample-mean loss over all ranks' data, by central
+    finite differences of FSDP gradients, on SHARDED vectors (module docstring).
+
+    Attributes:
+        model, loss_fn, bn_mode: as given.
+        shards: the FSDP mesh's group (:class:`hessfast.distributed.Comm`): each rank's
+            vectors are its local shards; dots are summed over it.
+        params, param_names: the selected parameters (DTensors) and names, in layout order.
+        param_dtype, compute_dtype: their dtype; the products' dtype is at least float32.
+        local_sizes: each selected parameter's local shard entries (sum = ``shape[0]``).
+        global_size: the number of entries of the unsharded vectors (sum over the ranks).
+        loss_form, loss_form_reason, loss_reduction, loss_reduction_reason: as the other
+            operators (:mod:`hessfast.curvature.lossform`).
+        num_samples, num_batches: all ranks' samples and non-empty batches.
+        batch_sizes: this rank's batch sizes.
+        hvp_mode, hvp_mode_reason: ``"finite_difference"``, and why.
+        fd_step: the step ``e`` of the last product row (vectors scaled to unit norm use
+            the same step); fd_error: the estimated relative error of the first product
+            (from a second product at step ``2e``), None before the first product.
+        num_gradients: FSDP gradient passes run (2 per vector, 2 more for the error
+            estimate; one pass = this rank's batches).
+        theta_norm: ``||theta||`` over all ranks, at construction.
+    """
+
+    kind = "Hessian"
+    _kind = "Hessian"
+    checks_itself = True
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions
+    ) -> None:
+        if getattr(options, "exact", False):
+            raise ConfigurationError(
+                "exact=True, but the model is sharded by FSDP (fully_shard): torch cannot "
+                "differentiate an FSDP model twice, so no exact Hessian product exists. Drop "
+                "exact=True to get finite-difference products on the local shards, or measure "
+                "the unsharded model (its full state dict in a plain model) with "
+                "process_group='auto'"
+            )
+        if options.hvp_mode not in ("auto", "finite_difference"):
+            raise ConfigurationError(
+                f"hvp_mode={options.hvp_mode!r}, but the model is sharded by FSDP "
+                "(fully_shard), whose products can only be finite differences of its "
+                "gradients: pass hvp_mode='auto' or 'finite_difference'"
+            )
+        if getattr(options, "lm_head", None) is not None:
+            raise ConfigurationError("lm_head= is for ggn() only")
+        self.model = model
+        if loss_fn is None and options.causal_lm:
+            loss_fn = nn.CrossEntropyLoss()
+        if not callable(loss_fn):
+            raise ConfigurationError(
+                f"loss_fn must be callable (a criterion or loss_fn(model, batch)), got "
+                f"{type(loss_fn).__name__}"
+            )
+        self.loss_fn = loss_fn
+        self.bn_mode = options.bn_mode
+        names, params = select_params(model, options.params)
+        self.param_names, self.params = list(names), tuple(params)
+        self.shards = Comm(self._group_of(self.params, self.param_names))
+        comm = self.shards
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise UnsupportedModelError(
+                f"the selected parameters have several dtypes {sorted(map(str, dtypes))}: "
+                "the finite-difference operator needs one (cast the model before fully_shard)"
+            )
+        self.param_dtype = dtypes.pop()
+        self.compute_dtype = self.param_dtype
+        locals_ = [p.to_local() for p in self.params]
+        self.local_sizes = [t.numel() for t in locals_]
+        device = locals_[0].device
+        dtype = torch.promote_types(self.param_dtype, torch.float32)
+        super().__init__(sum(self.local_sizes), dtype, device)
+        self.global_size = comm.allreduce_ints([self.shape[0]], "the vector sizes")[0]
+
+        # the data: this rank's batches (the same rule as hessian(): one batch or a sequence)
+        self._split = BatchSplit(options.outputs, options.targets, options.causal_lm)
+        with torch.random.fork_rng(devices=[]):
+            self._data = BatchSource(
+                data, options.batch_size_fn, verify=options.check,
+                max_batches=options.max_batches, allow_empty=True,
+            )
+        mine = [self._data.num_batches, self._data.num_samples]
+        counts = comm.allreduce_ints([mine[0], -mine[0]], "the batch counts", op="max")
+        if counts[0] != -counts[1]:
+            raise ConfigurationError(
+                f"rank {comm.rank} holds {mine[0]} non-empty batches, but the ranks' counts "
+                f"range from {-counts[1]} to {counts[0]}: every FSDP backward is a collective, "
+                "so every rank must run the same number of batches. Give each rank the same "
+                "number of batches (a DistributedSampler with drop_last=True, or equal lists); "
+                "their sizes may differ"
+            )
+        self.num_batches, self.num_samples = comm.allreduce_ints(mine, "the sample counts")
+        if self.num_samples == 0:
+            from ..errors import EmptyDataError
+
+            raise EmptyDataError("no rank holds any sample: the Hessian of no data is undefined")
+        self.batch_sizes = tuple(self._data.sizes)
+        if self._data.num_samples > 0:
+            _, first = self._data.first()
+            self.loss_form, self.loss_form_reason = decide_loss_form(
+                loss_fn, options.loss_form, first, model, self._data.rule, [],
+                named_split=self._split.named,
+            )
+        else:  # unreachable with equal non-empty counts and N > 0; kept for clarity
+            self.loss_form, self.loss_form_reason = "criterion", "no batch on this rank"
+        found, where = loss_reduction(loss_fn)
+        self._data.set_reduction(found, where, options.loss_reduction)
+        self.loss_reduction = self._data.reduction
+        self.loss_reduction_reason = self._data.reduction_reason
+        self._wrapper = LossModule(model, loss_fn, self.loss_form, self._split)
+
+        # the copy the parameters are restored from (and checked against before a product)
+        with torch.no_grad():
+            self._theta = [t.detach().clone() for t in locals_]
+            self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        sq = sum(float(t.double().pow(2).sum()) for t in self._theta)
+        sq = float(comm.allreduce_sum_(torch.tensor([sq], dtype=torch.float64), "||theta||")[0])
+        self.theta_norm = math.sqrt(sq)
+        self.hvp_mode = "finite_difference"
+        self.hvp_mode_reason = (
+            "the model is sharded by FSDP (fully_shard): torch cannot differentiate it twice "
+            "(FSDP frees the gathered parameters and reduce-scatters gradients in hooks "
+            "outside autograd), so products are central differences of two FSDP gradients"
+        )
+        self.fd_step: float | None = None
+        self.fd_error: float | None = None
+        self.num_gradients = 0
+        self._check = options.check
+        self._symmetry: list[torch.Tensor] = []  # the first vectors and products (local)
+        warnings.warn(
+            f"hessfast: {self.hvp_mode_reason}; their relative error is estimated on the "
+            "first product (H.fd_error). Pass exact=True to refuse instead",
+            UserWarning, stacklevel=3,
+        )
+
+    # -- construction helpers ---------------------------------------------------------
+    @staticmethod
+    def _group_of(params: tuple[torch.Tensor, ...], names: list[str]) -> Any:
+        """The one process group all selected parameters are sharded over (dim 0 of a 1-D
+        mesh); anything else is refused."""
+        try:
+            from torch.distributed.tensor import DTensor, Shard
+        except ImportError as exc:  # pragma: no cover - FSDP2 implies DTensor
+            raise UnsupportedModelError(f"torch.distributed.tensor is unavailable: {exc}") from exc
+        groups = []
+        for name, p in zip(names, params, strict=True):
+            if not isinstance(p, DTensor):
+                raise UnsupportedModelError(
+                    f"parameter {name!r} is not sharded by fully_shard (a plain tensor in an "
+                    "FSDP model: its gradient is not reduced over the ranks). Apply fully_shard "
+                    "to the root module too (fully_shard(model) after its submodules), or "
+                    "select the sharded parameters only (params=)"
+                )
+            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                raise UnsupportedModelError(
+                    f"parameter {name!r} has placements {tuple(p.placements)} on a "
+                    f"{p.device_mesh.ndim}-D mesh: the finite-difference operator supports "
+                    "fully_shard on a 1-D mesh (Shard(0)) only, not HSDP or tensor parallelism"
+                )
+            groups.append(p.device_mesh.get_group())
+        if any(g is not groups[0] for g in groups):
+            raise UnsupportedModelError(
+                "the selected parameters are sharded over different process groups: the "
+                "finite-difference operator needs one mesh for the whole model"
+            )
+        return groups[0]
+
+    # -- the state the products leave as they found it --------------------------------
+    @contextmanager
+    def _passes(self) -> Iterator[None]:
+        """Modes, the user's ``.grad``, buffers and the RNG saved around a product; the
+        parameters' local shards restored from the copy (bit for bit)."""
+        all_params = list(self.model.parameters())
+        grads = [p.grad for p in all_params]
+        try:
+            for p in all_params:
+                p.grad = None
+            with torch.random.fork_rng(devices=self._rng_devices()), \
+                    model_modes(self.model, self.bn_mode):
+                yield
+        finally:
+            with torch.no_grad():
+                for p, theta in zip(self.params, self._theta, strict=True):
+                    p.to_local().copy_(theta)
+                for b, saved in self._buffers:
+                    b.copy_(saved)
+            for p, g in zip(all_params, grads, strict=True):
+                p.grad = g
+
+    def _rng_devices(self) -> list[int]:
+        if self.device.type == "cuda":
+            return [self.device.index if self.device.index is not None else 0]
+        return []
+
+    def _check_unchanged(self) -> None:
+        """Raise ParametersChangedError on every rank when some rank's shards differ from
+        the copy taken at construction (an optimizer step, a load)."""
+        changed = [
+            name for name, p, theta in zip(self.param_names, self.params, self._theta,
+                                          strict=True)
+            if not torch.equal(p.to_local(), theta)
+        ]
+        flags = self.shards.allreduce_ints([len(changed)], "the parameter check")
+        if flags[0]:
+            raise ParametersChangedError(
+                f"the model's parameters changed since the operator was built"
+                f"{' (on this rank: ' + ', '.join(changed[:4]) + ')' if changed else ''}: an "
+                "operator is the curvature at the parameters it was built at. Build a new "
+                "operator after an optimizer step or a load"
+            )
+
+    # -- one gradient at theta + step * v ---------------------------------------------
+    def _gradient(self, v: torch.Tensor, step: float) -> torch.Tensor:
+        """The FSDP gradient's local shards ``[n]`` (in ``self.dtype``) of the weighted loss
+        at ``theta + step * v`` (``v`` this rank's shards ``[n]``)."""
+        with torch.no_grad():
+            offset = 0
+            for p, theta, size in zip(self.params, self._theta, self.local_sizes, strict=True):
+                piece = v[offset:offset + size].view(theta.shape)
+                offset += size
+                # summed in float64 and rounded ONCE to the parameters' dtype
+                moved = theta.double() + step * piece.double()
+                p.to_local().copy_(moved.to(self.param_dtype))
+            for b, saved in self._buffers:
+                b.copy_(saved)
+            for p in self.model.parameters():
+                p.grad = None
+        world = self.shards.size
+        with torch.enable_grad():
+            for _, batch, weight in self._data:
+                loss = self._wrapper(batch)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ConfigurationError(
+                        f"loss_fn must return a scalar tensor, got "
+                        f"{getattr(loss, 'shape', type(loss).__name__)}"
+                    )
+                # FSDP averages over the ranks: R * weight makes the global sample mean
+                (loss * (world * weight * self._data.num_samples / self.num_samples)).backward()
+        self.num_gradients += 1
+        out = torch.empty(self.shape[0], dtype=self.dtype, device=self.device)
+        offset = 0
+        for p, size in zip(self.params, self.local_sizes, strict=True):
+            g = p.grad
+            if g is None:
+                out[offset:offset + size] = 0
+            else:
+                out[offset:offset + size] = g.to_local().reshape(-1).to(self.dtype)
+            offset += size
+        return out
+
+    def _central(self, v: torch.Tensor, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g(theta + e v) - g(theta - e v)) / 2e`` ``[n]`` and the gradient at theta,
+        ``(g+ + g-) / 2`` ``[n]`` (local shards)."""
+        plus = self._gradient(v, step)
+        minus = self._gradient(v, -step)
+        mean = (plus + minus).mul_(0.5)
+        return plus.sub_(minus).div_(2.0 * step), mean
+
+    def _estimate_error(self, v: torch.Tensor, hv: torch.Tensor, grad: torch.Tensor,
+                        step: float) -> float:
+        """The relative error of the product ``hv`` of ``v`` at step ``e`` from a second
+        product at ``2e`` (2 more gradients), with norms summed over the ranks."""
+        hv2, _ = self._central(v, 2.0 * step)
+        local = torch.stack([(hv2.double() - hv.double()).pow(2).sum(),
+                             hv.double().pow(2).sum(), grad.double().pow(2).sum()]).cpu()
+        diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in self.shards.allreduce_sum_(
+            local, "the finite-difference error estimate"))
+        return fd_relative_error(diff, size, step, g, self.param_dtype)
+
+    # -- the product --------------------------------------------------------------------
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` for this rank's shards ``V [k, n]``: 2 FSDP gradients per row."""
+        self._check_unchanged()
+        norms = row_dots(self, V, V).sqrt()  # [k], over all ranks
+        out = torch.empty_like(V)
+        with self._passes():
+            for i in range(V.shape[0]):
+                vn = float(norms[i])
+                if vn == 0.0:
+                    out[i] = 0
+                    continue
+                step = fd_step(self.theta_norm, vn, self.param_dtype)
+                self.fd_step = step * vn  # the step along the unit vector
+                out[i], grad = self._central(V[i], step)
+                if self.fd_error is None:
+                    self.fd_error = self._estimate_error(V[i], out[i], grad, step)
+        bad = int(not bool(torch.isfinite(out).all()))
+        if self.shards.allreduce_ints([bad], "the finiteness check")[0]:
+            raise NonFiniteError(
+                "a finite-difference product of the FSDP model is NaN or Inf (on "
+                f"{'this rank' if bad else 'another rank'}): the loss or its gradient "
+                "overflows near the parameters; check the loss at theta, or use float32"
+            )
+        if self._check and len(self._symmetry) < 4:
+            self._observe(V, out)
+        return out
+
+    def _observe(self, V: torch.Tensor, HV: torch.Tensor) -> None:
+        """The symmetry check of the first two vectors multiplied: ``u.(Hv) = v.(Hu)`` within
+        the finite-difference error."""
+        for i in range(V.shape[0]):
+            if len(self._symmetry) >= 4:
+                break
+            self._symmetry += [V[i].clone(), HV[i].clone()]
+        if len(self._symmetry) < 4:
+            return
+        u, hu, v, hv = (t.unsqueeze(0) for t in self._symmetry)
+        dots = row_dots(self, torch.cat([u, v, u, v, hu, hv]), torch.cat([hv, hu, u, v, hu, hv]))
+        uhv, vhu, uu, vv, hh_u, hh_v = (float(x) for x in dots)
+        self._symmetry = [torch.empty(0)] * 4  # done: keep no vectors
+        scale = math.sqrt(uu * hh_v) + math.sqrt(vv * hh_u)
+        eps = torch.finfo(self.param_dtype).eps
+        tol = SYMMETRY_SLACK * max(self.fd_error or 0.0, 64 * eps)
+        if abs(uhv - vhu) > tol * max(scale, 1e-300):
+            raise AsymmetricOperatorError(
+                f"the finite-difference Hessian of the FSDP model is not symmetric: "
+                f"|u.(Hv) - v.(Hu)| = {abs(uhv - vhu):.3g} against the scale {scale:.3g} "
+                f"(allowed {tol:.3g} relative, from the estimated error {self.fd_error:.3g}). "
+                "The loss is random (dropout in bn_mode='as_is', sampling) or the step is "
+                "too small for the dtype: make the loss deterministic or use float32/float64"
+            )
+
+    # -- the contract ---------------------------------------------------------------------
+    def state_fingerprint(self) -> dict[str, str]:
+        """This rank's part of the state: every selected parameter's local shard (shape,
+        dtype, SHA-256), the buffers, the loss and its reduction, ``bn_mode``, the data's
+        counts and this rank's batches' bits, and the rank's place in the group."""
+        self._check_unchanged()
+        loss = getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__qualname__)
+        out = {
+            "operator": type(self).__name__,
+            "rank": f"{self.shards.rank} of {self.shards.size}",
+            "params": digest_text(",".join(self.param_names)),
+            "loss": f"{getattr(self.loss_fn, '__module__', '')}.{loss}",
+            "loss_reduction": self.loss_reduction,
+            "bn_mode": str(self.bn_mode),
+            "data.batches": str(self.num_batches),
+            "data.samples": str(self.num_samples),
+            "data.contents": digest_text(repr(self._data.fingerprints)),
+        }
+        for name, theta in zip(self.param_names, self._theta, strict=True):
+            out[f"parameter:{name}"] = tensor_digest(theta)
+        for (name, _), (_, saved) in zip(self.model.named_buffers(), self._buffers,
+                                         strict=True):
+            out[f"buffer:{name}"] = tensor_digest(saved)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"FSDPHessian(n={self.shape[0]} of {self.global_size} on rank "
+                f"{self.shards.rank} of {self.shards.size}, dtype={self.dtype}, "
+                f"finite differences)")
