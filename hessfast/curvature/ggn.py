@@ -81,6 +81,14 @@ class GGNOperator(CurvatureOperator):
     def __init__(
         self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions
     ) -> None:
+        if options.hvp_mode == "finite_difference":
+            raise ConfigurationError(
+                "ggn() cannot use hvp_mode='finite_difference': a finite difference of "
+                "gradients is a Hessian-vector product, not a GGN one (J^T H_l J needs the "
+                "model's Jacobian, which gradients of the loss do not give). Use "
+                "hessian(..., hvp_mode='finite_difference') for the Hessian, or an exact "
+                "hvp_mode ('auto', 'reuse_graph', 'double_backward', 'fwd_rev') for the GGN"
+            )
         self._lm_head: nn.Module | None = options.lm_head
         super().__init__(model, loss_fn, data, options)
 
@@ -240,6 +248,7 @@ def ggn(  # noqa: D417
     targets: Callable[[Any], Any] | None = DEFAULTS.targets,
     causal_lm: bool = DEFAULTS.causal_lm,
     fused_loss: bool = DEFAULTS.fused_loss,
+    exact: bool = DEFAULTS.exact,
     lm_head: nn.Module | None = DEFAULTS.lm_head,
 ) -> GGNOperator:
     """The generalized Gauss-Newton ``J^T H_loss J`` of the mean loss (PSD for convex losses).

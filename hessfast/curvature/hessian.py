@@ -44,6 +44,7 @@ class HessianOperator(CurvatureOperator):
     """The Hessian of the sample-weighted mean loss over the selected parameters."""
 
     _kind = "Hessian"
+    _supports_fd = True
 
     def _build_wrappers(self) -> None:
         self._wrapper = LossModule(self.model, self.loss_fn, self.loss_form, self._batch_split)
@@ -84,6 +85,21 @@ class HessianOperator(CurvatureOperator):
         with torch.enable_grad():
             res = graph_vjp(outs, state.leaves, vs, retain=retain)
         return self._cat(res, c)
+
+    def _fd_gradient(
+        self, batch: Any, index: int, v: list[torch.Tensor], step: float
+    ) -> torch.Tensor:
+        # theta + step * v rounded ONCE to the parameters' dtype (summed in float64), as
+        # new tensors: the user's parameters are only read, never added to and restored
+        leaves = [
+            (p.detach().double() + step * x.double()).to(self.param_dtype).requires_grad_(True)
+            for p, x in zip(self._params, v, strict=True)
+        ]
+        with torch.enable_grad():
+            loss = self._call_loss(self._loss, index, leaves, batch)
+            check_loss(loss, index)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return self._cat(grads, 1)[0]
 
     def _fwd_rev_product(self, batch: Any, V: list[torch.Tensor]) -> torch.Tensor:
         primals = tuple(p.detach() for p in self._params)
@@ -130,6 +146,7 @@ def hessian(  # noqa: D417
     targets: Callable[[Any], Any] | None = DEFAULTS.targets,
     causal_lm: bool = DEFAULTS.causal_lm,
     fused_loss: bool = DEFAULTS.fused_loss,
+    exact: bool = DEFAULTS.exact,
 ) -> HessianOperator:
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 

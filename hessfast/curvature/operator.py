@@ -14,7 +14,7 @@ replaced by the next one (auto).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from .model import (
     unwrap_model,
 )
 from .options import CurvatureOptions
-from .plan import Planner
+from .plan import FD_MODE, Planner
 from .preflight import SymmetryProbe, preflight
 from .products import BatchProducts
 
@@ -81,13 +81,22 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         num_samples, num_batches: the data (empty batches not counted; of all ranks).
         batch_sizes: the samples of each of this process's batches, in data order (a
             tuple; empty batches included as 0).
-        hvp_mode, hvp_mode_reason: the path of the last product, and why.
+        hvp_mode, hvp_mode_reason: the path of the last product, and why
+            (``"finite_difference"`` when auto mode fell back to it: the reason names the
+            missing second derivative).
+        fd_step, fd_error: the finite-difference path's step for a unit vector
+            (:func:`~.finitediff.fd_step`) and the relative error of its products, measured
+            once on batch 0 with a second step (:func:`~.finitediff.fd_error`); set at
+            construction for ``hvp_mode="finite_difference"`` (with ``check=True``), before
+            the first product when auto mode falls back; None while the path has not run.
         loss_head, loss_head_reason: how the criterion's curvature w.r.t. the outputs is
             computed (``"autograd"`` or ``"fused cross-entropy (triton|torch)"``), and why.
         plans: the plan per block size used so far.
     """
 
     _kind = "curvature"
+    # may auto mode fall back to finite differences of gradients (the Hessian only)?
+    _supports_fd = False
     # the pre-flight (check=True) replaces the algorithms' one-time probe (hessfast._probe)
     checks_itself = True
 
@@ -162,8 +171,13 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             self._slots = tensor_slots(model)
             fixed_chunk = None if options.chunk_size is None else int(options.chunk_size)
             self._planner = Planner(
-                options.hvp_mode, fixed_chunk, options.reuse_graph, self._data.num_batches
+                options.hvp_mode, fixed_chunk, options.reuse_graph, self._data.num_batches,
+                exact=options.exact, fd_ok=self._supports_fd,
             )
+            # the finite-difference path's step for a unit vector and its relative error,
+            # measured before its first product (None while it has not run)
+            self.fd_step: float | None = None
+            self.fd_error: float | None = None
             # index -> (weight, graph state); batch 0's entry is shared with the pre-flight
             self._graph_cache: dict[int, tuple[float, Any]] = {}
             self._proven: set[str] = set()  # paths that completed a pass
@@ -185,6 +199,8 @@ class CurvatureOperator(BatchProducts, LinearOperator):
                 )
             if options.check and options.check_deterministic:
                 self._symmetry = SymmetryProbe(self._kind, self.compute_dtype)
+            if options.check and self._data.num_samples and self._planner.requested == FD_MODE:
+                self._fd_calibrate()  # H.fd_error from construction on
 
         agreed = self._ranks.settle(
             self.local_num_samples, self.local_num_batches, self.loss_form,
@@ -196,6 +212,8 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             self.compute_dtype = agreed.compute_dtype
             if self._symmetry is not None:
                 self._symmetry = SymmetryProbe(self._kind, agreed.compute_dtype)
+                if self.fd_error is not None:
+                    self._symmetry.relative_error = self.fd_error
         self._ranks.agree(self._kind, operator_entries(
             f"{type(self).__name__} n={self.shape[0]} {self.dtype}", self.param_names,
             self.loss_fn, options, self._fingerprint, self._buffers.saved,
@@ -328,16 +346,17 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         return []
 
     @contextmanager
-    def _guard(self) -> Iterator[None]:
+    def _guard(self, *, exact: bool = True) -> Iterator[None]:
         """Modes and differentiable kernels set and restored; the global RNG restored after
-        the block."""
+        the block. ``exact=False`` (the finite-difference path, first-order gradients only)
+        leaves the kernels as they are: fused attention and compiled code run."""
         devices = self._rng_devices(self.device)
-        with (
-            torch.random.fork_rng(devices=devices),
-            self._slot_guard.hold(),
-            model_modes(self.model, self.bn_mode),
-            twice_differentiable(),  # SDPA's math backend, compiled code run eagerly
-        ):
+        with ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            stack.enter_context(self._slot_guard.hold())
+            stack.enter_context(model_modes(self.model, self.bn_mode))
+            if exact:  # SDPA's math backend, compiled code run eagerly
+                stack.enter_context(twice_differentiable())
             yield
 
     def _sync(self) -> None:

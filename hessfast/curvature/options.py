@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ArgumentTypeError, ConfigurationError
 from .lossform import LOSS_FORMS
 from .model import BN_MODES
-from .plan import HVP_MODES
+from .plan import FD_MODE, HVP_MODES
 
 __all__ = [
     "DEFAULTS", "LOSS_REDUCTIONS", "OPTIONS_LINE", "CurvatureOptions", "options_doc", "options_of",
@@ -52,7 +52,16 @@ class CurvatureOptions:
     )
     hvp_mode: str = _option(
         "auto",
-        '``"auto"``, ``"reuse_graph"``, ``"double_backward"`` or ``"fwd_rev"``.',
+        '``"auto"``, ``"reuse_graph"``, ``"double_backward"``, ``"fwd_rev"`` or '
+        '``"finite_difference"``. The first four are exact; ``"finite_difference"`` '
+        "(the Hessian only) is central differences of two ordinary gradients per vector, "
+        "``(g(theta + e v) - g(theta - e v)) / 2e``, through perturbed copies of the "
+        "parameters: no second derivative, so fused attention kernels, compiled code and "
+        "custom Functions without a double backward run as in training; the step ``e`` from "
+        "``||theta||``, ``||v||`` and the compute dtype "
+        "(:func:`~hessfast.curvature.finitediff.fd_step`), the relative error measured once "
+        "and recorded as ``H.fd_error`` (about 1e-4 in float32, 1e-8 or better in float64, "
+        "1e-2 in bfloat16). ``\"auto\"`` never picks it while an exact path works.",
     )
     check: bool = _option(
         True,
@@ -136,6 +145,16 @@ class CurvatureOptions:
         "bf16/fp16 logits. ``False``: autograd. Recorded as ``H.loss_head`` with "
         "``H.loss_head_reason``.",
     )
+    exact: bool = _option(
+        False,
+        'exact products only: when the model has no exact second derivative (a custom '
+        "``autograd.Function`` without a differentiable backward, a kernel whose double "
+        'backward is not implemented), ``hvp_mode="auto"`` raises ``UnsupportedModelError`` '
+        "instead of falling back to ``finite_difference`` (which it does by default, with a "
+        'warning, ``H.hvp_mode == "finite_difference"`` and the cause in '
+        '``H.hvp_mode_reason``). ``exact=True`` with ``hvp_mode="finite_difference"`` is a '
+        "``ConfigurationError``.",
+    )
     lm_head: nn.Module | None = _option(
         None,
         "the GGN only (:func:`~hessfast.ggn`): the model's output ``nn.Linear`` (the criterion "
@@ -153,7 +172,7 @@ class CurvatureOptions:
                 raise ArgumentTypeError(
                     f"{name} must be a callable or None, got {type(fn).__name__}"
                 )
-        for flag in ("causal_lm", "fused_loss"):
+        for flag in ("causal_lm", "fused_loss", "exact"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigurationError(
                     f"{flag} must be True or False, got {getattr(self, flag)!r}"
@@ -167,6 +186,13 @@ class CurvatureOptions:
         if self.hvp_mode not in HVP_MODES:
             raise ConfigurationError(
                 f"hvp_mode must be one of {HVP_MODES}, got {self.hvp_mode!r}"
+            )
+        if self.exact and self.hvp_mode == FD_MODE:
+            raise ConfigurationError(
+                "hvp_mode='finite_difference' with exact=True: finite differences are not "
+                "exact (their error is recorded as H.fd_error). Drop exact=True to use them, "
+                "or pick an exact hvp_mode ('auto', 'reuse_graph', 'double_backward', "
+                "'fwd_rev')"
             )
         if self.bn_mode not in BN_MODES:
             raise ConfigurationError(f"bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}")

@@ -9,7 +9,13 @@ An explicit ``hvp_mode`` is used as given. ``hvp_mode="auto"`` decides per block
   rows in one batched call, or one by one) is timed once per k > 1;
 * larger k: graph reuse timed over chunk sizes; without reuse, ``double_backward`` and
   ``fwd_rev`` timed against each other (their results on the same vectors must agree);
-* ``fwd_rev`` alone when double backward cannot differentiate the model.
+* ``fwd_rev`` alone when double backward cannot differentiate the model;
+* ``finite_difference`` (central differences of two ordinary gradients per vector,
+  :mod:`.finitediff`) is NEVER timed or chosen while an exact path works: only when every
+  exact path failed because the model has no exact second derivative (a custom
+  ``autograd.Function`` without a differentiable backward, a kernel whose derivative is not
+  implemented), and only for an operator that can take it (the Hessian; ``exact=False``).
+  The switch warns (a ``UserWarning`` starting "hessfast:") and its reason is the plan's.
 
 So ``torch.func`` (1-2.5 s of one-time initialisation in a fresh process) is touched only
 when ``fwd_rev`` is requested, raced where it can win, or the only path left. The decision
@@ -23,6 +29,7 @@ it with fake ones (tests/curvature/test_plan_policy.py).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,10 +38,47 @@ import torch
 from ..errors import UnsupportedModelError
 from ..memory import available_memory
 
-__all__ = ["GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "TimePaths", "inplace_write_error"]
+__all__ = [
+    "EXACT_MODES", "FD_MODE", "GRAPH_MODES", "HVPPlan", "HVP_MODES", "Planner", "TimePaths",
+    "inplace_write_error", "no_second_derivative",
+]
 
-HVP_MODES = ("auto", "reuse_graph", "double_backward", "fwd_rev")
+HVP_MODES = ("auto", "reuse_graph", "double_backward", "fwd_rev", "finite_difference")
 GRAPH_MODES = ("reuse_graph", "double_backward")
+#: The exact paths (autograd's second derivative); ``finite_difference`` is not one.
+EXACT_MODES = ("reuse_graph", "double_backward", "fwd_rev")
+FD_MODE = "finite_difference"
+
+# What torch and hessfast say when a second derivative does not exist (as opposed to a path
+# that fails for another reason): auto mode falls back to finite differences only on these.
+_NO_SECOND_DERIVATIVE = (
+    "not implemented",
+    "once_differentiable",
+    "differentiate twice",
+    "no usable second derivative",
+    "setup_context",
+    "forward-mode",
+    "forward mode",
+    "jvp",
+    "double backward",
+    "does not support",
+    "doesn't support",
+)
+
+
+def no_second_derivative(exc: BaseException) -> bool:
+    """Does ``exc`` (or an exception it chains) say that the model has no exact second
+    derivative (double backward or forward-mode AD not implemented for one of its ops, a
+    custom Function marked ``once_differentiable`` or without a differentiable backward)?"""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur).lower()
+        if any(mark in text for mark in _NO_SECOND_DERIVATIVE):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 # Chunk sizes (rows of V per batched call) that auto mode tries for k > REUSE_WITHOUT_TIMING.
 # Larger chunks amortise per-call overhead but grow activation memory linearly; on the 2-core
@@ -69,7 +113,8 @@ class HVPPlan:
     """What the operator does for blocks of k vectors, and why.
 
     Attributes:
-        mode: the product path, one of ``reuse_graph``, ``double_backward``, ``fwd_rev``.
+        mode: the product path, one of ``reuse_graph``, ``double_backward``, ``fwd_rev``,
+            ``finite_difference``.
         chunk: rows of a block per batched call.
         seconds_per_vector: the timings auto mode chose from (``"mode/chunk=c"`` -> s).
         reason: why this path.
@@ -123,13 +168,22 @@ class Planner:
         fixed_chunk: ``chunk_size`` if given.
         reuse: ``reuse_graph`` if given (forces graph reuse on or off in auto mode).
         num_batches: batches in the data.
+        exact: ``exact=True``: auto mode refuses instead of falling back to finite
+            differences.
+        fd_ok: may this operator fall back to finite differences (the Hessian: yes; the
+            GGN: no, a difference of gradients is the Hessian).
     """
 
     def __init__(
-        self, requested: str, fixed_chunk: int | None, reuse: bool | None, num_batches: int
+        self, requested: str, fixed_chunk: int | None, reuse: bool | None, num_batches: int,
+        *, exact: bool = False, fd_ok: bool = False,
     ) -> None:
         self.requested = requested
         self.fixed_chunk = fixed_chunk
+        self.exact = exact
+        self.fd_ok = fd_ok
+        # auto mode fell back to finite differences: why (None while an exact path works)
+        self.fallback: str | None = None
         self.plans: dict[int, HVPPlan] = {}
         # path -> why it cannot be used (it failed, or disagrees with double backward)
         self.unavailable: dict[str, str] = {}
@@ -146,7 +200,7 @@ class Planner:
     @property
     def needs_graph_size(self) -> bool:
         """Is the size of batch 0's graph still needed to decide on graph reuse?"""
-        return self.fits is None
+        return self.fits is None and self.fallback is None
 
     @property
     def keeps_graphs(self) -> bool:
@@ -180,6 +234,13 @@ class Planner:
         if inplace is not None:  # the forward's fault, not the path's: no fallback
             raise inplace from exc
         why = f"{type(exc).__name__}: {exc}"
+        if mode == FD_MODE:
+            raise UnsupportedModelError(
+                "hvp_mode='finite_difference' needs ordinary gradients of the loss, which "
+                f"fail here: {why}. Fix the forward/backward (one loss.backward() must run)"
+            ) from exc
+        if self.requested == FD_MODE:  # never reached: the FD path runs no exact product
+            raise UnsupportedModelError(f"finite differences failed: {why}") from exc
         if self.requested == "fwd_rev":
             raise UnsupportedModelError(
                 f"hvp_mode='fwd_rev' fails on this model: {why}; use "
@@ -192,6 +253,9 @@ class Planner:
             ) from exc
         self.mark_unavailable(mode, why)
         if all(m in self.unavailable for m in ("double_backward", "fwd_rev")):
+            if self.fallback is None and no_second_derivative(exc):
+                self._fall_back(exc)
+                return
             raise UnsupportedModelError(
                 "neither double backward nor torch.func forward-over-reverse can "
                 "differentiate this model twice: "
@@ -199,7 +263,45 @@ class Planner:
                 + ". Common fixes: inplace=False on activations; "
                 "torch.backends.cudnn.flags(enabled=False) for RNNs; the math SDPA "
                 "backend for attention; checkpoint(use_reentrant=False)"
+                + ("; hessian(..., hvp_mode='finite_difference') needs only gradients"
+                   if self.fd_ok and not self.exact else "")
             ) from exc
+
+    def _fall_back(self, exc: BaseException) -> None:
+        """Every exact path failed for want of a second derivative: finite differences, or
+        (``exact=True``, or an operator without them) the refusal naming the cause."""
+        causes = "; ".join(f"{m}: {self.unavailable[m][:300]}"
+                           for m in ("double_backward", "fwd_rev"))
+        if not self.fd_ok:
+            raise UnsupportedModelError(
+                "no exact second derivative exists for this model, so neither double "
+                f"backward nor forward-over-reverse can compute its products ({causes}). "
+                "The GGN has no finite-difference path (a difference of gradients is the "
+                "Hessian): use hessian(..., hvp_mode='finite_difference'), or give the model "
+                "twice-differentiable layers"
+            ) from exc
+        if self.exact:
+            raise UnsupportedModelError(
+                f"no exact second derivative exists for this model ({causes}), and "
+                "exact=True refuses the finite-difference fallback. Fix: exact=False (the "
+                "default) lets hvp_mode='auto' use central differences of two gradients per "
+                "product, with their error recorded as H.fd_error; or give the model "
+                "twice-differentiable layers"
+            ) from exc
+        self.fallback = (
+            "auto: finite differences, because no exact second derivative exists ("
+            + causes + ")"
+        )
+        self.plans = {}
+        warnings.warn(
+            "hessfast: this model has no exact second derivative (double backward and "
+            "forward-over-reverse both fail: "
+            + "; ".join(f"{m}: {self.unavailable[m][:160]}"
+                        for m in ("double_backward", "fwd_rev"))
+            + "), so hvp_mode='auto' uses finite differences of two gradients per product; "
+            "their relative error is recorded as H.fd_error. exact=True refuses instead",
+            UserWarning, stacklevel=2,
+        )
 
     def check_agreement(
         self, ref: torch.Tensor, fwd_rev: torch.Tensor, dtype: torch.dtype
@@ -241,6 +343,9 @@ class Planner:
             if self.requested != "auto":
                 chunk = self.fixed_chunk or min(k, MAX_CHUNK)
                 self.plans[k] = HVPPlan(self.requested, chunk, reason="requested")
+            elif self.fallback is not None:
+                chunk = self.fixed_chunk or min(k, MAX_CHUNK)
+                self.plans[k] = HVPPlan(FD_MODE, chunk, reason=self.fallback)
             else:
                 self.plans[k] = self._auto_plan(k, time, timed_on, release)
         return self.plans[k]

@@ -34,7 +34,12 @@ first-order graph (which graph reuse keeps, so it is built once):
   (:func:`.forwardcheck.check_small_batches`). These two checks cost one more forward of
   batch 0, only when a parameter gets no gradient or a batch holds one sample;
 * with ``hvp_mode="fwd_rev"`` (or when double backward cannot build the graph), one
-  forward-over-reverse product runs and, where double backward works, must agree with it.
+  forward-over-reverse product runs and, where double backward works, must agree with it;
+* with ``hvp_mode="finite_difference"`` no second derivative is needed: a graph that double
+  backward cannot build and a custom Function with a flat backward are accepted, and the
+  operator measures the finite-difference error (``H.fd_error``) right after these checks.
+  In auto mode such a Function makes the exact paths unusable, so the planner falls back
+  to finite differences (with a warning; ``exact=True`` refuses).
 
 On the first products, at no extra product:
 
@@ -42,7 +47,8 @@ On the first products, at no extra product:
   parameters whose rows hold the NaN/Inf: a second derivative that is not finite where
   the gradient is, ``|w|**1.5`` at 0, or any NaN in the GGN);
 * the operator is symmetric: :class:`SymmetryProbe` compares ``u.(Hv)`` with ``v.(Hu)`` for
-  the first two non-parallel vectors multiplied, which catches a loss that is not a fixed
+  the first two non-parallel vectors multiplied (finite differences: within their recorded
+  error, ``FD_SYMMETRY_FACTOR * fd_error``), which catches a loss that is not a fixed
   function of the parameters (in-place state updates, a custom ``autograd.Function`` whose
   backward is not its derivative).
 
@@ -65,6 +71,7 @@ from ..errors import (
     LossError,
     NonDeterministicError,
     NonFiniteError,
+    UnsupportedModelError,
 )
 from .forwardcheck import (
     GraphWatch,
@@ -75,7 +82,7 @@ from .forwardcheck import (
     shown_names,
 )
 from .model import active_stochastic_modules
-from .plan import AGREE_EPS
+from .plan import AGREE_EPS, FD_MODE
 
 if TYPE_CHECKING:
     from ._contract import CheckedOperator
@@ -86,6 +93,9 @@ __all__ = ["SymmetryProbe", "check_finite", "check_loss", "preflight"]
 REPEAT_EPS = 1e3
 # Vectors closer to parallel than this (|cos|) make a vacuous symmetry test: wait for others.
 PARALLEL_COS = 0.99
+# Finite-difference products: u.(Hv) and v.(Hu) may differ by this many times their recorded
+# relative error (op.fd_error) of ||u|| ||Hv|| (Cauchy-Schwarz on the products' errors).
+FD_SYMMETRY_FACTOR = 4.0
 
 
 def preflight(
@@ -145,9 +155,19 @@ def _checks(
     except HessfastError:
         raise
     except Exception as exc:  # noqa: BLE001 - double backward cannot even start
-        path_failed("double_backward", exc)
+        if requested != FD_MODE:  # finite differences need no second derivative
+            path_failed("double_backward", exc)
     compute_dtype = watch.compute_dtype
-    check_custom_functions(op, watch)
+    if requested != FD_MODE:  # a Function's flat backward is right for a first derivative
+        try:
+            check_custom_functions(op, watch)
+        except UnsupportedModelError as exc:
+            if requested != "auto":
+                raise
+            # no exact path can be right through it: auto mode falls back to finite
+            # differences (or refuses: exact=True, the GGN)
+            path_failed("double_backward", exc)
+            path_failed("fwd_rev", exc)
     if check_deterministic:
         first = state.loss if state is not None else op.loss_value(batch, index)
         _check_repeatable(op, compute_dtype, first, op.loss_value(batch, index), index)
@@ -155,7 +175,7 @@ def _checks(
         check_graph_structure(op, state, batch, index, stacklevel=6)
         _check_finite_gradient(op, state, index)
     check_small_batches(op, batch, index)
-    if requested == "fwd_rev" or state is None:
+    if requested == "fwd_rev" or (state is None and requested != FD_MODE):
         _check_fwd_rev(op, batch, index, state, compute_dtype, path_failed, check_agreement)
     return compute_dtype
 
@@ -304,6 +324,11 @@ class SymmetryProbe:
     Args:
         kind: the operator's name for messages ("Hessian", "GGN").
         dtype: the least precise dtype the model computes in (``op.compute_dtype``).
+
+    Attributes:
+        relative_error: the products' recorded relative error (finite differences:
+            ``op.fd_error``; 0 for the exact paths): the tolerance grows by
+            ``FD_SYMMETRY_FACTOR * relative_error * max(||u|| ||Hv||, ||v|| ||Hu||)``.
     """
 
     def __init__(self, kind: str, dtype: torch.dtype) -> None:
@@ -312,6 +337,7 @@ class SymmetryProbe:
         self._eps = torch.finfo(dtype).eps
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
         self.done = False
+        self.relative_error = 0.0
 
     def observe(self, V: torch.Tensor, HV: torch.Tensor) -> None:
         """Look at a block ``V: [k, n]`` and its products ``HV: [k, n]``."""
@@ -343,6 +369,10 @@ class SymmetryProbe:
         bound = max(u.norm().item() * hv.abs().max().item(),
                     v.norm().item() * hu.abs().max().item())
         tol = AGREE_EPS * self._eps * math.sqrt(u.numel()) * bound
+        if self.relative_error:
+            tol += FD_SYMMETRY_FACTOR * self.relative_error * max(
+                u.norm().item() * hv.norm().item(), v.norm().item() * hu.norm().item()
+            )
         if abs(uHv - vHu) > tol:
             raise AsymmetricOperatorError(
                 f"u.(Hv) = {uHv:.9g} but v.(Hu) = {vHu:.9g} for the first two vectors "

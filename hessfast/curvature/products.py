@@ -7,7 +7,14 @@ reported for an explicit ``hvp_mode`` or replaced by the next one in auto mode).
 
 :class:`BatchProducts` is a mixin of :class:`~hessfast.curvature.operator.CurvatureOperator`;
 it uses the operator's data source, planner, guard and the subclass's batch-level pieces
-(``_graph``, ``_graph_product``, ``_fwd_rev_product``).
+(``_graph``, ``_graph_product``, ``_fwd_rev_product``, ``_fd_product``).
+
+The finite-difference path (``hvp_mode="finite_difference"``, or auto mode's fallback when
+no exact second derivative exists) runs outside the exact paths' guard: no ``create_graph``,
+no forced math SDPA backend, compiled code as compiled. Its step comes from
+:func:`.finitediff.fd_step`, and its error is measured once, before its first product, on
+batch 0 with a second step (:meth:`BatchProducts._fd_calibrate`: 4 gradients), recorded as
+``fd_step`` / ``fd_error`` and given to the symmetry check as its tolerance.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from .._checks import probe_generator
 from ..errors import HessfastError
 from ..memory import measure_saved
 from .data import to_device
-from .plan import HVPPlan
+from .finitediff import fd_error, fd_step
+from .plan import FD_MODE, HVPPlan
 from .preflight import check_finite
 
 __all__ = ["BatchProducts", "ChunkProduct"]
@@ -49,6 +57,10 @@ class BatchProducts:
     compute_dtype: torch.dtype
     hvp_mode: str
     hvp_mode_reason: str
+    fd_step: float | None
+    fd_error: float | None
+    _symmetry: Any
+    _params: Any
 
     # -- graphs --------------------------------------------------------------------------
     def _batch0(self) -> tuple[int, Any]:
@@ -94,6 +106,8 @@ class BatchProducts:
             return self._graph_product(self._first_graph(), V, retain=True)
         if mode == "double_backward":
             return self._graph_product(self._graph(batch, index), V, retain=False)
+        if mode == FD_MODE:
+            return self._fd_product(batch, index, V)
         return self._fwd_rev_product(batch, V)
 
     # -- timings (what auto mode's planner decides from) ---------------------------------
@@ -169,6 +183,9 @@ class BatchProducts:
         while True:
             plan = self._plan_for(k)
             try:
+                if plan.mode == FD_MODE and self.fd_error is None:
+                    self.free_graphs()  # an exact path's graphs are of no use from here on
+                    self._fd_calibrate()
                 out = self._run(plan, V)
                 break
             except (HessfastError, MemoryError, torch.cuda.OutOfMemoryError):
@@ -191,7 +208,7 @@ class BatchProducts:
         k = V.shape[0]
         out = self._zeros(k)
         chunk = max(1, min(plan.chunk, k))
-        with self._guard():
+        with self._guard(exact=plan.mode != FD_MODE):
             for index, weight, product in self._batch_products(plan.mode):
                 for a in range(0, k, chunk):
                     part = product(self._split(V[a : a + chunk]), a + chunk >= k)
@@ -209,10 +226,76 @@ class BatchProducts:
             return
         for index, batch, weight in self._data:
             batch = to_device(batch, self.device)
-            if mode == "double_backward":
+            if mode == FD_MODE:
+                yield index, weight, lambda Vs, last, b=batch, i=index: self._fd_product(
+                    b, i, Vs
+                )
+            elif mode == "double_backward":
                 state = self._graph(batch, index)
                 yield index, weight, lambda Vs, last, s=state: self._graph_product(
                     s, Vs, retain=not last
                 )
             else:
                 yield index, weight, lambda Vs, last, b=batch: self._fwd_rev_product(b, Vs)
+
+    # -- finite differences ------------------------------------------------------------
+    def _theta_norm(self) -> float:
+        """``||theta||`` of the selected parameters (float64 sums; the operator is a
+        snapshot, so it is computed once)."""
+        cached = getattr(self, "_theta_norm_cache", None)
+        if cached is None:
+            sq = sum(float(p.detach().double().pow(2).sum()) for p in self._params)
+            cached = self._theta_norm_cache = math.sqrt(sq)
+        return cached
+
+    def _fd_row(
+        self, batch: Any, index: int, v: list[torch.Tensor], step: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g(theta + e v) - g(theta - e v)) / 2e`` and ``(g(+) + g(-)) / 2`` of one batch
+        for one vector (per parameter ``[*shape]``), flat ``[n]`` in the operator's dtype."""
+        gp = self._fd_gradient(batch, index, v, step)
+        gm = self._fd_gradient(batch, index, v, -step)
+        return (gp - gm).div_(2.0 * step), (gp + gm).mul_(0.5)
+
+    def _fd_gradient(
+        self, batch: Any, index: int, v: list[torch.Tensor], step: float
+    ) -> torch.Tensor:
+        """The batch's gradient at ``theta + step * v`` (flat ``[n]``, operator dtype),
+        through perturbed COPIES of the parameters: the user's tensors are only read."""
+        raise NotImplementedError
+
+    def _fd_product(self, batch: Any, index: int, V: list[torch.Tensor]) -> torch.Tensor:
+        """Central-difference products of one batch with a chunk ``V`` (per parameter
+        ``[c, *shape]``): two gradients per row, each row its own step
+        (:func:`.finitediff.fd_step` of ``||theta||``, the row's norm and the compute
+        dtype). Returns ``[c, n]``."""
+        c = V[0].shape[0]
+        out = self._zeros(c)
+        theta = self._theta_norm()
+        for j in range(c):
+            row = [x[j] for x in V]
+            norm = math.sqrt(sum(float(x.double().pow(2).sum()) for x in row))
+            if norm == 0.0:
+                continue  # H 0 = 0
+            out[j] = self._fd_row(batch, index, row, fd_step(theta, norm, self.compute_dtype))[0]
+        return out
+
+    def _fd_calibrate(self) -> None:
+        """Measure the finite-difference error once: batch 0, a seeded random unit vector,
+        the products at the step ``e`` and at ``2e`` (4 gradients); sets ``fd_step`` (the
+        step of a unit vector) and ``fd_error`` (:func:`.finitediff.fd_error`), which the
+        symmetry check's tolerance takes."""
+        index, batch = self._batch0()
+        gen = probe_generator(4321)
+        v = torch.randn(self.shape[0], generator=gen, dtype=torch.float64)
+        v = (v / v.norm()).to(self.dtype).to(self.device)
+        Vs = [x[0] for x in self._split(v.unsqueeze(0))]
+        step = fd_step(self._theta_norm(), 1.0, self.compute_dtype)
+        with self._guard(exact=False):
+            hv, g = self._fd_row(batch, index, Vs, step)
+            hv2, _ = self._fd_row(batch, index, Vs, 2.0 * step)
+        check_finite(hv.unsqueeze(0), index, self._kind, self.param_names, self._split)
+        self.fd_step = step
+        self.fd_error = fd_error(hv, hv2, step, float(g.double().norm()), self.compute_dtype)
+        if self._symmetry is not None:
+            self._symmetry.relative_error = self.fd_error
