@@ -25,6 +25,28 @@ What is exact and what is a model:
   working dtype in row chunks of ``_reference.CAST_CHUNK_BYTES`` (64 MiB): that transient is
   counted (at most one chunk, or the whole basis when smaller).
 
+Extra bytes per parameter of each Krylov mode (``krylov=``), beyond the model's own state
+(parameters, buffers, the product's activations), for an fp32 model (float32 vectors, 4 bytes
+each; double every figure for float64); k pairs, block size b, P probes, m steps:
+
+=================================  ============================  ==========================
+mode                               vectors of n                  bytes / parameter (fp32)
+=================================  ============================  ==========================
+eigsh full (default basis 32 rows) ``max_basis + 3b + k + 2b``   152 (k = b = 1)
+eigsh / lambda_max lean, k = 1     3 working + 1 product (+1 y)  16 (20 with eigenvectors)
+eigsh lean k > 1 (restarted)       ``(k+2b+4) + 3b + k + 2b``    84 (k = 5, b = 1)
+power iteration                    3 working + 2                 20
+SLQ full (one group)               ``P m + 4P + 2P``             ``4 (P m + 6P)``
+SLQ lean (probes one at a time)    3 working + 1 product         16, any P and m
+=================================  ============================  ==========================
+
+So lambda_max and the density run in 4 parameter-sized vectors in the lean mode (the target
+was <= 6); tests/lanczos/test_lean.py counts the live ``[*, n]`` tensors during the products
+and finds at most 4 (lean lambda_max) and 5 (lean SLQ, the probe included). With vectors
+sharded over R ranks (``A.shards``: an FSDP model) each rank holds ``1/R`` of each vector.
+The float64 tridiagonal T stays on the CPU (``16 m`` bytes per probe; lean eigsh's ``eigh``
+of ``T_m`` is ``8 m^2`` transient).
+
 "Capacity" is the device's free memory plus what the plan already finds resident there (the
 model's parameters and buffers), or ``available=`` when given (plan for another machine).
 """
@@ -47,12 +69,17 @@ from .linop import LinearOperator
 from .ops import CAST_CHUNK_BYTES
 from .results import JsonResult, Status
 
-__all__ = ["ALGORITHMS", "MemoryItem", "MemoryPlan", "available_memory", "choose_basis",
-           "estimate_memory", "graph_bytes", "measure_saved"]
+__all__ = ["ALGORITHMS", "KRYLOV", "MemoryItem", "MemoryPlan", "available_memory",
+           "choose_basis", "estimate_memory", "full_basis_fits", "graph_bytes",
+           "measure_saved"]
 
 T = TypeVar("T")
 
 ALGORITHMS = ("eigsh", "slq", "kpm", "trace", "power")
+#: the Krylov memory modes of eigsh / lambda_max / spectral_density (module docstring)
+KRYLOV = ("auto", "full", "lean")
+#: rows the restarted lean eigsh basis holds beyond k + 2 block_size
+LEAN_EXTRA_ROWS = 4
 #: Product peak in units of the measured saved bytes S: S (ACT_BASE + ACT_PER_ROW c).
 ACT_BASE = 2.5
 ACT_PER_ROW = 1.4
@@ -209,7 +236,8 @@ class MemoryPlan(JsonResult):
 
     def __str__(self) -> str:
         head = (
-            f"memory plan: {self.algorithm}, n={self.n:,}, device={self.device}, basis "
+            f"memory plan: {self.algorithm} (krylov={self.settings.get('krylov', 'full')}), "
+            f"n={self.n:,}, device={self.device}, basis "
             f"{str(self.basis_dtype).replace('torch.', '')} on {self.basis_device}"
             f"{' (pinned)' if self.pinned else ''}, world_size={self.world_size}"
             f"{' (sharded basis)' if self.basis_sharding else ''}"
@@ -239,6 +267,15 @@ def _model_bytes(model: nn.Module | None) -> tuple[int, int, torch.device | None
 def _rows(alg: str, s: dict[str, Any], n: int, wb: int, bb: int) -> tuple[int, int, int]:
     """(basis rows, working rows in the working dtype, product rows) of a run at size n."""
     P = s["num_probes"]
+    lean = s.get("krylov") == "lean"
+    if alg == "eigsh" and lean and s["k"] == 1:  # q_prev, q, w (+ y); the product's output
+        return 0, 3 + bool(s.get("vectors", False)), 1
+    if alg == "slq" and lean:  # one probe at a time: q, q_prev, w, and the product's output
+        return 0, 3, 1
+    if alg == "eigsh" and lean:  # thick restart on a small basis
+        k, b = s["k"], s["block_size"]
+        cap = s["max_basis"] or k + 2 * b + LEAN_EXTRA_ROWS
+        return min(cap, n), 3 * b + k, 2 * b
     if alg == "eigsh":
         k, b = s["k"], s["block_size"]
         return min(s["max_basis"] or max(2 * k + 2 * b, 32), n), 3 * b + k, 2 * b
@@ -263,14 +300,26 @@ def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
     items = [MemoryItem("parameters", int(params[0] * scale) + 3 * int(params[1] * scale),
                         "device", what if params[0] else "not known")]
     brows, vrows, drows = _rows(alg, s, n, wb, bb)
+    lean = s.get("krylov") == "lean"
     rows_note = {"eigsh": "max_basis rows", "slq": "probes x steps rows (one group)"}
-    items.append(MemoryItem("basis", brows * shard * bb, where_b, rows_note.get(alg, "none")))
-    items.append(MemoryItem("working vectors", vrows * n * wb,
-                            where_b if alg == "eigsh" else "device", f"{vrows} rows"))
-    items.append(MemoryItem("vectors", drows * n * a_bytes, "device",
-                            f"{drows} rows: block and product"))
-    items.append(MemoryItem("scratch", min(SCRATCH_BYTES, max(brows, 1) * n * wb), where_b,
-                            "restart / QR chunks"))
+    note = "none (krylov='lean')" if lean and not brows else rows_note.get(alg, "none")
+    if lean and brows:
+        note = f"{brows} rows (krylov='lean': restarted)"
+    # lean vectors of an operator sharded over ranks (A.shards, or basis_sharding=True of a
+    # planned FSDP run): each rank holds the largest slice of every vector
+    vn = shard if lean and s["basis_sharding"] else n
+    items.append(MemoryItem("basis", brows * shard * bb, where_b, note))
+    per = (vrows * wb + drows * a_bytes) / max(a_bytes, 1)
+    items.append(MemoryItem("working vectors", vrows * vn * wb,
+                            where_b if alg == "eigsh" else "device",
+                            f"{vrows} rows" + (f" (lean: {per:.3g} parameter-sized vectors "
+                                               "with the product's)" if lean else "")))
+    items.append(MemoryItem("vectors", drows * vn * a_bytes, "device",
+                            f"{drows} rows: block and product" if not lean or brows
+                            else f"{drows} row: the product"))
+    if not (lean and not brows):
+        items.append(MemoryItem("scratch", min(SCRATCH_BYTES, max(brows, 1) * n * wb),
+                                where_b, "restart / QR chunks"))
     if brows and bdtype != w and bdev.type == "cuda" and ops._pick("reorthogonalize", bdev) \
             == "reference":
         cast = (brows if alg == "eigsh" else min(s["num_steps"], n)) * shard * wb
@@ -280,6 +329,9 @@ def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
     items.append(MemoryItem("activations", act or 0, "device", act_note))
     if alg in ("eigsh", "slq"):
         side = brows * brows * 8 if alg == "eigsh" else 16 * brows
+        if lean and not brows:  # T grows: max_matvecs (eigsh) or num_steps (slq) steps
+            steps = s["num_steps"] if alg == "slq" else s.get("max_matvecs") or 1000
+            side = 16 * steps * (steps if alg == "eigsh" else 1)
         items.append(MemoryItem("projection", side, "host" if dev.type != "cpu" else "device",
                                 "float64 T / coefficients on the CPU"))
     caps = {k: v for k, v in capacity.items() if k == "device" or where_b == "host"}
@@ -315,6 +367,7 @@ def estimate_memory(
     basis_sharding: bool = False,
     available: int | None = None,
     measure: bool = True,
+    krylov: str = "auto",
 ) -> MemoryPlan:
     """The memory plan of a run, before running it (see the module docstring).
 
@@ -343,10 +396,21 @@ def estimate_memory(
         available: capacity in bytes of the operator's device (default: free now plus the
             plan's resident parameters); plan for another machine by giving it.
         measure: False skips the activation measurement.
+        krylov: the Krylov mode planned (``eigsh``/``lambda_max`` and ``slq``): ``"full"``
+            (the basis above), ``"lean"`` (eigsh k = 1 and SLQ: no basis, 3 working vectors
+            and the product's; eigsh k > 1: a restarted basis of ``k + 2 block_size + 4``
+            rows) or ``"auto"`` (default): the full plan when it fits, else the lean one, as
+            the runs choose. The table's working-vectors row states the lean vectors per
+            parameter; ``plan.settings["krylov"]`` says which mode was planned. With
+            ``basis_sharding=True`` (an operator whose vectors are sharded over
+            ``world_size`` ranks, e.g. FSDP) the lean vectors are each rank's slice.
 
     Returns:
         :class:`MemoryPlan` (``print(plan)`` shows the table).
     """
+    if krylov not in KRYLOV:
+        raise ConfigurationError(f"estimate_memory: krylov must be one of {KRYLOV}, got "
+                                 f"{krylov!r}")
     algorithm = {"lambda_max": "eigsh", "spectral_density": "slq"}.get(algorithm, algorithm)
     if algorithm not in ALGORITHMS:
         raise ConfigurationError(
@@ -374,7 +438,9 @@ def estimate_memory(
     b = block_size or (1 if dev.type == "cpu" else min(k, 4))
     s = dict(k=k, block_size=b, max_basis=max_basis, num_steps=num_steps,
              num_probes=num_probes, reorth=reorth, world_size=world_size,
-             basis_sharding=basis_sharding)
+             basis_sharding=basis_sharding, krylov="full" if krylov == "auto" else krylov)
+    if isinstance(A, LinearOperator) and A.shards is not None:
+        s["krylov"] = "lean"  # whole vectors are refused on shards; n is the local share
     pb, bufb, mdev = _model_bytes(model)
     quad = model is None and isinstance(getattr(A, "matrix", None), torch.Tensor)
     if quad:
@@ -385,8 +451,13 @@ def estimate_memory(
     cap = {"device": available if available is not None else available_memory(dev) + resident}
     cap["host"] = available_memory(torch.device("cpu"))
     pinned = bdev.type == "cpu" and dev.type == "cuda"
-    return _build(n, algorithm, s, w, _size(dtype), dev, bdev, bdtype, pinned, params, act,
+    plan = _build(n, algorithm, s, w, _size(dtype), dev, bdev, bdtype, pinned, params, act,
                   note, cap, resident)
+    if krylov == "auto" and algorithm in ("eigsh", "slq") and not plan.fits \
+            and s["krylov"] == "full":
+        plan = _build(n, algorithm, dict(s, krylov="lean"), w, _size(dtype), dev, bdev,
+                      bdtype, pinned, params, act, note, cap, resident)
+    return plan
 
 
 def _activations(A: Any, model: nn.Module | None, measure: bool, b: int
@@ -420,6 +491,23 @@ def graph_bytes(H: LinearOperator) -> int:
     return H.saved_bytes() or 0
 
 
+def full_basis_fits(A: LinearOperator, algorithm: str, **settings: Any) -> tuple[bool, str]:
+    """Does the full Krylov basis fit in the default storage (the working dtype on the
+    operator's device)? ``(fits, why)`` with ``why`` the needed and available bytes: the
+    ``krylov="auto"`` decision of eigsh and SLQ. Activations are measured only when the
+    basis needs more than 1/MEASURE_FRACTION of the capacity (as :func:`choose_basis`)."""
+    dev = torch.device(A.device)
+    w = work_dtype(A.dtype)
+    kw = dict(settings, basis_dtype=w, basis_device=dev, krylov="full")
+    p = estimate_memory(A, algorithm, measure=False, **kw)
+    if p.fits and p.basis <= p.capacity["device"] // MEASURE_FRACTION:
+        return True, ""
+    p = estimate_memory(A, algorithm, measure=True, **kw)
+    why = (f"{_fmt(p.total())} needed with a {_fmt(p.basis)} basis in "
+           f"{str(w).replace('torch.', '')} on {dev}, {_fmt(p.capacity['device'])} capacity")
+    return p.fits, why
+
+
 def choose_basis(A: LinearOperator, algorithm: str, basis_dtype: torch.dtype | None,
                  basis_device: torch.device | None, who: str, **settings: Any
                  ) -> tuple[torch.dtype | None, torch.device | None, bool]:
@@ -439,6 +527,8 @@ def choose_basis(A: LinearOperator, algorithm: str, basis_dtype: torch.dtype | N
     devs = [basis_device] if basis_device is not None else list(
         dict.fromkeys([dev, torch.device("cpu")]))
     cands = [(d, v) for v in devs for d in dtypes]
+
+    settings = dict(settings, krylov=settings.get("krylov", "full"))
 
     def plan(d: torch.dtype, v: torch.device, measure: bool) -> MemoryPlan:
         return estimate_memory(A, algorithm, basis_dtype=d, basis_device=v, measure=measure,

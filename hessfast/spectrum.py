@@ -6,6 +6,7 @@ path for tiny operators, and :func:`lambda_max`. Power iteration lives in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -33,10 +34,11 @@ from ._probe import probe_operator
 from .errors import ArgumentTypeError, ConfigurationError
 from .lanczos import WHICH, block_lanczos, select
 from .lanczos.checkpoint import Checkpoint
+from .lanczos.lean import lean_lanczos
 from .lanczos.sharded import check_sharded, sharded_lanczos, sharding_comm
 from .lanczos.verify import converged, residual_floor
-from .linop import LinearOperator
-from .memory import choose_basis
+from .linop import LinearOperator, refuse_sharded
+from .memory import KRYLOV, choose_basis, full_basis_fits
 from .power import _power
 from .progress import set_total, track
 from .results import JsonResult, Status
@@ -65,7 +67,11 @@ class EigshResult(JsonResult):
         seconds: wall time.
         verified: a verification round (fresh random directions orthogonal to the converged
             pairs, see :mod:`hessfast.lanczos.restart`) found no better eigenvalue; a
-            ``CONVERGED`` Lanczos result is always verified (dense results are exact).
+            ``CONVERGED`` full or restarted Lanczos result is always verified (dense results
+            are exact). A ``krylov="lean"`` result with k = 1 and power iteration are never
+            verified (False): no basis to verify against; their value is an eigenvalue within
+            its residual, the extreme one with probability one from a random start
+            (:mod:`hessfast.lanczos.lean`).
         verify_matvecs: products spent verifying (included in ``num_matvecs``).
         resumed_from_step: the step (one product each) a run with ``checkpoint=`` resumed
             from; None when it started afresh (or ran without a checkpoint).
@@ -73,6 +79,11 @@ class EigshResult(JsonResult):
             float32): the smallest residual the arithmetic can show, so every residual is
             reported as ``max(computed, residual_floor)`` and the convergence test never asks
             for less (:func:`hessfast.lanczos.verify.residual_floor`).
+        krylov: which Krylov mode ran: ``"full"`` (the whole basis kept, today's default),
+            ``"lean"`` (k = 1: the plain three-term recurrence, no basis,
+            :mod:`hessfast.lanczos.lean`) or ``"restarted"`` (k > 1 lean: thick restart with
+            a basis of ``k + 2 block_size + 4`` rows). The dense route reports ``"full"``,
+            power iteration ``"lean"`` (two vectors, no basis).
 
     ``to_dict(vectors=True)`` / ``to_json(path=None)``: JSON-safe fields (tensors as lists;
     ``vectors=False`` leaves out ``eigenvectors``).
@@ -96,6 +107,7 @@ class EigshResult(JsonResult):
     verify_matvecs: int = 0
     resumed_from_step: int | None = None
     residual_floor: float = 0.0
+    krylov: str = "full"
 
     _VECTOR_FIELDS: ClassVar[tuple[str, ...]] = ("eigenvectors",)
 
@@ -120,6 +132,8 @@ def eigsh(
     checkpoint_every: int | float | None = None,
     basis_sharding: bool = False,
     progress: bool | None = None,
+    krylov: str = "auto",
+    vectors: bool = True,
 ) -> EigshResult:
     """k eigenpairs of a symmetric operator by thick-restart block Lanczos.
 
@@ -174,6 +188,23 @@ def eigsh(
             one process runs unsharded; no process group raises ConfigurationError.
         progress: a progress bar of products on stderr (:mod:`hessfast.progress`; total:
             ``max_matvecs``); None: when stderr is a terminal.
+        krylov: the Krylov memory mode. ``"full"``: the basis of ``max_basis`` rows (today's
+            path, verified). ``"lean"``: a few vectors whatever the number of steps: for
+            k = 1 the plain three-term recurrence with no basis (three vectors,
+            :mod:`hessfast.lanczos.lean`; not verified, ``reorth`` unused, no checkpoint);
+            for k > 1 thick restart with a small basis of ``k + 2 block_size + 4`` rows
+            (``max_basis`` unless given; verified), reported as ``"restarted"``.
+            ``"auto"`` (default): ``"full"`` when its basis fits the memory plan in the
+            default storage (:func:`hessfast.estimate_memory`), else ``"lean"`` with a
+            ``UserWarning`` saying why (instead of a bf16/host basis or
+            ``OutOfMemoryPlanError``); a given ``basis_dtype``, ``basis_device``,
+            ``basis_sharding``, ``checkpoint`` or ``reorth`` other than ``"full"`` keeps the
+            full path as before. An operator whose vectors are sharded over ranks
+            (``A.shards``, an FSDP model) runs the lean modes (k = 1) only: ``"auto"`` picks
+            them, ``"full"`` is refused. The mode that ran is ``result.krylov``.
+        vectors: return the eigenvectors (default). False: ``eigenvectors`` is ``[0, n]``;
+            the lean k = 1 mode then skips its second pass (the eigenvector costs a second
+            run of the recurrence: as many products again). :func:`lambda_max` passes False.
 
     Returns:
         :class:`EigshResult`.
@@ -209,24 +240,54 @@ def eigsh(
             v0 = check_start_vectors(v0, n, who=who)
         if not isinstance(basis_sharding, bool):
             raise ArgumentTypeError(f"{who}: basis_sharding must be a bool, got {basis_sharding!r}")
+        check_choice("krylov", krylov, KRYLOV, who=who)
+        if not isinstance(vectors, bool):
+            raise ArgumentTypeError(f"{who}: vectors must be a bool, got {vectors!r}")
         comm = sharding_comm(A, who) if basis_sharding else None
         route = _route(n, k, which, method, dense_below)
+        if A.shards is not None:
+            _check_shards(A, k, route, krylov, basis_sharding, checkpoint, who)
         plan = None
         if route == "lanczos":
             plan = _plan_lanczos(A, k, which, tol, seed, reorth, v0, block_size, max_basis,
                                  max_matvecs, explicit_dtype, basis_dtype, basis_device,
-                                 checkpoint, checkpoint_every, comm, who)
+                                 checkpoint, checkpoint_every, comm, who, krylov)
             basis_dtype, basis_device = plan.basis_dtype, plan.basis_device  # as agreed below
         set_total(n if route == "dense" else max_matvecs)
         # once, before the first product: the ranks agree on the arguments above (read from
         # this frame), then an unchecked operator is probed for symmetry and determinism
         probe_operator(A, who)
         if route == "power":
-            return _solve_power(A, which, tol, max_matvecs, seed, t0)
+            return _drop_vectors(_solve_power(A, which, tol, max_matvecs, seed, t0), vectors)
         if route == "dense":
-            return _solve_dense(A, k, which, tol, t0)
+            return _drop_vectors(_solve_dense(A, k, which, tol, t0), vectors)
         assert plan is not None
-        return _solve_lanczos(A, k, which, tol, max_matvecs, v0, seed, reorth, plan, comm, t0)
+        if plan.krylov == "lean":
+            return _solve_lean(A, which, tol, max_matvecs, v0, seed, vectors, t0)
+        return _drop_vectors(_solve_lanczos(A, k, which, tol, max_matvecs, v0, seed, reorth,
+                                            plan, comm, t0), vectors)
+
+
+def _drop_vectors(r: EigshResult, vectors: bool) -> EigshResult:
+    """``r`` itself, or with ``eigenvectors`` ``[0, n]`` when ``vectors`` is False."""
+    if vectors:
+        return r
+    return dataclasses.replace(r, eigenvectors=r.eigenvectors[:0])
+
+
+def _check_shards(A: LinearOperator, k: int, route: str, krylov: str, basis_sharding: bool,
+                  checkpoint: object, who: str) -> None:
+    """An operator whose vectors are sharded runs the lean k = 1 path or power iteration;
+    everything that needs whole vectors is refused, naming what runs instead."""
+    instead = ("On sharded vectors eigsh runs k=1 with krylov='lean' (or 'auto'), or "
+               "method='power'; lambda_max does so by default.")
+    if route == "dense":
+        refuse_sharded(A, f"{who} (dense route: n <= dense_below or k > n/2, "
+                          "pass dense_below=0)", instead)
+    if route == "lanczos" and (k > 1 or krylov == "full" or basis_sharding
+                               or checkpoint is not None):
+        refuse_sharded(A, f"{who} (k={k}, krylov={krylov!r}, basis_sharding, checkpoint: "
+                          "a stored basis)", instead)
 
 
 def _route(n: int, k: int, which: str, method: str, dense_below: int) -> str:
@@ -260,6 +321,7 @@ class _LanczosPlan:
     basis_device: torch.device | str | None
     pin_memory: bool
     checkpoint: Checkpoint | None
+    krylov: str = "full"
 
 
 def _plan_lanczos(A: LinearOperator, k: int, which: str, tol: float, seed: int, reorth: str,
@@ -267,11 +329,21 @@ def _plan_lanczos(A: LinearOperator, k: int, which: str, tol: float, seed: int, 
                   max_matvecs: int, explicit_dtype: torch.dtype | None,
                   basis_dtype: torch.dtype, basis_device: torch.device | str | None,
                   checkpoint: str | os.PathLike | None,
-                  checkpoint_every: int | float | None, comm: Any, who: str) -> _LanczosPlan:
-    """Block size, basis size and storage (the memory plan) and the checkpoint file (its
-    arguments validated; bound to the operator's state after the probe) of the Lanczos
-    route."""
+                  checkpoint_every: int | float | None, comm: Any, who: str,
+                  krylov: str = "full") -> _LanczosPlan:
+    """Block size, basis size and storage (the memory plan), the Krylov mode (``"auto"``
+    resolved by the plan) and the checkpoint file (its arguments validated; bound to the
+    operator's state after the probe) of the Lanczos route."""
     n = A.shape[0]
+    w = work_dtype(A.dtype)
+    if krylov == "lean" and k == 1 or A.shards is not None:
+        if checkpoint is not None:
+            raise ConfigurationError(
+                f"{who}: checkpoint= needs a stored basis; krylov='lean' with k=1 keeps none "
+                "(it is cheap to rerun). Drop checkpoint= or pass krylov='full'")
+        return _LanczosPlan(block_size=1, max_basis=0, basis_dtype=w,
+                            basis_device=None, pin_memory=False, checkpoint=None,
+                            krylov="lean")
     b = block_size if block_size is not None else default_block_size(A, k)
     if block_size is None and v0 is not None:
         b = max(b, min(v0.shape[0], k))  # a warm start uses every given vector
@@ -286,8 +358,30 @@ def _plan_lanczos(A: LinearOperator, k: int, which: str, tol: float, seed: int, 
             f"of block_size={b} products and at least k={k} products for k pairs; raise "
             f"max_matvecs to at least {max(b, k)} (or lower block_size / k)"
         )
+    small = k + 2 * b + 4  # the restarted lean basis: O(k) rows, not O(steps)
     cap = max_basis if max_basis is not None else max(2 * k + 2 * b, 32)
+    if krylov == "lean":
+        cap = max_basis if max_basis is not None else small
     cap = min(cap, n)
+    mode = "restarted" if krylov == "lean" else "full"
+    if (krylov == "auto" and explicit_dtype is None and basis_device is None and comm is None
+            and checkpoint is None and reorth == "full"):
+        fits, why = full_basis_fits(A, "eigsh", k=k, block_size=b, max_basis=cap)
+        if not fits:
+            lean_cap = small if max_basis is None else cap
+            lean_cap = min(lean_cap, n)
+            warnings.warn(
+                f"hessfast: {who}: the full Krylov basis ({cap} rows of n={n:,}) does not fit "
+                f"({why}); running krylov='lean' instead "
+                + ("(the plain recurrence, no basis, not verified)" if k == 1 else
+                   f"(thick restart with a {lean_cap}-row basis)")
+                + ". Pass krylov='full' with basis_dtype/basis_device to keep a full basis",
+                UserWarning, stacklevel=4)
+            if k == 1:
+                return _LanczosPlan(block_size=1, max_basis=0, basis_dtype=w,
+                                    basis_device=None, pin_memory=False, checkpoint=None,
+                                    krylov="lean")
+            cap, mode = lean_cap, "restarted"
     if cap < k + 2 * b and cap < n:
         raise ConfigurationError(
             f"max_basis={cap} is too small for k={k} and block_size={b}: it needs at least "
@@ -303,7 +397,8 @@ def _plan_lanczos(A: LinearOperator, k: int, which: str, tol: float, seed: int, 
         seed=seed, reorth=reorth, basis_dtype=str(basis_dtype), v0=tensor_digest(v0),
     ), checkpoint_every, who)
     return _LanczosPlan(block_size=b, max_basis=cap, basis_dtype=basis_dtype,
-                        basis_device=basis_device, pin_memory=pin, checkpoint=ckpt)
+                        basis_device=basis_device, pin_memory=pin, checkpoint=ckpt,
+                        krylov=mode)
 
 
 def _solve_power(A: LinearOperator, which: str, tol: float, max_matvecs: int, seed: int,
@@ -325,7 +420,36 @@ def _solve_power(A: LinearOperator, which: str, tol: float, max_matvecs: int, se
         converged=torch.tensor([r.converged]), status=r.status,
         num_matvecs=A.num_matvecs - mv0, num_passes=A.num_passes - p0, num_restarts=0,
         norm_estimate=r.norm_estimate, orthogonality=0.0, seconds=time.perf_counter() - t0,
-        which=which, tol=tol, method="power", residual_floor=r.residual_floor,
+        which=which, tol=tol, method="power", residual_floor=r.residual_floor, krylov="lean",
+    )
+
+
+def _solve_lean(A: LinearOperator, which: str, tol: float, max_matvecs: int,
+                v0: torch.Tensor | None, seed: int, vectors: bool, t0: float) -> EigshResult:
+    """The lean k = 1 route: the plain three-term recurrence, no basis
+    (:func:`hessfast.lanczos.lean.lean_lanczos`); its eigenvector by a second pass when
+    ``vectors``. Not verified (see :class:`EigshResult`)."""
+    r = lean_lanczos(A, which, tol=tol, max_matvecs=max_matvecs, v0=v0, seed=seed,
+                     vectors=vectors)
+    if not r.converged:
+        warnings.warn(
+            f"hessfast.eigsh(krylov='lean'): not converged after {r.steps} steps (residual "
+            f"{r.residual:.3g}, status {r.status}); returning the partial result. Raise "
+            "max_matvecs or tol",
+            stacklevel=3,
+        )
+    n = A.shape[0]
+    vec = r.vector[None] if r.vector is not None else torch.empty((0, n), dtype=A.dtype,
+                                                                   device=A.device)
+    status = Status.CONVERGED if r.converged else Status(r.status)
+    return EigshResult(
+        eigenvalues=torch.tensor([r.theta], dtype=torch.float64), eigenvectors=vec,
+        residuals=torch.tensor([r.residual], dtype=torch.float64),
+        converged=torch.tensor([r.converged]), status=status,
+        num_matvecs=r.num_matvecs, num_passes=r.num_passes, num_restarts=0,
+        norm_estimate=r.norm_estimate, orthogonality=0.0, seconds=time.perf_counter() - t0,
+        which=which, tol=tol, method="lanczos", verified=False,
+        residual_floor=r.residual_floor, krylov="lean",
     )
 
 
@@ -397,7 +521,7 @@ def _solve_lanczos(A: LinearOperator, k: int, which: str, tol: float, max_matvec
         seconds=time.perf_counter() - t0, which=which, tol=tol, method="lanczos",
         verified=st.verified, verify_matvecs=st.verify_matvecs,
         resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
-        residual_floor=st.residual_floor,
+        residual_floor=st.residual_floor, krylov=plan.krylov,
     )
 
 
@@ -426,6 +550,7 @@ def lambda_max(
     checkpoint_every: int | float | None = None,
     basis_sharding: bool = False,
     progress: bool | None = None,
+    krylov: str = "auto",
 ) -> float:
     """The largest algebraic eigenvalue of A: ``eigsh(A, k=1, which="LA", ...)``.
 
@@ -437,6 +562,11 @@ def lambda_max(
 
     ``progress``: a progress bar of products on stderr; None: when stderr is a terminal.
 
+    ``krylov``: as in :func:`eigsh`; ``"auto"`` runs the full verified basis when it fits and
+    the lean recurrence (three vectors, no basis) when it does not, or when ``A``'s vectors
+    are sharded over ranks (an FSDP model). lambda_max fixes ``vectors=False``: it returns a
+    number, so the lean mode never runs its eigenvector pass.
+
     Returns:
         the eigenvalue (a float); for its residual and status call :func:`eigsh`.
     """
@@ -446,5 +576,5 @@ def lambda_max(
             max_basis=max_basis, v0=v0, seed=seed, reorth=reorth, basis_dtype=basis_dtype,
             basis_device=basis_device, method=method, dense_below=dense_below,
             checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-            basis_sharding=basis_sharding,
+            basis_sharding=basis_sharding, krylov=krylov, vectors=False,
         ).eigenvalues[0])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -32,14 +33,15 @@ from .._probe import probe_operator
 from ..distributed import Mesh
 from ..errors import ConfigurationError
 from ..lanczos.checkpoint import Checkpoint
+from ..lanczos.lean import sharded_generator
 from ..lanczos.probes import REORTHS
-from ..linop import LinearOperator
-from ..memory import choose_basis
+from ..linop import LinearOperator, refuse_sharded, row_dots
+from ..memory import KRYLOV, choose_basis, full_basis_fits
 from ..progress import set_total, track
 from ..results import Status
 from .kpm import KPM_BOUND_STEPS, kpm
 from .result import SpectralDensity
-from .slq import gather_slq, slq_group_size, slq_grouped
+from .slq import LEAN_GROUP, gather_slq, slq_group_size, slq_grouped
 
 __all__ = ["MAX_PRODUCTS", "METHODS", "draw_probes", "spectral_density"]
 
@@ -97,6 +99,7 @@ def spectral_density(
     mesh: Mesh | None = None,
     progress: bool | None = None,
     max_products: int | None = None,
+    krylov: str = "auto",
 ) -> SpectralDensity:
     """Estimate the spectral density of a symmetric operator by SLQ or KPM.
 
@@ -155,6 +158,19 @@ def spectral_density(
             pass a larger value to run a large budget without the warning. Past ``n``
             products the dense path (``torch.linalg.eigvalsh(A.to_dense())``, n products)
             is exact and, where the matrix fits in memory, cheaper.
+        krylov: SLQ's memory mode. ``"full"``: the probes' bases as ``reorth`` says (today's
+            path). ``"lean"``: the plain three-term recurrence (``reorth="none"``) with the
+            probes streamed one at a time, so memory is a few parameter-sized vectors
+            whatever ``num_probes`` and ``num_steps`` (the passes are ``num_probes x m``
+            instead of ``m``; the Gauss rule's accuracy is in :mod:`hessfast.density.slq`).
+            ``"auto"`` (default): ``"full"`` when its basis fits the memory plan in the
+            default storage, else ``"lean"`` with a ``UserWarning`` (instead of a bf16/host
+            basis or ``OutOfMemoryPlanError``); a given ``basis_dtype``, ``basis_device`` or
+            ``reorth="none"`` keeps the full path. An operator whose vectors are sharded over
+            ranks (``A.shards``, an FSDP model) runs ``"lean"`` only (``"auto"`` picks it):
+            its probes are drawn per rank from a generator keyed by ``(seed, rank)`` (the
+            density then depends on the world size) and ``v0`` rows are local shards. KPM
+            is refused on sharded vectors. The mode that ran is ``result.krylov``.
 
     Returns:
         :class:`SpectralDensity` with ``status`` ``FIXED_BUDGET`` (the steps or moments asked
@@ -171,6 +187,15 @@ def spectral_density(
         check_choice("method", method, METHODS, who=_WHO)
         check_choice("probe", probe, PROBES, who=_WHO)
         check_choice("reorth", reorth, REORTHS, who=_WHO)
+        check_choice("krylov", krylov, KRYLOV, who=_WHO)
+        sharded = A.shards is not None
+        if sharded:
+            instead = ("On sharded vectors spectral_density runs method='slq' with "
+                       "krylov='lean' (the default 'auto' picks it).")
+            if method != "slq" or krylov == "full":
+                refuse_sharded(A, f"{_WHO}(method={method!r}, krylov={krylov!r})", instead)
+            if mesh is not None:
+                refuse_sharded(A, f"{_WHO}(mesh=...)", instead)
         num_probes = check_int("num_probes", num_probes, 1, who=_WHO)
         num_steps = check_int("num_steps", num_steps, 1, who=_WHO)
         if max_products is not None:
@@ -197,7 +222,7 @@ def spectral_density(
             mesh.check_operator(A, _WHO)
         n = A.shape[0]
         probe_name = probe
-        total = num_probes if v0 is None else _start_vectors(v0, n, work, A.device).shape[0]
+        total = num_probes if v0 is None else check_start_vectors(v0, n, who=_WHO).shape[0]
         share = range(total) if mesh is None else mesh.share(total, _WHO)
         m = min(num_steps, n)
         if method == "slq":
@@ -208,21 +233,42 @@ def spectral_density(
             planned = min(n, KPM_BOUND_STEPS) + len(share) * (M_planned // 2)
         _warn_products(planned, len(share), m, n, method, max_products)  # before any work
         pin = False
-        if method == "slq":
+        mode = "lean" if method == "kpm" or sharded or krylov == "lean" else "full"
+        if (method == "slq" and krylov == "auto" and mode == "full" and basis_dtype is None
+                and bdev is None and reorth == "full"):
+            fits, why = full_basis_fits(A, "slq", num_steps=m, num_probes=len(share),
+                                        reorth=reorth)
+            if not fits:
+                warnings.warn(
+                    f"hessfast: {_WHO}: the SLQ bases ({len(share)} probes x {m} steps of "
+                    f"n={n:,}) do not fit ({why}); running krylov='lean' instead (the plain "
+                    "recurrence, probes one at a time: a few vectors of memory, "
+                    f"{len(share)} x {m} passes). Pass krylov='full' with basis_dtype / "
+                    "basis_device to keep the bases",
+                    UserWarning, stacklevel=3)
+                mode = "lean"
+        lean = method == "slq" and mode == "lean"
+        if lean:
+            reorth = "none"  # the plain recurrence; no basis to plan
+        if method == "slq" and not lean:
             given = None if basis_dtype is None else bdtype
             chosen, bdev, pin = choose_basis(A, "slq", given, bdev, _WHO, num_steps=m,
                                              num_probes=len(share), reorth=reorth)
             bdtype = chosen or bdtype
         elif checkpoint is not None:
             raise ConfigurationError(f"{_WHO}: checkpoint applies to method='slq' only; drop it")
-        group = slq_group_size(n, m, reorth, work, bdtype)
+        group = LEAN_GROUP if lean else slq_group_size(n, m, reorth, work, bdtype)
         probe_operator(A, _WHO, agree_only=True)  # ranks agree before a checkpoint's collective
         ckpt = None if checkpoint is None else Checkpoint(checkpoint, "slq", dict(
             n=n, dtype=str(A.dtype), num_probes=num_probes, num_steps=m, seed=seed, probe=probe,
             reorth=reorth, basis_dtype=str(bdtype), group=group, v0=tensor_digest(v0),
         ), checkpoint_every, _WHO, operator=A)
         Z: torch.Tensor | None = None
-        if v0 is not None:
+        raw: torch.Tensor | None = None  # lean v0: normalised a row at a time
+        if v0 is not None and lean:
+            raw = check_start_vectors(v0, n, who=_WHO)[share.start : share.stop]
+            probe_name = "given"
+        elif v0 is not None:
             Z = _start_vectors(v0, n, work, A.device)[share.start : share.stop]
             probe_name = "given"
         elif mesh is None and (method == "kpm" or num_probes <= group):
@@ -236,22 +282,31 @@ def spectral_density(
         with torch.no_grad(), barrier, guard:
             if method == "slq":  # many probes: streamed in groups, memory bounded
                 gen = probe_generator(seed) if Z is None and mesh is None else None
+                if sharded and raw is None:  # each rank its own slice of every probe
+                    gen = sharded_generator(A, seed)
                 key = [share.start]  # mesh: the next probe index, drawn from its keyed generator
 
                 def draw(count: int) -> torch.Tensor:
                     if Z is not None:
                         return Z
+                    if raw is not None:  # lean v0: these rows, normalised (global norms)
+                        G = raw[key[0] - share.start : key[0] - share.start + count].double()
+                        key[0] += count
+                        return _unit(A, G).to(device=A.device, dtype=work)
                     if gen is None:
                         G = keyed_probes(seed, range(key[0], key[0] + count), n, probe)
                         key[0] += count
                     else:
                         G = sample_probes(gen, count, n, probe)
-                    G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True)
+                    G = _unit(A, G) if sharded else G / torch.linalg.vector_norm(
+                        G, dim=1, keepdim=True)
                     return G.to(device=A.device, dtype=work)
 
+                extra = dict(dots=functools.partial(row_dots, A)) if lean else {}
                 fields = slq_grouped(products, draw, len(share) if Z is None else Z.shape[0],
                                      m, reorth, bdtype, group if Z is None else Z.shape[0],
-                                     gen=gen, checkpoint=ckpt, basis_device=bdev, pin_memory=pin)
+                                     gen=gen, checkpoint=ckpt, basis_device=bdev,
+                                     pin_memory=pin, **extra)
             else:
                 M = num_moments if num_moments is not None else 2 * num_steps
                 fields = kpm(products, Z, M, bdtype)
@@ -268,6 +323,7 @@ def spectral_density(
             seconds=time.perf_counter() - t0,
             resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
             steps_taken=fields.pop("steps"),  # the runs' (and checkpoints') name for it
+            krylov=mode,
             **fields,
         )
 
@@ -295,6 +351,16 @@ def _warn_products(
         "or num_steps, or pass max_products= to run this budget without the warning",
         stacklevel=3,
     )
+
+
+def _unit(A: LinearOperator, G: torch.Tensor) -> torch.Tensor:
+    """Rows of ``G [c, n]`` (float64) scaled to global norm 1 (:func:`row_dots`: summed over
+    the ranks when ``A``'s vectors are sharded); a zero row is refused."""
+    nz = row_dots(A, G, G).to(G.device)
+    if bool((nz <= 0).any()) or not bool(torch.isfinite(nz).all()):
+        raise ConfigurationError(f"{_WHO}: a probe / v0 row is zero or not finite; every "
+                                 "vector must be nonzero and finite")
+    return G / nz.sqrt()[:, None]
 
 
 def _start_vectors(v0: Any, n: int, work: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -64,6 +64,10 @@ class SpectralDensity(JsonResult):
         seconds: wall time.
         resumed_from_step: SLQ with ``checkpoint=``: the step (one product each) the run
             resumed from; None when it started afresh.
+        krylov: SLQ's memory mode: ``"full"`` (each probe's basis kept, ``reorth`` as
+            given) or ``"lean"`` (the plain recurrence, probes streamed one at a time: a few
+            vectors whatever the probes and steps, :mod:`hessfast.density.slq`); KPM
+            reports ``"lean"`` (it keeps no basis).
     """
 
     nodes: torch.Tensor
@@ -84,6 +88,7 @@ class SpectralDensity(JsonResult):
     seconds: float
     chebyshev_moments: torch.Tensor | None = None
     resumed_from_step: int | None = None
+    krylov: str = "full"
 
     _REPR_FIELDS: ClassVar[tuple[str, ...]] = (
         "method", "n", "num_probes", "num_steps", "bounds", "status", "num_passes",
@@ -232,7 +237,8 @@ class SpectralDensity(JsonResult):
         if "steps_taken" not in d and "steps" in d:  # written before 0.2
             d = {**d, "steps_taken": d["steps"]}
         missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in d and f.name not in ("chebyshev_moments", "resumed_from_step")]
+                   if f.name not in d
+                   and f.name not in ("chebyshev_moments", "resumed_from_step", "krylov")]
         if missing:
             raise ConfigurationError(
                 f"SpectralDensity.from_dict: missing fields {missing}; pass the dict that "
@@ -254,6 +260,7 @@ class SpectralDensity(JsonResult):
             chebyshev_moments=None if cheb is None else torch.tensor(cheb, dtype=f64),
             resumed_from_step=(None if d.get("resumed_from_step") is None
                                else int(d["resumed_from_step"])),
+            krylov=str(d.get("krylov", "full")),
         )
 
     # -- plotting -----------------------------------------------------------------------------

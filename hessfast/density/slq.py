@@ -19,13 +19,16 @@ from .result import slq_sigma
 if TYPE_CHECKING:
     from ..distributed import Mesh
 
-__all__ = ["GROUP_BYTES", "MIN_GROUP", "gather_slq", "slq", "slq_grouped", "slq_group_size"]
+__all__ = ["GROUP_BYTES", "LEAN_GROUP", "MIN_GROUP", "gather_slq", "slq", "slq_group_size",
+           "slq_grouped"]
 
 #: Probes advance together (one product per step for all of them) unless their memory (bases
 #: and recurrence vectors) exceeds this: then they run in groups of this size...
 GROUP_BYTES = STREAM_BYTES
 #: ...but never in groups of fewer probes than this (ordinary runs are one group).
 MIN_GROUP = 64
+#: ``krylov="lean"``: probes one at a time (memory: a few vectors whatever P and m)
+LEAN_GROUP = 1
 
 
 def slq(

@@ -85,6 +85,7 @@ def probe_lanczos(
     pin_memory: bool = False,
     save: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
+    dots: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> ProbeTridiagonals:
     """``num_steps`` Lanczos steps from each row of ``Z`` (see the module docstring).
 
@@ -103,6 +104,10 @@ def probe_lanczos(
             to write it).
         resume: such a state (a dict ``save`` was given) to continue from; the other
             arguments must be the same as in the run that saved it.
+        dots: ``(X [a, n], Y [a, n]) -> [a]`` float64 CPU row dot products, e.g.
+            ``functools.partial(row_dots, A)`` for vectors sharded over ranks (every rank gets
+            the same numbers, so the same breakdown decisions); default: local dot products.
+            Only with ``reorth="none"`` (a stored basis is reorthogonalised locally).
 
     Returns:
         :class:`ProbeTridiagonals` with ``[P, num_steps]`` coefficients.
@@ -120,7 +125,7 @@ def probe_lanczos(
         Q = torch.empty((P, m, n), dtype=basis_dtype or work, device=bdev, pin_memory=pin_memory)
         Q[:, 0] = Z
     active = torch.arange(P)
-    q = Z.clone()
+    q = Z.clone() if Q is not None or dots is None else Z  # q is replaced, never written
     q_prev: torch.Tensor | None = None
     b_prev: torch.Tensor | None = None
     anorm = 0.0
@@ -145,8 +150,12 @@ def probe_lanczos(
                       b_prev=b_prev,
                       Q=None if Q is None else Q[:, : j + 1]))
         W = products(q)
-        anorm = max(anorm, float(torch.linalg.vector_norm(W, dim=1).max()))
-        a = torch.linalg.vecdot(q, W)
+        if dots is None:
+            anorm = max(anorm, float(torch.linalg.vector_norm(W, dim=1).max()))
+            a = torch.linalg.vecdot(q, W)
+        else:
+            anorm = max(anorm, math.sqrt(float(dots(W, W).max())))
+            a = dots(q, W).to(device=dev, dtype=work)
         W.addcmul_(q, a[:, None], value=-1.0)
         if q_prev is not None and b_prev is not None:
             W.addcmul_(q_prev, b_prev[:, None], value=-1.0)
@@ -158,7 +167,10 @@ def probe_lanczos(
                     w = W[i : i + 1].to(Q.device)
                     ops.reorthogonalize(Q[p, : j + 1], w)
                     W[i : i + 1] = w.to(W.device)
-        b = torch.linalg.vector_norm(W, dim=1)
+        if dots is None:
+            b = torch.linalg.vector_norm(W, dim=1)
+        else:
+            b = dots(W, W).clamp(min=0.0).sqrt().to(device=dev, dtype=work)
         a_c, b_c = a.double().cpu(), b.double().cpu()
         alpha[active, j] = a_c
         steps[active] = j + 1

@@ -129,7 +129,8 @@ def test_activation_estimate_within_factor_of_measured_peak(kind):
 
 
 def _totals(A: hf.LinearOperator, **kw) -> dict[torch.dtype, int]:
-    return {d: hf.estimate_memory(A, "eigsh", basis_dtype=d, available=1, **kw).total()
+    return {d: hf.estimate_memory(A, "eigsh", basis_dtype=d, available=1, krylov="full",
+                                  **kw).total()
             for d in (torch.float64, torch.float32, torch.bfloat16)}
 
 
@@ -137,6 +138,7 @@ def test_eigsh_picks_basis_at_thresholds(monkeypatch, recwarn):
     A = _op()
     kw = dict(k=3, max_basis=24)
     t = _totals(A, **kw)
+    kw["krylov"] = "full"  # the storage ladder of the full basis (auto would go lean)
     assert t[torch.float64] > t[torch.float32] > t[torch.bfloat16]
     chosen = []
     real = run_mod.Run.__init__
@@ -150,6 +152,7 @@ def test_eigsh_picks_basis_at_thresholds(monkeypatch, recwarn):
                        (t[torch.float32] - 1, torch.bfloat16)):
         _free(monkeypatch, free)
         r = hf.eigsh(A, tol=1e-5, **kw)
+        assert r.krylov == "full"
         assert chosen[-1][0] == want, (free, chosen[-1])
         assert r.eigenvalues[0] == pytest.approx(2.0, rel=1e-2)
     msgs = [str(w.message) for w in recwarn if "does not fit" in str(w.message)]
@@ -187,8 +190,10 @@ def test_host_fallback_for_an_accelerator_operator(monkeypatch):
 def test_slq_picks_basis(monkeypatch):
     A = _op()
     kw = dict(num_probes=4, num_steps=20)
-    t = {d: hf.estimate_memory(A, "slq", basis_dtype=d, available=1, **kw).total()
+    t = {d: hf.estimate_memory(A, "slq", basis_dtype=d, available=1, krylov="full",
+                               **kw).total()
          for d in (torch.float64, torch.float32, torch.bfloat16)}
+    kw["krylov"] = "full"  # the storage ladder of the full basis (auto would go lean)
     _free(monkeypatch, t[torch.float32])
     with pytest.warns(UserWarning, match="using float32"):
         out = hf.spectral_density(A, **kw)
