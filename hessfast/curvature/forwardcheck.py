@@ -170,6 +170,11 @@ class GraphWatch(TorchFunctionMode):
 
         def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
             grads = [g for g in grad_inputs if isinstance(g, torch.Tensor)]
+            if any(_delayed_error(g) for g in grads):
+                # @once_differentiable: the gradients carry torch's DelayedError node, whose
+                # inputs have no graph, so a second derivative through them is silently 0
+                self.flat_functions[name] = True
+                return
             if any(g.requires_grad for g in grads) or not any(
                 bool(g.count_nonzero()) for g in grads
             ):
@@ -182,6 +187,12 @@ class GraphWatch(TorchFunctionMode):
             self.flat_functions[name] = self.flat_functions.get(name, False) or graph_in
 
         return hook
+
+
+def _delayed_error(g: torch.Tensor) -> bool:
+    """Is ``g`` the output of torch's ``DelayedError`` node (a backward marked
+    ``@once_differentiable`` run under ``create_graph=True``)?"""
+    return g.grad_fn is not None and type(g.grad_fn).__name__ in ("Error", "DelayedError")
 
 
 def check_custom_functions(op: CheckedOperator, watch: GraphWatch) -> None:
@@ -198,8 +209,8 @@ def check_custom_functions(op: CheckedOperator, watch: GraphWatch) -> None:
         cause = (
             "its backward gets gradients with a graph and returns gradients without one: it "
             "is computed outside autograd (a fused Triton/CUDA kernel, such as Liger's "
-            "RMSNorm, SwiGLU or RoPE, flash-attn's attention, or a backward under "
-            "torch.no_grad()/.detach())"
+            "RMSNorm, SwiGLU or RoPE, flash-attn's attention, a backward marked "
+            "@once_differentiable, or one under torch.no_grad()/.detach())"
         )
         fix = (
             "use the model's plain PyTorch layers for curvature (unpatch the fused "
@@ -221,7 +232,9 @@ def check_custom_functions(op: CheckedOperator, watch: GraphWatch) -> None:
         )
     raise UnsupportedModelError(
         f"the custom torch.autograd.Function {names} has no usable second derivative: "
-        f"{cause}, so the {op.kind} through it would be silently wrong. Fix: {fix}"
+        f"{cause}, so the {op.kind} through it would be silently wrong. Fix: {fix}; or "
+        "hessian(..., hvp_mode='finite_difference'), which needs only first derivatives "
+        "(hvp_mode='auto' falls back to it unless exact=True)"
     )
 
 

@@ -270,8 +270,8 @@ class Planner:
     def _fall_back(self, exc: BaseException) -> None:
         """Every exact path failed for want of a second derivative: finite differences, or
         (``exact=True``, or an operator without them) the refusal naming the cause."""
-        causes = "; ".join(f"{m}: {self.unavailable[m][:300]}"
-                           for m in ("double_backward", "fwd_rev"))
+        db, fr = self.unavailable["double_backward"], self.unavailable["fwd_rev"]
+        causes = db if db == fr else f"double_backward: {db}; fwd_rev: {fr}"
         if not self.fd_ok:
             raise UnsupportedModelError(
                 "no exact second derivative exists for this model, so neither double "
@@ -290,14 +290,13 @@ class Planner:
             ) from exc
         self.fallback = (
             "auto: finite differences, because no exact second derivative exists ("
-            + causes + ")"
+            + causes[:600] + ")"
         )
         self.plans = {}
         warnings.warn(
             "hessfast: this model has no exact second derivative (double backward and "
             "forward-over-reverse both fail: "
-            + "; ".join(f"{m}: {self.unavailable[m][:160]}"
-                        for m in ("double_backward", "fwd_rev"))
+            + (db[:300] if db == fr else f"double_backward: {db[:200]}; fwd_rev: {fr[:200]}")
             + "), so hvp_mode='auto' uses finite differences of two gradients per product; "
             "their relative error is recorded as H.fd_error. exact=True refuses instead",
             UserWarning, stacklevel=2,
