@@ -16,18 +16,20 @@ positions, random weights from the config (no download). Tasks:
   18's target: under 6 GB peak RSS at 124M);
 * ``products``: the per-size product fields alone (no solver).
 
-Every task's process builds the model, times one ``loss.backward()`` (``gradient_s``, median
-of 3 after 2 warm-ups: the unit of "gradients"), builds ``H = hf.hessian(model, loss_fn,
-batch, hvp_mode=--hvp-mode)`` (``build_s``) and runs the task, once, cold, as a user waits:
-seconds, products (``num_matvecs``), passes, status, the value(s), ``grads_per_product``
-(seconds / products / gradient_s, the solver's own work included), the Krylov mode that
-ran (``krylov``, when hessfast reports it) and ``peak_rss_bytes`` (``resource.getrusage``
-after the task; ``peak_rss_model_bytes`` after building the model and timing its gradient).
-The record also has the operator's ``hvp_mode``, ``hvp_mode_reason``, ``fd_step`` and
-``fd_error`` (None where hessfast has no such attribute) and the attention implementation.
-Then, unless ``--no-product-timing``, one product of ``[1, n]`` is timed (median of 3):
-``product_k1_s``, ``product_k1_grads`` (and ``[4, n]`` with ``--k4``), with
-``peak_rss_products_bytes`` after it. The task's peak is ``peak_rss_bytes``.
+Every task's process builds the model, builds ``H = hf.hessian(model, loss_fn, batch,
+hvp_mode=--hvp-mode)`` (``build_s``) and runs the task, once, cold, as a user waits:
+seconds, products (``num_matvecs``), passes, status, the value(s), the Krylov mode that ran
+(``krylov``, when hessfast reports it) and ``peak_rss_bytes`` (``resource.getrusage`` after
+the task: imports, model, operator and task; also ``peak_rss_start_bytes`` and
+``peak_rss_built_bytes``, after start-up and after building the model). The record also
+has the operator's ``hvp_mode``, ``hvp_mode_reason``, ``fd_step`` and ``fd_error`` (None
+where hessfast has no such attribute) and the attention implementation. THEN one
+``loss.backward()`` is timed (``gradient_s``, median of 3 after 2 warm-ups: the unit of
+"gradients"; after the task, so that its ``.grad`` buffers stay out of the task's peak),
+giving ``grads_per_product`` (seconds / products / gradient_s, the solver's own work
+included). Then, unless ``--no-product-timing``, one product of ``[1, n]`` is timed (median
+of 3): ``product_k1_s``, ``product_k1_grads`` (and ``[4, n]`` with ``--k4``), with
+``peak_rss_products_bytes`` after it.
 
     python bench/bench_scale.py [--sizes small,medium,large]
         [--tasks lambda_max,top5,trace,density,combo124] [--combo-sizes small]
@@ -124,15 +126,15 @@ def _product_path(H: Any, rec: dict[str, Any]) -> None:
         rec[name] = _jsonable(getattr(H, name, None))
 
 
-def _solve_record(res: Any, seconds: float, grad_s: float, extra: dict[str, Any]
-                  ) -> dict[str, Any]:
-    """What every task records of a hessfast result."""
+def _solve_record(res: Any, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    """What every task records of a hessfast result (``grads_per_product`` is filled in by
+    :func:`_in_gradients` once the gradient is timed)."""
     mv = int(getattr(res, "num_matvecs", 0) or 0)
     rec = {
         "seconds": round(seconds, 3), "products": mv,
         "passes": int(getattr(res, "num_passes", 0) or 0),
         "status": str(getattr(res, "status", "")),
-        "grads_per_product": round(seconds / mv / grad_s, 2) if mv else None,
+        "grads_per_product": None,
         "krylov": getattr(res, "krylov", None),
     }
     rec.update(extra)
@@ -140,7 +142,15 @@ def _solve_record(res: Any, seconds: float, grad_s: float, extra: dict[str, Any]
     return rec
 
 
-def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], grad_s: float, device: Any
+def _in_gradients(result: dict[str, Any], grad_s: float) -> None:
+    """Fill in ``grads_per_product`` (seconds / products / gradient_s) of a task's record
+    and of its phases."""
+    for rec in [result, *result.get("phases", {}).values()]:
+        if rec.get("products"):
+            rec["grads_per_product"] = round(rec["seconds"] / rec["products"] / grad_s, 2)
+
+
+def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], device: Any
               ) -> dict[str, Any]:
     """Run one task on ``H`` (cold, once) and return its record; ``combo124`` returns the
     three phases under ``phases`` and the process's peak."""
@@ -162,7 +172,7 @@ def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], grad_s: float, d
                    repeats=1, warmup=0, device=device)
         res = t.result
         vals = [float(v) for v in res.eigenvalues]
-        out = _solve_record(res, t.seconds, grad_s, {
+        out = _solve_record(res, t.seconds, {
             "k": k, "tol": spec["tol"], "eigenvalues": vals,
             "converged": [bool(c) for c in res.converged],
             "restarts": int(getattr(res, "num_restarts", 0)),
@@ -174,7 +184,7 @@ def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], grad_s: float, d
         t = timeit(lambda: hf.trace(H, spec["trace_budget"], method=spec["trace_method"],
                                     seed=0), repeats=1, warmup=0, device=device)
         res = t.result
-        return _solve_record(res, t.seconds, grad_s, {
+        return _solve_record(res, t.seconds, {
             "budget": spec["trace_budget"], "method": spec["trace_method"],
             "value": _jsonable(res.value), "stderr": _jsonable(res.stderr),
         })
@@ -184,7 +194,7 @@ def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], grad_s: float, d
                                                **common, **basis),
                    repeats=1, warmup=0, device=device)
         res = t.result
-        out = _solve_record(res, t.seconds, grad_s, {
+        out = _solve_record(res, t.seconds, {
             "probes": probes, "steps": steps,
             "node_range": [float(res.nodes.min()), float(res.nodes.max())],
         })
@@ -208,7 +218,7 @@ def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], grad_s: float, d
         peak = _peak_rss()
         return {"seconds": round(seconds, 3), "products": products,
                 "passes": sum(p["passes"] for p in phases.values()),
-                "grads_per_product": round(seconds / products / grad_s, 2) if products else None,
+                "grads_per_product": None,
                 "phases": phases, "peak_rss_bytes": peak,
                 "target_peak_bytes": COMBO_TARGET_BYTES, "target_met": peak < COMBO_TARGET_BYTES}
     if task == "products":
@@ -259,10 +269,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "hvp_mode_asked": spec["hvp_mode"], "krylov_asked": spec["krylov"] or None,
         "peak_rss_start_bytes": rss_start, "peak_rss_built_bytes": rss_built,
     }
-    grad_s = timeit(gradient, repeats=3, warmup=2, device=device).median
-    rec["gradient_s"] = round(grad_s, 5)
-    rec["peak_rss_model_bytes"] = _peak_rss()
-
     built = timeit(lambda: hf.hessian(model, loss_fn, batch, hvp_mode=spec["hvp_mode"]),
                    repeats=1, warmup=0, device=device)
     H = built.result
@@ -273,9 +279,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     })
     del built
 
-    rec["result"] = _run_task(spec["task"], H, hf, spec, grad_s, device)
-    rec["peak_rss_bytes"] = _peak_rss()
+    rec["result"] = _run_task(spec["task"], H, hf, spec, device)
+    rec["peak_rss_bytes"] = _peak_rss()  # the task's peak: imports, model, operator, task
     _product_path(H, rec)
+
+    # the unit, timed AFTER the task so that its .grad buffers are not in the task's peak
+    grad_s = timeit(gradient, repeats=3, warmup=2, device=device).median
+    rec["gradient_s"] = round(grad_s, 5)
+    rec["peak_rss_gradient_bytes"] = _peak_rss()
+    _in_gradients(rec["result"], grad_s)
 
     if spec["product_timing"]:
         gen_v = torch.Generator().manual_seed(0)
