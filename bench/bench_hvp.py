@@ -8,11 +8,15 @@ For the three test model families scaled to realistic CPU sizes (float32):
   batch of 128;
 * ``lm_tiny``: one-block causal transformer LM (~85k params), seq 32, batch 16.
 
-Each case first checks that every ``hvp_mode`` agrees on a probe block (relative error
-<= 1e-4 in float32, also reported against a float64 twin), then times (median of repeats,
-after a warm-up) one gradient over the data, and ``H.matmat(V)`` for ``V: [k, n]``,
-k in {1, 4, 16}, for each mode; reports the time per block, the ratio to the gradient and
-what ``hvp_mode="auto"`` picked. One JSON line per case on stdout, a table on stderr.
+Each case first checks that every exact ``hvp_mode`` agrees on a probe block (relative
+error <= 1e-4 in float32, also reported against a float64 twin) and that the
+finite-difference product (``hvp_mode="finite_difference"``: two gradients per vector) is
+within its recorded error ``H.fd_error`` of the float64 twin, then times (median of
+repeats, after a warm-up) one gradient over the data, and ``H.matmat(V)`` for
+``V: [k, n]``, k in {1, 4, 16}, for each mode; reports the time per block, the ratio to the
+gradient (per vector: the gradients a product costs; the floor is 2.0 for central
+differences) and what ``hvp_mode="auto"`` picked. One JSON line per case on stdout, a table
+on stderr.
 
     python bench/bench_hvp.py [--quick] [--cases mlp_digits_1x512,lm_tiny] [--device cuda]
                               [--repeats R] [--out FILE] [--save]
@@ -38,6 +42,9 @@ from hessfast.testing import timeit
 from hessfast.testing.models import TinyLM, lm_loss
 
 PATHS = ("reuse_graph", "double_backward", "fwd_rev")
+FD = "finite_difference"
+TIMED = (*PATHS, FD, "auto")
+LABELS = {FD: "finite_diff"}
 AGREE_RTOL = 1e-4
 
 
@@ -184,7 +191,18 @@ def correctness(model, loss_fn, batches, probe: torch.Tensor) -> dict:
     between = {m: _rel(v, base) for m, v in out.items()} if base is not None else {}
     vs64 = {m: _rel(v, ref) for m, v in out.items()}
     ok = not errs and all(e <= AGREE_RTOL for e in between.values())
-    return {"ok": ok, "rel_diff_between_modes": between, "rel_err_vs_float64": vs64, "errors": errs}
+    fd: dict = {}
+    try:  # finite differences: within their own recorded error of the float64 twin
+        H = hf.hessian(model, loss_fn, batches, hvp_mode=FD)
+        err = _rel(H.matmat(probe), ref)
+        fd = {"rel_err_vs_float64": err, "fd_error": H.fd_error, "fd_step": H.fd_step,
+              "within_estimate": err <= H.fd_error}
+        ok &= err <= H.fd_error
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        errs[FD] = f"{type(e).__name__}: {str(e)[:200]}"
+        ok = False
+    return {"ok": ok, "rel_diff_between_modes": between, "rel_err_vs_float64": vs64,
+            "finite_difference": fd, "errors": errs}
 
 
 def bench_case(name: str, ks: tuple[int, ...], repeats: int, device: str = "cpu") -> dict:
@@ -210,7 +228,7 @@ def bench_case(name: str, ks: tuple[int, ...], repeats: int, device: str = "cpu"
     rec["grad_s"] = t_grad
     rec["hvp_s"], rec["ratio_to_grad"], rec["errors"] = {}, {}, {}
     rec["ratio_per_vector_to_grad"] = {}
-    for mode in (*PATHS, "auto"):
+    for mode in TIMED:
         times, ratios = {}, {}
         try:
             H = hf.hessian(model, loss_fn, batches, hvp_mode=mode)
@@ -236,23 +254,24 @@ def _table(records: list[dict], ks: tuple[int, ...]) -> str:
     lines.append(head)
     lines.append("-" * len(head))
     for r in records:
-        for i, mode in enumerate((*PATHS, "auto")):
+        for i, mode in enumerate(TIMED):
             pre = (
                 f"{r['case']:18s} {r['n_params']:7d} {1e3 * r['grad_s']:8.2f}"
                 if i == 0
                 else " " * 35
             )
-            label = mode
+            label = LABELS.get(mode, mode)
             if mode == "auto" and "auto_picked" in r:
                 label = "auto->" + "/".join(
-                    {"reuse_graph": "RG", "double_backward": "DB", "fwd_rev": "FR"}.get(
+                    {"reuse_graph": "RG", "double_backward": "DB", "fwd_rev": "FR",
+                     FD: "FD"}.get(
                         r["auto_picked"].get(str(k), "?"), "?"
                     )
                     for k in ks
                 )
             row = f"{pre} {label:16s}"
             for k in ks:
-                t = r["hvp_s"][mode].get(str(k))
+                t = r["hvp_s"].get(mode, {}).get(str(k))
                 row += (
                     f" {1e3 * t:10.2f} {t / r['grad_s']:6.2f}"
                     if t is not None
@@ -262,9 +281,12 @@ def _table(records: list[dict], ks: tuple[int, ...]) -> str:
         chk = r["check"]
         worst = max(chk["rel_diff_between_modes"].values(), default=math.nan)
         worst64 = max(chk["rel_err_vs_float64"].values(), default=math.nan)
+        fd = chk.get("finite_difference") or {}
         lines.append(
             f"{'':35s} check ok={chk['ok']} max diff between modes {worst:.1e}, "
             f"max err vs float64 {worst64:.1e}"
+            + (f"; finite differences err {fd['rel_err_vs_float64']:.1e} (estimate "
+               f"{fd['fd_error']:.1e})" if fd else "")
             + (f" errors={list(chk['errors'])}" if chk["errors"] else "")
         )
     return "\n".join(lines)
