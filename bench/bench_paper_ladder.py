@@ -18,11 +18,14 @@ meta device, each an ASSUMPTION stated in the output:
   (``34 h`` bytes per token: Korthikanti et al. 2022 without the ``5 a s / h`` score term,
   flash attention), and the logits and their gradient in fp32 (``8 V`` bytes per token);
 * the finite-difference product (``hvp_mode="finite_difference"``, the mode that runs
-  FSDP and fused attention, assumed in every configuration): the parameter copy it
-  restores from and the model's gradient (2 rows in the parameter dtype), ``g(+)``,
-  ``g(-)`` and their difference/mean (3 rows in the working dtype), and the pre-flight
-  symmetry check's two vectors and two products (4 rows in the working dtype, held during
-  the first two products). Read from hessfast/curvature/fsdp.py and products.py;
+  FSDP and fused attention, assumed in every configuration), read from the operators'
+  code. FSDP (hessfast/curvature/fsdp.py): the parameter copy it restores from and the
+  model's gradient shards (2 rows in the parameter dtype), ``g(+)``, ``g(-)`` and their
+  mean (3 rows in the working dtype), and the symmetry check's two vectors and two
+  products (4 working rows, held during the first two products). One process
+  (curvature/hessian.py, products.py): ``g(+)``, ``g(-)``, their difference and mean (4
+  working rows; the perturbed parameter copy and its gradient, in the parameter dtype, are
+  freed before the last two), and the symmetry probe's first vector and product (2 rows);
 * with FSDP, the unsharded buffers of two layers' parameters (the gathered layer and the
   prefetched one) and two layers' unsharded gradients, in the parameter dtype.
 
@@ -123,10 +126,12 @@ def shape_items(size: str, tokens: int, param_bytes: int, fsdp: bool) -> dict[st
     return out
 
 
-def fd_rows(param_bytes: int, work_bytes: int, check: bool = True) -> float:
+def fd_rows(param_bytes: int, work_bytes: int, fsdp: bool, check: bool = True) -> float:
     """Bytes per (local) parameter of the finite-difference product (see the docstring):
-    without the pre-flight check (``hessian(..., check=False)``) its 4 rows go."""
-    return 2 * param_bytes + (3 + 4 * check) * work_bytes
+    without the pre-flight check (``hessian(..., check=False)``) its rows go."""
+    if fsdp:
+        return 2 * param_bytes + (3 + 4 * check) * work_bytes
+    return max(4 * work_bytes, 2 * work_bytes + 2 * param_bytes) + 2 * check * work_bytes
 
 
 class Ladder:
@@ -139,7 +144,8 @@ class Ladder:
         self.param_bytes = next(model.parameters()).element_size()
         self.work_bytes = 4 if self.param_bytes <= 4 else 8
         self.has_krylov = "krylov" in inspect.signature(hf.estimate_memory).parameters
-        self.fd_bytes = fd_rows(self.param_bytes, self.work_bytes, not args.no_check)
+        self.fd_bytes = {f: fd_rows(self.param_bytes, self.work_bytes, f, not args.no_check)
+                         for f in (False, True)}
 
     def plans(self, cfg: Config, krylov: str, basis_dtype: str | None) -> dict[str, Any]:
         """The two runs' plans for the whole model on one device (n = all parameters)."""
@@ -165,7 +171,7 @@ class Ladder:
         """Device and host bytes of one rank for a model of ``n`` parameters."""
         local = math.ceil(n / cfg.world_size) if cfg.fsdp else n
         p = plan.at(local)
-        device = p.total("device") + int(self.fd_bytes * local)
+        device = p.total("device") + int(self.fd_bytes[cfg.fsdp] * local)
         device += sum(fixed.values())
         return {"device": device, "host": p.total("host"), "local_n": local}
 
@@ -258,7 +264,8 @@ def main() -> None:
                     "planned_krylov": {r: p.settings.get("krylov", "full")
                                        for r, p in plans.items()},
                     "per_rank": need, "fixed_items": fixed,
-                    "fd_bytes_per_local_param": lad.fd_bytes, "check": not args.no_check,
+                    "fd_bytes_per_local_param": lad.fd_bytes[cfg.fsdp],
+                    "check": not args.no_check,
                     "capacity_per_rank": lad.capacity(cfg), "fits": fit,
                     "plan_items": {r: [{"name": i.name, "bytes": i.bytes, "where": i.where}
                                        for i in p.at(need[r]["local_n"]).items]
@@ -346,8 +353,11 @@ def table(rows: list, sizes: list[str], ladders: dict[str, Ladder], args: argpar
         f"Assumed, not planned by estimate_memory: activations of one gradient at "
         f"{args.tokens} tokens per rank with per-layer checkpointing (2h B per token per "
         "layer + one layer's 34h B per token + fp32 logits and gradient 8V B per token); "
-        f"the finite-difference product, {lad.fd_bytes:.0f} B per local parameter "
-        "(parameter copy and gradient in the parameter dtype; g+, g-, their difference"
+        f"the finite-difference product's rows, {lad.fd_bytes[False]:.0f} B per parameter "
+        "in one process (g+, g-, their difference and mean"
+        + ("" if args.no_check else "; the symmetry probe's 2 rows")
+        + f") and {lad.fd_bytes[True]:.0f} B per local parameter with FSDP (parameter copy "
+        "and gradient shards in the parameter dtype; g+, g-, their mean"
         + ("" if args.no_check else "; the symmetry check's 4 rows")
         + "); with FSDP, 2 gathered layers and 2 unsharded layer gradients.",
         f"Largest n: the fixed items of the {largest_shape.upper()} shape held fixed.",

@@ -38,7 +38,7 @@ of 3): ``product_k1_s``, ``product_k1_grads`` (and ``[4, n]`` with ``--k4``), wi
         [--vocab 50257] [--batch 2] [--seq 64] [--tol 1e-3] [--trace-budget 30]
         [--trace-method hutchinson] [--density-probes 4] [--density-steps 32]
         [--combo-probes 4] [--combo-steps 16] [--threads 2] [--device cpu]
-        [--timeout 0] [--no-product-timing] [--k4] [--dry-run] [--out FILE]
+        [--timeout 0] [--no-check] [--no-product-timing] [--k4] [--dry-run] [--out FILE]
 
 ``--dry-run`` lists each (size, task) with its parameter count (the model built on the meta
 device, nothing allocated) and the child's command line, and runs nothing. ``--one`` runs the
@@ -267,9 +267,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "vocab": spec["vocab"], "tokens": spec["batch"] * spec["seq"],
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "hvp_mode_asked": spec["hvp_mode"], "krylov_asked": spec["krylov"] or None,
+        "check": spec["check"],
         "peak_rss_start_bytes": rss_start, "peak_rss_built_bytes": rss_built,
     }
-    built = timeit(lambda: hf.hessian(model, loss_fn, batch, hvp_mode=spec["hvp_mode"]),
+    built = timeit(lambda: hf.hessian(model, loss_fn, batch, hvp_mode=spec["hvp_mode"],
+                                      check=spec["check"]),
                    repeats=1, warmup=0, device=device)
     H = built.result
     rec.update({
@@ -330,6 +332,7 @@ def _spec(args: argparse.Namespace, size: str, task: str) -> dict[str, Any]:
         "density_probes": args.density_probes, "density_steps": args.density_steps,
         "combo_probes": args.combo_probes, "combo_steps": args.combo_steps,
         "product_timing": not args.no_product_timing, "k4": args.k4,
+        "check": not args.no_check,
         "device": args.device, "threads": args.threads,
     }
 
@@ -386,6 +389,9 @@ def main() -> None:
     ap.add_argument("--density-steps", type=int, default=32)
     ap.add_argument("--combo-probes", type=int, default=4)
     ap.add_argument("--combo-steps", type=int, default=16)
+    ap.add_argument("--no-check", action="store_true",
+                    help="hf.hessian(check=False): no pre-flight (its symmetry probe keeps "
+                    "a vector and its product, 2 rows of n, until the second product)")
     ap.add_argument("--no-product-timing", action="store_true",
                     help="skip the [1, n] product timing after the task")
     ap.add_argument("--k4", action="store_true", help="also time a [4, n] product")
