@@ -62,6 +62,7 @@ from .options import CurvatureOptions
 
 __all__ = ["FSDPHessian", "fd_relative_error", "fd_step", "fsdp_kind"]
 
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 #: Slack of the symmetry check of the first two products, in units of the FD error.
 SYMMETRY_SLACK = 8.0
 
@@ -129,7 +130,10 @@ class FSDPHessian(LinearOperator):
         shards: the FSDP mesh's group (:class:`hessfast.distributed.Comm`): each rank's
             vectors are its local shards; dots are summed over it.
         params, param_names: the selected parameters (DTensors) and names, in layout order.
-        param_dtype, compute_dtype: their dtype; the products' dtype is at least float32.
+        param_dtype: their dtype; the products' dtype (``H.dtype``) is at least float32.
+        compute_dtype: the least precise dtype the model computes in on any rank (one
+            watched gradient of batch 0 at construction); the step, the error estimate and
+            the symmetry tolerance follow it.
         local_sizes: each selected parameter's local shard entries (sum = ``shape[0]``).
         global_size: the number of entries of the unsharded vectors (sum over the ranks).
         loss_form, loss_form_reason, loss_reduction, loss_reduction_reason: as the other
@@ -241,6 +245,9 @@ class FSDPHessian(LinearOperator):
         sq = sum(float(t.double().pow(2).sum()) for t in self._theta)
         sq = float(comm.allreduce_sum_(torch.tensor([sq], dtype=torch.float64), "||theta||")[0])
         self.theta_norm = math.sqrt(sq)
+        self._check = options.check
+        self.num_gradients = 0
+        self.compute_dtype = self._watch_compute_dtype()
         self.hvp_mode = "finite_difference"
         self.hvp_mode_reason = (
             "the model is sharded by FSDP (fully_shard): torch cannot differentiate it twice "
@@ -249,8 +256,6 @@ class FSDPHessian(LinearOperator):
         )
         self.fd_step: float | None = None
         self.fd_error: float | None = None
-        self.num_gradients = 0
-        self._check = options.check
         self._symmetry: list[torch.Tensor] = []  # the first vectors and products (local)
         warnings.warn(
             f"hessfast: {self.hvp_mode_reason}; their relative error is estimated on the "
@@ -289,6 +294,25 @@ class FSDPHessian(LinearOperator):
                 "finite-difference operator needs one mesh for the whole model"
             )
         return groups[0]
+
+    def _watch_compute_dtype(self) -> torch.dtype:
+        """The least precise dtype the model computes in, over all ranks: one gradient of
+        batch 0 on every rank watched by :class:`.forwardcheck.GraphWatch` (a float64 model
+        whose loss upcasts to float32, as transformers' causal-LM loss, differentiates to
+        float32's rounding, which sets the step and the symmetry tolerance)."""
+        from .forwardcheck import GraphWatch
+
+        watch = GraphWatch(self.param_dtype)
+        with self._passes(), torch.enable_grad():
+            _, batch = self._data.first()
+            with watch:
+                loss = self._wrapper(batch)
+            loss.backward()
+        self.num_gradients += 1
+        order = sorted(_FLOATS, key=lambda d: torch.finfo(d).eps)
+        mine = order.index(watch.compute_dtype) if watch.compute_dtype in order else 0
+        least = self.shards.allreduce_ints([mine], "the compute dtype", op="max")[0]
+        return order[least]
 
     # -- the state the products leave as they found it --------------------------------
     @contextmanager
@@ -390,7 +414,7 @@ class FSDPHessian(LinearOperator):
                              hv.double().pow(2).sum(), grad.double().pow(2).sum()]).cpu()
         diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in self.shards.allreduce_sum_(
             local, "the finite-difference error estimate"))
-        return fd_relative_error(diff, size, step, g, self.param_dtype)
+        return fd_relative_error(diff, size, step, g, self.compute_dtype)
 
     # -- the product --------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -404,7 +428,7 @@ class FSDPHessian(LinearOperator):
                 if vn == 0.0:
                     out[i] = 0
                     continue
-                step = fd_step(self.theta_norm, vn, self.param_dtype)
+                step = fd_step(self.theta_norm, vn, self.compute_dtype)
                 self.fd_step = step * vn  # the step along the unit vector
                 out[i], grad = self._central(V[i], step)
                 if self.fd_error is None:
@@ -434,7 +458,7 @@ class FSDPHessian(LinearOperator):
         uhv, vhu, uu, vv, hh_u, hh_v = (float(x) for x in dots)
         self._symmetry = [torch.empty(0)] * 4  # done: keep no vectors
         scale = math.sqrt(uu * hh_v) + math.sqrt(vv * hh_u)
-        eps = torch.finfo(self.param_dtype).eps
+        eps = torch.finfo(self.compute_dtype).eps
         tol = SYMMETRY_SLACK * max(self.fd_error or 0.0, 64 * eps)
         if abs(uhv - vhu) > tol * max(scale, 1e-300):
             raise AsymmetricOperatorError(
