@@ -2,7 +2,8 @@
 
 ``hessian(model, loss_fn, data)`` returns a :class:`~hessfast.linop.LinearOperator` over the
 flattened selected parameters. Its ``matmat(V)`` multiplies a whole block ``V: [k, n]`` in one
-pass over the data, by one of three paths that give the same numbers:
+pass over the data, by one of three exact paths that give the same numbers, or by finite
+differences:
 
 * ``"reuse_graph"`` keeps each batch's first-order gradient graph (``create_graph=True``) and
   differentiates it again for every block (double backward, batched over the k rows with
@@ -13,6 +14,13 @@ pass over the data, by one of three paths that give the same numbers:
 * ``"fwd_rev"`` is forward-over-reverse with ``torch.func``: ``jvp`` of ``grad``, ``vmap``-ped
   over chunks of the k tangents. ``torch.func`` costs 1-2.5 s of one-time initialisation in a
   fresh process, so it is touched only when this path is requested or can win.
+* ``"finite_difference"`` (the Hessian only) is central differences of two ordinary
+  gradients per vector, ``(g(theta + e v) - g(theta - e v)) / 2e``, through perturbed
+  copies of the parameters: no second derivative and no math-SDPA guard, so fused
+  attention, compiled code and custom Functions without a double backward run as in
+  training. Not exact: the step and the error are recorded as ``H.fd_step`` and
+  ``H.fd_error`` (``finitediff``). ``"auto"`` picks it only when no exact second derivative
+  exists, with a warning (``exact=True`` refuses instead).
 
 The operator is exactly the Hessian of the loss averaged over all samples: each batch's mean
 loss is weighted by its number of samples over the total, so an uneven last batch is exact.
@@ -32,6 +40,8 @@ the package):
 * ``guard``: the parameters' fingerprint, the buffers' copies, the slots put back;
 * ``cehead`` / ``lmhead``: the fused cross-entropy product w.r.t. the logits, and the GGN
   split at the model's output head;
+* ``finitediff``: the finite-difference step rule and error estimate (pure functions of
+  norms, shared with the FSDP operator);
 * ``plan``: which path and chunk size per block size (:class:`HVPPlan`): pure policy, fed
   the timings by ``products``;
 * ``options``: the options of :func:`hessian` and :func:`ggn`, stated and validated once;

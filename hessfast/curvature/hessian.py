@@ -70,6 +70,17 @@ class HessianOperator(CurvatureOperator):
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         return HessianGraph(leaves, loss.detach(), grads, live)
 
+    def _first_order_graph(self, batch: Any, index: int) -> HessianGraph:
+        leaves = self._leaves()
+        with torch.enable_grad():
+            loss = self._call_loss(self._loss, index, leaves, batch)
+            check_loss(loss, index)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        # no second derivative is built: every parameter with a gradient counts as live
+        # (the zero-curvature warning needs the graph and is not given)
+        live = [i for i, g in enumerate(grads) if g is not None]
+        return HessianGraph(leaves, loss.detach(), grads, live)
+
     def _loss_value(self, batch: Any, index: int) -> torch.Tensor:
         with torch.enable_grad():  # the same code path as the graph's forward
             return self._call_loss(self._loss, index, self._leaves(), batch).detach()
@@ -165,8 +176,9 @@ def hessian(  # noqa: D417
     is assumed to return the batch MEAN: give a callable that returns the batch sum the
     attribute ``loss_fn.reduction = "sum"``.
 
-    Attention, compiled code, precision. Every product and the pre-flight run under
-    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused kernels of
+    Attention, compiled code, precision. Every exact product and the pre-flight run under
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` (``hvp_mode="finite_difference"``
+    products do not: they are ordinary gradients, with the fused kernels): the fused kernels of
     ``scaled_dot_product_attention`` (flash, memory-efficient, cuDNN, CPU flash) have
     neither a double backward nor forward-mode AD. The math backend stores the attention
     weights, ``batch x heads x S x S`` entries per layer for sequences of length S, a few
@@ -182,8 +194,11 @@ def hessian(  # noqa: D417
     loss upcasts to float32); products are accumulated in at least float32, so bfloat16
     models give float32 vectors. A custom ``autograd.Function`` whose backward returns
     gradients without a graph (fused linear-cross-entropy losses such as Liger's or Cut
-    Cross-Entropy's, which compute the gradient in the forward) has no usable second
-    derivative and is refused by the pre-flight.
+    Cross-Entropy's, which compute the gradient in the forward), or one marked
+    ``@once_differentiable``, has no usable second derivative: ``hvp_mode="auto"`` then
+    falls back to finite differences with a warning (``H.hvp_mode == "finite_difference"``,
+    the cause in ``H.hvp_mode_reason``, the error in ``H.fd_error``), and ``exact=True`` or
+    an explicit exact ``hvp_mode`` refuses it.
 
     Args:
         model: the network; never modified (Parameters and buffers stay the same objects
@@ -226,7 +241,8 @@ def hessian(  # noqa: D417
         LossError, LossCallError, NonFiniteError, NonDeterministicError: the pre-flight
             (``check=True``) found a bad, failing, non-finite or random loss on batch 0.
         UnboundedDataError: data without ``len()`` did not end within the batch limit.
-        UnsupportedModelError: no path can differentiate the model twice, the forward
+        UnsupportedModelError: no path can differentiate the model twice (with
+            ``exact=True``, or for a cause other than a missing second derivative), the forward
             uses parameters only with gradient recording off (reentrant checkpoint), or a
             custom ``autograd.Function`` returns gradients without a graph (a fused
             linear-cross-entropy loss, a fused kernel's backward).

@@ -448,11 +448,15 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         """Bytes autograd saves for batch 0's first-order graph (forward and gradient with
         its graph, each storage once; :meth:`LinearOperator.saved_bytes`): measured by
         building that graph once more under the operator's guard (about one gradient; the
-        user's model and RNG untouched), then cached."""
+        user's model and RNG untouched), then cached. With
+        ``hvp_mode="finite_difference"``: an ordinary gradient's graph (no ``create_graph``,
+        the fused kernels), which is what its products hold."""
         if self._saved_bytes is None:
-            with self._guard():
+            fd = self._planner.requested == FD_MODE
+            with self._guard(exact=not fd):
                 index, batch = self._batch0()
-                self._saved_bytes = measure_saved(lambda: self._graph(batch, index))[1]
+                graph = self._first_order_graph if fd else self._graph
+                self._saved_bytes = measure_saved(lambda: graph(batch, index))[1]
         return self._saved_bytes
 
     def __repr__(self) -> str:
@@ -480,7 +484,9 @@ class _CheckedView:
         self.n = op.shape[0]
         self.dtype = op.dtype
         self.device = op.device
-        self.guard = op._guard
+        # the finite-difference path is checked as it runs: ordinary gradients, fused kernels
+        fd = op._planner.requested == FD_MODE
+        self.guard = (lambda: op._guard(exact=False)) if fd else op._guard
         self.batch0 = op._batch0
         self.first_graph = op._first_graph
         self.loss_value = op._loss_value

@@ -50,19 +50,15 @@ EXACT_MODES = ("reuse_graph", "double_backward", "fwd_rev")
 FD_MODE = "finite_difference"
 
 # What torch and hessfast say when a second derivative does not exist (as opposed to a path
-# that fails for another reason): auto mode falls back to finite differences only on these.
+# that fails for another reason): auto mode falls back to finite differences only when double
+# backward failed with one of these (forward-over-reverse fails on any custom Function
+# without a jvp, so its failure tells nothing).
 _NO_SECOND_DERIVATIVE = (
-    "not implemented",
-    "once_differentiable",
+    "is not implemented",  # "the derivative for '...' is not implemented"
+    "once_differentiable",  # "trying to differentiate twice a function that was marked ..."
     "differentiate twice",
-    "no usable second derivative",
-    "setup_context",
-    "forward-mode",
-    "forward mode",
-    "jvp",
-    "double backward",
-    "does not support",
-    "doesn't support",
+    "no usable second derivative",  # the pre-flight's flat custom Function
+    "double backward is not",
 )
 
 
@@ -184,6 +180,8 @@ class Planner:
         self.fd_ok = fd_ok
         # auto mode fell back to finite differences: why (None while an exact path works)
         self.fallback: str | None = None
+        # path -> the exception it failed with
+        self.failures: dict[str, BaseException] = {}
         self.plans: dict[int, HVPPlan] = {}
         # path -> why it cannot be used (it failed, or disagrees with double backward)
         self.unavailable: dict[str, str] = {}
@@ -252,8 +250,11 @@ class Planner:
                 "use hvp_mode='fwd_rev' or 'auto'"
             ) from exc
         self.mark_unavailable(mode, why)
+        for m in GRAPH_MODES if mode in GRAPH_MODES else (mode,):
+            self.failures.setdefault(m, exc)
         if all(m in self.unavailable for m in ("double_backward", "fwd_rev")):
-            if self.fallback is None and no_second_derivative(exc):
+            db = self.failures.get("double_backward")
+            if self.fallback is None and db is not None and no_second_derivative(db):
                 self._fall_back(exc)
                 return
             raise UnsupportedModelError(

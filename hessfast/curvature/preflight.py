@@ -35,11 +35,12 @@ first-order graph (which graph reuse keeps, so it is built once):
   batch 0, only when a parameter gets no gradient or a batch holds one sample;
 * with ``hvp_mode="fwd_rev"`` (or when double backward cannot build the graph), one
   forward-over-reverse product runs and, where double backward works, must agree with it;
-* with ``hvp_mode="finite_difference"`` no second derivative is needed: a graph that double
-  backward cannot build and a custom Function with a flat backward are accepted, and the
-  operator measures the finite-difference error (``H.fd_error``) right after these checks.
-  In auto mode such a Function makes the exact paths unusable, so the planner falls back
-  to finite differences (with a warning; ``exact=True`` refuses).
+* with ``hvp_mode="finite_difference"`` no second derivative is needed: batch 0's graph is an
+  ordinary gradient (no ``create_graph``, the fused kernels, no zero-curvature warning), a
+  custom Function with a flat backward is accepted, and the operator measures the
+  finite-difference error (``H.fd_error``) right after these checks. In auto mode such a
+  Function makes the exact paths unusable, so the planner falls back to finite differences
+  (with a warning; ``exact=True`` refuses).
 
 On the first products, at no extra product:
 
@@ -155,8 +156,8 @@ def _checks(
     except HessfastError:
         raise
     except Exception as exc:  # noqa: BLE001 - double backward cannot even start
-        if requested != FD_MODE:  # finite differences need no second derivative
-            path_failed("double_backward", exc)
+        # (finite differences: batch 0's ordinary gradient fails, so no path can run)
+        path_failed(FD_MODE if requested == FD_MODE else "double_backward", exc)
     compute_dtype = watch.compute_dtype
     if requested != FD_MODE:  # a Function's flat backward is right for a first derivative
         try:

@@ -75,6 +75,8 @@ class BatchProducts:
         if index in self._graph_cache:
             return self._graph_cache[index][1]
         _, batch = self._batch0()
+        if self._planner.requested == FD_MODE:  # no second derivative: a plain gradient
+            return self._first_order_graph(batch, index)
         if self._planner.needs_graph_size:
             state, nbytes = measure_saved(lambda: self._graph(batch, index))
             self._planner.record_graph_size(nbytes, self._data.num_batches, self.device)
@@ -83,6 +85,11 @@ class BatchProducts:
         if self._planner.keeps_graphs:
             self._graph_cache[index] = (self._data.weight(index), state)
         return state
+
+    def _first_order_graph(self, batch: Any, index: int) -> Any:
+        """The batch's loss and ordinary gradient (no ``create_graph``): what the pre-flight
+        checks of a finite-difference operator (call inside ``_guard(exact=False)``)."""
+        raise NotImplementedError
 
     def _cached_graphs(self) -> dict[int, tuple[float, Any]]:
         """Every batch's graph, built on first use (batch 0's may be there already)."""

@@ -400,7 +400,10 @@ class _Ops(TorchDispatchMode):
 def test_gpt2_with_default_sdpa_runs_the_fused_kernel():
     model = _build_lm("gpt2", torch.float32)
     data = [_lm_batch(2, 0, pad=False), _lm_batch(3, 1, pad=False)]
-    H = hf.hessian(model, model_loss, data, hvp_mode=FD)
+    with _Ops() as setup_ops:  # the pre-flight and the error's measurement: fused, too
+        H = hf.hessian(model, model_loss, data, hvp_mode=FD)
+    assert any("flash" in n for n in setup_ops.names)
+    assert not any("math" in n for n in setup_ops.names if "scaled_dot_product" in n)
     E = hf.hessian(model, model_loss, data, hvp_mode="double_backward")
     V = torch.randn(2, H.shape[0], generator=torch.Generator().manual_seed(1))
     with _Ops() as fd_ops:
@@ -412,3 +415,46 @@ def test_gpt2_with_default_sdpa_runs_the_fused_kernel():
     assert not {n for n in exact_ops.names if "flash" in n or "efficient" in n}
     for a, b in zip(HV, EV, strict=True):
         assert rel_err(a, b) <= H.fd_error
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Linear head + cross-entropy in one Function, as Liger's and Cut Cross-Entropy's fused
+    losses: the gradients are computed in the forward (no second derivative through them)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels):
+        logits = h @ weight.T
+        keep = labels != -100
+        loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+        g = torch.softmax(logits, dim=-1)
+        g[keep, labels[keep]] -= 1
+        g = g * keep.unsqueeze(1) / keep.sum()
+        ctx.save_for_backward(g @ weight, g.T @ h)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_loss * grad_h, grad_loss * grad_weight, None
+
+
+def _fused_lm_loss(model, batch):
+    h = model.transformer(input_ids=batch["input_ids"],
+                          attention_mask=batch["attention_mask"]).last_hidden_state
+    h = h[:, :-1].reshape(-1, h.shape[-1])
+    return _FusedLinearCrossEntropy.apply(h, model.lm_head.weight,
+                                          batch["labels"][:, 1:].reshape(-1))
+
+
+def test_fused_linear_cross_entropy_falls_back_to_the_right_hessian():
+    """A fused LM loss (its Hessian silently wrong by double backward, refused by the
+    pre-flight) gets the true Hessian in auto mode, by finite differences."""
+    _, _, data, ref = _cached_case("gpt2", torch.float32)
+    model = _build_lm("gpt2", torch.float32)
+    with pytest.warns(UserWarning, match="hessfast: .*_FusedLinearCrossEntropy"):
+        H = hf.hessian(model, _fused_lm_loss, data)
+        V = torch.randn(2, H.shape[0], generator=torch.Generator().manual_seed(2))
+        HV = H.matmat(V)
+    assert H.hvp_mode == FD and "_FusedLinearCrossEntropy" in H.hvp_mode_reason
+    for row, want in zip(HV, V.double() @ ref, strict=True):
+        assert rel_err(row, want) <= H.fd_error <= 3e-3
