@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -35,7 +36,10 @@ from .finitediff import fd_error, fd_step
 from .plan import FD_MODE, HVPPlan
 from .preflight import check_finite
 
-__all__ = ["BatchProducts", "ChunkProduct"]
+__all__ = ["FD_WARN_ERROR", "BatchProducts", "ChunkProduct"]
+
+#: A finite-difference error estimate above this warns once (at its measurement).
+FD_WARN_ERROR = 0.05
 
 # One batch's product with a chunk: (V per parameter [c, *shape], last chunk?) -> [c, n].
 ChunkProduct = Callable[[list[torch.Tensor], bool], torch.Tensor]
@@ -256,13 +260,17 @@ class BatchProducts:
         return cached
 
     def _fd_row(
-        self, batch: Any, index: int, v: list[torch.Tensor], step: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(g(theta + e v) - g(theta - e v)) / 2e`` and ``(g(+) + g(-)) / 2`` of one batch
-        for one vector (per parameter ``[*shape]``), flat ``[n]`` in the operator's dtype."""
+        self, batch: Any, index: int, v: list[torch.Tensor], step: float,
+        *, with_gradient: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(g(theta + e v) - g(theta - e v)) / 2e`` of one batch for one vector (per
+        parameter ``[*shape]``), flat ``[n]`` in the operator's dtype, in place of the first
+        gradient (two flat vectors at a time); with ``with_gradient`` also
+        ``(g(+) + g(-)) / 2`` (else None)."""
         gp = self._fd_gradient(batch, index, v, step)
         gm = self._fd_gradient(batch, index, v, -step)
-        return (gp - gm).div_(2.0 * step), (gp + gm).mul_(0.5)
+        g = (gp + gm).mul_(0.5) if with_gradient else None
+        return gp.sub_(gm).div_(2.0 * step), g
 
     def _fd_gradient(
         self, batch: Any, index: int, v: list[torch.Tensor], step: float
@@ -304,11 +312,12 @@ class BatchProducts:
             for _ in range(2):
                 v = (v / v.norm()).to(self.dtype).to(self.device)
                 Vs = [x[0] for x in self._split(v.unsqueeze(0))]
-                hv, g = self._fd_row(batch, index, Vs, step)
+                hv, g = self._fd_row(batch, index, Vs, step, with_gradient=True)
+                assert g is not None
                 check_finite(hv.unsqueeze(0), index, self._kind, self.param_names, self._split)
                 hv2, _ = self._fd_row(batch, index, Vs, 2.0 * step)
-                worst = max(worst, fd_error(hv, hv2, step, float(g.double().norm()),
-                                            self.compute_dtype))
+                g_norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+                worst = max(worst, fd_error(hv, hv2, step, g_norm, self.compute_dtype))
                 v = hv.double()
                 if float(v.norm()) == 0.0:
                     break
@@ -316,3 +325,15 @@ class BatchProducts:
         self.fd_error = worst
         if self._symmetry is not None:
             self._symmetry.relative_error = self.fd_error
+        if worst > FD_WARN_ERROR:
+            low = self.param_dtype in (torch.bfloat16, torch.float16)
+            warnings.warn(
+                f"hessfast: the finite-difference products' relative error is about "
+                f"{worst:.2g} (H.fd_error, measured on batch 0)"
+                + (f": the parameters are {self.param_dtype}, and rounding theta +- e v to "
+                   "it is coarse. Use float32 parameters (autocast keeps the bf16 compute)"
+                   if low else ": the loss is far from quadratic at the step's scale or "
+                   "its gradients are noisy (compute dtype " f"{self.compute_dtype})")
+                + "; an exact hvp_mode avoids this error where the model allows one",
+                UserWarning, stacklevel=5,
+            )

@@ -458,3 +458,23 @@ def test_fused_linear_cross_entropy_falls_back_to_the_right_hessian():
     assert H.hvp_mode == FD and "_FusedLinearCrossEntropy" in H.hvp_mode_reason
     for row, want in zip(HV, V.double() @ ref, strict=True):
         assert rel_err(row, want) <= H.fd_error <= 3e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_parameters_are_coarse_and_say_so(dtype):
+    """Rounding theta +- e v to bf16/fp16 costs about eps^(2/3) / c relative: the products
+    stay within the recorded error, which is large, and a warning says so (measured on
+    this MLP: bf16 errors 0.32-0.47 against an estimate of 1.8; fp16 0.08-0.15 against 0.58)."""
+    model, loss_fn, data = make_mlp(dtype=torch.float32)
+    ref = dense_hessian_reference(copy.deepcopy(model).double(), loss_fn,
+                                  [(x.double(), y) for x, y in data])
+    low = copy.deepcopy(model).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # float16's own warning
+        with pytest.warns(UserWarning, match=f"hessfast: the finite-difference.*{dtype}"):
+            H = hf.hessian(low, loss_fn, [(x.to(dtype), y) for x, y in data], hvp_mode=FD)
+        V = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(0))
+        HV = H.matmat(V)
+    assert HV.dtype == torch.float32 and H.fd_error > 0.05
+    for row, want in zip(HV, V.double() @ ref, strict=True):
+        assert rel_err(row, want) <= H.fd_error
