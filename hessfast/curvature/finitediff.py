@@ -76,28 +76,35 @@ def fd_step(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
     vector's length, so that ``e ||v||`` is a fixed fraction of ``||theta||`` and the product
     is linear in ``v`` (``fd_step(t, 2s, d) == fd_step(t, s, d) / 2``).
 
-    Calibration of ``FD_STEP_CONSTANT = 0.02`` (float32, CPU, 2026-12-06; errors against
-    float64 double backward):
+    Calibration of ``FD_STEP_CONSTANT = 0.02`` (float32, CPU, 2026-12-06; relative errors
+    against float64 double backward; "top" is the direction of largest ``|lambda|``):
 
-    * a transformers GPT-2 from a config (2 layers, n_embd 64, 2 heads, vocabulary 101,
-      n = 108,608, ||theta|| = 18.7), two batches of 4 x 32 tokens, its causal-LM loss,
-      random unit vectors: the V-curve's floor, ~1e-4, spans c = 0.03 to 0.3 (c = 0.1:
-      7.6e-5, 0.03: 2.5e-4, 0.01: 7.8e-4; the fd-probe of 2026-12-05 saw 7.7e-5 at
-      e = 1e-2);
-    * the tests' tiny GPT-2 and LLaMA (n_embd 8, n = 1,112 and 920) and MLP (n = 69): along
-      the extreme eigenvectors the error is 10-100 times a random vector's at the same step
-      (c = 0.1: 1.3e-2 on GPT-2's top eigenvector against 1.4e-4 on a random one; c = 0.03:
-      1.1e-3 against 7.6e-5; c = 0.01: 1.3e-4 against 1.6e-4): the loss is most nonlinear
-      where its curvature is largest, and ``||theta||`` is dominated by the norm layers'
-      weights (1.0) while the embeddings (0.02) set the scale along those directions.
+    ==============================  ===========  ===========  ===========  ===========
+    model, direction                c = 0.1      c = 0.03     c = 0.02     c = 0.01
+    ==============================  ===========  ===========  ===========  ===========
+    GPT-2 2L/64, n = 108,608, rand  7.7e-5       2.6e-4       3.9e-4       7.7e-4
+    same, top (30 power steps)      1.8e-2       1.6e-3       7.1e-4       1.8e-4
+    GPT-2 1L/8, n = 1,112, random   1.4e-4       7.6e-5       8.1e-5       1.6e-4
+    same, top eigenvector           1.3e-2       1.1e-3       5.1e-4       1.3e-4
+    LLaMA 1L/8, n = 920, top        3.4e-3       3.0e-4       1.3e-4       4.4e-5
+    MLP, n = 69, random             9.7e-5       3.2e-4       4.6e-4       8.7e-4
+    ==============================  ===========  ===========  ===========  ===========
 
-    Krylov methods converge to exactly those eigenvectors, so the constant sits below the
-    random-vector optimum: c = 0.02 keeps both kinds of direction at about 1e-4 to 5e-4 on
-    these models. In float64 the same rule gives e ~ 1e-7 ||theta|| and errors of about
-    1e-10. bfloat16/float16 take their own eps (``eps^(1/3)`` = 0.20 and 0.099), but the
-    rounding of ``theta +- e v`` to the parameters' dtype then costs about
-    ``eps^(2/3) / c`` relative: finite differences of a bfloat16 model are coarse (expect
-    1e-2 and worse), which the recorded error estimate reports.
+    (GPT-2 2L/64: transformers' GPT-2 from a config, n_embd 64, 2 heads, vocabulary 101,
+    ||theta|| = 18.7, two batches of 4 x 32 tokens, its causal-LM loss; the fd-probe of
+    2026-12-05 saw 7.7e-5 at e = 1e-2 on random vectors. The small models are
+    tests/curvature/test_finite_difference.py's.) Random vectors want c ~ 0.1, but along
+    the extreme eigenvectors the error is 10-200 times larger at the same step: the loss is
+    most nonlinear where its curvature is largest, and ``||theta||`` is dominated by the
+    norm layers' weights (1.0) while the embeddings (0.02) set the scale along those
+    directions. Krylov methods converge to exactly those eigenvectors, so c = 0.02 keeps
+    both kinds of direction below about 7e-4 on every model measured. In float64 the same
+    rule gives e ~ 1e-7 ||theta|| and errors of about 1e-10. bfloat16/float16 take their own
+    eps (``eps^(1/3)`` = 0.20 and 0.099), but rounding ``theta +- e v`` to the parameters'
+    dtype then costs about ``eps^(2/3) / c`` relative: finite differences of a model with
+    bfloat16 parameters are coarse (0.3-0.5 on the tests' MLP, float16 0.1), which the
+    recorded error estimate reports and a warning states; float32 parameters with a
+    bfloat16 autocast do not pay this.
 
     Args:
         theta_norm: ``||theta||``, the 2-norm of the (selected) parameters; 0 (a model at the
