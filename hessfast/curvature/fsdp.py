@@ -50,6 +50,7 @@ from ..distributed import Comm
 from ..errors import (
     AsymmetricOperatorError,
     ConfigurationError,
+    NonDeterministicError,
     NonFiniteError,
     ParametersChangedError,
     UnsupportedModelError,
@@ -57,12 +58,20 @@ from ..errors import (
 from ..linop import LinearOperator, row_dots
 from .data import BatchSource
 from .lossform import decide_loss_form, loss_reduction
-from .model import BatchSplit, LossModule, model_modes, select_params
+from .model import (
+    BatchSplit,
+    LossModule,
+    active_stochastic_modules,
+    model_modes,
+    select_params,
+)
 from .options import CurvatureOptions
 
 __all__ = ["FSDPHessian", "fd_relative_error", "fd_step", "fsdp_kind"]
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+#: Two evaluations of a deterministic loss agree to this many units of rounding.
+REPEAT_EPS = 1e3
 #: Slack of the symmetry check of the first two products, in units of the FD error.
 SYMMETRY_SLACK = 8.0
 
@@ -182,6 +191,13 @@ class FSDPHessian(LinearOperator):
             )
         self.loss_fn = loss_fn
         self.bn_mode = options.bn_mode
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP keeps the root's parameters gathered after a forward without a backward, and
+        # model.parameters() are then the gathered plain tensors: reshard first (this only
+        # frees the gathered copies; the shards are the parameters' values)
+        self._fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self._reshard()
         names, params = select_params(model, options.params)
         self.param_names, self.params = list(names), tuple(params)
         self.shards = Comm(self._group_of(self.params, self.param_names))
@@ -246,6 +262,7 @@ class FSDPHessian(LinearOperator):
         sq = float(comm.allreduce_sum_(torch.tensor([sq], dtype=torch.float64), "||theta||")[0])
         self.theta_norm = math.sqrt(sq)
         self._check = options.check
+        self._deterministic = options.check and options.check_deterministic
         self.num_gradients = 0
         self.compute_dtype = self._watch_compute_dtype()
         self.hvp_mode = "finite_difference"
@@ -303,22 +320,41 @@ class FSDPHessian(LinearOperator):
         from .forwardcheck import GraphWatch
 
         watch = GraphWatch(self.param_dtype)
-        with self._passes(), torch.enable_grad():
-            _, batch = self._data.first()
-            with watch:
-                loss = self._wrapper(batch)
-            loss.backward()
+        with self._passes():
+            index, batch = self._data.first()
+            with torch.enable_grad():
+                with watch:
+                    loss = self._wrapper(batch)
+                loss.backward()
+            with torch.no_grad():
+                again = self._wrapper(batch) if self._deterministic else loss
         self.num_gradients += 1
         order = sorted(_FLOATS, key=lambda d: torch.finfo(d).eps)
         mine = order.index(watch.compute_dtype) if watch.compute_dtype in order else 0
         least = self.shards.allreduce_ints([mine], "the compute dtype", op="max")[0]
-        return order[least]
+        dtype = order[least]
+        a, b = float(loss.detach()), float(again)
+        random = not (a == b or abs(a - b) <= REPEAT_EPS * torch.finfo(dtype).eps
+                      * max(abs(a), abs(b)))
+        if self.shards.allreduce_ints([int(random)], "the determinism check")[0]:
+            active = active_stochastic_modules(self.model)
+            raise NonDeterministicError(
+                f"two evaluations of the loss on batch {index} differ "
+                f"{f'({a:.9g} vs {b:.9g})' if random else 'on another rank'}: the curvature "
+                "is random and finite differences of it are noise. Cause: "
+                + (f"active stochastic layers {', '.join(active)}; use bn_mode='eval' (the "
+                   "default) or call model.eval()" if active else
+                   "a random operation in the model or loss (dropout, noise, sampling)")
+                + ". check_deterministic=False skips this check"
+            )
+        return dtype
 
     # -- the state the products leave as they found it --------------------------------
     @contextmanager
     def _passes(self) -> Iterator[None]:
         """Modes, the user's ``.grad``, buffers and the RNG saved around a product; the
         parameters' local shards restored from the copy (bit for bit)."""
+        self._reshard()  # model.parameters() are the sharded ones only when resharded
         all_params = list(self.model.parameters())
         grads = [p.grad for p in all_params]
         try:
@@ -328,6 +364,7 @@ class FSDPHessian(LinearOperator):
                     model_modes(self.model, self.bn_mode):
                 yield
         finally:
+            self._reshard()
             with torch.no_grad():
                 for p, theta in zip(self.params, self._theta, strict=True):
                     p.to_local().copy_(theta)
@@ -335,6 +372,15 @@ class FSDPHessian(LinearOperator):
                     b.copy_(saved)
             for p, g in zip(all_params, grads, strict=True):
                 p.grad = g
+
+    def _reshard(self) -> None:
+        """Free every FSDP module's gathered parameters, so that the next forward
+        all-gathers the local shards as they are now. FSDP keeps the root's parameters
+        gathered after a forward (it expects the backward), so a forward without a backward
+        (``no_grad`` evaluation, the user's or ours) would otherwise leave a stale gathered
+        copy that ignores the shards just set."""
+        for m in self._fsdp_modules:
+            m.reshard()
 
     def _rng_devices(self) -> list[int]:
         if self.device.type == "cuda":
@@ -362,6 +408,7 @@ class FSDPHessian(LinearOperator):
     def _gradient(self, v: torch.Tensor, step: float) -> torch.Tensor:
         """The FSDP gradient's local shards ``[n]`` (in ``self.dtype``) of the weighted loss
         at ``theta + step * v`` (``v`` this rank's shards ``[n]``)."""
+        self._reshard()
         with torch.no_grad():
             offset = 0
             for p, theta, size in zip(self.params, self._theta, self.local_sizes, strict=True):
@@ -459,7 +506,8 @@ class FSDPHessian(LinearOperator):
         self._symmetry = [torch.empty(0)] * 4  # done: keep no vectors
         scale = math.sqrt(uu * hh_v) + math.sqrt(vv * hh_u)
         eps = torch.finfo(self.compute_dtype).eps
-        tol = SYMMETRY_SLACK * max(self.fd_error or 0.0, 64 * eps)
+        # capped: a huge estimate (a random loss) must not wave any asymmetry through
+        tol = SYMMETRY_SLACK * min(max(self.fd_error or 0.0, 64 * eps), 0.05)
         if abs(uhv - vhu) > tol * max(scale, 1e-300):
             raise AsymmetricOperatorError(
                 f"the finite-difference Hessian of the FSDP model is not symmetric: "

@@ -7,6 +7,7 @@ are tests/distributed/test_fsdp_fd.py."""
 
 from __future__ import annotations
 
+import inspect
 import socket
 import sys
 import types
@@ -92,5 +93,18 @@ def test_fully_shard_model_finite_differences() -> None:
             hf.ggn(model, loss_fn, batches)
         with pytest.raises(errors.ConfigurationError, match="finite differences"):
             hf.hessian(model, loss_fn, batches, hvp_mode="double_backward")
+        if "exact" in inspect.signature(hf.hessian).parameters:
+            with pytest.raises(errors.ConfigurationError, match="exact=True.*FSDP"):
+                hf.hessian(model, loss_fn, batches, exact=True)
+        # active dropout (bn_mode="as_is" keeps the model's train mode): refused, not noise
+        noisy = nn.Sequential(make_mlp(dtype=torch.float64)[0], nn.Dropout(0.5))
+        fully_shard(noisy)
+        noisy.train()
+        kept = [p.to_local().clone() for p in noisy.parameters()]
+        with pytest.raises(errors.NonDeterministicError, match=r"Dropout.*bn_mode='eval'"):
+            hf.hessian(noisy, loss_fn, batches, bn_mode="as_is")
+        assert all(p.to_local().view(torch.uint8).equal(b.view(torch.uint8))
+                   for p, b in zip(noisy.parameters(), kept, strict=True))
+        assert all(p.grad is None for p in noisy.parameters()) and noisy.training
     finally:
         dist.destroy_process_group()

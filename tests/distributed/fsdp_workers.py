@@ -138,6 +138,10 @@ def measure(kind: str, rank: int, world: int) -> dict[str, Any]:
     user_grads = {n: p.grad for n, p in model.named_parameters()}
     grad_values = {n: g.to_local().clone() for n, g in user_grads.items()}
     before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    # an evaluation: FSDP keeps the root's parameters gathered (model.parameters() are then
+    # the gathered plain tensors); the operator must reshard before it reads or sets them
+    with torch.no_grad():
+        dist_workers_loss(model, loss_fn, batches[-1])
     rng = torch.get_rng_state()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
