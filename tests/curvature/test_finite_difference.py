@@ -478,3 +478,39 @@ def test_half_precision_parameters_are_coarse_and_say_so(dtype):
     assert HV.dtype == torch.float32 and H.fd_error > 0.05
     for row, want in zip(HV, V.double() @ ref, strict=True):
         assert rel_err(row, want) <= H.fd_error
+
+
+class _Distances(nn.Module):
+    """Distances to 4 centres, then a linear layer: by ``torch.cdist`` (whose backward has
+    no derivative, nor its forward a forward-mode one, in torch 2.13) or written out."""
+
+    def __init__(self, cdist: bool) -> None:
+        super().__init__()
+        with seeded(4):
+            self.centres = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+            self.head = nn.Linear(4, 2).double()
+        self.cdist = cdist
+
+    def forward(self, x):
+        if self.cdist:
+            d = torch.cdist(x, self.centres)
+        else:
+            d = (x[:, None, :] - self.centres[None]).pow(2).sum(-1).sqrt()
+        return self.head(d)
+
+
+def test_a_kernel_without_double_backward_falls_back_at_the_first_product():
+    with seeded(6):
+        x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    ref = dense_hessian_reference(_Distances(cdist=False), nn.CrossEntropyLoss(), (x, y))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*")  # torch's own
+        H = hf.hessian(_Distances(cdist=True), nn.CrossEntropyLoss(), (x, y))
+        assert H.fd_error is None  # the pre-flight's graph builds: the products tell
+        with pytest.warns(UserWarning, match="hessfast: .*_cdist_backward"):
+            HV = H.matmat(torch.eye(H.shape[0], dtype=torch.float64)[:4])
+        assert H.hvp_mode == FD and "_cdist_backward" in H.hvp_mode_reason
+        assert rel_err(HV, ref[:4]) <= H.fd_error <= 1e-6
+        E = hf.hessian(_Distances(cdist=True), nn.CrossEntropyLoss(), (x, y), exact=True)
+        with pytest.raises(errors.UnsupportedModelError, match=r"(?s)_cdist_backward.*exact=True"):
+            E.matmat(torch.eye(E.shape[0], dtype=torch.float64)[:1])
