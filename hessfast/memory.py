@@ -44,8 +44,8 @@ So lambda_max and the density run in 4 parameter-sized vectors in the lean mode 
 was <= 6); tests/lanczos/test_lean.py counts the live ``[*, n]`` tensors during the products
 and finds at most 4 (lean lambda_max) and 5 (lean SLQ, the probe included). With vectors
 sharded over R ranks (``A.shards``: an FSDP model) each rank holds ``1/R`` of each vector.
-The float64 tridiagonal T stays on the CPU (``16 m`` bytes per probe; lean eigsh's ``eigh``
-of ``T_m`` is ``8 m^2`` transient).
+The float64 tridiagonal T stays on the CPU (``16 m`` bytes per probe or run; lean eigsh
+solves for its wanted extreme eigenpair alone, in O(m) memory).
 
 "Capacity" is the device's free memory plus what the plan already finds resident there (the
 model's parameters and buffers), or ``available=`` when given (plan for another machine).
@@ -331,7 +331,7 @@ def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
         side = brows * brows * 8 if alg == "eigsh" else 16 * brows
         if lean and not brows:  # T grows: max_matvecs (eigsh) or num_steps (slq) steps
             steps = s["num_steps"] if alg == "slq" else s.get("max_matvecs") or 1000
-            side = 16 * steps * (steps if alg == "eigsh" else 1)
+            side = 16 * steps
         items.append(MemoryItem("projection", side, "host" if dev.type != "cpu" else "device",
                                 "float64 T / coefficients on the CPU"))
     caps = {k: v for k, v in capacity.items() if k == "device" or where_b == "host"}

@@ -20,11 +20,11 @@ from ._checks import (
     check_int,
     check_positive,
     check_seed,
-    probe_generator,
 )
 from ._probe import probe_operator
+from .lanczos.lean import sharded_generator
 from .lanczos.verify import converged, residual_floor
-from .linop import LinearOperator
+from .linop import LinearOperator, row_dots
 from .progress import set_postfix, set_total, track
 from .results import JsonResult, Status
 
@@ -79,17 +79,21 @@ def _iterate(
     for _ in range(max_matvecs):
         w = A.matvec(v).double()
         used += 1
-        theta = float(torch.dot(v.double(), w))
-        norm_est = max(norm_est, float(w.norm()))
+        vd = v.double()
+        # dot products summed over the ranks when the vectors are sharded (row_dots)
+        theta = float(row_dots(A, vd[None], w[None])[0])
+        norm_est = max(norm_est, math.sqrt(max(float(row_dots(A, w[None], w[None])[0]), 0.0)))
         floor = residual_floor(norm_est, A.dtype)
-        res = max(float((w - theta * v.double()).norm()), floor)
+        r = w - theta * vd
+        res = max(math.sqrt(max(float(row_dots(A, r[None], r[None])[0]), 0.0)), floor)
+        del r
         if used % 10 == 1:
             set_postfix(ritz=f"{theta:.4g}", res=f"{res:.2g}")
         ok = converged(theta, res, tol, norm_est, A.dtype)
         if ok:
             return theta, v, res, True, used, norm_est
         w = w - shift * v.double()
-        wn = float(w.norm())
+        wn = math.sqrt(max(float(row_dots(A, w[None], w[None])[0]), 0.0))
         if wn == 0.0:  # v is in the null space of A - shift I: exact eigenvector
             return theta, v, res, ok, used, norm_est
         v = (w / wn).to(v.dtype)
@@ -118,6 +122,12 @@ def power_iteration(
         progress: a progress bar of products on stderr (total: ``max_matvecs``); None: when
             stderr is a terminal.
 
+    An operator whose vectors are sharded over ranks (``A.shards``, an FSDP model) works:
+    every dot product and norm is summed over the ranks (:func:`hessfast.linop.row_dots`),
+    so every rank takes the same decisions, and the start vector's slices are drawn per rank
+    from a generator keyed by ``(seed, rank)`` (the result then depends on the world size);
+    ``eigenvector`` is this rank's slice.
+
     Returns:
         :class:`PowerResult`.
     """
@@ -133,6 +143,12 @@ def power_iteration(
         return _power(A, which, tol, max_matvecs, seed)
 
 
+def _unit(A: LinearOperator, v: torch.Tensor) -> torch.Tensor:
+    """``v [n]`` (float64, CPU) scaled to (global) norm 1, in A's dtype on its device."""
+    v = v.to(A.device)
+    return (v / math.sqrt(float(row_dots(A, v[None], v[None])[0]))).to(A.dtype)
+
+
 def _power(A: LinearOperator, which: str, tol: float, max_matvecs: int, seed: int
            ) -> PowerResult:
     """The algorithm of :func:`power_iteration` on validated, probed arguments (also
@@ -140,15 +156,13 @@ def _power(A: LinearOperator, which: str, tol: float, max_matvecs: int, seed: in
     n = A.shape[0]
     t0 = time.perf_counter()
     p0 = A.num_passes
-    gen = probe_generator(seed)
-    v = torch.randn(n, generator=gen, dtype=torch.float64)
-    v = (v / v.norm()).to(device=A.device, dtype=A.dtype)
+    gen = sharded_generator(A, seed)  # keyed by (seed, rank) when A's vectors are sharded
+    v = _unit(A, torch.randn(n, generator=gen, dtype=torch.float64))
     theta, v, res, ok, used, norm = _iterate(A, v, 0.0, tol, max_matvecs)
     if which == "LA" and theta < 0 and used < max_matvecs:
         # The dominant eigenvalue is negative; A - theta I is PSD with its largest
         # eigenvalue at lambda_max - theta, so power iteration on it finds lambda_max.
-        v0 = torch.randn(n, generator=gen, dtype=torch.float64)
-        v0 = (v0 / v0.norm()).to(device=A.device, dtype=A.dtype)
+        v0 = _unit(A, torch.randn(n, generator=gen, dtype=torch.float64))
         theta, v, res, ok, more, norm2 = _iterate(A, v0, theta, tol, max_matvecs - used)
         used += more
         norm = max(norm, norm2)

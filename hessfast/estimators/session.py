@@ -17,6 +17,7 @@ from .._checks import (
     check_budget,
     keyed_probes,
     probe_generator,
+    probe_key,
     sample_probes,
     work_dtype,
 )
@@ -49,7 +50,9 @@ class Session:
         self.n = int(self.A.shape[0])
         self.work = work_dtype(self.A.dtype)
         self.device = torch.device(self.A.device)
-        self.gen = probe_generator(seed)
+        # sharded vectors (A.shards): each rank draws its slice from a (seed, rank) key
+        self.gen = (probe_generator(seed) if self.A.shards is None
+                    else probe_generator(probe_key(seed, int(getattr(self.A.shards, "rank", 0)))))
         self.seed = seed
         self.probe = probe
         #: mesh runs: the index of the next probe, drawn from its own generator keyed by

@@ -10,7 +10,7 @@ import torch
 
 from .._checks import check_choice, check_seed
 from .._probe import probe_operator
-from ..linop import LinearOperator
+from ..linop import LinearOperator, refuse_sharded
 from ..progress import set_total, track
 from ..results import DiagonalResult, Status
 from .exchangeable import Exchangeable, xdiag_estimates, xdiag_jackknife_stderr
@@ -70,7 +70,12 @@ def diagonal(
         probe_operator(sess.A, sess.products.who)
         status = Status.FIXED_BUDGET
         dof = None
-        if sess.n == 0 or m >= sess.n:
+        sharded = sess.A.shards is not None
+        if sharded and method != "hutchinson":
+            refuse_sharded(sess.A, f"{_WHO}(method={method!r})",
+                           "On sharded vectors diagonal runs method='hutchinson' (each rank "
+                           "estimates its own entries).")
+        if not sharded and (sess.n == 0 or m >= sess.n):
             values = sess.exact_diagonal()
             stderr = torch.zeros_like(values)
             status = Status.EXACT

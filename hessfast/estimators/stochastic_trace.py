@@ -23,7 +23,7 @@ from .._checks import (
 from .._probe import probe_operator
 from ..distributed import Mesh
 from ..errors import ConfigurationError
-from ..linop import LinearOperator
+from ..linop import LinearOperator, refuse_sharded, row_dots
 from ..progress import set_total, track
 from ..results import Status, TraceResult, t_value
 from .exchangeable import Exchangeable, orth_rows, xtrace_estimates, xtrace_jackknife_stderr
@@ -158,6 +158,13 @@ def trace(
         block_size: deprecated name of ``chunk_size`` (DeprecationWarning; removed next
             release).
 
+    Sharded vectors: an operator whose vectors are sharded over ranks (``A.shards``, an FSDP
+    model) runs ``method="hutchinson"`` (the others and ``mesh=`` are refused): each rank
+    draws its slice of every probe from a generator keyed by ``(seed, rank)`` (the estimate
+    then depends on the world size), the samples ``z^T A z`` and the variance terms are
+    summed over the ranks (:func:`hessfast.linop.row_dots`), so every rank gets the same
+    numbers and stops at the same sample; the exact path (a budget >= n) is not taken.
+
     Returns:
         :class:`TraceResult`. Budget use with ``rtol=None``: Hutchinson m probes in one
         pass; Hutch++ ``k = m // 3`` sketch probes (one pass), ``A Q`` (one pass) and
@@ -200,12 +207,16 @@ def trace(
             stop = _Stop(rtol or 0.0, level, max(min_samples, 2), atol or 0.0)
         if mesh is not None:
             _check_mesh(mesh, method, stop, sess)
+        sharded = sess.A.shards is not None
+        if sharded and (method != "hutchinson" or mesh is not None):
+            refuse_sharded(sess.A, f"{_WHO}(method={method!r}{', mesh' if mesh else ''})",
+                           "On sharded vectors trace runs method='hutchinson' (without mesh=).")
         set_total(min(m, sess.n) if method != "hutchinson" or stop is None else m)
         probe_operator(sess.A, sess.products.who)
 
         if sess.n == 0:
             out: _Outcome = (0.0, 0.0, 0, Status.EXACT)
-        elif m >= sess.n and (method != "hutchinson" or stop is None):
+        elif m >= sess.n and (method != "hutchinson" or stop is None) and not sharded:
             d = sess.exact_diagonal()
             out = (float(d.sum(dtype=torch.float64)), 0.0, 0, Status.EXACT)
         elif mesh is not None:
@@ -270,6 +281,14 @@ def _hutchinson_mesh(sess: Session, m: int, mesh: Mesh) -> _Outcome:
     return mean, err, m, Status.FIXED_BUDGET
 
 
+def _dots(sess: Session, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Row dot products ``[k]`` float64 on the CPU: local sums, or summed over the ranks
+    (:func:`hessfast.linop.row_dots`) when the operator's vectors are sharded."""
+    if sess.A.shards is not None:
+        return row_dots(sess.A, X, Y)
+    return (X * Y).sum(1, dtype=torch.float64).cpu()
+
+
 def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Tensor:
     """k samples ``z^T A z`` (or of the deflated operator with ``z <- (I - QQ^T) z``),
     float64; probes are drawn per ``matmat`` chunk so memory stays ``chunk_size x n``."""
@@ -306,14 +325,14 @@ class _QuadForms:
             if Q is not None:
                 ops.basis_update(Q, ops.basis_dot(Q, G), G)  # G -= (G Q^T) Q: one CGS pass
             AG = sess.apply_block(G)
-            out.append((G * AG).sum(1, dtype=torch.float64).cpu())
+            out.append(_dots(sess, G, AG))
             if Q is not None:
                 ops.basis_update(Q, ops.basis_dot(Q, AG), AG)  # B z = P A P z
-            fro.append((AG * AG).sum(1, dtype=torch.float64).cpu())
+            fro.append(_dots(sess, AG, AG))
             if sess.probe == "rademacher":
                 D = (Z * AG).double()
                 self.dsum += D.sum(0)
-                self.dsq += float((D * D).sum())
+                self.dsq += float(_dots(sess, D, D).sum())
         self.samples, self.fro = torch.cat(out), torch.cat(fro)
         return self
 
@@ -328,7 +347,8 @@ class _QuadForms:
             return mean, err
         diag2 = 0.0
         if self.sess.probe == "rademacher":  # U-statistic over pairs of probes
-            diag2 = (float((self.dsum * self.dsum).sum()) - self.dsq) / (m * (m - 1))
+            dd = float(_dots(self.sess, self.dsum[None], self.dsum[None])[0])
+            diag2 = (dd - self.dsq) / (m * (m - 1))
         plug = 2.0 * max(float(self.fro.mean()) - diag2, 0.0) / m
         return mean, max(err, math.sqrt(plug))
 

@@ -15,7 +15,7 @@ import torch
 
 from .. import ops
 from .._checks import probe_generator, sample_probes, work_dtype
-from ..linop import LinearOperator
+from ..linop import LinearOperator, refuse_sharded
 from .basis import Basis, orthonormal_block
 from .verify import converge_threshold, converged, residual_floor
 
@@ -52,6 +52,9 @@ class Run:
     def __init__(self, A: LinearOperator, k: int, which: str, tol: float, cap: int, seed: int,
                  reorth: str, basis_dtype: torch.dtype | None,
                  basis_device: torch.device | str | None, pin: bool = False) -> None:
+        refuse_sharded(A, "hessfast.eigsh (a stored Krylov basis)",
+                       "On sharded vectors eigsh runs k=1 with krylov='lean' (the default "
+                       "'auto' picks it), or method='power'.")
         self.A, self.k, self.which, self.tol, self.reorth = A, k, which, tol, reorth
         self.n = A.shape[0]
         # vectors and accumulation in the working precision (float64 or float32)

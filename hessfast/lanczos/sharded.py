@@ -45,7 +45,7 @@ import torch
 from .. import distributed, ops
 from .._checks import sample_probes
 from ..errors import ConfigurationError
-from ..linop import LinearOperator
+from ..linop import LinearOperator, refuse_sharded
 from .basis import Basis
 from .restart import block_lanczos
 from .run import LanczosState, Run
@@ -62,6 +62,9 @@ def sharding_comm(A: LinearOperator, who: str) -> distributed.Comm | None:
         ConfigurationError: no process group is initialised, or A is a curvature operator
             built for one process's data (``process_group=None``) under a larger group.
     """
+    refuse_sharded(A, f"{who}(basis_sharding=True)",
+                   "Its vectors are sharded already: drop basis_sharding (eigsh k=1 then runs "
+                   "krylov='lean').")
     if not distributed.is_initialized():
         raise ConfigurationError(
             f"{who}: basis_sharding=True splits the basis over the ranks of a process group, "
