@@ -57,6 +57,7 @@ from ..errors import (
 )
 from ..linop import LinearOperator, row_dots
 from .data import BatchSource
+from .finitediff import fd_error_from_norms, fd_step
 from .lossform import decide_loss_form, loss_reduction
 from .model import (
     BatchSplit,
@@ -66,8 +67,9 @@ from .model import (
     select_params,
 )
 from .options import CurvatureOptions
+from .products import FD_WARN_ERROR
 
-__all__ = ["FSDPHessian", "fd_relative_error", "fd_step", "fsdp_kind"]
+__all__ = ["FSDPHessian", "fsdp_kind"]
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 #: Two evaluations of a deterministic loss agree to this many units of rounding.
@@ -93,41 +95,6 @@ def fsdp_kind(model: nn.Module) -> str | None:
     if isinstance(one, type) and any(isinstance(m, one) for m in mods):
         return "FullyShardedDataParallel"
     return None
-
-
-def _shared() -> Any:
-    """``curvature.finitediff`` (the one step rule and error estimate), or None while it is
-    not there (a placeholder below then)."""
-    try:
-        from . import finitediff
-    except ImportError:
-        return None
-    return finitediff
-
-
-def fd_step(theta_norm: float, v_norm: float, dtype: torch.dtype) -> float:
-    """The central-difference step ``e`` for a vector of norm ``v_norm`` at parameters of
-    norm ``theta_norm`` in ``dtype``: :func:`hessfast.curvature.finitediff.fd_step` (the
-    placeholder ``0.1 eps^(1/3) max(theta_norm, 1) / v_norm`` without it)."""
-    shared = _shared()
-    if shared is not None:
-        return float(shared.fd_step(theta_norm, v_norm, dtype))
-    eps = torch.finfo(dtype).eps
-    return float(0.1 * eps ** (1.0 / 3.0) * max(theta_norm, 1.0) / max(v_norm, 1e-300))
-
-
-def fd_relative_error(
-    diff_norm: float, hv_norm: float, step: float, grad_norm: float, dtype: torch.dtype
-) -> float:
-    """The relative error estimate of a step-``e`` product from global norms:
-    :func:`hessfast.curvature.finitediff.fd_error_from_norms` (``||Hv(2e) - Hv(e)||``, the
-    Richardson step-doubling difference, plus the gradients' rounding ``eps ||g|| / e``,
-    over ``||Hv(e)||``)."""
-    shared = _shared()
-    if shared is not None:
-        return float(shared.fd_error_from_norms(diff_norm, hv_norm, step, grad_norm, dtype))
-    absolute = diff_norm + torch.finfo(dtype).eps * grad_norm / step
-    return absolute / hv_norm if hv_norm > 0 else (0.0 if absolute == 0 else math.inf)
 
 
 class FSDPHessian(LinearOperator):
@@ -461,7 +428,20 @@ class FSDPHessian(LinearOperator):
                              hv.double().pow(2).sum(), grad.double().pow(2).sum()]).cpu()
         diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in self.shards.allreduce_sum_(
             local, "the finite-difference error estimate"))
-        return fd_relative_error(diff, size, step, g, self.compute_dtype)
+        error = fd_error_from_norms(diff, size, step, g, self.compute_dtype)
+        if error > FD_WARN_ERROR:
+            low = self.param_dtype in (torch.bfloat16, torch.float16)
+            warnings.warn(
+                f"hessfast: the FSDP finite-difference products' relative error is about "
+                f"{error:.2g} (H.fd_error, measured on the first product)"
+                + (f": the parameters are {self.param_dtype}, and rounding theta +- e v to "
+                   "it is coarse. Keep float32 parameters (MixedPrecisionPolicy(param_dtype="
+                   "torch.bfloat16) computes in bf16 from float32 shards)" if low else
+                   ": the loss is far from quadratic at the step's scale or its gradients "
+                   f"are noisy (compute dtype {self.compute_dtype})"),
+                UserWarning, stacklevel=4,
+            )
+        return error
 
     # -- the product --------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
