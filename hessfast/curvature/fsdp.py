@@ -48,8 +48,10 @@ from torch import nn
 from .._digest import digest_text, tensor_digest
 from ..distributed import Comm
 from ..errors import (
+    ArgumentTypeError,
     AsymmetricOperatorError,
     ConfigurationError,
+    EmptyDataError,
     NonDeterministicError,
     NonFiniteError,
     ParametersChangedError,
@@ -100,6 +102,14 @@ def fsdp_kind(model: nn.Module) -> str | None:
 class FSDPHessian(LinearOperator):
     """The Hessian of an FSDP2 model's sample-mean loss over all ranks' data, by central
     finite differences of FSDP gradients, on SHARDED vectors (module docstring).
+
+    The options are :func:`hessfast.hessian`'s, with these differences: ``hvp_mode`` is
+    ``"auto"`` or ``"finite_difference"`` (the exact paths cannot run); ``exact=True`` is
+    refused; ``process_group`` is not used (the group is the FSDP mesh's); ``chunk_size``,
+    ``reuse_graph`` and ``fused_loss`` do not apply (each row is two plain gradients). A
+    rank whose loss raises during a product leaves the others waiting in FSDP's own
+    collectives until the group's timeout (construction's own steps agree through an
+    error barrier).
 
     Attributes:
         model, loss_fn, bn_mode: as given.
@@ -152,7 +162,7 @@ class FSDPHessian(LinearOperator):
         if loss_fn is None and options.causal_lm:
             loss_fn = nn.CrossEntropyLoss()
         if not callable(loss_fn):
-            raise ConfigurationError(
+            raise ArgumentTypeError(
                 f"loss_fn must be callable (a criterion or loss_fn(model, batch)), got "
                 f"{type(loss_fn).__name__}"
             )
@@ -184,13 +194,24 @@ class FSDPHessian(LinearOperator):
         super().__init__(sum(self.local_sizes), dtype, device)
         self.global_size = comm.allreduce_ints([self.shape[0]], "the vector sizes")[0]
 
-        # the data: this rank's batches (the same rule as hessian(): one batch or a sequence)
+        # the data: this rank's batches (the same rule as hessian(): one batch or a sequence),
+        # read inside an error barrier: a rank whose data fail makes every rank raise
         self._split = BatchSplit(options.outputs, options.targets, options.causal_lm)
-        with torch.random.fork_rng(devices=[]):
-            self._data = BatchSource(
-                data, options.batch_size_fn, verify=options.check,
-                max_batches=options.max_batches, allow_empty=True,
-            )
+        self.loss_form, self.loss_form_reason = "criterion", "no batch on this rank"
+        with comm.error_barrier("the FSDP operator's data"):
+            with torch.random.fork_rng(devices=[]):
+                self._data = BatchSource(
+                    data, options.batch_size_fn, verify=options.check,
+                    max_batches=options.max_batches, allow_empty=True,
+                )
+            if self._data.num_samples > 0:
+                _, first = self._data.first()
+                self.loss_form, self.loss_form_reason = decide_loss_form(
+                    loss_fn, options.loss_form, first, model, self._data.rule, [],
+                    named_split=self._split.named,
+                )
+            found, where = loss_reduction(loss_fn)
+            self._data.set_reduction(found, where, options.loss_reduction)
         mine = [self._data.num_batches, self._data.num_samples]
         counts = comm.allreduce_ints([mine[0], -mine[0]], "the batch counts", op="max")
         if counts[0] != -counts[1]:
@@ -203,20 +224,11 @@ class FSDPHessian(LinearOperator):
             )
         self.num_batches, self.num_samples = comm.allreduce_ints(mine, "the sample counts")
         if self.num_samples == 0:
-            from ..errors import EmptyDataError
-
-            raise EmptyDataError("no rank holds any sample: the Hessian of no data is undefined")
-        self.batch_sizes = tuple(self._data.sizes)
-        if self._data.num_samples > 0:
-            _, first = self._data.first()
-            self.loss_form, self.loss_form_reason = decide_loss_form(
-                loss_fn, options.loss_form, first, model, self._data.rule, [],
-                named_split=self._split.named,
+            raise EmptyDataError(
+                "no rank holds any sample: the Hessian of a loss over no data is undefined. "
+                "Give every rank the same number of non-empty batches"
             )
-        else:  # unreachable with equal non-empty counts and N > 0; kept for clarity
-            self.loss_form, self.loss_form_reason = "criterion", "no batch on this rank"
-        found, where = loss_reduction(loss_fn)
-        self._data.set_reduction(found, where, options.loss_reduction)
+        self.batch_sizes = tuple(self._data.sizes)
         self.loss_reduction = self._data.reduction
         self.loss_reduction_reason = self._data.reduction_reason
         self._wrapper = LossModule(model, loss_fn, self.loss_form, self._split)

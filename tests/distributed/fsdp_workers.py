@@ -209,6 +209,8 @@ def scenario_mlp(rank: int, world: int) -> dict[str, Any]:
         ("ggn", lambda: hf.ggn(model, loss_fn, ranks[rank])),
         ("uneven", lambda: hf.hessian(model, loss_fn, ranks[rank][: 1 + (rank == 0)])),
         ("exact_mode", lambda: hf.hessian(model, loss_fn, ranks[rank], hvp_mode="fwd_rev")),
+        # rank 0's data cannot be read: every rank raises (no rank waits in a collective)
+        ("bad_data", lambda: hf.hessian(model, loss_fn, [object()] if rank == 0 else ranks[rank])),
     ):
         dist_workers._expect_failure(name, out, call)
     with warnings.catch_warnings():

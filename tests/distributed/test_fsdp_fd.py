@@ -155,6 +155,9 @@ def test_mlp_float64_two_ranks(tmp_path, monkeypatch) -> None:
         assert r["exact_mode"][0] == "ConfigurationError"
         assert r["changed"][0] == "ParametersChangedError"  # on every rank, not just rank 0
         assert r["mixed_compute_dtype"] == "torch.float32"
+    assert ranks[0]["bad_data"][0] == "BatchError"
+    assert ranks[1]["bad_data"][0] == "DistributedError"
+    assert "rank(s) [0]" in ranks[1]["bad_data"][1]
 
 
 @pytest.mark.slow
