@@ -255,7 +255,7 @@ def spectral_density(
             chosen, bdev, pin = choose_basis(A, "slq", given, bdev, _WHO, num_steps=m,
                                              num_probes=len(share), reorth=reorth)
             bdtype = chosen or bdtype
-        elif checkpoint is not None:
+        elif method != "slq" and checkpoint is not None:
             raise ConfigurationError(f"{_WHO}: checkpoint applies to method='slq' only; drop it")
         group = LEAN_GROUP if lean else slq_group_size(n, m, reorth, work, bdtype)
         probe_operator(A, _WHO, agree_only=True)  # ranks agree before a checkpoint's collective

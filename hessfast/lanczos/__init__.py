@@ -9,6 +9,9 @@
   Lanczos with a verified wanted set, the engine of :func:`hessfast.eigsh`);
   :mod:`.wanted`: the pairs a run returns; :mod:`.sharded`: a basis split over the ranks;
   :mod:`.checkpoint`: save and resume.
+- :mod:`.lean`: the memory-lean mode (``krylov="lean"``): the plain three-term recurrence
+  with no basis for one extreme eigenvalue, dot products through ``row_dots`` (sharded
+  vectors work), the eigenvector by a second pass.
 - :mod:`.probes`: one Lanczos tridiagonal per probe, all probes advanced by one product per
   step, and their Gauss rule (the engine of SLQ, :func:`hessfast.spectral_density`).
 - :mod:`.lockstep`: Lanczos on many small blocks advanced by one shared product per step,
@@ -16,7 +19,8 @@
 
 Imports point down only: ``restart`` -> ``run``, ``wanted``, ``checkpoint``; ``wanted`` ->
 ``run``, ``checkpoint``; ``sharded`` -> ``restart``, ``run``, ``basis``; ``run`` ->
-``basis``, ``verify``; ``lockstep`` -> ``probes``, ``verify``; ``verify`` -> ``basis``.
+``basis``, ``verify``; ``lockstep`` -> ``probes``, ``verify``; ``lean`` -> ``verify``;
+``verify`` -> ``basis``.
 """
 
 from __future__ import annotations

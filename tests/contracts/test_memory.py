@@ -202,3 +202,34 @@ def test_slq_picks_basis(monkeypatch):
     _free(monkeypatch, t[torch.bfloat16] - 1)
     with pytest.raises(OutOfMemoryPlanError, match="fewer probes"):
         hf.spectral_density(A, **kw)
+
+
+def test_lean_plans_state_a_few_vectors_per_parameter():
+    """krylov='lean': lambda_max and SLQ plan 4 parameter-sized vectors (3 working + the
+    product; 5 with eigsh's eigenvector pass is not planned by lambda_max), no basis, and
+    SLQ's does not grow with probes or steps; a sharded run divides them by the ranks."""
+    A = _op(dtype=torch.float32)
+    n = A.shape[0]
+    row = n * 4
+
+    def vecs(plan):
+        return plan.vectors - sum(i.bytes for i in plan.items if i.name == "scratch")
+
+    lean = hf.estimate_memory(A, "eigsh", k=1, krylov="lean", available=2**40)
+    assert lean.basis == 0 and vecs(lean) == 4 * row and lean.settings["krylov"] == "lean"
+    assert "parameter-sized" in str(lean) and "krylov=lean" in str(lean)
+    full = hf.estimate_memory(A, "eigsh", k=1, krylov="full", available=2**40)
+    assert full.basis == 32 * row and full.total() > 8 * lean.total()
+    small = hf.estimate_memory(A, "slq", num_probes=4, num_steps=20, krylov="lean")
+    big = hf.estimate_memory(A, "slq", num_probes=64, num_steps=300, krylov="lean")
+    assert small.basis == big.basis == 0 and vecs(small) == vecs(big) == 4 * row
+    top5 = hf.estimate_memory(A, "eigsh", k=5, krylov="lean", available=2**40)
+    assert top5.basis == (5 + 2 + 4) * row  # the restarted basis: k + 2b + 4 rows
+    sharded = hf.estimate_memory(A, "slq", krylov="lean", world_size=4, basis_sharding=True)
+    assert vecs(sharded) < vecs(small) / 2
+    # auto: the full plan when it fits, else the lean one
+    assert hf.estimate_memory(A, "eigsh", k=1, available=2**40).settings["krylov"] == "full"
+    tight = hf.estimate_memory(A, "eigsh", k=1, available=lean.total() + 1)
+    assert tight.settings["krylov"] == "lean" and tight.fits
+    with pytest.raises(hf.errors.ConfigurationError, match="krylov"):
+        hf.estimate_memory(A, "eigsh", krylov="tiny")

@@ -113,3 +113,13 @@ def test_lean_slq_float32_and_kpm_records():
     assert abs(d.weights.sum(1) - 1).max() < 1e-6
     assert d.bounds[0] <= float(lam.min()) + 1e-3 and d.bounds[1] >= float(lam.max()) - 1e-3
     assert hf.spectral_density(A, num_probes=2, num_steps=10, method="kpm").krylov == "lean"
+
+
+def test_lean_slq_with_a_checkpoint_equals_without(tmp_path):
+    M, _ = spectra.evenly_spaced(200)
+    A = hf.LinearOperator.from_matrix(M)
+    a = hf.spectral_density(A, 4, 20, krylov="lean", checkpoint=tmp_path / "c.pt",
+                            checkpoint_every=1)
+    b = hf.spectral_density(A, 4, 20, krylov="lean")
+    assert a.krylov == "lean" and torch.equal(a.nodes, b.nodes)
+    assert torch.equal(a.weights, b.weights)
