@@ -127,11 +127,12 @@ class FSDPHessian(LinearOperator):
         num_samples, num_batches: all ranks' samples and non-empty batches.
         batch_sizes: this rank's batch sizes.
         hvp_mode, hvp_mode_reason: ``"finite_difference"``, and why.
-        fd_step: the step ``e`` of the last product row (vectors scaled to unit norm use
-            the same step); fd_error: the estimated relative error of the first product
-            (from a second product at step ``2e``), None before the first product.
-        num_gradients: FSDP gradient passes run (2 per vector, 2 more for the error
-            estimate; one pass = this rank's batches).
+        fd_step: the step ``e`` of the last product row, along the unit vector;
+            fd_error: the estimated relative error of the products (step doubling on the
+            first vector and on one power step from it, the larger), None before the first
+            product.
+        num_gradients: FSDP gradient passes run (one pass = this rank's batches): 1 at
+            construction, 2 per vector, 6 more once for the error estimate.
         theta_norm: ``||theta||`` over all ranks, at construction.
     """
 
@@ -431,21 +432,36 @@ class FSDPHessian(LinearOperator):
         mean = (plus + minus).mul_(0.5)
         return plus.sub_(minus).div_(2.0 * step), mean
 
-    def _estimate_error(self, v: torch.Tensor, hv: torch.Tensor, grad: torch.Tensor,
-                        step: float) -> float:
-        """The relative error of the product ``hv`` of ``v`` at step ``e`` from a second
-        product at ``2e`` (2 more gradients), with norms summed over the ranks."""
-        hv2, _ = self._central(v, 2.0 * step)
+    def _step_doubling(self, hv: torch.Tensor, hv2: torch.Tensor, grad: torch.Tensor,
+                       step: float) -> float:
+        """:func:`.finitediff.fd_error_from_norms` of the products ``hv`` (step ``e``) and
+        ``hv2`` (``2e``) of one vector, their norms summed over the ranks."""
         local = torch.stack([(hv2.double() - hv.double()).pow(2).sum(),
                              hv.double().pow(2).sum(), grad.double().pow(2).sum()]).cpu()
         diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in self.shards.allreduce_sum_(
             local, "the finite-difference error estimate"))
-        error = fd_error_from_norms(diff, size, step, g, self.compute_dtype)
+        return fd_error_from_norms(diff, size, step, g, self.compute_dtype)
+
+    def _estimate_error(self, v: torch.Tensor, hv: torch.Tensor, grad: torch.Tensor,
+                        step: float) -> float:
+        """The relative error of the products, estimated on the first vector ``v`` (its
+        product ``hv`` at step ``e`` against a second one at ``2e``) and on one power step
+        from it, ``Hv`` (its products at its own ``e`` and ``2e``), the larger of the two:
+        a Krylov method soon multiplies vectors near the extreme eigenvectors, whose error
+        can exceed a random vector's. 6 more gradients, once; norms summed over the ranks."""
+        error = self._step_doubling(hv, self._central(v, 2.0 * step)[0], grad, step)
+        w = hv.clone()
+        wn = float(row_dots(self, w.unsqueeze(0), w.unsqueeze(0))[0]) ** 0.5
+        if wn > 0.0:
+            w_step = fd_step(self.theta_norm, wn, self.compute_dtype)
+            hw, grad_w = self._central(w, w_step)
+            hw2, _ = self._central(w, 2.0 * w_step)
+            error = max(error, self._step_doubling(hw, hw2, grad_w, w_step))
         if error > FD_WARN_ERROR:
             low = self.param_dtype in (torch.bfloat16, torch.float16)
             warnings.warn(
                 f"hessfast: the FSDP finite-difference products' relative error is about "
-                f"{error:.2g} (H.fd_error, measured on the first product)"
+                f"{error:.2g} (H.fd_error, measured with the first product)"
                 + (f": the parameters are {self.param_dtype}, and rounding theta +- e v to "
                    "it is coarse. Keep float32 parameters (MixedPrecisionPolicy(param_dtype="
                    "torch.bfloat16) computes in bf16 from float32 shards)" if low else

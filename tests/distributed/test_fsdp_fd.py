@@ -111,8 +111,8 @@ def check(kind: str, world: int, ranks: list[dict]) -> None:
         assert r["compute_dtype"] == ("torch.float32" if kind.endswith("32") else "torch.float64")
     assert sum(r["local_n"] for r in ranks) == V.shape[1]
     samples = sum(sum(s) for s in fsdp_workers.SIZES[world])
-    # 2 rows: 4 gradients, 2 for the error estimate, 1 at construction (the compute dtype)
-    assert first["num"] == (2, 1, 7, samples, 2 * world)
+    # 2 rows: 4 gradients, 6 for the error estimate, 1 at construction (the compute dtype)
+    assert first["num"] == (2, 1, 11, samples, 2 * world)
     got = gathered(ranks, names)
     want = exact_products(model, loss_fn, batches, V)
     err = ((got - want).norm(dim=1) / want.norm(dim=1)).max().item()
@@ -136,11 +136,13 @@ def check(kind: str, world: int, ranks: list[dict]) -> None:
         dens = single_process(kind, world, "slq", lambda: hf.spectral_density(
             hf.hessian(model, loss_fn, batches), num_probes=2, num_steps=6, krylov="lean",
             v0=V))
-        # a Ritz value moves by at most the perturbation's norm; the FD error of the
-        # Lanczos vectors is absolute (eps ||g|| / e), not relative to their small products
-        scale = dens.nodes.abs().max()
-        assert (first["slq_nodes"] - dens.nodes).abs().max() <= 100 * fd_error * scale
-        assert (first["slq_weights"] - dens.weights).abs().max() <= 1e-3
+        # nodes relative to the spectrum's scale, weights absolute (they sum to 1): both
+        # within the products' recorded error (measured: 0.1-0.5 of it)
+        node_err = float((first["slq_nodes"] - dens.nodes).abs().max()
+                         / dens.nodes.abs().max())
+        weight_err = float((first["slq_weights"] - dens.weights).abs().max())
+        print(f"{kind} {world}: SLQ nodes {node_err:.3g} of max|node|, weights {weight_err:.3g}")
+        assert node_err <= fd_error and weight_err <= fd_error, (node_err, weight_err, fd_error)
     print(f"{kind} {world}: product error {err:.3g} (fd_error {fd_error:.3g}), lambda_max "
           f"{first.get('lambda_max')} in {first.get('lambda_max_seconds')} s")
 
