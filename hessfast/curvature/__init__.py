@@ -53,14 +53,18 @@ the package):
 * ``dataparallel``: the rank group, its ``Agreement`` at construction and the all-reduce;
 * ``operator``: :class:`CurvatureOperator`, built top to bottom in one ``__init__``: the
   only module that touches the operator's private state;
-* ``hessian`` / ``ggn``: the two operators, their graph states and factories.
+* ``hessian`` / ``ggn``: the two operators, their graph states and factories;
+* ``fsdp``: :class:`FSDPHessian`, the Hessian of an FSDP2 (``fully_shard``) model by finite
+  differences of its own sharded gradients, on vectors sharded like the parameters.
 """
 
 from __future__ import annotations
 
+from .fsdp import FSDPHessian
 from .ggn import GGNOperator, ggn
 from .hessian import HessianOperator, hessian
 from .operator import CurvatureOperator
 from .plan import HVPPlan
 
-__all__ = ["CurvatureOperator", "GGNOperator", "HVPPlan", "HessianOperator", "ggn", "hessian"]
+__all__ = ["CurvatureOperator", "FSDPHessian", "GGNOperator", "HVPPlan", "HessianOperator", "ggn",
+           "hessian"]

@@ -158,7 +158,7 @@ def hessian(  # noqa: D417
     causal_lm: bool = DEFAULTS.causal_lm,
     fused_loss: bool = DEFAULTS.fused_loss,
     exact: bool = DEFAULTS.exact,
-) -> HessianOperator:
+) -> HessianOperator | FSDPHessian:
     """The Hessian of the mean loss of ``model`` over ``data``, as a symmetric operator.
 
     The operator is a SNAPSHOT of the curvature at the parameters (and buffer values) it is
@@ -228,7 +228,14 @@ def hessian(  # noqa: D417
 
     Returns:
         :class:`HessianOperator` with ``shape == (n, n)``, n the number of selected
-        parameter entries; ``matmat(V: [k, n]) -> [k, n]``.
+        parameter entries; ``matmat(V: [k, n]) -> [k, n]``. For a model sharded with FSDP2's
+        ``fully_shard``: :class:`~hessfast.curvature.fsdp.FSDPHessian`, whose vectors hold
+        this rank's parameter shards only (``n`` the local entries, ``H.global_size`` the
+        model's, ``H.shards`` the ranks), multiplied by central finite differences of two
+        ordinary FSDP gradients (with a warning; ``exact=True`` refuses); only the
+        algorithms that run on sharded vectors take it (``lambda_max``, ``eigsh`` and
+        ``spectral_density`` with ``krylov="lean"``, ``power_iteration``, Hutchinson
+        ``trace``).
 
     Raises:
         ConfigurationError, ArgumentTypeError, NoParametersError: bad arguments (also a
@@ -254,7 +261,7 @@ def hessian(  # noqa: D417
     """
     options = options_of(locals())
     if fsdp_kind(model) == "fully_shard":  # FSDP2: finite differences on the local shards
-        return FSDPHessian(model, loss_fn, data, options)  # type: ignore[return-value]
+        return FSDPHessian(model, loss_fn, data, options)
     return HessianOperator(model, loss_fn, data, options)
 
 
