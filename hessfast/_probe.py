@@ -62,6 +62,7 @@ import torch
 
 from ._checks import probe_generator
 from .errors import AsymmetricOperatorError, NonDeterministicError, NonFiniteError
+from .linop import global_size, row_dots
 
 __all__ = ["PROBE_MATVECS", "PROBE_SLACK", "agree_arguments", "probe_operator"]
 
@@ -166,6 +167,9 @@ def _agreement_comm(A: Any, args: Mapping[str, Any]) -> Any:
     ranks = getattr(A, "ranks", None)
     if ranks is not None and getattr(ranks, "active", False):
         return ranks.comm
+    shards = getattr(A, "shards", None)
+    if shards is not None and getattr(shards, "size", 1) > 1:
+        return shards  # vectors sharded over these ranks (an FSDP model): they run together
     if args.get("basis_sharding") is True and distributed.world_size() > 1:
         return distributed.Comm()  # a replicated operator's basis over the default group
     return None
@@ -184,13 +188,16 @@ def agree_arguments(A: Any, who: str, args: Mapping[str, Any]) -> None:
     if comm is None:
         return
     digest = getattr(getattr(A, "ranks", None), "digest", "")
+    sharded = getattr(A, "shards", None) is not None
+    # sharded vectors: each rank's n and v0 are its own shares; the whole length must agree
+    n = global_size(A) if sharded else A.shape[0]
     entries = [
         ("the algorithm", who),
-        ("the operator", f"{type(A).__name__} n={int(A.shape[0])} {A.dtype}"
+        ("the operator", f"{type(A).__name__} n={int(n)} {A.dtype}"
                          + (f" parameters and options {digest[:16]}" if digest else "")),
     ]
     for name, value in args.items():
-        if name in _NOT_COMPARED or value is A:
+        if name in _NOT_COMPARED or value is A or (sharded and name == "v0"):
             continue
         entries.append((f"argument {name}", _value_text(value, name)))
     comm.agree(f"{who} (rank {comm.rank} of {comm.size})", entries, _AGREE_FIX)
@@ -233,13 +240,23 @@ def probe_operator(
         Y1 = A.matmat(X)
         Y2 = A.matmat(X)
     x, y1, y2 = (t.detach().to(device="cpu", dtype=torch.float64) for t in (X, Y1, Y2))
-    if not bool(torch.isfinite(y1).all() and torch.isfinite(y2).all()):
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+        # summed over the ranks when the vectors are sharded (A.shards), so every rank
+        # judges the whole vectors and takes the same decision (a NaN anywhere reaches all)
+        return float(row_dots(A, a[None], b[None])[0])
+
+    flat1, flat2 = y1.reshape(-1), y2.reshape(-1)
+    if not math.isfinite(dot(flat1, flat1) + dot(flat2, flat2)):
         raise NonFiniteError(
             f"{who}: the operator returned NaN or Inf for random vectors (the one-time check "
             "of a new operator, before any computation); check the operator function"
         )
-    tol = PROBE_SLACK * rounding_eps(A.dtype) * math.sqrt(n)
-    diff, size = float((y1 - y2).norm()), float(y1.norm())
+    n_all = global_size(A)
+    tol = PROBE_SLACK * rounding_eps(A.dtype) * math.sqrt(n_all)
+    d = (y1 - y2).reshape(-1)
+    y = y1.reshape(-1)
+    diff, size = math.sqrt(dot(d, d)), math.sqrt(dot(y, y))
     if diff > tol * size:
         raise NonDeterministicError(
             f"{who}: the operator is not deterministic: two products of the same 2 random "
@@ -251,8 +268,9 @@ def probe_operator(
         )
     u, v = x
     Au, Av = y1
-    mismatch = abs(float(u @ Av) - float(v @ Au))
-    scale = (float(u.norm() * Av.norm()) + float(v.norm() * Au.norm())) / math.sqrt(n)
+    mismatch = abs(dot(u, Av) - dot(v, Au))
+    scale = (math.sqrt(dot(u, u) * dot(Av, Av)) + math.sqrt(dot(v, v) * dot(Au, Au))
+             ) / math.sqrt(n_all)
     if mismatch > tol * scale:
         raise AsymmetricOperatorError(
             f"{who}: the operator is not symmetric: |u.(Av) - v.(Au)| = {mismatch:.3g} for "

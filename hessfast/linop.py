@@ -19,7 +19,7 @@ import torch
 from ._digest import tensor_digest
 from .errors import ArgumentTypeError, AsymmetricOperatorError, ConfigurationError
 
-__all__ = ["PRODUCT_LISTENERS", "LinearOperator", "refuse_sharded", "row_dots"]
+__all__ = ["PRODUCT_LISTENERS", "LinearOperator", "global_size", "refuse_sharded", "row_dots"]
 
 #: Callbacks ``fn(k)`` told of every ``matmat`` of k vectors made in this context, by any
 #: operator (:func:`hessfast.progress.track` installs one for a progress bar). Empty by
@@ -155,7 +155,13 @@ class LinearOperator:
         return self.matvec(x)
 
     def to_dense(self, block_size: int = 64) -> torch.Tensor:
-        """The operator as a dense ``[n, n]`` matrix (small n only: n products)."""
+        """The operator as a dense ``[n, n]`` matrix (small n only: n products).
+
+        Raises:
+            ConfigurationError: the operator's vectors are sharded over ranks (``shards``).
+        """
+        refuse_sharded(self, "to_dense", "Build the dense matrix from the unsharded model on "
+                       "one process.")
         n = self.shape[0]
         eye = torch.eye(n, dtype=self.dtype, device=self.device)
         cols = [self.matmat(eye[i : i + block_size]) for i in range(0, n, block_size)]
@@ -327,6 +333,21 @@ def row_dots(A: LinearOperator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tenso
     if comm is None:
         return local.cpu()
     return comm.allreduce_sum_(local.cpu(), "the dot products of sharded vectors").cpu()  # type: ignore[attr-defined]
+
+
+def global_size(A: LinearOperator) -> int:
+    """The length of ``A``'s whole vectors: ``A.shape[0]``, or its sum over ``A.shards``'
+    ranks when the vectors are sharded (the operator's ``global_size`` when it has one, else
+    one all-reduce of an int). What size-based choices (a dense route for tiny operators,
+    ``k <= n``) must see, so that every rank takes the same one."""
+    n = int(A.shape[0])
+    comm = A.shards
+    if comm is None:
+        return n
+    known = getattr(A, "global_size", None)
+    if isinstance(known, int):
+        return known
+    return int(comm.allreduce_ints([n], "the sharded vectors' sizes")[0])  # type: ignore[attr-defined]
 
 
 def refuse_sharded(A: LinearOperator, who: str, instead: str) -> None:

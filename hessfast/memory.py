@@ -88,6 +88,11 @@ SCRATCH_BYTES = 2**26
 #: The automatic choice measures activations only when the basis needs more than this
 #: fraction of the capacity (smaller runs skip the extra graph build).
 MEASURE_FRACTION = 8
+#: ``krylov="auto"`` keeps the full basis (verified results, the fewest products) only while
+#: it takes at most this fraction of the capacity; a larger one buys nothing the lean mode
+#: lacks in accuracy, and would leave the user's model little room (GPT-2 small's k = 1 basis
+#: is 16 GB of a 24 GB machine).
+AUTO_BASIS_FRACTION = 4
 GROUP_BYTES = STREAM_BYTES  # what density.slq.GROUP_BYTES is (SLQ probe groups)
 MIN_GROUP = 64
 BLOCK_BYTES = STREAM_BYTES  # what estimators.session.BLOCK_BYTES is (estimator probe blocks)
@@ -399,9 +404,10 @@ def estimate_memory(
         krylov: the Krylov mode planned (``eigsh``/``lambda_max`` and ``slq``): ``"full"``
             (the basis above), ``"lean"`` (eigsh k = 1 and SLQ: no basis, 3 working vectors
             and the product's; eigsh k > 1: a restarted basis of ``k + 2 block_size + 4``
-            rows) or ``"auto"`` (default): the full plan when it fits, else the lean one, as
-            the runs choose. The table's working-vectors row states the lean vectors per
-            parameter; ``plan.settings["krylov"]`` says which mode was planned. With
+            rows) or ``"auto"`` (default): the full plan when it fits within a quarter of the
+            capacity, else the lean one, as the runs choose. The table's working-vectors
+            row states the lean vectors per parameter; ``plan.settings["krylov"]`` says
+            which mode was planned. With
             ``basis_sharding=True`` (an operator whose vectors are sharded over
             ``world_size`` ranks, e.g. FSDP) the lean vectors are each rank's slice.
 
@@ -493,13 +499,18 @@ def graph_bytes(H: LinearOperator) -> int:
 
 def full_basis_fits(A: LinearOperator, algorithm: str, **settings: Any) -> tuple[bool, str]:
     """Does the full Krylov basis fit in the default storage (the working dtype on the
-    operator's device)? ``(fits, why)`` with ``why`` the needed and available bytes: the
-    ``krylov="auto"`` decision of eigsh and SLQ. Activations are measured only when the
+    operator's device), taking at most 1/:data:`AUTO_BASIS_FRACTION` of the capacity?
+    ``(fits, why)`` with ``why`` the needed and available bytes: the ``krylov="auto"``
+    decision of eigsh and SLQ. Activations are measured only when the
     basis needs more than 1/MEASURE_FRACTION of the capacity (as :func:`choose_basis`)."""
     dev = torch.device(A.device)
     w = work_dtype(A.dtype)
     kw = dict(settings, basis_dtype=w, basis_device=dev, krylov="full")
     p = estimate_memory(A, algorithm, measure=False, **kw)
+    if p.basis > p.capacity["device"] // AUTO_BASIS_FRACTION:
+        return False, (f"the full basis would take {_fmt(p.basis)} in "
+                       f"{str(w).replace('torch.', '')} on {dev}, more than 1/"
+                       f"{AUTO_BASIS_FRACTION} of the {_fmt(p.capacity['device'])} capacity")
     if p.fits and p.basis <= p.capacity["device"] // MEASURE_FRACTION:
         return True, ""
     p = estimate_memory(A, algorithm, measure=True, **kw)

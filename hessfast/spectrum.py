@@ -37,7 +37,7 @@ from .lanczos.checkpoint import Checkpoint
 from .lanczos.lean import lean_lanczos
 from .lanczos.sharded import check_sharded, sharded_lanczos, sharding_comm
 from .lanczos.verify import converged, residual_floor
-from .linop import LinearOperator, refuse_sharded
+from .linop import LinearOperator, global_size, refuse_sharded
 from .memory import KRYLOV, choose_basis, full_basis_fits
 from .power import _power
 from .progress import set_total, track
@@ -195,7 +195,9 @@ def eigsh(
             for k > 1 thick restart with a small basis of ``k + 2 block_size + 4`` rows
             (``max_basis`` unless given; verified), reported as ``"restarted"``.
             ``"auto"`` (default): ``"full"`` when its basis fits the memory plan in the
-            default storage (:func:`hessfast.estimate_memory`), else ``"lean"`` with a
+            default storage within a quarter of the capacity
+            (``memory.AUTO_BASIS_FRACTION``; :func:`hessfast.estimate_memory`), else
+            ``"lean"`` with a
             ``UserWarning`` saying why (instead of a bf16/host basis or
             ``OutOfMemoryPlanError``); a given ``basis_dtype``, ``basis_device``,
             ``basis_sharding``, ``checkpoint`` or ``reorth`` other than ``"full"`` keeps the
@@ -222,11 +224,12 @@ def eigsh(
         t0 = time.perf_counter()
         who = "hessfast.eigsh"
         A = as_operator(A, who, allow_empty=False)
-        n = A.shape[0]
+        n = A.shape[0]  # this rank's share of each vector when they are sharded (A.shards)
+        n_all = global_size(A)  # the whole vectors' length: what size-based routes see
         check_choice("which", which, WHICH, who=who)
         k = check_int("k", k, 1, who=who)
-        if k > n:
-            raise ConfigurationError(f"{who}: k must be <= n={n}, got {k}")
+        if k > n_all:
+            raise ConfigurationError(f"{who}: k must be <= n={n_all}, got {k}")
         tol = check_positive("tol", tol, who=who)
         check_choice("reorth", reorth, ("full", "partial", "none"), who=who)
         check_choice("method", method, ("lanczos", "power"), who=who)
@@ -244,7 +247,7 @@ def eigsh(
         if not isinstance(vectors, bool):
             raise ArgumentTypeError(f"{who}: vectors must be a bool, got {vectors!r}")
         comm = sharding_comm(A, who) if basis_sharding else None
-        route = _route(n, k, which, method, dense_below)
+        route = _route(n_all, k, which, method, dense_below)
         if A.shards is not None:
             _check_shards(A, k, route, krylov, basis_sharding, checkpoint, who)
         plan = None
@@ -371,7 +374,7 @@ def _plan_lanczos(A: LinearOperator, k: int, which: str, tol: float, seed: int, 
             lean_cap = small if max_basis is None else cap
             lean_cap = min(lean_cap, n)
             warnings.warn(
-                f"hessfast: {who}: the full Krylov basis ({cap} rows of n={n:,}) does not fit "
+                f"hessfast: {who}: the full Krylov basis ({cap} rows of n={n:,}) is not kept "
                 f"({why}); running krylov='lean' instead "
                 + ("(the plain recurrence, no basis, not verified)" if k == 1 else
                    f"(thick restart with a {lean_cap}-row basis)")
@@ -562,8 +565,9 @@ def lambda_max(
 
     ``progress``: a progress bar of products on stderr; None: when stderr is a terminal.
 
-    ``krylov``: as in :func:`eigsh`; ``"auto"`` runs the full verified basis when it fits and
-    the lean recurrence (three vectors, no basis) when it does not, or when ``A``'s vectors
+    ``krylov``: as in :func:`eigsh`; ``"auto"`` runs the full verified basis when it fits
+    within a quarter of the memory and the lean recurrence (three vectors, no basis) when it
+    does not, or when ``A``'s vectors
     are sharded over ranks (an FSDP model). lambda_max fixes ``vectors=False``: it returns a
     number, so the lean mode never runs its eigenvector pass.
 

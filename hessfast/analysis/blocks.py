@@ -57,6 +57,7 @@ from ..errors import ArgumentTypeError, ConfigurationError
 from ..estimators.session import renamed_arg
 from ..lanczos.lockstep import Lockstep
 from ..lanczos.verify import residual_floor
+from ..linop import refuse_sharded
 from ..progress import track
 from ..results import JsonResult, Status
 
@@ -343,6 +344,9 @@ def block_spectra(
         probability (random start), not certified.
     """
     A = as_operator(A, WHO, allow_empty=False)
+    refuse_sharded(A, WHO, "Per-layer spectra need each block's whole vectors: run "
+                   "block_spectra on the unsharded model (its full state dict on one process), "
+                   "or lambda_max / spectral_density(krylov='lean') on the whole operator.")
     tol = check_positive("tol", tol, who=WHO)
     num_probes = check_int("num_probes", num_probes, 2, who=WHO)
     num_steps = renamed_arg(num_steps, max_steps, "num_steps", "max_steps", WHO, default=60)

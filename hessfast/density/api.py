@@ -164,7 +164,9 @@ def spectral_density(
             whatever ``num_probes`` and ``num_steps`` (the passes are ``num_probes x m``
             instead of ``m``; the Gauss rule's accuracy is in :mod:`hessfast.density.slq`).
             ``"auto"`` (default): ``"full"`` when its basis fits the memory plan in the
-            default storage, else ``"lean"`` with a ``UserWarning`` (instead of a bf16/host
+            default storage within a quarter of the capacity
+            (``memory.AUTO_BASIS_FRACTION``), else ``"lean"`` with a ``UserWarning``
+            (instead of a bf16/host
             basis or ``OutOfMemoryPlanError``); a given ``basis_dtype``, ``basis_device`` or
             ``reorth="none"`` keeps the full path. An operator whose vectors are sharded over
             ranks (``A.shards``, an FSDP model) runs ``"lean"`` only (``"auto"`` picks it):
@@ -241,7 +243,7 @@ def spectral_density(
             if not fits:
                 warnings.warn(
                     f"hessfast: {_WHO}: the SLQ bases ({len(share)} probes x {m} steps of "
-                    f"n={n:,}) do not fit ({why}); running krylov='lean' instead (the plain "
+                    f"n={n:,}) are not kept ({why}); running krylov='lean' instead (the plain "
                     "recurrence, probes one at a time: a few vectors of memory, "
                     f"{len(share)} x {m} passes). Pass krylov='full' with basis_dtype / "
                     "basis_device to keep the bases",

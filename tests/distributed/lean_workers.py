@@ -36,8 +36,9 @@ def bounds(rank: int, world: int) -> tuple[int, int]:
     return cut[rank], cut[rank + 1]
 
 
-def make_operator(rank: int, world: int) -> Any:
-    """This rank's sharded diagonal operator (hessfast imported inside the worker)."""
+def make_operator(rank: int, world: int, checked: bool = True) -> Any:
+    """This rank's sharded diagonal operator (hessfast imported inside the worker);
+    ``checked=False``: the algorithms' one-time operator probe runs on it."""
     import hessfast as hf
     from hessfast.distributed import Comm
 
@@ -47,7 +48,7 @@ def make_operator(rank: int, world: int) -> Any:
     class Op(hf.LinearOperator):
         def __init__(self) -> None:
             super().__init__(hi - lo, torch.float64, "cpu")
-            self.checked = True
+            self.checked = checked
             self.shards = Comm()
 
         def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,19 @@ def scenario_lean(rank: int, world: int) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
             refusals[name] = f"{type(exc).__name__}: {exc}"
     out["refusals"] = refusals
+    # an unchecked sharded operator: the probe judges whole-vector dots (all-reduced), so
+    # every rank passes it and the answer is the same
+    U = make_operator(rank, world, checked=False)
+    out["probed_lambda_max"] = torch.tensor(hf.lambda_max(U, tol=1e-10))
+    out["probed_mark"] = U.checked
+    # ranks that pass different arguments: every rank raises, before any product
+    before = A.num_matvecs
+    try:
+        hf.lambda_max(A, tol=1e-6 if rank == 1 else 1e-8)
+        out["disagree"] = "ran"
+    except Exception as exc:  # noqa: BLE001 - recorded and checked by the test
+        out["disagree"] = f"{type(exc).__name__}: {exc}"
+    out["disagree_products"] = A.num_matvecs - before
     return out
 
 

@@ -46,5 +46,11 @@ def test_sharded_lean_equals_one_process(tmp_path, monkeypatch):
     # Hutchinson: an unbiased estimate of tr = sum(d) within a few standard errors
     value, stderr, samples = out[0]["trace"].tolist()
     assert samples == 40 and abs(value - float(d.sum())) <= 5 * stderr
+    for r in out:  # the operator probe on shards, and the ranks' agreement on arguments
+        assert float(r["probed_lambda_max"]) == pytest.approx(3.0, abs=1e-8)
+        assert r["probed_mark"] is True
+        assert r["disagree"].startswith("DistributedError") and "tol" in r["disagree"]
+        assert r["disagree_products"] == 0
+    assert torch.equal(out[0]["probed_lambda_max"], out[1]["probed_lambda_max"])
     for name, msg in out[0]["refusals"].items():
         assert msg.startswith("ConfigurationError") and "sharded" in msg, (name, msg)

@@ -94,7 +94,7 @@ def test_auto_keeps_full_when_it_fits_and_goes_lean_when_not(monkeypatch):
     assert lean < need
     resident = M.numel() * M.element_size()  # the plan counts the matrix as resident
     _tiny_memory(monkeypatch, (need + lean) // 2 - resident)  # the full basis does not fit
-    with pytest.warns(UserWarning, match="hessfast: .*does not fit.*krylov='lean'"):
+    with pytest.warns(UserWarning, match="hessfast: .*is not kept.*krylov='lean'"):
         r = hf.eigsh(A, k=1, tol=1e-8)
     assert r.krylov == "lean" and r.eigenvalues[0] == pytest.approx(float(lam.max()), abs=1e-6)
     with pytest.warns(UserWarning, match="thick restart"):
@@ -108,6 +108,23 @@ def test_auto_keeps_full_when_it_fits_and_goes_lean_when_not(monkeypatch):
         hf.eigsh(A, k=1, basis_dtype=torch.float64)
     plan = hf.estimate_memory(A, "eigsh", k=1)  # auto plans lean too
     assert plan.settings["krylov"] == "lean" and plan.basis == 0
+
+
+def test_auto_goes_lean_when_the_basis_would_take_over_a_quarter(monkeypatch):
+    """The full plan FITS, but its basis would take more than 1/AUTO_BASIS_FRACTION of the
+    capacity: auto runs lean (a 124M model's 16 GB basis on a 24 GB machine)."""
+    M, lam = spectra.evenly_spaced(500)
+    A = hf.LinearOperator.from_function(lambda V: V @ M, 500, dtype=M.dtype)  # nothing resident
+    full = hf.estimate_memory(A, "eigsh", k=1, max_basis=500, krylov="full", available=1)
+    cap = full.total()  # exactly enough for the whole full plan
+    assert full.basis > cap // hf.memory.AUTO_BASIS_FRACTION
+    _tiny_memory(monkeypatch, cap)
+    with pytest.warns(UserWarning, match="more than 1/4 of the"):
+        r = hf.eigsh(A, k=1, max_basis=500, tol=1e-8)
+    assert r.krylov == "lean" and r.eigenvalues[0] == pytest.approx(float(lam.max()), abs=1e-6)
+    _tiny_memory(monkeypatch, 8 * cap)  # plenty: the full, verified path (the probe ran once)
+    r = hf.eigsh(A, k=1, max_basis=500, tol=1e-8)
+    assert r.krylov == "full" and r.verified
 
 
 def test_lean_refusals():
