@@ -6,7 +6,9 @@ For the three test model families scaled to realistic CPU sizes (float32):
   one batch of 512 or four batches of 128;
 * ``cnn_bn_digits16``: CNN with BatchNorm on digits upsampled to 16x16 (~55k params), one
   batch of 128;
-* ``lm_tiny``: one-block causal transformer LM (~85k params), seq 32, batch 16.
+* ``lm_tiny``: one-block causal transformer LM (~85k params), seq 32, batch 16;
+* ``resnet20_cifar32``: the peer comparison's ResNet-20 (8/16/32, BatchNorm, 68,786 params),
+  one CIFAR-shaped batch of 32.
 
 Each case first checks that every exact ``hvp_mode`` agrees on a probe block (relative
 error <= 1e-4 in float32, also reported against a float64 twin) and that the
@@ -116,11 +118,25 @@ def case_lm():
     return model, lm_loss, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]
 
 
+def case_resnet20():
+    """The peer comparison's ResNet-20 (8/16/32 channels, BatchNorm; 68,786 parameters) on
+    one CIFAR-shaped batch of 32 (bench/peers/workloads.py), as ``bench/compare.py`` builds
+    it: the model whose product cost issue 18 targets (<= 2.5 gradients exact, <= 2.1 by
+    finite differences, at k = 1)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
+    import workloads
+
+    model, (x, y) = workloads._build("cnn")
+    model.eval()
+    return model, nn.CrossEntropyLoss(), [(x, y)]
+
+
 CASES = {
     "mlp_digits_1x512": lambda: case_mlp(1),
     "mlp_digits_4x128": lambda: case_mlp(4),
     "cnn_bn_digits16": case_cnn,
     "lm_tiny": case_lm,
+    "resnet20_cifar32": case_resnet20,
 }
 
 

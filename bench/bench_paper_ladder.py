@@ -20,9 +20,10 @@ meta device, each an ASSUMPTION stated in the output:
 * the finite-difference product (``hvp_mode="finite_difference"``, the mode that runs
   FSDP and fused attention, assumed in every configuration), read from the operators'
   code. FSDP (hessfast/curvature/fsdp.py): the parameter copy it restores from and the
-  model's gradient shards (2 rows in the parameter dtype), ``g(+)``, ``g(-)`` and their
-  mean (3 rows in the working dtype), and the symmetry check's two vectors and two
-  products (4 working rows, held during the first two products). One process
+  model's gradient shards (2 rows in the parameter dtype); beside the product's own row,
+  at most 3 working rows (the error estimate's second product while ``g(+)`` and ``g(-)``
+  of the next are summed, once) or, during the second product, ``g(+)``, ``g(-)`` and the
+  symmetry check's first vector and product (4 rows; 2 without the check). One process
   (curvature/hessian.py, products.py): ``g(+)``, ``g(-)``, their difference and mean (4
   working rows; the perturbed parameter copy and its gradient, in the parameter dtype, are
   freed before the last two), and the symmetry probe's first vector and product (2 rows);
@@ -130,7 +131,7 @@ def fd_rows(param_bytes: int, work_bytes: int, fsdp: bool, check: bool = True) -
     """Bytes per (local) parameter of the finite-difference product (see the docstring):
     without the pre-flight check (``hessian(..., check=False)``) its rows go."""
     if fsdp:
-        return 2 * param_bytes + (3 + 4 * check) * work_bytes
+        return 2 * param_bytes + (3 + check) * work_bytes
     return max(4 * work_bytes, 2 * work_bytes + 2 * param_bytes) + 2 * check * work_bytes
 
 

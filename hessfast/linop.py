@@ -188,6 +188,15 @@ class LinearOperator:
         """
         return None
 
+    @property
+    def product_error(self) -> float | None:
+        """The relative error of one product when the products are not exact to rounding
+        (a finite-difference Hessian: its measured ``fd_error``), else None. Krylov
+        methods floor their residuals at ``product_error * ||A||_est``: no residual below
+        the products' own error can be shown, so convergence is judged to that accuracy
+        (the result's ``residual_floor`` says so)."""
+        return None
+
     def saved_bytes(self) -> int | None:
         """Bytes one product keeps saved for its backward passes, the unit the memory plan
         (:func:`hessfast.estimate_memory`) scales its activation estimate by; None: unknown.

@@ -59,7 +59,7 @@ from ..errors import (
 )
 from ..linop import LinearOperator, row_dots
 from .data import BatchSource
-from .finitediff import fd_error_from_norms, fd_step
+from .finitediff import fd_error_from_norms, fd_step, perturbation_rounding, search_step
 from .lossform import decide_loss_form, loss_reduction
 from .model import (
     BatchSplit,
@@ -253,7 +253,9 @@ class FSDPHessian(LinearOperator):
         )
         self.fd_step: float | None = None
         self.fd_error: float | None = None
-        self._symmetry: list[torch.Tensor] = []  # the first vectors and products (local)
+        # the first vector and its product (local), until the second arrives; None: done
+        self._symmetry: list[torch.Tensor] | None = []
+        self._fd_scale = 1.0  # the chosen step over the rule's (set by the first product)
         warnings.warn(
             f"hessfast: {self.hvp_mode_reason}; their relative error is estimated on the "
             "first product (H.fd_error). Pass exact=True to refuse instead",
@@ -424,39 +426,65 @@ class FSDPHessian(LinearOperator):
             offset += size
         return out
 
-    def _central(self, v: torch.Tensor, step: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(g(theta + e v) - g(theta - e v)) / 2e`` ``[n]`` and the gradient at theta,
-        ``(g+ + g-) / 2`` ``[n]`` (local shards)."""
+    def _central(self, v: torch.Tensor, step: float, mean: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(g(theta + e v) - g(theta - e v)) / 2e`` ``[n]`` and, when ``mean`` (the error
+        estimate's gradient norm), the gradient at theta ``(g+ + g-) / 2`` ``[n]``, else
+        None: one row fewer at the product's peak (local shards)."""
         plus = self._gradient(v, step)
         minus = self._gradient(v, -step)
-        mean = (plus + minus).mul_(0.5)
-        return plus.sub_(minus).div_(2.0 * step), mean
+        grad = (plus + minus).mul_(0.5) if mean else None
+        plus.sub_(minus)
+        del minus
+        return plus.div_(2.0 * step), grad
 
-    def _step_doubling(self, hv: torch.Tensor, hv2: torch.Tensor, grad: torch.Tensor,
-                       step: float) -> float:
-        """:func:`.finitediff.fd_error_from_norms` of the products ``hv`` (step ``e``) and
-        ``hv2`` (``2e``) of one vector, their norms summed over the ranks."""
-        local = torch.stack([(hv2.double() - hv.double()).pow(2).sum(),
-                             hv.double().pow(2).sum(), grad.double().pow(2).sum()]).cpu()
-        diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in self.shards.allreduce_sum_(
-            local, "the finite-difference error estimate"))
-        return fd_error_from_norms(diff, size, step, g, self.compute_dtype)
+    @property
+    def product_error(self) -> float | None:
+        """``fd_error`` (known from the first product on; see
+        :attr:`hessfast.LinearOperator.product_error`)."""
+        return self.fd_error
 
-    def _estimate_error(self, v: torch.Tensor, hv: torch.Tensor, grad: torch.Tensor,
-                        step: float) -> float:
-        """The relative error of the products, estimated on the first vector ``v`` (its
-        product ``hv`` at step ``e`` against a second one at ``2e``) and on one power step
-        from it, ``Hv`` (its products at its own ``e`` and ``2e``), the larger of the two:
-        a Krylov method soon multiplies vectors near the extreme eigenvectors, whose error
-        can exceed a random vector's. 6 more gradients, once; norms summed over the ranks."""
-        error = self._step_doubling(hv, self._central(v, 2.0 * step)[0], grad, step)
-        w = hv.clone()
+    def _rounding(self, v: torch.Tensor, step: float) -> float:
+        """:func:`.finitediff.perturbation_rounding` of this rank's shards ``v [n]`` at
+        ``step``, summed over the ranks: the relative part of ``e v`` that rounding
+        ``theta + e v`` to the parameters' dtype loses."""
+        pieces, offset = [], 0
+        for theta, size in zip(self._theta, self.local_sizes, strict=True):
+            pieces.append(v[offset:offset + size].view(theta.shape))
+            offset += size
+        lost, total = perturbation_rounding(list(self._theta), pieces, step)
+        lost, total = (float(x) for x in self.shards.allreduce_sum_(
+            torch.tensor([lost, total], dtype=torch.float64), "the perturbation's rounding"))
+        return math.sqrt(lost / total) if total > 0.0 else 0.0
+
+    @staticmethod
+    def _sq(t: torch.Tensor) -> torch.Tensor:
+        """The local squared norm of ``t``, a 0-d float64 tensor (the row can be freed)."""
+        return t.double().pow(2).sum()
+
+    def _estimate_error(self, hv: torch.Tensor, grad_sq: torch.Tensor) -> float:
+        """Choose the step and estimate the products' relative error, once, along one power
+        step from the first vector, ``Hv`` (the stiffest direction found cheaply, where the
+        error peaks): :func:`.finitediff.search_step` halves (or doubles) the rule's step
+        while the step-doubling estimate falls (a few products, once); sets
+        ``self._fd_scale``, the factor later products apply to the rule's step. Norms are
+        summed over the ranks, so every rank takes the same steps. At most 3 more rows live
+        at once beside ``hv``."""
+        w = hv  # read only: the products below only read their vector
         wn = float(row_dots(self, w.unsqueeze(0), w.unsqueeze(0))[0]) ** 0.5
-        if wn > 0.0:
-            w_step = fd_step(self.theta_norm, wn, self.compute_dtype)
-            hw, grad_w = self._central(w, w_step)
-            hw2, _ = self._central(w, 2.0 * w_step)
-            error = max(error, self._step_doubling(hw, hw2, grad_w, w_step))
+        if wn == 0.0:
+            return 0.0
+        g = float(self.shards.allreduce_sum_(grad_sq.double().cpu().reshape(1),
+                                             "the gradient's norm")[0]) ** 0.5
+
+        def norm(t: torch.Tensor) -> float:
+            return float(row_dots(self, t.reshape(1, -1), t.reshape(1, -1))[0]) ** 0.5
+
+        w_step = fd_step(self.theta_norm, wn, self.compute_dtype)
+        best, error, _ = search_step(lambda e: self._central(w, e)[0], w_step, g,
+                                     self.compute_dtype, norm=norm,
+                                     rounding=lambda e: self._rounding(w, e))
+        self._fd_scale = best / w_step
         if error > FD_WARN_ERROR:
             low = self.param_dtype in (torch.bfloat16, torch.float16)
             warnings.warn(
@@ -483,11 +511,29 @@ class FSDPHessian(LinearOperator):
                 if vn == 0.0:
                     out[i] = 0
                     continue
-                step = fd_step(self.theta_norm, vn, self.compute_dtype)
+                first = self.fd_error is None
+                step = fd_step(self.theta_norm, vn, self.compute_dtype) * self._fd_scale
+                hv, grad = self._central(V[i], step, mean=first)
+                out[i] = hv
+                del hv
+                if first:
+                    assert grad is not None
+                    grad_sq = self._sq(grad)
+                    del grad
+                    self.fd_error = self._estimate_error(out[i], grad_sq)
+                    # this row again at the chosen step, and at twice it: a smaller step
+                    # raises a random vector's (rounding) error relative to its product
+                    step *= self._fd_scale
+                    out[i] = self._central(V[i], step)[0]
+                    twice = self._central(V[i], 2.0 * step)[0]
+                    local = torch.stack([(twice.double() - out[i].double()).pow(2).sum(),
+                                         out[i].double().pow(2).sum(), grad_sq.double().cpu()])
+                    del twice
+                    diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in
+                                     self.shards.allreduce_sum_(local.cpu(), "the error"))
+                    self.fd_error = max(self.fd_error, fd_error_from_norms(
+                        diff, size, step, g, self.compute_dtype) + self._rounding(V[i], step))
                 self.fd_step = step * vn  # the step along the unit vector
-                out[i], grad = self._central(V[i], step)
-                if self.fd_error is None:
-                    self.fd_error = self._estimate_error(V[i], out[i], grad, step)
         bad = int(not bool(torch.isfinite(out).all()))
         if self.shards.allreduce_ints([bad], "the finiteness check")[0]:
             raise NonFiniteError(
@@ -495,23 +541,24 @@ class FSDPHessian(LinearOperator):
                 f"{'this rank' if bad else 'another rank'}): the loss or its gradient "
                 "overflows near the parameters; check the loss at theta, or use float32"
             )
-        if self._check and len(self._symmetry) < 4:
+        if self._check and self._symmetry is not None:
             self._observe(V, out)
         return out
 
     def _observe(self, V: torch.Tensor, HV: torch.Tensor) -> None:
         """The symmetry check of the first two vectors multiplied: ``u.(Hv) = v.(Hu)`` within
         the finite-difference error."""
-        for i in range(V.shape[0]):
-            if len(self._symmetry) >= 4:
-                break
-            self._symmetry += [V[i].clone(), HV[i].clone()]
-        if len(self._symmetry) < 4:
-            return
-        u, hu, v, hv = (t.unsqueeze(0) for t in self._symmetry)
+        assert self._symmetry is not None
+        if not self._symmetry:  # keep the first vector and its product (2 rows), no more
+            self._symmetry = [V[0].clone(), HV[0].clone()]
+            if V.shape[0] < 2:
+                return
+            V, HV = V[1:], HV[1:]
+        u, hu = (t.unsqueeze(0) for t in self._symmetry)
+        v, hv = V[:1], HV[:1]  # the second vector, read where it is
         dots = row_dots(self, torch.cat([u, v, u, v, hu, hv]), torch.cat([hv, hu, u, v, hu, hv]))
         uhv, vhu, uu, vv, hh_u, hh_v = (float(x) for x in dots)
-        self._symmetry = [torch.empty(0)] * 4  # done: keep no vectors
+        self._symmetry = None  # done: keep no vectors
         scale = math.sqrt(uu * hh_v) + math.sqrt(vv * hh_u)
         eps = torch.finfo(self.compute_dtype).eps
         # capped: a huge estimate (a random loss) must not wave any asymmetry through

@@ -97,15 +97,38 @@ class HessianOperator(CurvatureOperator):
             res = graph_vjp(outs, state.leaves, vs, retain=retain)
         return self._cat(res, c)
 
+    @staticmethod
+    def _perturbed(p: torch.Tensor, x: torch.Tensor, step: float) -> torch.Tensor:
+        """``p + step * x`` in ``p``'s dtype (float32 arithmetic for half precisions)."""
+        if p.dtype in (torch.float32, torch.float64):
+            return torch.add(p, x.to(p.dtype), alpha=step)
+        return torch.add(p.float(), x.float(), alpha=step).to(p.dtype)
+
     def _fd_gradient(
         self, batch: Any, index: int, v: list[torch.Tensor], step: float
     ) -> torch.Tensor:
-        # theta + step * v rounded ONCE to the parameters' dtype (summed in float64), as
-        # new tensors: the user's parameters are only read, never added to and restored
-        leaves = [
-            (p.detach().double() + step * x.double()).to(self.param_dtype).requires_grad_(True)
-            for p, x in zip(self._params, v, strict=True)
-        ]
+        # theta + step * v as NEW tensors: the user's parameters are only read, never added
+        # to and restored. Computed in the parameters' dtype when it is float32/float64
+        # (one fused add: its rounding, ~eps |step v|, is far below the difference's own
+        # error; the float64 sum it replaces cost 3 float64 temporaries and 0.7 s per
+        # gradient at 124M), in float32 and rounded once for bf16/fp16 parameters.
+        leaves = [self._perturbed(p.detach(), x, step).requires_grad_(True)
+                  for p, x in zip(self._params, v, strict=True)]
+        flat = self._zeros(1)
+        views = [x[0] for x in self._split(flat)]
+        if all(w.dtype == leaf.dtype and w.device == leaf.device
+               for w, leaf in zip(views, leaves, strict=True)):
+            # each leaf's gradient is added in place into its slice of ONE flat row as the
+            # backward reaches it (AccumulateGrad into a defined .grad), so no second
+            # gradient-sized list is ever held and nothing is copied afterwards
+            for leaf, w in zip(leaves, views, strict=True):
+                leaf.grad = w
+            with torch.enable_grad():
+                loss = self._call_loss(self._loss, index, leaves, batch)
+                check_loss(loss, index)
+                loss.backward(inputs=leaves)
+            del leaves, views
+            return flat[0]
         with torch.enable_grad():
             loss = self._call_loss(self._loss, index, leaves, batch)
             check_loss(loss, index)

@@ -301,6 +301,12 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         """Inverse of :meth:`unflatten`: parameter-shaped pieces to one vector ``[n]``."""
         return self._layout.flatten(tensors)
 
+    @property
+    def product_error(self) -> float | None:
+        """``fd_error`` when the products are finite differences, else None (exact paths:
+        see :attr:`hessfast.LinearOperator.product_error`)."""
+        return self.fd_error if self.hvp_mode == "finite_difference" else None
+
     def _split(self, V: torch.Tensor) -> list[torch.Tensor]:
         return self._layout.split(V)
 

@@ -32,7 +32,7 @@ from .._checks import probe_generator
 from ..errors import HessfastError
 from ..memory import measure_saved
 from .data import to_device
-from .finitediff import fd_error, fd_step
+from .finitediff import fd_error, fd_step, perturbation_rounding, search_step
 from .plan import FD_MODE, HVPPlan
 from .preflight import check_finite
 
@@ -217,15 +217,21 @@ class BatchProducts:
     def _run(self, plan: HVPPlan, V: torch.Tensor) -> torch.Tensor:
         """The one chunk loop: every batch, every chunk of ``plan.chunk`` rows."""
         k = V.shape[0]
-        out = self._zeros(k)
         chunk = max(1, min(plan.chunk, k))
+        # finite differences return a fresh [k, n] of their own: the first batch's becomes the
+        # sum (one parameter-sized row fewer at a large model's peak); other paths' outputs
+        # are accumulated into a zeroed block
+        out = None if plan.mode == FD_MODE and chunk >= k else self._zeros(k)
         with self._guard(exact=plan.mode != FD_MODE):
             for index, weight, product in self._batch_products(plan.mode):
                 for a in range(0, k, chunk):
                     part = product(self._split(V[a : a + chunk]), a + chunk >= k)
                     check_finite(part, index, self._kind, self.param_names, self._split)
-                    out[a : a + chunk].add_(part, alpha=weight)
-        return out
+                    if out is None:
+                        out = part.mul_(weight)
+                    else:
+                        out[a : a + chunk].add_(part, alpha=weight)
+        return self._zeros(k) if out is None else out
 
     def _batch_products(self, mode: str) -> Iterator[tuple[int, float, ChunkProduct]]:
         """``(index, weight, product of this batch with a chunk)`` for every batch."""
@@ -285,14 +291,24 @@ class BatchProducts:
         (:func:`.finitediff.fd_step` of ``||theta||``, the row's norm and the compute
         dtype). Returns ``[c, n]``."""
         c = V[0].shape[0]
-        out = self._zeros(c)
         theta = self._theta_norm()
+        if c == 1:  # the row itself: no second [1, n] buffer to copy it into
+            row = [x[0] for x in V]
+            norm = math.sqrt(sum(float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+                                 for x in row))
+            if norm == 0.0:
+                return self._zeros(1)
+            step = fd_step(theta, norm, self.compute_dtype) * self._fd_scale
+            return self._fd_row(batch, index, row, step)[0].unsqueeze(0)
+        out = self._zeros(c)
         for j in range(c):
             row = [x[j] for x in V]
-            norm = math.sqrt(sum(float(x.double().pow(2).sum()) for x in row))
+            norm = math.sqrt(sum(float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+                                 for x in row))
             if norm == 0.0:
                 continue  # H 0 = 0
-            out[j] = self._fd_row(batch, index, row, fd_step(theta, norm, self.compute_dtype))[0]
+            step = fd_step(theta, norm, self.compute_dtype) * self._fd_scale
+            out[j] = self._fd_row(batch, index, row, step)[0]
         return out
 
     def _fd_calibrate(self) -> None:
@@ -305,23 +321,45 @@ class BatchProducts:
         tolerance takes."""
         index, batch = self._batch0()
         gen = probe_generator(4321)
-        v = torch.randn(self.shape[0], generator=gen, dtype=torch.float64)
+        # drawn in the operator's dtype: a float64 draw is 1 GB at GPT-2 small's 124M
+        v = torch.randn(self.shape[0], generator=gen, dtype=self.dtype)
         step = fd_step(self._theta_norm(), 1.0, self.compute_dtype)
-        worst = 0.0
+        self._fd_scale = 1.0
         with self._guard(exact=False):
-            for _ in range(2):
-                v = (v / v.norm()).to(self.dtype).to(self.device)
-                Vs = [x[0] for x in self._split(v.unsqueeze(0))]
-                hv, g = self._fd_row(batch, index, Vs, step, with_gradient=True)
-                assert g is not None
-                check_finite(hv.unsqueeze(0), index, self._kind, self.param_names, self._split)
-                hv2, _ = self._fd_row(batch, index, Vs, 2.0 * step)
-                g_norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
-                worst = max(worst, fd_error(hv, hv2, step, g_norm, self.compute_dtype))
-                v = hv.double()
-                if float(v.norm()) == 0.0:
-                    break
-        self.fd_step = step
+            v = v.div_(torch.linalg.vector_norm(v, dtype=torch.float64).to(v.dtype)).to(
+                self.device)
+            Vs = [x[0] for x in self._split(v.unsqueeze(0))]
+            hv, g = self._fd_row(batch, index, Vs, step, with_gradient=True)
+            assert g is not None
+            check_finite(hv.unsqueeze(0), index, self._kind, self.param_names, self._split)
+            g_norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+            del g
+            hv_norm = float(torch.linalg.vector_norm(hv, dtype=torch.float64))
+            if hv_norm == 0.0:  # no curvature along v: keep the rule's step
+                best, worst = step, 0.0
+            else:  # one power step: the stiffest cheap direction, where the error peaks
+                w = hv.div_(hv_norm)
+                Ws = [x[0] for x in self._split(w.unsqueeze(0))]
+                params = [p.detach() for p in self._params]
+
+                def rounding(e: float, pieces: list[torch.Tensor]) -> float:
+                    lost, total = perturbation_rounding(params, pieces, e)
+                    return math.sqrt(lost / total) if total > 0.0 else 0.0
+
+                best, worst, _ = search_step(
+                    lambda e: self._fd_row(batch, index, Ws, e)[0], step, g_norm,
+                    self.compute_dtype, rounding=lambda e: rounding(e, Ws))
+                del w, Ws
+                # and the random vector at the chosen step: a smaller step raises its
+                # (rounding) error, relative to its smaller product
+                lo = self._fd_row(batch, index, Vs, best)[0]
+                hi = self._fd_row(batch, index, Vs, 2.0 * best)[0]
+                worst = max(worst, fd_error(lo, hi, best, g_norm, self.compute_dtype)
+                            + rounding(best, Vs))
+                del lo, hi
+            del Vs, v
+        self._fd_scale = best / step
+        self.fd_step = best
         self.fd_error = worst
         if self._symmetry is not None:
             self._symmetry.relative_error = self.fd_error

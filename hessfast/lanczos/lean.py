@@ -178,6 +178,15 @@ def _tridiagonal_solver() -> Any:
     return eigh_tridiagonal
 
 
+def _floor(A: LinearOperator, norm_est: float) -> float:
+    """The smallest residual this run can show: the working precision's
+    (:func:`~.verify.residual_floor`) or the products' own error times ``||A||_est``
+    (:attr:`~hessfast.LinearOperator.product_error`, read each time: a finite-difference
+    operator may measure it with its first product)."""
+    err = getattr(A, "product_error", None) or 0.0
+    return max(residual_floor(norm_est, A.dtype), float(err) * norm_est)
+
+
 def lean_lanczos(
     A: LinearOperator,
     which: str,
@@ -227,7 +236,7 @@ def lean_lanczos(
         m = j + 1
         b_prev = beta[-1] if beta else 0.0
         norm_est = max(norm_est, math.sqrt(b_prev * b_prev + a * a + b * b))
-        floor = residual_floor(norm_est, A.dtype)
+        floor = _floor(A, norm_est)
         breakdown = b <= bd_tol * norm_est
         # m >= n is no stop: without reorthogonalisation n steps do not span the space
         last = m == max_matvecs or breakdown
@@ -235,9 +244,9 @@ def lean_lanczos(
         if due or last:
             theta, s, big = _ritz(alpha, beta, which)
             norm_est = max(norm_est, big)
-            floor = residual_floor(norm_est, A.dtype)
+            floor = _floor(A, norm_est)
             res = max(abs(b * float(s[-1])), floor)
-            ok = bool(converged(theta, res, tol, norm_est, A.dtype))
+            ok = bool(converged(theta, res, tol, norm_est, A.dtype, floor=floor))
             if ok:
                 status = "CONVERGED"
                 break
@@ -253,11 +262,11 @@ def lean_lanczos(
     vec, drift = None, 0.0
     if vectors:
         vec, drift = _vector_pass(A, q0, s, alpha, beta, work)
-    return LeanResult(theta=theta, vector=vec, residual=max(res, residual_floor(norm_est, A.dtype)),
+    return LeanResult(theta=theta, vector=vec, residual=max(res, _floor(A, norm_est)),
                       converged=ok, status=status, steps=steps,
                       num_matvecs=A.num_matvecs - mv0 if vectors else used1,
                       num_passes=A.num_passes - p0, norm_estimate=norm_est,
-                      residual_floor=residual_floor(norm_est, A.dtype), drift=drift)
+                      residual_floor=_floor(A, norm_est), drift=drift)
 
 
 def _vector_pass(A: LinearOperator, q0: torch.Tensor, s: torch.Tensor, alpha: list[float],

@@ -61,7 +61,8 @@ def converge_threshold(vals: torch.Tensor, tol: float, norm_est: float, floor: f
 
 
 def converged(theta: float | torch.Tensor, residuals: float | torch.Tensor, tol: float,
-              norm_est: float, dtype: torch.dtype) -> bool | torch.Tensor:
+              norm_est: float, dtype: torch.dtype, floor: float = 0.0
+              ) -> bool | torch.Tensor:
     """THE convergence rule of every eigenvalue solver (eigsh's Lanczos and dense paths,
     power iteration, the per-layer lockstep Lanczos): a Ritz pair ``(theta, v)`` is converged
     when ``||A v - theta v|| <= max(tol * max(|theta|, 1e-3 ||A||_est), residual_floor)``.
@@ -76,11 +77,13 @@ def converged(theta: float | torch.Tensor, residuals: float | torch.Tensor, tol:
         tol: relative tolerance.
         norm_est: the estimate of ``||A||`` both the scale and the floor use.
         dtype: the operator's dtype (picks ``eps`` of the floor).
+        floor: a higher floor when the products themselves are inexact (the lean run's
+            ``product_error * ||A||_est`` of a finite-difference operator); 0: none.
 
     Returns:
         a ``bool`` for a float ``theta``, else a ``[m]`` bool tensor.
     """
-    floor = residual_floor(norm_est, dtype)
+    floor = max(residual_floor(norm_est, dtype), float(floor))
     vals = torch.as_tensor(theta, dtype=torch.float64)
     ok = torch.as_tensor(residuals, dtype=torch.float64) <= converge_threshold(
         vals, tol, norm_est, floor)

@@ -85,7 +85,9 @@ def test_fully_shard_model_finite_differences() -> None:
         err = ((HV - want).norm(dim=1) / want.norm(dim=1)).max().item()
         assert H.fd_error is not None and 0 < H.fd_error < 1e-6
         assert err <= H.fd_error, (err, H.fd_error)
-        assert (H.num_matvecs, H.num_passes, H.num_gradients) == (2, 1, 11)
+        assert (H.num_matvecs, H.num_passes) == (2, 1)
+        # 2 rows x 2, 1 at construction, and the one-time step search (pairs of gradients)
+        assert H.num_gradients >= 13 and (H.num_gradients - 5) % 2 == 0, H.num_gradients
         assert all(p.to_local().view(torch.uint8).equal(b.view(torch.uint8))
                    for p, b in zip(model.parameters(), before, strict=True))
         assert all(p.grad is None for p in model.parameters())

@@ -111,8 +111,12 @@ def check(kind: str, world: int, ranks: list[dict]) -> None:
         assert r["compute_dtype"] == ("torch.float32" if kind.endswith("32") else "torch.float64")
     assert sum(r["local_n"] for r in ranks) == V.shape[1]
     samples = sum(sum(s) for s in fsdp_workers.SIZES[world])
-    # 2 rows: 4 gradients, 6 for the error estimate, 1 at construction (the compute dtype)
-    assert first["num"] == (2, 1, 11, samples, 2 * world)
+    # 2 rows: 4 gradients, 1 at construction (the compute dtype), and the step search's
+    # products (2 gradients each, once: at least the step-doubling pair and the first row
+    # again at the chosen step and twice it)
+    num = first["num"]
+    assert num[:2] == (2, 1) and num[3:] == (samples, 2 * world)
+    assert num[2] >= 5 + 8 and (num[2] - 5) % 2 == 0, num
     got = gathered(ranks, names)
     want = exact_products(model, loss_fn, batches, V)
     err = ((got - want).norm(dim=1) / want.norm(dim=1)).max().item()
