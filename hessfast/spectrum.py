@@ -441,6 +441,16 @@ def _solve_lean(A: LinearOperator, which: str, tol: float, max_matvecs: int,
             "max_matvecs or tol",
             stacklevel=3,
         )
+    err = A.product_error
+    if r.converged and err is not None and err > tol:
+        warnings.warn(
+            f"hessfast.eigsh(krylov='lean'): converged only to the products' own accuracy: "
+            f"their relative error (H.product_error = {err:.3g}, finite differences) is "
+            f"above tol={tol:g}, so the residual {r.residual:.3g} cannot show more. The "
+            "value is uncertain at that level (above 0.05 it is not usable); use an exact "
+            "hvp_mode where the model allows one, or float64 parameters",
+            stacklevel=3,
+        )
     n = A.shape[0]
     vec = r.vector[None] if r.vector is not None else torch.empty((0, n), dtype=A.dtype,
                                                                    device=A.device)

@@ -186,3 +186,26 @@ def test_lean_memory_is_a_few_vectors():
     assert peaks["slq lean"] <= 4, peaks
     assert peaks["lambda_max full"] >= 15, peaks  # the 32-row basis
     assert peaks["slq full"] >= 2 * 12, peaks
+
+
+def test_lean_says_when_the_products_error_is_above_tol():
+    """An inexact operator (finite differences: product_error) floors the residuals at its
+    error; a result converged only to that level warns instead of passing silently."""
+    M, lam = spectra.evenly_spaced(200)
+
+    class Inexact(hf.LinearOperator):
+        product_error = 0.2  # a coarse finite-difference operator's estimate
+
+        def __init__(self) -> None:
+            super().__init__(200, M.dtype, "cpu")
+            self.checked = True
+
+        def _matmat(self, V):
+            return V @ M
+
+    with pytest.warns(UserWarning, match="products' own accuracy"):
+        r = hf.eigsh(Inexact(), k=1, krylov="lean", tol=1e-6, vectors=False)
+    assert r.converged.all() and r.residual_floor >= 0.2 * r.norm_estimate * 0.999
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exact products: no such warning
+        hf.eigsh(hf.LinearOperator.from_matrix(M), k=1, krylov="lean", tol=1e-6, vectors=False)
