@@ -358,8 +358,9 @@ def table(rows: list, sizes: list[str], ladders: dict[str, Ladder], args: argpar
         "in one process (g+, g-, their difference and mean"
         + ("" if args.no_check else "; the symmetry probe's 2 rows")
         + f") and {lad.fd_bytes[True]:.0f} B per local parameter with FSDP (parameter copy "
-        "and gradient shards in the parameter dtype; g+, g-, their mean"
-        + ("" if args.no_check else "; the symmetry check's 4 rows")
+        "and gradient shards in the parameter dtype; 3 working rows at the error "
+        "estimate's peak"
+        + ("" if args.no_check else ", or g+, g- and the symmetry check's 2 rows")
         + "); with FSDP, 2 gathered layers and 2 unsharded layer gradients.",
         f"Largest n: the fixed items of the {largest_shape.upper()} shape held fixed.",
         "(planned only): hessfast refuses a stored basis on sharded (FSDP) vectors today; "
