@@ -42,7 +42,8 @@ ANALYZE = "The whole picture in one call: `hf.analyze`"
 LARGE = "Large models: transformers, memory, long runs"
 DISTRIBUTED = "Several processes (torch.distributed)"
 SPECTRUM = "Spectrum"
-TESTED = {USE, ANALYZE, LARGE, DISTRIBUTED, SPECTRUM}
+FSDP = "FSDP models (`fully_shard`)"
+TESTED = {USE, ANALYZE, LARGE, DISTRIBUTED, SPECTRUM, FSDP}
 
 
 def readme_blocks() -> dict[str, list[tuple[int, str]]]:
@@ -411,3 +412,62 @@ def test_distributed(in_tmp: Path) -> None:
         assert got["status"] == "CONVERGED"
         assert got["num_samples"] == sum(len(y) for _, y in batches)
         assert torch.allclose(got["eigenvalues"], ref.eigenvalues, rtol=1e-8, atol=0)
+
+
+FSDP_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import test_readme as T
+    torch.set_num_threads(1)
+    rank, world = int(sys.argv[1]), int(sys.argv[2])
+    batches = [(x.double(), y) for x, y in T.tiny_batches()]  # one batch per rank: 16 and 10
+    ns = T.base_namespace() | {{"build_model": lambda: T.tiny_model().double(),
+                               "loss_fn": torch.nn.CrossEntropyLoss(),
+                               "my_rank_batches": [batches[rank]]}}
+    T.run_block(T.FSDP, ns)
+    H = ns["H"]
+    torch.save({{"top": ns["top"], "fd_error": H.fd_error, "global_size": H.global_size,
+                "local_n": H.shape[0], "krylov": ns["dens"].krylov,
+                "nodes": ns["dens"].nodes}}, f"fsdp{{rank}}.pt")
+''')
+
+
+@pytest.mark.distributed
+def test_fsdp(in_tmp: Path) -> None:
+    """The README's FSDP block, verbatim, on 2 gloo ranks (each one batch of the tiny MLP's
+    data): lambda_max equals one process's exact one within the recorded error, every rank
+    the same, no rank holding a whole vector."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    world = 2
+    script = in_tmp / "fsdp_rank.py"
+    script.write_text(FSDP_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=in_tmp,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=180)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a rank of the README's FSDP example did not finish (hang)")
+    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}"
+    ranks = [torch.load(in_tmp / f"fsdp{r}.pt") for r in range(world)]
+    model = tiny_model().double()
+    batches = [(x.double(), y) for x, y in tiny_batches()]
+    exact = hf.lambda_max(hf.hessian(model, nn.CrossEntropyLoss(), batches), tol=1e-10)
+    n = n_params(model)
+    for got in ranks:
+        assert got["global_size"] == n and got["local_n"] < n
+        assert got["krylov"] == "lean"
+        assert abs(got["top"] - exact) <= 1e-4 * abs(exact) + 4 * got["fd_error"] * abs(exact)
+        assert got["top"] == ranks[0]["top"] and torch.equal(got["nodes"], ranks[0]["nodes"])
