@@ -410,13 +410,13 @@ def test_sigint_during_a_restart_waits_for_the_next_step(matrix, tmp_path, monke
     original = restart.Run.restart
     calls = []
 
-    def interrupted_restart(self, idx, drop_residual_block=False):
+    def interrupted_restart(self, idx, *args, **kwargs):
         calls.append(self.A.num_passes)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
             for _ in range(100):
                 time.sleep(0.001)
-        return original(self, idx, drop_residual_block)
+        return original(self, idx, *args, **kwargs)
 
     monkeypatch.setattr(restart.Run, "restart", interrupted_restart)
     path = tmp_path / "r.ckpt"
