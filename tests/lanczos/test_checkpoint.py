@@ -419,9 +419,15 @@ def test_sigint_during_a_restart_waits_for_the_next_step(matrix, tmp_path, monke
         return original(self, idx, *args, **kwargs)
 
     monkeypatch.setattr(restart.Run, "restart", interrupted_restart)
+    # Python's own SIGINT handler, whatever an earlier test in this process left installed
+    # (torch.distributed's in-process groups of other tests may replace it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     path = tmp_path / "r.ckpt"
-    with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
-        hf.eigsh(hf.LinearOperator.from_matrix(matrix), checkpoint=path, **kw)
+    try:
+        with pytest.warns(UserWarning, match="was saved"), pytest.raises(KeyboardInterrupt):
+            hf.eigsh(hf.LinearOperator.from_matrix(matrix), checkpoint=path, **kw)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(restart.Run, "restart", original)
     step = torch.load(path, weights_only=True)["step"]
     assert step == calls[1]  # the top of the step after the restart
