@@ -14,7 +14,6 @@ The problems are built here, so the test process builds the same ones for its re
 from __future__ import annotations
 
 import sys
-import time
 import warnings
 from typing import Any
 
@@ -177,22 +176,20 @@ def dist_workers_loss(model: nn.Module, loss_fn: Any, batch: Any) -> torch.Tenso
 
 
 def lean(H: Any, vectors: dict[str, torch.Tensor], world: int, rank: int) -> dict[str, Any]:
-    """lambda_max and the lean SLQ on the sharded operator, when the algorithms take
-    sharded operators (helper B's lean paths); otherwise the refusal is recorded."""
+    """lambda_max and the lean SLQ on the sharded operator (an error is recorded, and the
+    test fails on it)."""
     import hessfast as hf
 
     out: dict[str, Any] = {}
     try:
-        t0 = time.perf_counter()
         out["lambda_max"] = float(hf.lambda_max(H, tol=1e-5, krylov="lean", seed=0))
-        out["lambda_max_seconds"] = time.perf_counter() - t0
-    except Exception as exc:  # noqa: BLE001 - recorded; the test skips the check
+    except Exception as exc:  # noqa: BLE001 - recorded; the test fails on it
         out["lambda_max_error"] = f"{type(exc).__name__}: {exc}"
     try:
         v0 = local(vectors, world, rank).to(H.dtype)
         dens = hf.spectral_density(H, num_probes=2, num_steps=6, krylov="lean", v0=v0)
         out["slq_nodes"], out["slq_weights"] = dens.nodes, dens.weights
-    except Exception as exc:  # noqa: BLE001 - recorded; the test skips the check
+    except Exception as exc:  # noqa: BLE001 - recorded; the test fails on it
         out["slq_error"] = f"{type(exc).__name__}: {exc}"
     return out
 
