@@ -457,6 +457,17 @@ class FSDPHessian(LinearOperator):
             torch.tensor([lost, total], dtype=torch.float64), "the perturbation's rounding"))
         return math.sqrt(lost / total) if total > 0.0 else 0.0
 
+    def _step_doubling(self, hv: torch.Tensor, hv2: torch.Tensor, grad_sq: torch.Tensor,
+                       step: float) -> float:
+        """:func:`.finitediff.fd_error_from_norms` of the products ``hv`` (step ``e``) and
+        ``hv2`` (``2e``) of one vector, with the gradient's local squared norm ``grad_sq``,
+        the norms summed over the ranks."""
+        local = torch.stack([(hv2.double() - hv.double()).pow(2).sum(),
+                             hv.double().pow(2).sum(), grad_sq.double().cpu()]).cpu()
+        diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in self.shards.allreduce_sum_(
+            local, "the finite-difference error estimate"))
+        return fd_error_from_norms(diff, size, step, g, self.compute_dtype)
+
     @staticmethod
     def _sq(t: torch.Tensor) -> torch.Tensor:
         """The local squared norm of ``t``, a 0-d float64 tensor (the row can be freed)."""
@@ -526,13 +537,9 @@ class FSDPHessian(LinearOperator):
                     step *= self._fd_scale
                     out[i] = self._central(V[i], step)[0]
                     twice = self._central(V[i], 2.0 * step)[0]
-                    local = torch.stack([(twice.double() - out[i].double()).pow(2).sum(),
-                                         out[i].double().pow(2).sum(), grad_sq.double().cpu()])
+                    error = self._step_doubling(out[i], twice, grad_sq, step)
                     del twice
-                    diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in
-                                     self.shards.allreduce_sum_(local.cpu(), "the error"))
-                    self.fd_error = max(self.fd_error, fd_error_from_norms(
-                        diff, size, step, g, self.compute_dtype) + self._rounding(V[i], step))
+                    self.fd_error = max(self.fd_error, error + self._rounding(V[i], step))
                 self.fd_step = step * vn  # the step along the unit vector
         bad = int(not bool(torch.isfinite(out).all()))
         if self.shards.allreduce_ints([bad], "the finiteness check")[0]:
