@@ -375,6 +375,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_ranks(template: str, script: Path, world: int, cwd: Path, timeout: int,
+               what: str) -> None:
+    """Run ``template`` (formatted with this folder) as ``world`` gloo ranks set up as
+    torchrun would on a CPU; fail on a hang or a non-zero exit, with the rank's log."""
+    script.write_text(template.format(tests=str(Path(__file__).resolve().parent)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a rank of {what} did not finish (hang)")
+    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}"
+
+
 @pytest.mark.distributed
 def test_distributed(in_tmp: Path) -> None:
     import torch.distributed as dist
@@ -382,25 +406,8 @@ def test_distributed(in_tmp: Path) -> None:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     world = 2
-    script = in_tmp / "rank.py"
-    script.write_text(RANK_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")  # gloo, as torchrun would set it up on a CPU
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=in_tmp,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank of the README's torch.distributed example did not finish (hang)")
-    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}"
+    _run_ranks(RANK_SCRIPT, in_tmp / "rank.py", world, in_tmp, timeout=120,
+               what="the README's torch.distributed example")
     ranks = [torch.load(in_tmp / f"rank{r}.pt") for r in range(world)]
 
     # one process on all the data, the same call
@@ -442,25 +449,8 @@ def test_fsdp(in_tmp: Path) -> None:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     world = 2
-    script = in_tmp / "fsdp_rank.py"
-    script.write_text(FSDP_SCRIPT.format(tests=str(Path(__file__).resolve().parent)))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=in_tmp,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank of the README's FSDP example did not finish (hang)")
-    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}"
+    _run_ranks(FSDP_SCRIPT, in_tmp / "fsdp_rank.py", world, in_tmp, timeout=180,
+               what="the README's FSDP example")
     ranks = [torch.load(in_tmp / f"fsdp{r}.pt") for r in range(world)]
     model = tiny_model().double()
     batches = [(x.double(), y) for x, y in tiny_batches()]
