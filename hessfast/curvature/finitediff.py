@@ -35,6 +35,7 @@ __all__ = [
     "fd_error",
     "fd_error_from_norms",
     "fd_step",
+    "coarse_message",
     "perturbation_rounding",
     "search_step",
 ]
@@ -305,3 +306,17 @@ def search_step(
         at = {step: product(step), 2.0 * step: product(2.0 * step)}  # restart for doubling
         spent += 2
     return best_e, best, spent
+
+
+def coarse_message(error: float, subject: str, measured: str, param_dtype: torch.dtype,
+                   compute_dtype: torch.dtype, low_fix: str, tail: str = "") -> str:
+    """The warning's text when the estimated error exceeds the warning level: ``subject``
+    (whose products), ``measured`` (where the estimate was taken), and the cause: the
+    parameters' half precision (then ``low_fix``) or the loss's nonlinearity or noise."""
+    low = param_dtype in (torch.bfloat16, torch.float16)
+    return (f"hessfast: {subject} relative error is about {error:.2g} (H.fd_error, "
+            f"{measured})"
+            + (f": the parameters are {param_dtype}, and rounding theta +- e v to it is "
+               f"coarse. {low_fix}" if low else ": the loss is far from quadratic at the "
+               f"step's scale or its gradients are noisy (compute dtype {compute_dtype})")
+            + tail)

@@ -59,7 +59,13 @@ from ..errors import (
 )
 from ..linop import LinearOperator, row_dots
 from .data import BatchSource
-from .finitediff import fd_error_from_norms, fd_step, perturbation_rounding, search_step
+from .finitediff import (
+    coarse_message,
+    fd_error_from_norms,
+    fd_step,
+    perturbation_rounding,
+    search_step,
+)
 from .lossform import decide_loss_form, loss_reduction
 from .model import (
     BatchSplit,
@@ -497,17 +503,11 @@ class FSDPHessian(LinearOperator):
                                      rounding=lambda e: self._rounding(w, e))
         self._fd_scale = best / w_step
         if error > FD_WARN_ERROR:
-            low = self.param_dtype in (torch.bfloat16, torch.float16)
-            warnings.warn(
-                f"hessfast: the FSDP finite-difference products' relative error is about "
-                f"{error:.2g} (H.fd_error, measured with the first product)"
-                + (f": the parameters are {self.param_dtype}, and rounding theta +- e v to "
-                   "it is coarse. Keep float32 parameters (MixedPrecisionPolicy(param_dtype="
-                   "torch.bfloat16) computes in bf16 from float32 shards)" if low else
-                   ": the loss is far from quadratic at the step's scale or its gradients "
-                   f"are noisy (compute dtype {self.compute_dtype})"),
-                UserWarning, stacklevel=4,
-            )
+            warnings.warn(coarse_message(
+                error, "the FSDP finite-difference products'", "measured with the first product",
+                self.param_dtype, self.compute_dtype,
+                "Keep float32 parameters (MixedPrecisionPolicy(param_dtype=torch.bfloat16) "
+                "computes in bf16 from float32 shards)"), UserWarning, stacklevel=4)
         return error
 
     # -- the product --------------------------------------------------------------------

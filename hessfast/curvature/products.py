@@ -32,7 +32,13 @@ from .._checks import probe_generator
 from ..errors import HessfastError
 from ..memory import measure_saved
 from .data import to_device
-from .finitediff import fd_error, fd_step, perturbation_rounding, search_step
+from .finitediff import (
+    coarse_message,
+    fd_error,
+    fd_step,
+    perturbation_rounding,
+    search_step,
+)
 from .plan import FD_MODE, HVPPlan
 from .preflight import check_finite
 
@@ -364,14 +370,9 @@ class BatchProducts:
         if self._symmetry is not None:
             self._symmetry.relative_error = self.fd_error
         if worst > FD_WARN_ERROR:
-            low = self.param_dtype in (torch.bfloat16, torch.float16)
-            warnings.warn(
-                f"hessfast: the finite-difference products' relative error is about "
-                f"{worst:.2g} (H.fd_error, measured on batch 0)"
-                + (f": the parameters are {self.param_dtype}, and rounding theta +- e v to "
-                   "it is coarse. Use float32 parameters (autocast keeps the bf16 compute)"
-                   if low else ": the loss is far from quadratic at the step's scale or "
-                   "its gradients are noisy (compute dtype " f"{self.compute_dtype})")
-                + "; an exact hvp_mode avoids this error where the model allows one",
-                UserWarning, stacklevel=5,
-            )
+            warnings.warn(coarse_message(
+                worst, "the finite-difference products'", "measured on batch 0",
+                self.param_dtype, self.compute_dtype,
+                "Use float32 parameters (autocast keeps the bf16 compute)",
+                "; an exact hvp_mode avoids this error where the model allows one"),
+                UserWarning, stacklevel=5)
