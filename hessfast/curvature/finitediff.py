@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigurationError
+from ..linop import local_norm
 
 __all__ = [
     "FD_ERROR_SAFETY",
@@ -193,10 +194,8 @@ def fd_error(
             f"the two products have shapes {tuple(hv_step.shape)} and "
             f"{tuple(hv_double.shape)}: pass the product of the same vector at e and at 2e"
         )
-    a, b = hv_step.detach().double(), hv_double.detach().double()
-    return fd_error_from_norms(
-        float((b - a).norm()), float(a.norm()), step, grad_norm, dtype
-    )
+    a, b = hv_step.detach(), hv_double.detach()
+    return fd_error_from_norms(local_norm(b - a), local_norm(a), step, grad_norm, dtype)
 
 
 def perturbation_rounding(
@@ -270,7 +269,7 @@ def search_step(
     Returns:
         ``(best step, its error estimate, products spent)``.
     """
-    nrm = norm or (lambda t: float(torch.linalg.vector_norm(t.double())))
+    nrm = norm or local_norm
 
     def estimate(lo: torch.Tensor, hi: torch.Tensor, e: float) -> float:
         lost = 0.0 if rounding is None else rounding(e)
@@ -279,6 +278,7 @@ def search_step(
     at = {step: product(step), 2.0 * step: product(2.0 * step)}
     spent = 2
     best_e, best = step, estimate(at[step], at[2.0 * step], step)
+    del at[2.0 * step]  # halving reads only the step's own product
     for direction in (0.5, 2.0):
         e, last = best_e, best
         for _ in range(MAX_HALVINGS):
@@ -293,8 +293,8 @@ def search_step(
                     spent += 1
                 err = estimate(at[new], at[2.0 * new], new)
             spent += direction == 0.5
-            # keep only the products the next move reads
-            keep = {new, 2.0 * new} if direction == 2.0 else {new}
+            # keep only the product the next move reads (at most two are held at a time)
+            keep = {2.0 * new} if direction == 2.0 else {new}
             at = {k: v for k, v in at.items() if k in keep}
             if err < best:
                 best_e, best = new, err
@@ -303,8 +303,8 @@ def search_step(
             e, last = new, err
         if best_e != step:  # halving helped (or doubling did): done
             break
-        at = {step: product(step), 2.0 * step: product(2.0 * step)}  # restart for doubling
-        spent += 2
+        at = {2.0 * step: product(2.0 * step)}  # restart for doubling (reads 2e and 4e)
+        spent += 1
     return best_e, best, spent
 
 

@@ -97,43 +97,46 @@ class HessianOperator(CurvatureOperator):
             res = graph_vjp(outs, state.leaves, vs, retain=retain)
         return self._cat(res, c)
 
-    @staticmethod
-    def _perturbed(p: torch.Tensor, x: torch.Tensor, step: float) -> torch.Tensor:
-        """``p + step * x`` in ``p``'s dtype (float32 arithmetic for half precisions)."""
-        if p.dtype in (torch.float32, torch.float64):
-            return torch.add(p, x.to(p.dtype), alpha=step)
-        return torch.add(p.float(), x.float(), alpha=step).to(p.dtype)
-
-    def _fd_gradient(
-        self, batch: Any, index: int, v: list[torch.Tensor], step: float
-    ) -> torch.Tensor:
-        # theta + step * v as NEW tensors: the user's parameters are only read, never added
-        # to and restored. Computed in the parameters' dtype when it is float32/float64
-        # (one fused add: its rounding, ~eps |step v|, is far below the difference's own
-        # error; the float64 sum it replaces cost 3 float64 temporaries and 0.7 s per
-        # gradient at 124M), in float32 and rounded once for bf16/fp16 parameters.
-        leaves = [self._perturbed(p.detach(), x, step).requires_grad_(True)
-                  for p, x in zip(self._params, v, strict=True)]
-        flat = self._zeros(1)
-        views = [x[0] for x in self._split(flat)]
-        if all(w.dtype == leaf.dtype and w.device == leaf.device
-               for w, leaf in zip(views, leaves, strict=True)):
-            # each leaf's gradient is added in place into its slice of ONE flat row as the
-            # backward reaches it (AccumulateGrad into a defined .grad), so no second
-            # gradient-sized list is ever held and nothing is copied afterwards
-            for leaf, w in zip(leaves, views, strict=True):
-                leaf.grad = w
+    def _fd_accumulate(
+        self, batch: Any, index: int, v: list[torch.Tensor], step: float, into: torch.Tensor,
+        sign: float,
+    ) -> None:
+        # theta + step * v in the operator's own leaf buffers (allocated once, refilled in
+        # place): the user's parameters are only read, never added to and restored. One fused
+        # add in the parameters' dtype when it is float32/float64 (its rounding is what
+        # finitediff.perturbation_rounding measures), float32 arithmetic rounded once for
+        # bf16/fp16 parameters.
+        leaves = self._fd_leaves()
+        with torch.no_grad():
+            for leaf, p, x in zip(leaves, self._params, v, strict=True):
+                p = p.detach()
+                if p.dtype in (torch.float32, torch.float64):
+                    torch.add(p, x.to(p.dtype), alpha=step, out=leaf)
+                else:
+                    leaf.copy_(torch.add(p.float(), x.float(), alpha=step))
+        views = [x[0] for x in self._split(into[None])]
+        flat = all(w.dtype == leaf.dtype and w.device == leaf.device
+                   for w, leaf in zip(views, leaves, strict=True))
+        try:
+            if flat:
+                # each leaf's gradient is added in place into its slice of the ONE row
+                # ``into`` as the backward reaches it (AccumulateGrad into a defined .grad),
+                # with the loss's sign folded into the backward's seed: g(+) and -g(-) land
+                # in the same row, and no gradient-sized list is ever held
+                for leaf, w in zip(leaves, views, strict=True):
+                    leaf.grad = w
             with torch.enable_grad():
                 loss = self._call_loss(self._loss, index, leaves, batch)
                 check_loss(loss, index)
-                loss.backward(inputs=leaves)
-            del leaves, views
-            return flat[0]
-        with torch.enable_grad():
-            loss = self._call_loss(self._loss, index, leaves, batch)
-            check_loss(loss, index)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        return self._cat(grads, 1)[0]
+                seed = torch.full_like(loss, sign)
+                if flat:
+                    loss.backward(seed, inputs=leaves)
+                    return
+                grads = torch.autograd.grad(loss, leaves, seed, allow_unused=True)
+            into.add_(self._cat(grads, 1)[0])
+        finally:
+            for leaf in leaves:
+                leaf.grad = None
 
     def _fwd_rev_product(self, batch: Any, V: list[torch.Tensor]) -> torch.Tensor:
         primals = tuple(p.detach() for p in self._params)

@@ -30,6 +30,7 @@ import torch
 
 from .._checks import probe_generator
 from ..errors import HessfastError
+from ..linop import local_norm
 from ..memory import measure_saved
 from .data import to_device
 from .finitediff import (
@@ -112,8 +113,21 @@ class BatchProducts:
         return self._graph_cache
 
     def free_graphs(self) -> None:
-        """Release the cached gradient graphs (the next product rebuilds them if needed)."""
+        """Release the cached gradient graphs and the finite-difference leaf buffers (the
+        next product rebuilds what it needs)."""
         self._graph_cache = {}
+        self._fd_leaf_buffers: list[torch.Tensor] | None = None
+
+    def _fd_leaves(self) -> list[torch.Tensor]:
+        """The perturbed parameters' buffers of the finite-difference path: one
+        parameter-sized set, made on first use and refilled in place by every gradient
+        (fresh copies per gradient cost page faults and allocator churn at 0.5 GB a set)."""
+        leaves = getattr(self, "_fd_leaf_buffers", None)
+        if leaves is None:
+            leaves = self._fd_leaf_buffers = [
+                torch.empty_like(p.detach(), memory_format=torch.contiguous_format
+                                 ).requires_grad_(True) for p in self._params]
+        return leaves
 
     def _batch0_product(
         self, mode: str, batch: Any, index: int, V: list[torch.Tensor]
@@ -273,52 +287,49 @@ class BatchProducts:
 
     def _fd_row(
         self, batch: Any, index: int, v: list[torch.Tensor], step: float,
-        *, with_gradient: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(g(theta + e v) - g(theta - e v)) / 2e`` of one batch for one vector (per
-        parameter ``[*shape]``), flat ``[n]`` in the operator's dtype, in place of the first
-        gradient (two flat vectors at a time); with ``with_gradient`` also
-        ``(g(+) + g(-)) / 2`` (else None)."""
-        gp = self._fd_gradient(batch, index, v, step)
-        gm = self._fd_gradient(batch, index, v, -step)
-        g = (gp + gm).mul_(0.5) if with_gradient else None
-        return gp.sub_(gm).div_(2.0 * step), g
-
-    def _fd_gradient(
-        self, batch: Any, index: int, v: list[torch.Tensor], step: float
+        into: torch.Tensor | None = None, norms: list[float] | None = None,
     ) -> torch.Tensor:
-        """The batch's gradient at ``theta + step * v`` (flat ``[n]``, operator dtype),
-        through perturbed COPIES of the parameters: the user's tensors are only read."""
+        """``(g(theta + e v) - g(theta - e v)) / 2e`` of one batch for one vector (per
+        parameter ``[*shape]``), flat ``[n]`` in the operator's dtype, written into ``into``
+        (a zeroed ``[n]`` row; a new one when None): both gradients are accumulated into it,
+        the second with the opposite sign, so one product holds this row and the perturbed
+        parameters, nothing else parameter-sized. ``norms``, when given, gets
+        ``||g(theta + e v)||`` appended (the size of what the difference's rounding acts on)."""
+        out = self._zeros(1)[0] if into is None else into
+        self._fd_accumulate(batch, index, v, step, out, 1.0)
+        if norms is not None:
+            norms.append(local_norm(out))
+        self._fd_accumulate(batch, index, v, -step, out, -1.0)
+        return out.div_(2.0 * step)
+
+    def _fd_accumulate(
+        self, batch: Any, index: int, v: list[torch.Tensor], step: float, into: torch.Tensor,
+        sign: float,
+    ) -> None:
+        """Add ``sign * g(theta + step v)`` of the batch into the flat ``[n]`` row ``into``
+        (operator dtype), through perturbed COPIES of the parameters: the user's tensors are
+        only read."""
         raise NotImplementedError
 
     def _fd_product(self, batch: Any, index: int, V: list[torch.Tensor]) -> torch.Tensor:
         """Central-difference products of one batch with a chunk ``V`` (per parameter
         ``[c, *shape]``): two gradients per row, each row its own step
         (:func:`.finitediff.fd_step` of ``||theta||``, the row's norm and the compute
-        dtype). Returns ``[c, n]``."""
+        dtype), written into the rows of one ``[c, n]`` block. Returns ``[c, n]``."""
         c = V[0].shape[0]
         theta = self._theta_norm()
-        if c == 1:  # the row itself: no second [1, n] buffer to copy it into
-            row = [x[0] for x in V]
-            norm = math.sqrt(sum(float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
-                                 for x in row))
-            if norm == 0.0:
-                return self._zeros(1)
-            step = fd_step(theta, norm, self.compute_dtype) * self._fd_scale
-            return self._fd_row(batch, index, row, step)[0].unsqueeze(0)
         out = self._zeros(c)
         for j in range(c):
             row = [x[j] for x in V]
-            norm = math.sqrt(sum(float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
-                                 for x in row))
+            norm = math.sqrt(sum(local_norm(x) ** 2 for x in row))
             if norm == 0.0:
                 continue  # H 0 = 0
             step = fd_step(theta, norm, self.compute_dtype) * self._fd_scale
-            out[j] = self._fd_row(batch, index, row, step)[0]
+            self._fd_row(batch, index, row, step, into=out[j])
         return out
 
     def _fd_calibrate(self) -> None:
-        """Measure the finite-difference error once on batch 0 (8 gradients): the products
+        """Measure the finite-difference error once on batch 0 (12-16 gradients): the products
         at the step ``e`` and at ``2e`` (:func:`.finitediff.fd_error`) of a seeded random
         unit vector ``r`` and of ``H r / ||H r||``, one power step towards the directions of
         largest curvature, where the loss is most nonlinear and the truncation error largest
@@ -326,26 +337,29 @@ class BatchProducts:
         a unit vector) and ``fd_error`` (the larger estimate), which the symmetry check's
         tolerance takes."""
         index, batch = self._batch0()
-        gen = probe_generator(4321)
-        # drawn in the operator's dtype: a float64 draw is 1 GB at GPT-2 small's 124M
-        v = torch.randn(self.shape[0], generator=gen, dtype=self.dtype)
         step = fd_step(self._theta_norm(), 1.0, self.compute_dtype)
         self._fd_scale = 1.0
+
+        def unit_random() -> list[torch.Tensor]:
+            # drawn in the operator's dtype (a float64 draw is 1 GB at GPT-2 small's 124M),
+            # and drawn again when needed rather than kept through the step search
+            v = torch.randn(self.shape[0], generator=probe_generator(4321), dtype=self.dtype)
+            v = v.div_(local_norm(v))
+            return [x[0] for x in self._split(v.to(self.device).unsqueeze(0))]
+
         with self._guard(exact=False):
-            v = v.div_(torch.linalg.vector_norm(v, dtype=torch.float64).to(v.dtype)).to(
-                self.device)
-            Vs = [x[0] for x in self._split(v.unsqueeze(0))]
-            hv, g = self._fd_row(batch, index, Vs, step, with_gradient=True)
-            assert g is not None
+            Vs = unit_random()
+            g_norms: list[float] = []
+            hv = self._fd_row(batch, index, Vs, step, norms=g_norms)
+            del Vs
             check_finite(hv.unsqueeze(0), index, self._kind, self.param_names, self._split)
-            g_norm = float(torch.linalg.vector_norm(g, dtype=torch.float64))
-            del g
-            hv_norm = float(torch.linalg.vector_norm(hv, dtype=torch.float64))
+            g_norm = g_norms[0]
+            hv_norm = local_norm(hv)
             if hv_norm == 0.0:  # no curvature along v: keep the rule's step
                 best, worst = step, 0.0
             else:  # one power step: the stiffest cheap direction, where the error peaks
-                w = hv.div_(hv_norm)
-                Ws = [x[0] for x in self._split(w.unsqueeze(0))]
+                Ws = [x[0] for x in self._split(hv.div_(hv_norm).unsqueeze(0))]
+                del hv
                 params = [p.detach() for p in self._params]
 
                 def rounding(e: float, pieces: list[torch.Tensor]) -> float:
@@ -353,17 +367,17 @@ class BatchProducts:
                     return math.sqrt(lost / total) if total > 0.0 else 0.0
 
                 best, worst, _ = search_step(
-                    lambda e: self._fd_row(batch, index, Ws, e)[0], step, g_norm,
+                    lambda e: self._fd_row(batch, index, Ws, e), step, g_norm,
                     self.compute_dtype, rounding=lambda e: rounding(e, Ws))
-                del w, Ws
+                del Ws
                 # and the random vector at the chosen step: a smaller step raises its
                 # (rounding) error, relative to its smaller product
-                lo = self._fd_row(batch, index, Vs, best)[0]
-                hi = self._fd_row(batch, index, Vs, 2.0 * best)[0]
+                Vs = unit_random()
+                lo = self._fd_row(batch, index, Vs, best)
+                hi = self._fd_row(batch, index, Vs, 2.0 * best)
                 worst = max(worst, fd_error(lo, hi, best, g_norm, self.compute_dtype)
                             + rounding(best, Vs))
-                del lo, hi
-            del Vs, v
+                del lo, hi, Vs
         self._fd_scale = best / step
         self.fd_step = best
         self.fd_error = worst

@@ -300,8 +300,9 @@ def spectral_density(
                         key[0] += count
                     else:
                         G = sample_probes(gen, count, n, probe)
-                    G = _unit(A, G) if sharded else G / torch.linalg.vector_norm(
-                        G, dim=1, keepdim=True)
+                    # in place: the float64 draw is already two vectors' worth per probe
+                    G = _unit(A, G) if sharded else G.div_(torch.linalg.vector_norm(
+                        G, dim=1, keepdim=True))
                     return G.to(device=A.device, dtype=work)
 
                 extra = dict(dots=functools.partial(row_dots, A)) if lean else {}

@@ -23,7 +23,7 @@ from .._checks import (
 from .._probe import probe_operator
 from ..distributed import Mesh
 from ..errors import ConfigurationError
-from ..linop import LinearOperator, refuse_sharded, row_dots
+from ..linop import LinearOperator, local_dots, refuse_sharded, row_dots
 from ..progress import set_total, track
 from ..results import Status, TraceResult, t_value
 from .exchangeable import Exchangeable, orth_rows, xtrace_estimates, xtrace_jackknife_stderr
@@ -286,7 +286,7 @@ def _dots(sess: Session, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     (:func:`hessfast.linop.row_dots`) when the operator's vectors are sharded."""
     if sess.A.shards is not None:
         return row_dots(sess.A, X, Y)
-    return (X * Y).sum(1, dtype=torch.float64).cpu()
+    return local_dots(X, Y).cpu()
 
 
 def _hutchinson_block(sess: Session, k: int, Q: torch.Tensor | None) -> torch.Tensor:
@@ -330,9 +330,10 @@ class _QuadForms:
                 ops.basis_update(Q, ops.basis_dot(Q, AG), AG)  # B z = P A P z
             fro.append(_dots(sess, AG, AG))
             if sess.probe == "rademacher":
-                D = (Z * AG).double()
-                self.dsum += D.sum(0)
-                self.dsq += float(_dots(sess, D, D).sum())
+                for z, ag in zip(Z, AG, strict=True):  # a row at a time: one [n] temporary
+                    d = z * ag
+                    self.dsum += d
+                    self.dsq += float(_dots(sess, d[None], d[None])[0])
         self.samples, self.fro = torch.cat(out), torch.cat(fro)
         return self
 

@@ -115,14 +115,14 @@ def start_vector(A: LinearOperator, v0: torch.Tensor | None, seed: int) -> torch
     n = A.shape[0]
     work = work_dtype(A.dtype)
     if v0 is not None:
-        v = v0.reshape(-1, n)[0].to(device=A.device, dtype=torch.float64)
+        v = v0.reshape(-1, n)[0].to(device=A.device, dtype=torch.float64, copy=True)
     else:
         v = torch.randn(n, generator=sharded_generator(A, seed), dtype=torch.float64)
         v = v.to(A.device)
     nrm = math.sqrt(float(row_dots(A, v[None], v[None])[0]))
     if not nrm > 0.0:
         raise NonFiniteError("the start vector is zero or not finite; pass another v0 or seed")
-    return (v / nrm).to(work)
+    return v.div_(nrm).to(work)  # in place: the float64 draw is two vectors' worth already
 
 
 def _product(A: LinearOperator, q: torch.Tensor, work: torch.dtype) -> torch.Tensor:
@@ -225,6 +225,8 @@ def lean_lanczos(
         "MAX_MATVECS"
     q_prev: torch.Tensor | None = None
     q = q0
+    if not vectors:  # only the eigenvector pass restarts from q0: do not hold a 4th vector
+        del q0
     for j in range(max_matvecs):
         w = _product(A, q, work)
         a = float(row_dots(A, q[None], w[None])[0])
