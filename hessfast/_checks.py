@@ -265,7 +265,12 @@ def sample_probes(
     normal (``"gaussian"``), drawn from ``gen`` on the CPU in float64, then cast to ``dtype``
     and moved to ``device`` (the values do not depend on the device)."""
     if probe == "rademacher":
-        Z = torch.empty((k, n), dtype=torch.float64).bernoulli_(0.5, generator=gen)
+        # drawn in the target dtype (when floating): bernoulli_ gives the same 0/1 values in
+        # every float dtype from the same generator state (one draw per entry), and +-1 is
+        # exact in all of them, so this is the float64 draw without its two vectors' worth
+        # of float64 (1 GB per probe at GPT-2 small's 124M parameters)
+        into = dtype if dtype.is_floating_point else torch.float64
+        Z = torch.empty((k, n), dtype=into).bernoulli_(0.5, generator=gen)
         Z.mul_(2.0).sub_(1.0)
     elif probe == "gaussian":
         Z = torch.randn((k, n), dtype=torch.float64, generator=gen)
@@ -315,6 +320,13 @@ def unit_rows(Z: torch.Tensor, name: str, *, who: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # products
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether a float tensor has no NaN/Inf, from its min and max (NaN propagates through
+    both): one read, no boolean copy. ``isfinite(x).all()`` on a 124M-entry product took
+    0.23 s (a fresh 124 MB mask faulted in), ``aminmax`` 0.018 s (cpu2)."""
+    return x.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -337,7 +349,7 @@ class Products:
         self.num_matvecs += V.shape[0]
         self.num_passes += 1
         out = out.to(device=self.device, dtype=self.work, copy=True)
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise NonFiniteError(
                 f"{self.who}: the operator returned NaN or Inf for a block of {V.shape[0]} "
                 f"vectors (pass {self.num_passes}, {self.num_matvecs} products so far); check "

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigurationError
-from ..linop import local_norm
+from ..linop import DOT_CHUNK, local_norm
 
 __all__ = [
     "FD_ERROR_SAFETY",
@@ -219,7 +219,7 @@ def perturbation_rounding(
     """
     lost = 0.0
     total = 0.0
-    chunk = 1 << 22  # float64 temporaries of 32 MiB at most (an embedding is 38.6M entries)
+    chunk = DOT_CHUNK  # float64 temporaries of 2 MiB (linop.DOT_CHUNK: reused, not faulted in)
     with torch.no_grad():
         for p, x in zip(params, v, strict=True):
             pf, xf = p.reshape(-1), x.reshape(-1)

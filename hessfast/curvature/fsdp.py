@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import all_finite
 from .._digest import digest_text, tensor_digest
 from ..distributed import Comm
 from ..errors import (
@@ -541,7 +542,7 @@ class FSDPHessian(LinearOperator):
                     del twice
                     self.fd_error = max(self.fd_error, error + self._rounding(V[i], step))
                 self.fd_step = step * vn  # the step along the unit vector
-        bad = int(not bool(torch.isfinite(out).all()))
+        bad = int(not all_finite(out))
         if self.shards.allreduce_ints([bad], "the finiteness check")[0]:
             raise NonFiniteError(
                 "a finite-difference product of the FSDP model is NaN or Inf (on "

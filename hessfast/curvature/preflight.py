@@ -74,6 +74,7 @@ from ..errors import (
     NonFiniteError,
     UnsupportedModelError,
 )
+from ..linop import local_dots, local_norm
 from .forwardcheck import (
     GraphWatch,
     check_custom_functions,
@@ -97,6 +98,19 @@ PARALLEL_COS = 0.99
 # Finite-difference products: u.(Hv) and v.(Hu) may differ by this many times their recorded
 # relative error (op.fd_error) of ||u|| ||Hv|| (Cauchy-Schwarz on the products' errors).
 FD_SYMMETRY_FACTOR = 4.0
+#: bfloat16's unit roundoff (2^-8): the relative rounding of a kept row (:class:`SymmetryProbe`)
+BF16_KEEP_ROUNDING = 2.0**-8
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``x . y`` of two ``[n]`` rows of any float dtypes (float64 sums, slice by slice)."""
+    return float(local_dots(x[None], y[None])[0])
+
+
+def _max_abs(x: torch.Tensor) -> float:
+    """``max |x_i|`` without an ``|x|`` copy."""
+    lo, hi = torch.aminmax(x)
+    return max(float(hi), -float(lo))
 
 
 def preflight(
@@ -342,10 +356,9 @@ class SymmetryProbe:
 
     def observe(self, V: torch.Tensor, HV: torch.Tensor) -> None:
         """Look at a block ``V: [k, n]`` and its products ``HV: [k, n]``."""
-        # In the products' dtype (the operator's, at least float32: BLAS dots, no float64
-        # copies, 5 ms against 45 ms per conversion of 16M entries): its rounding, about
-        # sqrt(n) (at worst n) of its eps relative to ||u|| ||Hv||, is far inside the
-        # tolerance, AGREE_EPS sqrt(n) eps of the compute dtype (never more precise).
+        # Dots are float64 sums over slices of the rows (linop.local_dots: no whole-row
+        # float64 copies); their rounding is far inside the tolerance, AGREE_EPS sqrt(n) eps
+        # of the compute dtype (never more precise).
         for v, hv in zip(V, HV, strict=True):
             if self.done:
                 return
@@ -353,27 +366,35 @@ class SymmetryProbe:
             if v_norm == 0.0:
                 continue
             if self._first is None:  # a block row is a view: keep copies
-                self._first = (v.clone(), hv.clone())
+                keep = torch.bfloat16 if self._coarse() else v.dtype
+                self._first = (v.to(keep, copy=True), hv.to(keep, copy=True))
                 continue
             u, hu = self._first
-            if abs(torch.dot(u, v).item()) > PARALLEL_COS * u.norm().item() * v_norm:
+            if abs(_dot(u, v)) > PARALLEL_COS * local_norm(u) * v_norm:
                 continue
             self._compare(u, hu, v, hv)
+
+    def _coarse(self) -> bool:
+        """Whether the products' own error is coarse enough to keep the first pair in
+        bfloat16: half the probe's memory (its two parameter-sized rows are all it holds,
+        1 GB at GPT-2 small), at a cost to the tolerance (:data:`BF16_KEEP_ROUNDING` relative,
+        by Cauchy-Schwarz) of at most a quarter of the finite-difference term's."""
+        return FD_SYMMETRY_FACTOR * self.relative_error >= 4.0 * BF16_KEEP_ROUNDING
 
     def _compare(
         self, u: torch.Tensor, hu: torch.Tensor, v: torch.Tensor, hv: torch.Tensor
     ) -> None:
         self.done, self._first = True, None
-        uHv = torch.dot(u, hv).item()
-        vHu = torch.dot(v, hu).item()
+        uHv = _dot(u, hv)
+        vHu = _dot(v, hu)
         # |u.Hv| <= ||u|| ||Hv|| <= ||u|| sqrt(n) max|Hv|, and the same for v.Hu
-        bound = max(u.norm().item() * hv.abs().max().item(),
-                    v.norm().item() * hu.abs().max().item())
+        bound = max(local_norm(u) * _max_abs(hv), local_norm(v) * _max_abs(hu))
         tol = AGREE_EPS * self._eps * math.sqrt(u.numel()) * bound
+        scale = max(local_norm(u) * local_norm(hv), local_norm(v) * local_norm(hu))
         if self.relative_error:
-            tol += FD_SYMMETRY_FACTOR * self.relative_error * max(
-                u.norm().item() * hv.norm().item(), v.norm().item() * hu.norm().item()
-            )
+            tol += FD_SYMMETRY_FACTOR * self.relative_error * scale
+        if u.dtype == torch.bfloat16:  # the kept pair's rounding: |(u - fl(u)).Hv| <= ...
+            tol += 2.0 * BF16_KEEP_ROUNDING * scale
         if abs(uHv - vHu) > tol:
             raise AsymmetricOperatorError(
                 f"u.(Hv) = {uHv:.9g} but v.(Hu) = {vHu:.9g} for the first two vectors "

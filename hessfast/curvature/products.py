@@ -321,7 +321,8 @@ class BatchProducts:
         out = self._zeros(c)
         for j in range(c):
             row = [x[j] for x in V]
-            norm = math.sqrt(sum(local_norm(x) ** 2 for x in row))
+            # float32 norms (no float64 copies): the step needs a few digits of ||v||
+            norm = math.sqrt(sum(float(torch.linalg.vector_norm(x)) ** 2 for x in row))
             if norm == 0.0:
                 continue  # H 0 = 0
             step = fd_step(theta, norm, self.compute_dtype) * self._fd_scale

@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from .._checks import probe_generator, probe_key, work_dtype
+from .._checks import all_finite, probe_generator, probe_key, work_dtype
 from ..errors import NonFiniteError
 from ..linop import LinearOperator, row_dots
 from .verify import converged, residual_floor
@@ -128,7 +128,7 @@ def start_vector(A: LinearOperator, v0: torch.Tensor | None, seed: int) -> torch
 def _product(A: LinearOperator, q: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     w = A.matmat(q[None])[0]
     w = w.to(dtype=work)
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise NonFiniteError(
             "lean Lanczos: the operator returned NaN or Inf; check the model and loss for "
             "overflow (fp16?) and the data for NaN"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .._checks import probe_generator, sample_probes, work_dtype
+from .._checks import all_finite, probe_generator, sample_probes, work_dtype
 from ..linop import LinearOperator, refuse_sharded
 from .basis import Basis, orthonormal_block
 from .verify import converge_threshold, converged, residual_floor
@@ -137,7 +137,7 @@ class Run:
         basis.Q[s : s + bb] = block.to(self.bdtype)
         basis.m = s + bb
         W = A.matmat(block.to(A.dtype)).to(device=self.bdev, dtype=self.wdtype)
-        if not bool(torch.isfinite(W).all()):
+        if not all_finite(W):
             basis.m = s
             return None
         self.norm_est = max(self.norm_est, float(W.norm(dim=1).max()))

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from .. import distributed, ops
-from .._checks import sample_probes
+from .._checks import all_finite, sample_probes
 from ..errors import ConfigurationError
 from ..linop import LinearOperator, refuse_sharded
 from .basis import Basis
@@ -189,7 +189,7 @@ class ShardedRun(Run):
         basis.Q[s : s + bb] = block[:, self.lo : self.hi].to(self.bdtype)
         basis.m = s + bb
         W = A.matmat(block.to(A.dtype)).to(device=self.bdev, dtype=self.wdtype)
-        if not bool(torch.isfinite(W).all()):  # W is the same on every rank: all agree
+        if not all_finite(W):  # W is the same on every rank: all agree
             basis.m = s
             return None
         self.norm_est = max(self.norm_est, float(W.norm(dim=1).max()))

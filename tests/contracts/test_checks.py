@@ -47,6 +47,17 @@ def test_probes_are_float64_cpu_draws_cast(probe: str) -> None:
     assert torch.equal(Z64, again) and not torch.equal(Z64, other)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rademacher_probes_drawn_in_a_narrow_dtype_are_the_float64_draws(dtype) -> None:
+    # sample_probes draws Rademacher probes directly in the target dtype (no float64 copy of
+    # a parameter-sized row): that must give the float64 draw's values, also at sizes where
+    # the kernel splits the draw over threads
+    for k, n in ((5, 40), (3, 700_001)):
+        Z64 = _checks.sample_probes(_checks.probe_generator(9), k, n, "rademacher")
+        Z = _checks.sample_probes(_checks.probe_generator(9), k, n, "rademacher", dtype=dtype)
+        assert Z.dtype == dtype and torch.equal(Z.double(), Z64)
+
+
 def test_density_probes_come_from_the_shared_sampler() -> None:
     U = hf.density.draw_probes(50, 3, seed=7, probe="gaussian")
     Z = _checks.sample_probes(_checks.probe_generator(7), 3, 50, "gaussian")

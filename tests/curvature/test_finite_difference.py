@@ -529,3 +529,31 @@ def test_a_kernel_without_double_backward_falls_back_at_the_first_product():
         E = hf.hessian(_Distances(cdist=True), nn.CrossEntropyLoss(), (x, y), exact=True)
         with pytest.raises(errors.UnsupportedModelError, match=r"(?s)_cdist_backward.*exact=True"):
             E.matmat(torch.eye(E.shape[0], dtype=torch.float64)[:1])
+
+
+# -- the symmetry probe of coarse products keeps its pair in bfloat16 -------------------------
+@pytest.mark.parametrize("error, kept", [(0.0, torch.float32), (1e-4, torch.float32),
+                                         (0.02, torch.bfloat16)])
+def test_symmetry_probe_keeps_coarse_products_in_bfloat16_and_still_catches_asymmetry(
+        error, kept):
+    from hessfast.curvature.preflight import SymmetryProbe
+
+    gen = torch.Generator().manual_seed(0)
+    n = 40
+    B = torch.randn(n, n, generator=gen)
+    S = B + B.T  # symmetric
+    # an antisymmetric part as large as S: beyond even the coarse products' tolerance
+    # (4 x 0.02 of ||u|| ||Hv||, against |u.Hv - v.Hu| ~ ||u|| ||Hv|| / sqrt(n) here)
+    skew = (B - B.T) * 2.0
+    u, v = torch.randn(2, n, generator=gen)
+    for M, ok in ((S, True), (S + skew, False)):
+        probe = SymmetryProbe("Hessian", torch.float32)
+        probe.relative_error = error
+        probe.observe(u[None], (M @ u)[None])
+        assert probe._first is not None and probe._first[0].dtype == kept
+        if ok:
+            probe.observe(v[None], (M @ v)[None])
+            assert probe.done
+        else:
+            with pytest.raises(errors.AsymmetricOperatorError):
+                probe.observe(v[None], (M @ v)[None])
