@@ -58,7 +58,7 @@ from ..errors import (
     ParametersChangedError,
     UnsupportedModelError,
 )
-from ..linop import LinearOperator, row_dots
+from ..linop import LinearOperator, local_dots, row_dots
 from .data import BatchSource
 from .finitediff import (
     coarse_message,
@@ -469,16 +469,19 @@ class FSDPHessian(LinearOperator):
         """:func:`.finitediff.fd_error_from_norms` of the products ``hv`` (step ``e``) and
         ``hv2`` (``2e``) of one vector, with the gradient's local squared norm ``grad_sq``,
         the norms summed over the ranks."""
-        local = torch.stack([(hv2.double() - hv.double()).pow(2).sum(),
-                             hv.double().pow(2).sum(), grad_sq.double().cpu()]).cpu()
+        local = torch.stack([self._sq(hv2 - hv).cpu(), self._sq(hv).cpu(),
+                             grad_sq.double().cpu()])
         diff, size, g = (math.sqrt(max(float(x), 0.0)) for x in self.shards.allreduce_sum_(
             local, "the finite-difference error estimate"))
         return fd_error_from_norms(diff, size, step, g, self.compute_dtype)
 
     @staticmethod
     def _sq(t: torch.Tensor) -> torch.Tensor:
-        """The local squared norm of ``t``, a 0-d float64 tensor (the row can be freed)."""
-        return t.double().pow(2).sum()
+        """The local squared norm of ``t``, a 0-d float64 tensor (the row can be freed),
+        summed in float64 slices (:func:`hessfast.linop.local_dots`: no float64 copy of the
+        whole row)."""
+        flat = t.reshape(1, -1)
+        return local_dots(flat, flat)[0]
 
     def _estimate_error(self, hv: torch.Tensor, grad_sq: torch.Tensor) -> float:
         """Choose the step and estimate the products' relative error, once, along one power

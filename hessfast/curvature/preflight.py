@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._checks import probe_generator
+from .._checks import all_finite, probe_generator
 from ..errors import (
     AsymmetricOperatorError,
     HessfastError,
@@ -226,12 +226,12 @@ def check_finite(
     part: torch.Tensor, index: int, kind: str, names: Sequence[str] | None = None,
     split: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> None:
-    """A product of batch ``index`` has no NaN/Inf: its min and max are finite (NaN
-    propagates through both; one read without a boolean copy: 0.6 ms against 12 ms for
+    """A product of batch ``index`` has no NaN/Inf (:func:`hessfast._checks.all_finite`: its
+    min and max, one read without a boolean copy: 0.6 ms against 12 ms for
     ``isfinite(part).all()`` on 7M float32 entries, 2-core CPU). With the parameters'
     ``names`` and the operator's ``split`` (``[c, n]`` to per-parameter pieces), the message
     names the parameters whose rows hold them (``part: [c, n]``)."""
-    if part.numel() and not torch.isfinite(torch.stack(torch.aminmax(part))).all():
+    if not all_finite(part):
         where = ""
         if names is not None and split is not None:
             bad = _nonfinite_names(list(names), split(part))
@@ -387,10 +387,11 @@ class SymmetryProbe:
         self.done, self._first = True, None
         uHv = _dot(u, hv)
         vHu = _dot(v, hu)
+        nu, nv = local_norm(u), local_norm(v)
         # |u.Hv| <= ||u|| ||Hv|| <= ||u|| sqrt(n) max|Hv|, and the same for v.Hu
-        bound = max(local_norm(u) * _max_abs(hv), local_norm(v) * _max_abs(hu))
+        bound = max(nu * _max_abs(hv), nv * _max_abs(hu))
         tol = AGREE_EPS * self._eps * math.sqrt(u.numel()) * bound
-        scale = max(local_norm(u) * local_norm(hv), local_norm(v) * local_norm(hu))
+        scale = max(nu * local_norm(hv), nv * local_norm(hu))
         if self.relative_error:
             tol += FD_SYMMETRY_FACTOR * self.relative_error * scale
         if u.dtype == torch.bfloat16:  # the kept pair's rounding: |(u - fl(u)).Hv| <= ...

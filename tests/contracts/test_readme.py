@@ -376,9 +376,14 @@ def _free_port() -> int:
 
 
 def _run_ranks(template: str, script: Path, world: int, cwd: Path, timeout: int,
-               what: str) -> None:
+               what: str, saved: str) -> list[dict]:
     """Run ``template`` (formatted with this folder) as ``world`` gloo ranks set up as
-    torchrun would on a CPU; fail on a hang or a non-zero exit, with the rank's log."""
+    torchrun would on a CPU (skipped where torch has no gloo); fail on a hang or a non-zero
+    exit, with the rank's log. Returns what each rank saved to ``saved.format(rank)``."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
     script.write_text(template.format(tests=str(Path(__file__).resolve().parent)))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
@@ -397,22 +402,21 @@ def _run_ranks(template: str, script: Path, world: int, cwd: Path, timeout: int,
             pytest.fail(f"a rank of {what} did not finish (hang)")
     for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{log[-3000:]}"
+    return [torch.load(cwd / saved.format(r)) for r in range(world)]
+
+
+def _one_process_problem() -> tuple[nn.Module, list]:
+    """The ranks' problem in one process: the tiny MLP and all its batches, in float64."""
+    return tiny_model().double(), [(x.double(), y) for x, y in tiny_batches()]
 
 
 @pytest.mark.distributed
 def test_distributed(in_tmp: Path) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    world = 2
-    _run_ranks(RANK_SCRIPT, in_tmp / "rank.py", world, in_tmp, timeout=120,
-               what="the README's torch.distributed example")
-    ranks = [torch.load(in_tmp / f"rank{r}.pt") for r in range(world)]
+    ranks = _run_ranks(RANK_SCRIPT, in_tmp / "rank.py", 2, in_tmp, timeout=120,
+                       what="the README's torch.distributed example", saved="rank{}.pt")
 
     # one process on all the data, the same call
-    model = tiny_model().double()
-    batches = [(x.double(), y) for x, y in tiny_batches()]
+    model, batches = _one_process_problem()
     k = ranks[0]["eigenvalues"].numel()
     ref = hf.eigsh(hf.hessian(model, nn.CrossEntropyLoss(), batches, process_group=None), k=k)
     for got in ranks:
@@ -444,16 +448,9 @@ def test_fsdp(in_tmp: Path) -> None:
     """The README's FSDP block, verbatim, on 2 gloo ranks (each one batch of the tiny MLP's
     data): lambda_max equals one process's exact one within the recorded error, every rank
     the same, no rank holding a whole vector."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    world = 2
-    _run_ranks(FSDP_SCRIPT, in_tmp / "fsdp_rank.py", world, in_tmp, timeout=180,
-               what="the README's FSDP example")
-    ranks = [torch.load(in_tmp / f"fsdp{r}.pt") for r in range(world)]
-    model = tiny_model().double()
-    batches = [(x.double(), y) for x, y in tiny_batches()]
+    ranks = _run_ranks(FSDP_SCRIPT, in_tmp / "fsdp_rank.py", 2, in_tmp, timeout=180,
+                       what="the README's FSDP example", saved="fsdp{}.pt")
+    model, batches = _one_process_problem()
     exact = hf.lambda_max(hf.hessian(model, nn.CrossEntropyLoss(), batches), tol=1e-10)
     n = n_params(model)
     for got in ranks:
