@@ -333,13 +333,16 @@ def all_finite(x: torch.Tensor) -> bool:
 class Products:
     """``A`` applied to blocks ``V: [k, n]``: one ``matmat`` per call (one data pass), counted
     here (so duck-typed operators without counters work), returned as a fresh tensor in the
-    working dtype on ``A.device`` and checked for NaN/Inf."""
+    working dtype on ``A.device`` and checked for NaN/Inf. The result is copied unless ``A``
+    declares ``fresh_products`` (:class:`hessfast.LinearOperator`) and it is already in the
+    working dtype and on ``A.device``."""
 
     def __init__(self, A: LinearOperator, work: torch.dtype, who: str) -> None:
         self.A = A
         self.work = work
         self.device = torch.device(A.device)
         self.who = who
+        self._copy = not getattr(A, "fresh_products", False)
         self.num_matvecs = 0
         self.num_passes = 0
 
@@ -348,7 +351,7 @@ class Products:
         out = self.A.matmat(V)
         self.num_matvecs += V.shape[0]
         self.num_passes += 1
-        out = out.to(device=self.device, dtype=self.work, copy=True)
+        out = out.to(device=self.device, dtype=self.work, copy=self._copy)
         if not all_finite(out):
             raise NonFiniteError(
                 f"{self.who}: the operator returned NaN or Inf for a block of {V.shape[0]} "

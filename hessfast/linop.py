@@ -56,6 +56,12 @@ class LinearOperator:
     #: default): every rank holds whole vectors. Algorithms that cannot work on shards
     #: refuse an operator whose ``shards`` is set (:func:`refuse_sharded`).
     shards: object | None = None
+    #: True for subclasses whose :meth:`_matmat` always returns a NEW tensor that nothing
+    #: else references (the model operators: every product is a fresh parameter-sized
+    #: block): algorithms may then update it in place instead of copying it first (a
+    #: parameter-sized copy per product, 3 GB at GPT-2 large). False (the default): the
+    #: result may be a view of the input or of the operator's own state, and is copied.
+    fresh_products: ClassVar[bool] = False
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
         if int(n) < 0:

@@ -146,6 +146,7 @@ class FSDPHessian(LinearOperator):
     kind = "Hessian"
     _kind = "Hessian"
     checks_itself = True
+    fresh_products = True  # each product is written into a new [k, n] block
 
     def __init__(
         self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions

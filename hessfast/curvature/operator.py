@@ -99,6 +99,8 @@ class CurvatureOperator(BatchProducts, LinearOperator):
     _supports_fd = False
     # the pre-flight (check=True) replaces the algorithms' one-time probe (hessfast._probe)
     checks_itself = True
+    # every product is a new [k, n] block (the chunk loop's sum, or zeros)
+    fresh_products = True
 
     def __init__(
         self, model: nn.Module, loss_fn: Callable, data: Any, options: CurvatureOptions

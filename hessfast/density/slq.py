@@ -67,7 +67,7 @@ LEAN_GROUP = 1
 
 def slq(
     products: Callable[[torch.Tensor], torch.Tensor],
-    Z: torch.Tensor,
+    Z: torch.Tensor | list[torch.Tensor],
     m: int,
     reorth: str,
     bdtype: torch.dtype,
@@ -75,8 +75,10 @@ def slq(
 ) -> dict[str, Any]:
     """SLQ from the unit probes ``Z: [P, n]`` with ``m <= n`` steps: the fields of
     :class:`SpectralDensity` (nodes and weights ``[P, m]``, padded after a breakdown).
-    ``lanczos``: basis_device, pin_memory, save, resume of :func:`probe_lanczos`."""
-    P = Z.shape[0]
+    ``Z`` may be a list holding the probes, handed on to :func:`probe_lanczos`, which takes
+    them out of it (the caller's reference is dropped). ``lanczos``: basis_device,
+    pin_memory, save, resume of :func:`probe_lanczos`."""
+    P = (Z[0] if isinstance(Z, list) else Z).shape[0]
     tri = probe_lanczos(products, Z, m, reorth=reorth, basis_dtype=bdtype, **lanczos)
     nodes = torch.empty((P, m), dtype=torch.float64)
     weights = torch.zeros((P, m), dtype=torch.float64)
@@ -149,8 +151,9 @@ def slq_grouped(
             checkpoint.top(lambda: dict(parts=done, start=start, gen=g, probe=state,
                                         used=products.num_matvecs, passes=products.num_passes))
 
-        Z = draw(min(group, P - start))
-        parts.append(slq(products, Z, m, reorth, bdtype, resume=resume,
+        # handed over in a list: the probes are freed once the recurrence is past them
+        parts.append(slq(products, [draw(min(group, P - start))], m, reorth, bdtype,
+                         resume=resume,
                          save=None if checkpoint is None else save, **lanczos))
     if len(parts) == 1:
         return parts[0]

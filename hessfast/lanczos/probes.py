@@ -76,7 +76,7 @@ class ProbeTridiagonals:
 
 def probe_lanczos(
     products: Callable[[torch.Tensor], torch.Tensor],
-    Z: torch.Tensor,
+    Z: torch.Tensor | list[torch.Tensor],
     num_steps: int,
     *,
     reorth: str = "full",
@@ -92,7 +92,10 @@ def probe_lanczos(
     Args:
         products: ``V [a, n] -> A V [a, n]``, one data pass, returning a fresh tensor in
             ``Z``'s dtype (e.g. :class:`hessfast._checks.Products`).
-        Z: ``[P, n]`` unit rows in the working dtype (float32 or float64).
+        Z: ``[P, n]`` unit rows in the working dtype (float32 or float64), or a list holding
+            that one tensor, which is taken out of it: the caller then keeps no reference,
+            and without a basis the probes' memory is freed once the recurrence has moved
+            past them (one parameter-sized row fewer per probe for the rest of the run).
         num_steps: m >= 1 steps per probe (at most n).
         reorth: ``"full"`` (each probe against its whole basis; memory ``P m n`` in
             ``basis_dtype``) or ``"none"`` (the plain three-term recurrence).
@@ -112,6 +115,8 @@ def probe_lanczos(
     Returns:
         :class:`ProbeTridiagonals` with ``[P, num_steps]`` coefficients.
     """
+    if isinstance(Z, list):
+        Z = Z.pop()
     P, n = Z.shape
     m = num_steps
     work, dev = Z.dtype, Z.device
@@ -125,7 +130,8 @@ def probe_lanczos(
         Q = torch.empty((P, m, n), dtype=basis_dtype or work, device=bdev, pin_memory=pin_memory)
         Q[:, 0] = Z
     active = torch.arange(P)
-    q = Z.clone() if Q is not None or dots is None else Z  # q is replaced, never written
+    q = Z  # q is replaced, never written in place
+    del Z
     q_prev: torch.Tensor | None = None
     b_prev: torch.Tensor | None = None
     anorm = 0.0
@@ -181,9 +187,14 @@ def probe_lanczos(
         if not bool(keep.any()):
             break
         beta[active[keep], j] = b_c[keep]
-        keep_dev = keep.to(dev)
-        q_new = W[keep_dev] / b[keep_dev][:, None]
-        q_prev, b_prev = q[keep_dev], b[keep_dev]
+        if bool(keep.all()):  # no probe broke down: no masked copies of parameter-sized rows
+            q_new = W.div_(b[:, None])
+            q_prev, b_prev = q, b
+        else:
+            keep_dev = keep.to(dev)
+            q_new = W[keep_dev] / b[keep_dev][:, None]
+            q_prev, b_prev = q[keep_dev], b[keep_dev]
+        del W
         q = q_new
         active = active[keep]
         if Q is not None:

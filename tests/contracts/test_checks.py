@@ -131,6 +131,25 @@ def test_products_count_copy_and_check() -> None:
     out = P(V)
     assert out.dtype == F64 and out.data_ptr() != V.data_ptr()
     assert (P.num_matvecs, P.num_passes) == (3, 1) == (A.num_matvecs, A.num_passes)
+    # same dtype: an operator that may return its input (or its own state) is still copied
+    same = _checks.Products(A, torch.float32, "who")(V)
+    assert same.data_ptr() != V.data_ptr()
+    same.add_(1.0)
+    assert bool((V == 1.0).all())
+
+    class Fresh(hf.LinearOperator):  # declares a new tensor per product: handed on as is
+        fresh_products = True
+        made: list[torch.Tensor] = []
+
+        def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+            self.made.append(2.0 * V)
+            return self.made[-1]
+
+    F = Fresh(4, torch.float32, "cpu")
+    out = _checks.Products(F, torch.float32, "who")(V)
+    assert out.data_ptr() == Fresh.made[-1].data_ptr() and bool((out == 2.0).all())
+    out64 = _checks.Products(F, F64, "who")(V)  # another dtype: a new tensor regardless
+    assert out64.dtype == F64 and out64.data_ptr() != Fresh.made[-1].data_ptr()
     bad = hf.LinearOperator.from_function(lambda V: V * math.nan, 4, dtype=F64)
     with pytest.raises(NonFiniteError, match="who: the operator returned NaN"):
         _checks.Products(bad, F64, "who")(torch.ones(1, 4, dtype=F64))

@@ -65,6 +65,50 @@ def test_breakdown_shrinks_the_block() -> None:
     assert bool((tri.last_beta == 0).all())
 
 
+@pytest.mark.parametrize("reorth", ["full", "none"])
+def test_one_probe_breaking_down_leaves_the_others_exact(reorth: str) -> None:
+    """A probe that is an eigenvector stops after one step while the block goes on (the
+    masked branch): every other probe's coefficients are those of its own run."""
+    M, _ = spectra.wishart(40, seed=5, shift=0.5)
+    Z = draw_probes(40, 3, seed=6, probe="gaussian")
+    Z[1] = torch.linalg.eigh(M).eigenvectors[:, 7]
+    tri, _ = _run(M, Z, 8, reorth=reorth)
+    assert tri.steps.tolist() == [8, 1, 8]
+    for p in (0, 2):
+        one, _ = _run(M, Z[p : p + 1], 8, reorth=reorth)
+        torch.testing.assert_close(tri.alpha[p], one.alpha[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(tri.beta[p], one.beta[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("reorth", ["full", "none"])
+def test_probes_handed_over_in_a_list_are_freed(reorth: str) -> None:
+    """``Z`` in a list is taken out of it: the result is that of the tensor, and without a
+    basis nothing references the probes once the recurrence is two steps past them."""
+    import weakref
+
+    M, _ = spectra.wishart(50, seed=7, shift=0.5)
+    Z = draw_probes(50, 2, seed=8, probe="gaussian")
+    ref, _ = _run(M, Z.clone(), 6, reorth=reorth)
+    alive: list[bool] = []
+    held = [Z]
+    gone = weakref.ref(Z)
+    del Z
+    A = hf.LinearOperator.from_matrix(M)
+    products = Products(A, F64, "test")
+
+    def watched(V: torch.Tensor) -> torch.Tensor:
+        alive.append(gone() is not None)
+        return products(V)
+
+    tri = probe_lanczos(watched, held, 6, reorth=reorth)
+    assert held == []
+    torch.testing.assert_close(tri.alpha, ref.alpha, rtol=0, atol=0)
+    torch.testing.assert_close(tri.beta, ref.beta, rtol=0, atol=0)
+    # steps 0 and 1 multiply/keep Z (as q, then q_prev); from step 2 on it is gone unless the
+    # full basis holds a copy (its first row is a copy: Z itself is still dropped)
+    assert alive[:2] == [True, True] and not any(alive[2:])
+
+
 @pytest.mark.parametrize("basis_dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_basis(basis_dtype: torch.dtype) -> None:
     M, _ = spectra.wishart(50, seed=4)
