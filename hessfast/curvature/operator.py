@@ -89,6 +89,10 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             once on batch 0 with a second step (:func:`~.finitediff.fd_error`); set at
             construction for ``hvp_mode="finite_difference"`` (with ``check=True``), before
             the first product when auto mode falls back; None while the path has not run.
+        fd_kinks: the functions with a kink (ReLU, max-pooling, clamp, abs:
+            :data:`~.finitediff.KINKED_OPS`) that the loss ran during that measurement,
+            sorted ([] for none; None while it has not run). Across a kink a central
+            difference is biased in a way ``fd_error`` cannot see: a non-empty list warns.
         loss_head, loss_head_reason: how the criterion's curvature w.r.t. the outputs is
             computed (``"autograd"`` or ``"fused cross-entropy (triton|torch)"``), and why.
         plans: the plan per block size used so far.
@@ -180,6 +184,7 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             # measured before its first product (None while it has not run)
             self.fd_step: float | None = None
             self.fd_error: float | None = None
+            self.fd_kinks: list[str] | None = None
             # index -> (weight, graph state); batch 0's entry is shared with the pre-flight
             self._graph_cache: dict[int, tuple[float, Any]] = {}
             self._proven: set[str] = set()  # paths that completed a pass

@@ -34,9 +34,11 @@ from ..linop import local_norm
 from ..memory import measure_saved
 from .data import to_device
 from .finitediff import (
+    KinkRecorder,
     coarse_message,
     fd_error,
     fd_step,
+    kink_message,
     perturbation_rounding,
     search_step,
 )
@@ -70,6 +72,7 @@ class BatchProducts:
     hvp_mode_reason: str
     fd_step: float | None
     fd_error: float | None
+    fd_kinks: list[str] | None
     _symmetry: Any
     _params: Any
 
@@ -351,7 +354,9 @@ class BatchProducts:
         with self._guard(exact=False):
             Vs = unit_random()
             g_norms: list[float] = []
-            hv = self._fd_row(batch, index, Vs, step, norms=g_norms)
+            with KinkRecorder() as kinks:  # which kinked functions the loss runs
+                hv = self._fd_row(batch, index, Vs, step, norms=g_norms)
+            self.fd_kinks = kinks.seen
             del Vs
             check_finite(hv.unsqueeze(0), index, self._kind, self.param_names, self._split)
             g_norm = g_norms[0]
@@ -384,6 +389,9 @@ class BatchProducts:
         self.fd_error = worst
         if self._symmetry is not None:
             self._symmetry.relative_error = self.fd_error
+        if self.fd_kinks:
+            warnings.warn(kink_message(self.fd_kinks, f"the {self._kind}'s"), UserWarning,
+                          stacklevel=5)
         if worst > FD_WARN_ERROR:
             warnings.warn(coarse_message(
                 worst, "the finite-difference products'", "measured on batch 0",

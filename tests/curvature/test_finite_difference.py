@@ -190,6 +190,7 @@ def test_products_within_the_recorded_error(name, dtype):
     H = hf.hessian(model, loss_fn, data, hvp_mode=FD)
     assert H.hvp_mode == FD and H.hvp_mode_reason == "requested"
     assert H.fd_step is not None and H.fd_error is not None  # measured at construction
+    assert H.fd_kinks == []  # tanh, GELU, SiLU, softmax: no kinked function ran
     # measured: float64 ~1e-10, float32 2e-4 to 1.6e-3 (the estimate is conservative: the
     # products' true errors below were 1e-4 to 9e-4)
     bound = 1e-6 if H.compute_dtype == torch.float64 else 3e-3
@@ -202,6 +203,38 @@ def test_products_within_the_recorded_error(name, dtype):
         assert rel_err(row, want) <= H.fd_error
     assert H.num_matvecs == 3
     assert_same_state(model, before)
+
+
+def test_kinked_functions_are_named_and_warned():
+    """ReLU (as a module, a functional and a method) and max-pooling are seen in the loss's
+    first finite-difference gradient: their kinks bias the products in a way ``fd_error``
+    cannot see, so the operator lists them and warns; the exact path says nothing."""
+
+    class Kinked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.act = nn.ReLU()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = nn.functional.max_pool2d(self.act(self.conv(x)), 2)
+            return self.fc(h.flatten(1)).relu_() + self.fc(h.flatten(1))
+
+    with seeded(3):
+        model = Kinked().double()
+        data = [(torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match=r"hessfast: the Hessian's loss runs max_pool2d, relu, "
+                                         r"relu_, whose gradient jumps at a kink.*fd_kinks"):
+        H = hf.hessian(model, nn.CrossEntropyLoss(), data, hvp_mode=FD)
+    assert H.fd_kinks == ["max_pool2d", "relu", "relu_"]
+    assert_same_state(model, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        E = hf.hessian(model, nn.CrossEntropyLoss(), data)
+        E.matmat(torch.ones(1, E.shape[0], dtype=torch.float64))
+    assert E.hvp_mode != FD and E.fd_kinks is None
 
 
 @pytest.mark.parametrize("name, dtype", [("mlp", torch.float64), ("gpt2", torch.float32)])
