@@ -179,6 +179,10 @@ def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], device: Any
             "k": k, "tol": spec["tol"], "eigenvalues": vals,
             "converged": [bool(c) for c in res.converged],
             "restarts": int(getattr(res, "num_restarts", 0)),
+            "verified": bool(getattr(res, "verified", False)),
+            "residuals": [float(x) for x in res.residuals],
+            "residual_floor": float(getattr(res, "residual_floor", 0.0) or 0.0),
+            "product_error": getattr(H, "product_error", None),
         })
         del res, t
         return out

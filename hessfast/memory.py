@@ -10,7 +10,8 @@ What is exact and what is a model:
   parameters and buffers (the operator keeps two copies of each buffer and clones one per
   evaluation, so buffers count three times).
 - **Measured**: the HVP's activations. The saved-tensor bytes ``S`` of batch 0's first-order
-  graph (forward plus the gradient with ``create_graph=True``, each storage once), counted by
+  graph (forward plus the gradient with ``create_graph=True``, each storage once; the model's
+  parameters left out: a layer that saves its weight holds no new memory), counted by
   :func:`measure_saved` while the operator's :meth:`~hessfast.LinearOperator.saved_bytes`
   builds that graph once more (about one gradient; cached by the operator).
 - **A model**: the product's peak is ``S (ACT_BASE + ACT_PER_ROW c)`` for chunks of ``c``
@@ -34,18 +35,30 @@ mode                               vectors of n                  bytes / paramet
 =================================  ============================  ==========================
 eigsh full (default basis 32 rows) ``max_basis + 3b + k + 2b``   152 (k = b = 1)
 eigsh / lambda_max lean, k = 1     3 working + 1 product (+1 y)  16 (20 with eigenvectors)
-eigsh lean k > 1 (restarted)       ``(k+2b+4) + 3b + k + 2b``    84 (k = 5, b = 1)
+eigsh lean k > 1 (restarted)       ``(k+2b+4) + k + 2b + b``     80 (k = 5, b = 1; 48 with
+                                                                 a bfloat16 basis)
 power iteration                    3 working + 2                 20
 SLQ full (one group)               ``P m + 4P + 2P``             ``4 (P m + 6P)``
 SLQ lean (probes one at a time)    3 working + 1 product         16, any P and m
 =================================  ============================  ==========================
 
+The restarted mode's rows: its ``k + 2b + 4`` basis rows, a copy of the k candidates
+(basis dtype) taken only when a thick restart falls inside a verification round, the block
+and a verification round's dropped block; the next block is the product itself, normalised in
+place (an operator whose products are fresh tensors,
+:attr:`~hessfast.LinearOperator.fresh_products`; one more row otherwise). At the end the
+basis is freed once the returned vectors are formed (``k`` rows in the operator's dtype).
+Finite-difference products add one row in the parameters' dtype (the perturbed parameters
+``theta + e v``, "perturbed parameters" in the table) and hold one ordinary gradient's graph
+at a time (activations ``S ACT_FD``, whatever the chunk).
+
 So lambda_max and the density run in 4 parameter-sized vectors in the lean mode (the target
-was <= 6); tests/lanczos/test_lean.py counts the live ``[*, n]`` tensors during the products
-and finds at most 4 (lean lambda_max) and 5 (lean SLQ, the probe included). With vectors
-sharded over R ranks (``A.shards``: an FSDP model) each rank holds ``1/R`` of each vector.
-The float64 tridiagonal T stays on the CPU (``16 m`` bytes per probe or run; lean eigsh
-solves for its wanted extreme eigenpair alone, in O(m) memory).
+was <= 6; 5 with finite-difference products); tests/lanczos/test_lean.py counts the live
+``[*, n]`` tensors during the products and finds at most 4 (lean lambda_max) and 5 (lean
+SLQ, the probe included). With vectors sharded over R ranks (``A.shards``: an FSDP model)
+each rank holds ``1/R`` of each vector. The float64 tridiagonal T stays on the CPU (``16 m``
+bytes per probe or run; lean eigsh solves for its wanted extreme eigenpair alone, in O(m)
+memory).
 
 "Capacity" is the device's free memory plus what the plan already finds resident there (the
 model's parameters and buffers), or ``available=`` when given (plan for another machine).
@@ -54,7 +67,7 @@ model's parameters and buffers), or ``available=`` when given (plan for another 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -83,6 +96,13 @@ LEAN_EXTRA_ROWS = 4
 #: Product peak in units of the measured saved bytes S: S (ACT_BASE + ACT_PER_ROW c).
 ACT_BASE = 2.5
 ACT_PER_ROW = 1.4
+#: A finite-difference product's peak in units of its S (one ordinary gradient's saved
+#: bytes, parameters left out): the rows run one gradient at a time, whatever the chunk.
+#: Measured peak/S (VmHWM rise, as for ACT_BASE): 3.7-5.4 on a small CNN and 4.0-6.8 on a
+#: 3-layer MLP (few layers: the backward's temporaries are large against S; the MLP's moves
+#: with the allocator from one process to the next), 2.1-2.2 on a 4-layer GPT-2
+#: (tests/contracts/test_memory.py checks 1.7x on the CNN and the GPT-2).
+ACT_FD = 3.5
 #: Restart / QR scratch (Ritz vectors are formed in column chunks of about this size).
 SCRATCH_BYTES = 2**26
 #: The automatic choice measures activations only when the basis needs more than this
@@ -123,15 +143,22 @@ def available_memory(device: torch.device) -> int:
     return 2 << 30
 
 
-def measure_saved(build: Callable[[], T]) -> tuple[T, int]:
+def measure_saved(build: Callable[[], T], exclude: Iterable[torch.Tensor] = ()
+                  ) -> tuple[T, int]:
     """Run ``build`` and count the bytes of the tensors autograd saves meanwhile (each
     storage once): what keeping the graph it builds costs. The graph stays usable (the pack
-    hook hands autograd a detached alias; autograd restores the history on unpack)."""
+    hook hands autograd a detached alias; autograd restores the history on unpack).
+
+    Storages of the ``exclude`` tensors (the model's parameters: a linear layer saves its
+    weight, a view of memory the model holds anyway) are not counted."""
     seen: dict[tuple[int, int], int] = {}
+    held = {t.untyped_storage().data_ptr() for t in exclude}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             storage = t.untyped_storage()
+            if storage.data_ptr() in held:
+                return t.detach()
             seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
         except (RuntimeError, NotImplementedError):
             seen[(id(t), 0)] = t.numel() * t.element_size()
@@ -278,9 +305,13 @@ def _rows(alg: str, s: dict[str, Any], n: int, wb: int, bb: int) -> tuple[int, i
     if alg == "slq" and lean:  # one probe at a time: q, q_prev, w, and the product's output
         return 0, 3, 1
     if alg == "eigsh" and lean:  # thick restart on a small basis
+        # + a copy of the k candidates (basis dtype) when a verification round restarts;
+        # working: block, next block, a verification round's dropped block; the product
+        # (the next block is the product itself, normalised in place, when the operator's
+        # products are fresh tensors; else its own rows)
         k, b = s["k"], s["block_size"]
         cap = s["max_basis"] or k + 2 * b + LEAN_EXTRA_ROWS
-        return min(cap, n), 3 * b + k, 2 * b
+        return min(cap, n) + min(k, n), (2 if s.get("fresh_products") else 3) * b, b
     if alg == "eigsh":
         k, b = s["k"], s["block_size"]
         return min(s["max_basis"] or max(2 * k + 2 * b, 32), n), 3 * b + k, 2 * b
@@ -309,7 +340,8 @@ def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
     rows_note = {"eigsh": "max_basis rows", "slq": "probes x steps rows (one group)"}
     note = "none (krylov='lean')" if lean and not brows else rows_note.get(alg, "none")
     if lean and brows:
-        note = f"{brows} rows (krylov='lean': restarted)"
+        note = (f"{brows - s['k']} rows + {s['k']} candidates' copy (krylov='lean': "
+                "restarted)")
     # lean vectors of an operator sharded over ranks (A.shards, or basis_sharding=True of a
     # planned FSDP run): each rank holds the largest slice of every vector
     vn = shard if lean and s["basis_sharding"] else n
@@ -320,8 +352,11 @@ def _build(n: int, alg: str, s: dict[str, Any], w: torch.dtype, a_bytes: int,
                             f"{vrows} rows" + (f" (lean: {per:.3g} parameter-sized vectors "
                                                "with the product's)" if lean else "")))
     items.append(MemoryItem("vectors", drows * vn * a_bytes, "device",
-                            f"{drows} rows: block and product" if not lean or brows
-                            else f"{drows} row: the product"))
+                            f"{drows} rows: block and product" if not lean
+                            else f"{drows} row(s): the product"))
+    if s.get("finite_difference"):
+        items.append(MemoryItem("perturbed parameters", vn * a_bytes, "device",
+                                "1 row: finite differences' theta + e v"))
     if not (lean and not brows):
         items.append(MemoryItem("scratch", min(SCRATCH_BYTES, max(brows, 1) * n * wb),
                                 where_b, "restart / QR chunks"))
@@ -445,6 +480,8 @@ def estimate_memory(
     s = dict(k=k, block_size=b, max_basis=max_basis, num_steps=num_steps,
              num_probes=num_probes, reorth=reorth, world_size=world_size,
              basis_sharding=basis_sharding, krylov="full" if krylov == "auto" else krylov)
+    s["finite_difference"] = isinstance(A, LinearOperator) and _finite_difference(A)
+    s["fresh_products"] = isinstance(A, LinearOperator) and A.fresh_products
     if isinstance(A, LinearOperator) and A.shards is not None:
         s["krylov"] = "lean"  # whole vectors are refused on shards; n is the local share
     pb, bufb, mdev = _model_bytes(model)
@@ -476,11 +513,20 @@ def _activations(A: Any, model: nn.Module | None, measure: bool, b: int
     if not measure:
         return None, "not measured (measure=False)"
     S = graph_bytes(A)
+    if _finite_difference(A):
+        return int(S * ACT_FD), (f"measured S={S / 2**20:.1f} MiB x {ACT_FD} (finite "
+                                 "differences: one ordinary gradient at a time)")
     plan = A.plans.get(b) if hasattr(A, "plans") else None
     c = plan.chunk if plan is not None else min(b, 32)
     keep = A.num_batches if (plan is not None and plan.mode == "reuse_graph") else 1
     peak = int(S * (keep - 1 + ACT_BASE + ACT_PER_ROW * c))
     return peak, f"measured S={S / 2**20:.1f} MiB x ({keep - 1} kept + {ACT_BASE} + {c} rows)"
+
+
+def _finite_difference(A: Any) -> bool:
+    """Are ``A``'s products finite differences (which hold a perturbed copy of the
+    parameters, one row in their dtype, and one ordinary gradient's graph)?"""
+    return getattr(A, "hvp_mode", None) == "finite_difference"
 
 
 def _keeps_graph(A: LinearOperator) -> bool:

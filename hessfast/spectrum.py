@@ -393,7 +393,9 @@ def _plan_lanczos(A: LinearOperator, k: int, which: str, tol: float, seed: int, 
     given = None if explicit_dtype is None else basis_dtype
     shards = {} if comm is None else dict(world_size=comm.size, basis_sharding=True)
     bd, basis_device, pin = choose_basis(A, "eigsh", given, basis_device, who, k=k,
-                                         block_size=b, max_basis=cap, **shards)
+                                         block_size=b, max_basis=cap,
+                                         krylov="lean" if mode == "restarted" else "full",
+                                         **shards)
     basis_dtype = bd or basis_dtype
     ckpt = None if checkpoint is None else Checkpoint(checkpoint, "eigsh", dict(
         n=n, dtype=str(A.dtype), k=k, which=which, tol=tol, block_size=b, max_basis=cap,
@@ -441,16 +443,8 @@ def _solve_lean(A: LinearOperator, which: str, tol: float, max_matvecs: int,
             "max_matvecs or tol",
             stacklevel=3,
         )
-    err = A.product_error
-    if r.converged and err is not None and err > tol:
-        warnings.warn(
-            f"hessfast.eigsh(krylov='lean'): converged only to the products' own accuracy: "
-            f"their relative error (H.product_error = {err:.3g}, finite differences) is "
-            f"above tol={tol:g}, so the residual {r.residual:.3g} cannot show more. The "
-            "value is uncertain at that level (above 0.05 it is not usable); use an exact "
-            "hvp_mode where the model allows one, or float64 parameters",
-            stacklevel=3,
-        )
+    if r.converged:
+        _warn_inexact(A, tol, r.residual_floor, "hessfast.eigsh(krylov='lean')")
     n = A.shape[0]
     vec = r.vector[None] if r.vector is not None else torch.empty((0, n), dtype=A.dtype,
                                                                    device=A.device)
@@ -526,6 +520,8 @@ def _solve_lanczos(A: LinearOperator, k: int, which: str, tol: float, max_matvec
             "with its residuals. Raise max_matvecs or tol",
             stacklevel=3,
         )
+    if st.status == "CONVERGED":
+        _warn_inexact(A, tol, st.residual_floor, "hessfast.eigsh")
     return EigshResult(
         eigenvalues=st.theta, eigenvectors=st.vectors, residuals=st.residuals,
         converged=st.converged, status=Status(st.status), num_matvecs=st.num_matvecs,
@@ -535,6 +531,23 @@ def _solve_lanczos(A: LinearOperator, k: int, which: str, tol: float, max_matvec
         verified=st.verified, verify_matvecs=st.verify_matvecs,
         resumed_from_step=None if ckpt is None else ckpt.resumed_from_step,
         residual_floor=st.residual_floor, krylov=plan.krylov,
+    )
+
+
+def _warn_inexact(A: LinearOperator, tol: float, floor: float, who: str) -> None:
+    """Warn when a converged result could only converge to the products' own error
+    (:attr:`~hessfast.LinearOperator.product_error` above ``tol``): the residuals are
+    floored there (``floor``, the result's ``residual_floor``)."""
+    err = A.product_error
+    if err is None or err <= tol:
+        return
+    warnings.warn(
+        f"{who}: converged only to the products' own accuracy: their relative error "
+        f"(H.product_error = {err:.3g}, finite differences) is above tol={tol:g}, so no "
+        f"residual below {floor:.3g} (residual_floor) can be shown. The values are "
+        "uncertain at that level (above 0.05 they are not usable); use an exact hvp_mode "
+        "where the model allows one, or float64 parameters",
+        stacklevel=4,
     )
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -61,9 +61,11 @@ from ..errors import (
 from ..linop import LinearOperator, local_dots, row_dots
 from .data import BatchSource
 from .finitediff import (
+    KinkRecorder,
     coarse_message,
     fd_error_from_norms,
     fd_step,
+    kink_message,
     perturbation_rounding,
     search_step,
 )
@@ -138,6 +140,9 @@ class FSDPHessian(LinearOperator):
             fd_error: the estimated relative error of the products (step doubling on the
             first vector and on one power step from it, the larger), None before the first
             product.
+        fd_kinks: the kinked functions (ReLU, max-pooling, clamp, abs, ...) the loss ran in
+            the first product, sorted (a warning names them: finite differences across a
+            kink are biased, and fd_error cannot see it); None before the first product.
         num_gradients: FSDP gradient passes run (one pass = this rank's batches): 1 at
             construction, 2 per vector, 6 more once for the error estimate.
         theta_norm: ``||theta||`` over all ranks, at construction.
@@ -261,6 +266,7 @@ class FSDPHessian(LinearOperator):
         )
         self.fd_step: float | None = None
         self.fd_error: float | None = None
+        self.fd_kinks: list[str] | None = None  # kinked functions the loss runs (1st product)
         # the first vector and its product (local), until the second arrives; None: done
         self._symmetry: list[torch.Tensor] | None = []
         self._fd_scale = 1.0  # the chosen step over the rule's (set by the first product)
@@ -529,7 +535,14 @@ class FSDPHessian(LinearOperator):
                     continue
                 first = self.fd_error is None
                 step = fd_step(self.theta_norm, vn, self.compute_dtype) * self._fd_scale
-                hv, grad = self._central(V[i], step, mean=first)
+                # the first product notes which kinked functions the loss runs
+                with KinkRecorder() if first else nullcontext() as kinks:
+                    hv, grad = self._central(V[i], step, mean=first)
+                if first:
+                    self.fd_kinks = kinks.seen
+                    if self.fd_kinks:
+                        warnings.warn(kink_message(self.fd_kinks, "the FSDP Hessian's"),
+                                      UserWarning, stacklevel=4)
                 out[i] = hv
                 del hv
                 if first:

@@ -463,13 +463,15 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         building that graph once more under the operator's guard (about one gradient; the
         user's model and RNG untouched), then cached. With
         ``hvp_mode="finite_difference"``: an ordinary gradient's graph (no ``create_graph``,
-        the fused kernels), which is what its products hold."""
+        the fused kernels), which is what its products hold. The model's parameters, which
+        layers save for their backward, are not counted (the plan has them)."""
         if self._saved_bytes is None:
             fd = self._planner.requested == FD_MODE
             with self._guard(exact=not fd):
                 index, batch = self._batch0()
                 graph = self._first_order_graph if fd else self._graph
-                self._saved_bytes = measure_saved(lambda: graph(batch, index))[1]
+                self._saved_bytes = measure_saved(lambda: graph(batch, index),
+                                                   exclude=self.model.parameters())[1]
         return self._saved_bytes
 
     def __repr__(self) -> str:

@@ -92,7 +92,8 @@ class BatchProducts:
         if self._planner.requested == FD_MODE:  # no second derivative: a plain gradient
             return self._first_order_graph(batch, index)
         if self._planner.needs_graph_size:
-            state, nbytes = measure_saved(lambda: self._graph(batch, index))
+            state, nbytes = measure_saved(lambda: self._graph(batch, index),
+                                          exclude=self.model.parameters())
             self._planner.record_graph_size(nbytes, self._data.num_batches, self.device)
         else:
             state = self._graph(batch, index)

@@ -384,7 +384,7 @@ def lanczos_state(run: Any, used: int, passes: int) -> dict[str, Any]:
     state = {f: getattr(run, f) for f in RUN_FIELDS}
     # kept until the next step (an interrupt writes it): what the loop changes in place is
     # copied (lists, T: small); the rows Q[:m] stay as they are until a restart (busy())
-    state.update(G=list(run.G), extremes=list(run.extremes))
+    state.update(G=list(run.G), extremes=list(run.extremes), ref_vecs=run.candidates())
     state.update(m=run.basis.m, Q=run.basis.rows(), T=run.basis.T.clone(),
                  gen=run.gen.get_state(), used=used, passes=passes)
     # the verification rounds' dropped rows (exact residuals); a step reorthogonalises them in
@@ -400,7 +400,8 @@ def restore_lanczos(run: Any, state: dict[str, Any]) -> None:
     run.block = state["block"].to(run.bdev)
     D = state.get("D")
     run.D = None if D is None else D.to(device=run.bdev, dtype=run.wdtype)
-    run.ref_vecs = state["ref_vecs"].to(run.bdev)
+    vecs = state["ref_vecs"]  # a copy, or the candidates' basis rows as they were saved
+    run.ref_vecs = vecs.to(run.bdev) if run.ref is not None and vecs.shape[0] else None
     m = int(state["m"])
     run.basis.m = m
     run.basis.Q[:m] = state["Q"].to(device=run.bdev, dtype=run.bdtype)

@@ -177,11 +177,12 @@ def block_lanczos(
                 status = "CONVERGED"
                 break
             # -- start a verification round: lock the k candidates, fresh random block --------
-            run.ref = ref = run.theta[want].clone()
+            ref, ref_res = run.theta[want].clone(), run.res[want].clone()
             run.ref_slack = run.slack(ref)
-            run.ref_res = run.res[want].clone()
             run.restart(want, drop_residual_block=True, dropped=Qn)
-            run.ref_vecs = run.basis.rows(0, want.numel()).clone()
+            # the candidates are now the basis' first rows, copied only if a thick restart
+            # comes before the round ends (Run.keep_candidates)
+            run.ref, run.ref_res, run.ref_vecs = ref, ref_res, None
             run.restarts += 1
             run.n_verify += 1
             seen = first_seen(run.extremes, ref, run.ref_slack, which)
@@ -199,13 +200,15 @@ def block_lanczos(
             # -- thick restart: keep the most wanted Ritz vectors, then the next block ----
             keep_n = min(m - Qn.shape[0], max(k + (m - k) // 2, k + b))
             idx = select(run.theta, keep_n, which)
+            run.keep_candidates()
             run.restart(idx)
             run.restarts += 1
         run.block = Qn
     if run.ref is not None:  # the round that ended the run (verified, or cut by the budget)
         run.verify_mv += used() - run.verify_mv0
     verified = run.ref is not None and status == "CONVERGED"
-    answer = (run.ref, run.ref_vecs, run.ref_res) if verified and run.ref is not None else None
+    answer = (run.ref, run.candidates(), run.ref_res) if verified and run.ref is not None \
+        else None
     theta, vecs, res, ok, status, ortho = wanted_pairs(run, k, which, status, answer)
     floor = run.floor()  # ||A||_est only grows: residuals kept earlier meet today's floor
     res = torch.clamp(res, min=floor)

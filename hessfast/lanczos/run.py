@@ -82,7 +82,10 @@ class Run:
         self.block, self.restarts = torch.zeros(0), 0
         self.extremes: list[tuple[float, float]] = []
         self.ref: torch.Tensor | None = None  # the candidates being verified
-        self.ref_res = self.ref_vecs = torch.zeros(0)
+        self.ref_res = torch.zeros(0)
+        # the candidates' vectors: None while they are still the basis' first rows (a
+        # verification round that needs no thick restart never copies them: k rows saved)
+        self.ref_vecs: torch.Tensor | None = None
         self.ref_slack = torch.zeros(0, dtype=torch.float64)
         self.verify_left = self.n_verify = self.n_miss = self.verify_mv = self.verify_mv0 = 0
 
@@ -142,7 +145,10 @@ class Run:
             return None
         self.norm_est = max(self.norm_est, float(W.norm(dim=1).max()))
         tiny = self.rayleigh_ritz(self._coefficients(W, s, bb).double().cpu(), s, bb)
-        Qn, L = orthonormal_block(W, basis.rows(), tiny, self.gen, self.acc)
+        # a fresh product (or a converted copy of one) is ours: the next block is made in it
+        fresh = A.fresh_products or A.dtype != self.wdtype
+        Qn, L = orthonormal_block(W, basis.rows(), tiny, self.gen, self.acc, inplace=fresh)
+        del W
         if self.D is not None and self.D.shape[0]:
             # the dropped rows stay orthogonal to the basis: what the new block holds of them
             # is now in T (its product's coefficients), the rest stays in D^T G
@@ -179,7 +185,8 @@ class Run:
         if exact is not None:  # ... or its exact value where the dropped rows are kept
             res = torch.minimum(res, exact)
         self.res = torch.clamp(res, min=self.floor())
-        self.ok = converged(self.theta, self.res, self.tol, self.norm_est, self.A.dtype)
+        self.ok = converged(self.theta, self.res, self.tol, self.norm_est, self.A.dtype,
+                            floor=self.floor())
 
     def dropped_residuals(self, Qn: torch.Tensor | None) -> torch.Tensor | None:
         """The exact residual norms ``[m]`` of all Ritz pairs while dropped couplings exist:
@@ -200,8 +207,12 @@ class Run:
         return sq.clamp_min(0.0).sqrt()
 
     def floor(self) -> float:
-        """The residual floor at the current ``||A||_est`` (:func:`.verify.residual_floor`)."""
-        return residual_floor(self.norm_est, self.A.dtype)
+        """The residual floor at the current ``||A||_est``: the working precision's
+        (:func:`.verify.residual_floor`) or the products' own error times ``||A||_est``
+        (:attr:`~hessfast.LinearOperator.product_error` of a finite-difference operator, read
+        each time: it may be measured with the first product), the larger."""
+        err = getattr(self.A, "product_error", None) or 0.0
+        return max(residual_floor(self.norm_est, self.A.dtype), float(err) * self.norm_est)
 
     def slack(self, vals: torch.Tensor) -> torch.Tensor:
         """The convergence tolerance of each value: max(tol * max(|theta|, 1e-3 ||A||_est),
@@ -220,6 +231,23 @@ class Run:
         for c in range(0, Q.shape[1], step):  # Q.shape[1]: n, or a sharded run's columns
             out[:, c : c + step] = (Yi @ Q[:, c : c + step].to(self.acc)).to(self.bdtype)
         return out
+
+    def release_basis(self) -> None:
+        """Free the basis rows (the run has ended: its vectors are formed); T stays."""
+        self.basis.Q = self.basis.Q.new_empty(0, self.basis.Q.shape[1])
+
+    def candidates(self) -> torch.Tensor:
+        """The vectors ``[len(ref), n]`` (basis dtype) of the candidates being verified: the
+        basis' first rows until a thick restart rewrites them, a copy after that."""
+        if self.ref_vecs is not None:
+            return self.ref_vecs
+        return self.basis.rows(0, 0 if self.ref is None else self.ref.numel())
+
+    def keep_candidates(self) -> None:
+        """Copy the candidates' vectors out of the basis before a thick restart rewrites
+        its first rows (nothing to do outside a verification round, or when copied)."""
+        if self.ref is not None and self.ref_vecs is None:
+            self.ref_vecs = self.candidates().clone()
 
     def restart(self, idx: torch.Tensor, drop_residual_block: bool = False,
                 dropped: torch.Tensor | None = None) -> None:

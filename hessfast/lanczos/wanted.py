@@ -9,9 +9,34 @@ import torch
 from ..errors import NonFiniteError
 from .basis import select
 from .checkpoint import _user_stacklevel
-from .run import Run
+from .run import CHUNK_BYTES, Run
 
 __all__ = ["wanted_pairs"]
+
+
+def _converted(V: torch.Tensor, acc: torch.dtype, dtype: torch.dtype,
+               device: torch.device | str) -> torch.Tensor:
+    """``V [k, n]`` (basis rows or their copy) as new rows in the operator's ``dtype`` and
+    ``device``, through the working precision ``acc``, in column chunks (no whole-block
+    intermediate copies)."""
+    out = torch.empty(V.shape, dtype=dtype, device=device)
+    step = max(1, CHUNK_BYTES // (8 * max(V.shape[0], 1)))
+    for c in range(0, V.shape[1], step):
+        out[:, c : c + step] = V[:, c : c + step].to(acc).to(dtype)
+    return out
+
+
+def _orthogonality(V: torch.Tensor) -> float:
+    """``max |V V^T - I|`` of ``V [k, n]``, in float64 accumulated over column chunks."""
+    if not V.numel():
+        return 0.0
+    gram = torch.zeros(V.shape[0], V.shape[0], dtype=torch.float64, device=V.device)
+    step = max(1, CHUNK_BYTES // (8 * V.shape[0]))
+    for c in range(0, V.shape[1], step):
+        Vc = V[:, c : c + step].double()
+        gram += Vc @ Vc.T
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return float((gram - eye).abs().max())
 
 
 def wanted_pairs(run: Run, k: int, which: str, status: str,
@@ -27,6 +52,8 @@ def wanted_pairs(run: Run, k: int, which: str, status: str,
         raise NonFiniteError(
             "the first operator product is not finite (NaN/Inf): check the operator"
         )
+    # the run's working rows are done with; the basis goes as soon as the vectors leave it
+    run.block, run.D = run.block.new_empty(0, run.block.shape[-1]), None
     if answer is not None:
         theta, V, res = answer
         ok = torch.ones(theta.numel(), dtype=torch.bool)
@@ -35,10 +62,12 @@ def wanted_pairs(run: Run, k: int, which: str, status: str,
         theta, res, ok = run.theta, run.res, run.ok
         want = select(theta, k, which)[: min(k, m)]
         V = run.ritz_vectors(want)
-    vecs = V.to(run.acc).to(run.A.dtype).to(run.A.device)
-    gram = vecs.double() @ vecs.double().T
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    ortho = float((gram - eye).abs().max()) if gram.numel() else 0.0
+    if V.data_ptr() != run.basis.Q.data_ptr():  # a copy: the basis is no longer needed
+        run.release_basis()
+    vecs = _converted(V, run.acc, run.A.dtype, run.A.device)
+    del V
+    run.release_basis()
+    ortho = _orthogonality(vecs)
     if status == "INVARIANT_SUBSPACE" and not bool(ok[want].all()):
         status = "MAX_MATVECS"
     if status == "INVARIANT_SUBSPACE" and want.numel() < k:

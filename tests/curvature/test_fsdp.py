@@ -85,6 +85,7 @@ def test_fully_shard_model_finite_differences() -> None:
         err = ((HV - want).norm(dim=1) / want.norm(dim=1)).max().item()
         assert H.fd_error is not None and 0 < H.fd_error < 1e-6
         assert err <= H.fd_error, (err, H.fd_error)
+        assert H.fd_kinks == []  # Tanh: no kinked function, no warning
         assert (H.num_matvecs, H.num_passes) == (2, 1)
         # 2 rows x 2, 1 at construction, and the one-time step search (pairs of gradients)
         assert H.num_gradients >= 13 and (H.num_gradients - 5) % 2 == 0, H.num_gradients
@@ -108,5 +109,15 @@ def test_fully_shard_model_finite_differences() -> None:
         assert all(p.to_local().view(torch.uint8).equal(b.view(torch.uint8))
                    for p, b in zip(noisy.parameters(), kept, strict=True))
         assert all(p.grad is None for p in noisy.parameters()) and noisy.training
+        # a ReLU on the logits: the first product names it and warns (a bias fd_error
+        # cannot see)
+        kinked = nn.Sequential(make_mlp(dtype=torch.float64)[0], nn.ReLU())
+        fully_shard(kinked)
+        with pytest.warns(UserWarning, match="FSDP"):
+            Hk = hf.hessian(kinked, loss_fn, batches)
+        assert Hk.fd_kinks is None  # known from the first product on
+        with pytest.warns(UserWarning, match=r"loss runs relu.*H.fd_kinks"):
+            Hk.matvec(torch.ones(Hk.shape[0], dtype=torch.float64))
+        assert Hk.fd_kinks == ["relu"]
     finally:
         dist.destroy_process_group()

@@ -206,6 +206,69 @@ def test_lean_says_when_the_products_error_is_above_tol():
     with pytest.warns(UserWarning, match="products' own accuracy"):
         r = hf.eigsh(Inexact(), k=1, krylov="lean", tol=1e-6, vectors=False)
     assert r.converged.all() and r.residual_floor >= 0.2 * r.norm_estimate * 0.999
+    # the block Lanczos paths (restarted and full) floor and warn the same way
+    for krylov in ("lean", "full"):
+        with pytest.warns(UserWarning, match=r"eigsh: converged only to the products' own"):
+            r = hf.eigsh(Inexact(), k=3, krylov=krylov, tol=1e-6, max_matvecs=400)
+        assert r.status == "CONVERGED" and r.verified, krylov
+        assert float(r.residuals.min()) >= 0.2 * r.norm_estimate * 0.999
+        assert r.residual_floor >= 0.2 * r.norm_estimate * 0.999
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exact products: no such warning
         hf.eigsh(hf.LinearOperator.from_matrix(M), k=1, krylov="lean", tol=1e-6, vectors=False)
+
+
+class _FreshCounting(_Counting):
+    """:class:`_Counting` whose products are fresh tensors (as a model operator's)."""
+
+    fresh_products = True
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_restarted_rows_stay_within_the_plan(fresh):
+    """The restarted top-k (k = 5, b = 1) holds at a product at most its plan's rows less
+    the product: the 11 basis rows, the block, a verification round's dropped block and, only
+    when a thick restart falls inside a verification round, the candidates' copy; with fresh
+    products the next block is the product itself (one row fewer)."""
+    n = 20_000
+    A = (_FreshCounting if fresh else _Counting)(n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a budget, not convergence, ends it
+        hf.eigsh(A, k=5, krylov="lean", max_matvecs=60, vectors=False)
+    plan = hf.estimate_memory(A, "eigsh", k=5, krylov="lean", available=2**40)
+    rows = (plan.basis + plan.vectors - next(i.bytes for i in plan.items
+                                             if i.name == "scratch")) / (4 * n)
+    assert plan.settings["fresh_products"] is fresh
+    assert rows == 11 + 5 + (2 if fresh else 3) + 1
+    assert A.peak <= rows - 1, (A.peak, rows)
+
+
+@pytest.mark.parametrize("max_basis", [7, 60])
+def test_candidates_copied_only_when_a_restart_falls_in_a_round(monkeypatch, max_basis):
+    """A verification round keeps its candidates in the basis' first rows: a copy is taken
+    only when a thick restart would rewrite them (rounds of 6 steps: a basis of k + 2 rows
+    restarts inside every round, one of 60 rows never does), and the answer is right either
+    way."""
+    import hessfast.lanczos.restart as restart_mod
+    import hessfast.lanczos.run as run_mod
+
+    monkeypatch.setattr(restart_mod, "verify_steps", lambda *args: 6)
+    copies = []
+    keep = run_mod.Run.keep_candidates
+
+    def counting(self):
+        before = self.ref_vecs
+        keep(self)
+        copies.append(before is None and self.ref_vecs is not None)
+
+    monkeypatch.setattr(run_mod.Run, "keep_candidates", counting)
+    M, _ = CASES["clustered"]()
+    lam = torch.linalg.eigvalsh(M)
+    A = hf.LinearOperator.from_matrix(M)
+    r = hf.eigsh(A, k=5, tol=1e-8, krylov="lean", max_basis=max_basis, max_matvecs=5000)
+    assert r.status == "CONVERGED" and r.verified
+    assert torch.allclose(r.eigenvalues, lam[select(lam, 5, "LA")],
+                          atol=1e-6 * float(lam.abs().max()))
+    V = r.eigenvectors.double()
+    assert float((V @ M.double() - r.eigenvalues[:, None] * V).norm(dim=1).max()) < 1e-5
+    assert (sum(copies) > 0) is (max_basis == 7), copies
