@@ -15,7 +15,10 @@ A gradient is one ``loss.backward()`` over the same data (every batch), timed in
 process after two warm-up calls (median of 5). Reported in gradients: ``build_grads``,
 ``first_matmat_grads``, ``setup_grads`` (build + first matmat) and ``setup_beyond_product``
 (``setup_grads`` minus one steady product: what the set-up adds to the work itself).
-``torch_func_initialised`` says whether torch.func's one-time initialisation ran (it imports
+The process's pending garbage is collected just before the clock (``gc.collect()``, timed
+apart as ``gc_s``): a full collection of what torch and the model allocated costs about 70 ms
+on the peer LM and falls wherever the allocation count sends it. ``torch_func_initialised``
+says whether torch.func's one-time initialisation ran (it imports
 ``torch._dynamo``); ``sympy_imported`` whether autograd's first ``grad_outputs`` call did.
 
 Cases: the tiny float64 test models of :mod:`hessfast.testing.models` (3 uneven batches) and
@@ -32,6 +35,7 @@ time hessfast's own import); everything else with :func:`hessfast.testing.timeit
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -85,6 +89,12 @@ def child(spec: dict) -> dict:
     if spec["start"] == "warm":
         _gradient(model, loss_fn, data, "auto")  # the references' rule fits these cases
 
+    # the process's pending garbage first, timed apart: a full collection (about 70 ms on
+    # the peer LM) lands wherever the allocation count sends it, so one commit's build would
+    # pay it where another's does not (bench/RESULTS.md, issue 18's set-up figures)
+    t0 = time.perf_counter()
+    gc.collect()
+    gc_s = time.perf_counter() - t0
     # one cold call each (no warm-up): what the user waits for the first time
     built = timeit(lambda: hf.hessian(model, loss_fn, data, hvp_mode=spec["mode"]),
                    repeats=1, warmup=0, device="cpu")
@@ -105,6 +115,7 @@ def child(spec: dict) -> dict:
         "dtype": str(H.dtype).replace("torch.", ""),
         "hvp_mode": H.hvp_mode,
         "import_hessfast_s": round(import_s, 4),
+        "gc_s": round(gc_s, 4),
         "build_s": round(build, 4),
         "first_matmat_s": round(first, 4),
         "product_s": round(product, 5),
