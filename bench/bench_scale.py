@@ -59,6 +59,7 @@ import resource
 import shlex
 import sys
 import time
+import warnings
 from typing import Any
 
 import _harness as harness
@@ -169,10 +170,13 @@ def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], device: Any
 
     def eig(k: int) -> dict[str, Any]:
         # lambda_max as hf.lambda_max runs it: no eigenvector (the lean k = 1 mode would
-        # spend a second pass on one); top-5 returns its vectors
-        t = timeit(lambda: hf.eigsh(H, k=k, tol=spec["tol"], seed=0, vectors=k > 1, **common,
-                                    **basis),
-                   repeats=1, warmup=0, device=device)
+        # spend a second pass on one); top-5 returns its vectors. Its warnings are kept (the
+        # child's stderr is not): the mode and basis storage the plan chose, inexactness
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            t = timeit(lambda: hf.eigsh(H, k=k, tol=spec["tol"], seed=0, vectors=k > 1,
+                                        **common, **basis),
+                       repeats=1, warmup=0, device=device)
         res = t.result
         vals = [float(v) for v in res.eigenvalues]
         out = _solve_record(res, t.seconds, {
@@ -183,6 +187,7 @@ def _run_task(task: str, H: Any, hf: Any, spec: dict[str, Any], device: Any
             "residuals": [float(x) for x in res.residuals],
             "residual_floor": float(getattr(res, "residual_floor", 0.0) or 0.0),
             "product_error": getattr(H, "product_error", None),
+            "warnings": [str(w.message)[:400] for w in said],
         })
         del res, t
         return out
