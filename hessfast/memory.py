@@ -35,7 +35,7 @@ mode                               vectors of n                  bytes / paramet
 =================================  ============================  ==========================
 eigsh full (default basis 32 rows) ``max_basis + 3b + k + 2b``   152 (k = b = 1)
 eigsh / lambda_max lean, k = 1     3 working + 1 product (+1 y)  16 (20 with eigenvectors)
-eigsh lean k > 1 (restarted)       ``(k+2b+4) + k + 2b + b``     80 (k = 5, b = 1; 48 with
+eigsh lean k > 1 (restarted)       ``(k+2b+4) + k + 2b + b``     76 (k = 5, b = 1; 44 with
                                                                  a bfloat16 basis)
 power iteration                    3 working + 2                 20
 SLQ full (one group)               ``P m + 4P + 2P``             ``4 (P m + 6P)``
