@@ -538,14 +538,13 @@ class FSDPHessian(LinearOperator):
                 # the first product notes which kinked functions the loss runs
                 with KinkRecorder() if first else nullcontext() as kinks:
                     hv, grad = self._central(V[i], step, mean=first)
+                out[i] = hv
+                del hv
                 if first:
                     self.fd_kinks = kinks.seen
                     if self.fd_kinks:
                         warnings.warn(kink_message(self.fd_kinks, "the FSDP Hessian's"),
                                       UserWarning, stacklevel=4)
-                out[i] = hv
-                del hv
-                if first:
                     assert grad is not None
                     grad_sq = self._sq(grad)
                     del grad

@@ -67,7 +67,7 @@ import torch
 from .._checks import all_finite, probe_generator, probe_key, work_dtype
 from ..errors import NonFiniteError
 from ..linop import LinearOperator, row_dots
-from .verify import converged, residual_floor
+from .verify import converged, operator_floor
 
 __all__ = ["LEAN_WHICH", "LeanResult", "lean_lanczos", "start_vector", "sharded_generator"]
 
@@ -178,15 +178,6 @@ def _tridiagonal_solver() -> Any:
     return eigh_tridiagonal
 
 
-def _floor(A: LinearOperator, norm_est: float) -> float:
-    """The smallest residual this run can show: the working precision's
-    (:func:`~.verify.residual_floor`) or the products' own error times ``||A||_est``
-    (:attr:`~hessfast.LinearOperator.product_error`, read each time: a finite-difference
-    operator may measure it with its first product)."""
-    err = getattr(A, "product_error", None) or 0.0
-    return max(residual_floor(norm_est, A.dtype), float(err) * norm_est)
-
-
 def lean_lanczos(
     A: LinearOperator,
     which: str,
@@ -238,7 +229,7 @@ def lean_lanczos(
         m = j + 1
         b_prev = beta[-1] if beta else 0.0
         norm_est = max(norm_est, math.sqrt(b_prev * b_prev + a * a + b * b))
-        floor = _floor(A, norm_est)
+        floor = operator_floor(A, norm_est)
         breakdown = b <= bd_tol * norm_est
         # m >= n is no stop: without reorthogonalisation n steps do not span the space
         last = m == max_matvecs or breakdown
@@ -246,7 +237,7 @@ def lean_lanczos(
         if due or last:
             theta, s, big = _ritz(alpha, beta, which)
             norm_est = max(norm_est, big)
-            floor = _floor(A, norm_est)
+            floor = operator_floor(A, norm_est)
             res = max(abs(b * float(s[-1])), floor)
             ok = bool(converged(theta, res, tol, norm_est, A.dtype, floor=floor))
             if ok:
@@ -264,11 +255,12 @@ def lean_lanczos(
     vec, drift = None, 0.0
     if vectors:
         vec, drift = _vector_pass(A, q0, s, alpha, beta, work)
-    return LeanResult(theta=theta, vector=vec, residual=max(res, _floor(A, norm_est)),
+    floor = operator_floor(A, norm_est)  # norm_est only grows: today's floor
+    return LeanResult(theta=theta, vector=vec, residual=max(res, floor),
                       converged=ok, status=status, steps=steps,
                       num_matvecs=A.num_matvecs - mv0 if vectors else used1,
                       num_passes=A.num_passes - p0, norm_estimate=norm_est,
-                      residual_floor=_floor(A, norm_est), drift=drift)
+                      residual_floor=floor, drift=drift)
 
 
 def _vector_pass(A: LinearOperator, q0: torch.Tensor, s: torch.Tensor, alpha: list[float],

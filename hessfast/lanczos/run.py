@@ -9,6 +9,7 @@ returned pairs are picked by :func:`.wanted.wanted_pairs`, a sharded basis is
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,20 @@ from .. import ops
 from .._checks import all_finite, probe_generator, sample_probes, work_dtype
 from ..linop import LinearOperator, refuse_sharded
 from .basis import Basis, orthonormal_block
-from .verify import converge_threshold, converged, residual_floor
+from .verify import converge_threshold, converged, operator_floor
 
-__all__ = ["CHUNK_BYTES", "LanczosState", "Run"]
+__all__ = ["CHUNK_BYTES", "LanczosState", "Run", "column_chunks"]
 
 #: Ritz vectors are formed in column chunks of about this many bytes (no full-basis copy).
 CHUNK_BYTES = 2**26
+
+
+def column_chunks(V: torch.Tensor) -> Iterator[slice]:
+    """Column slices of ``V [r, n]`` holding about :data:`CHUNK_BYTES` in float64: what a
+    float64 (or working-precision) temporary of the rows' slice costs, whatever n."""
+    step = max(1, CHUNK_BYTES // (8 * max(V.shape[0], 1)))
+    for c in range(0, V.shape[1], step):
+        yield slice(c, c + step)
 
 
 @dataclass
@@ -139,14 +148,17 @@ class Run:
         s = basis.m
         basis.Q[s : s + bb] = block.to(self.bdtype)
         basis.m = s + bb
-        W = A.matmat(block.to(A.dtype)).to(device=self.bdev, dtype=self.wdtype)
+        product = A.matmat(block.to(A.dtype))
+        W = product.to(device=self.bdev, dtype=self.wdtype)
+        # a fresh product, or a converted copy of any product, is ours: the next block is
+        # made in it
+        fresh = A.fresh_products or W is not product
+        del product
         if not all_finite(W):
             basis.m = s
             return None
         self.norm_est = max(self.norm_est, float(W.norm(dim=1).max()))
         tiny = self.rayleigh_ritz(self._coefficients(W, s, bb).double().cpu(), s, bb)
-        # a fresh product (or a converted copy of one) is ours: the next block is made in it
-        fresh = A.fresh_products or A.dtype != self.wdtype
         Qn, L = orthonormal_block(W, basis.rows(), tiny, self.gen, self.acc, inplace=fresh)
         del W
         if self.D is not None and self.D.shape[0]:
@@ -184,9 +196,10 @@ class Run:
         exact = self.dropped_residuals(Qn) if self.G else None
         if exact is not None:  # ... or its exact value where the dropped rows are kept
             res = torch.minimum(res, exact)
-        self.res = torch.clamp(res, min=self.floor())
+        floor = self.floor()
+        self.res = torch.clamp(res, min=floor)
         self.ok = converged(self.theta, self.res, self.tol, self.norm_est, self.A.dtype,
-                            floor=self.floor())
+                            floor=floor)
 
     def dropped_residuals(self, Qn: torch.Tensor | None) -> torch.Tensor | None:
         """The exact residual norms ``[m]`` of all Ritz pairs while dropped couplings exist:
@@ -207,12 +220,10 @@ class Run:
         return sq.clamp_min(0.0).sqrt()
 
     def floor(self) -> float:
-        """The residual floor at the current ``||A||_est``: the working precision's
-        (:func:`.verify.residual_floor`) or the products' own error times ``||A||_est``
-        (:attr:`~hessfast.LinearOperator.product_error` of a finite-difference operator, read
-        each time: it may be measured with the first product), the larger."""
-        err = getattr(self.A, "product_error", None) or 0.0
-        return max(residual_floor(self.norm_est, self.A.dtype), float(err) * self.norm_est)
+        """The residual floor at the current ``||A||_est`` (:func:`.verify.operator_floor`:
+        the working precision's, or the products' own error for a finite-difference
+        operator)."""
+        return operator_floor(self.A, self.norm_est)
 
     def slack(self, vals: torch.Tensor) -> torch.Tensor:
         """The convergence tolerance of each value: max(tol * max(|theta|, 1e-3 ||A||_est),
@@ -227,9 +238,8 @@ class Run:
         Q = self.basis.rows()
         out = torch.empty(len(idx), Q.shape[1], dtype=self.bdtype, device=self.bdev) \
             if into is None else into
-        step = max(1, CHUNK_BYTES // (8 * max(Q.shape[0], 1)))
-        for c in range(0, Q.shape[1], step):  # Q.shape[1]: n, or a sharded run's columns
-            out[:, c : c + step] = (Yi @ Q[:, c : c + step].to(self.acc)).to(self.bdtype)
+        for cols in column_chunks(Q):  # Q.shape[1]: n, or a sharded run's columns
+            out[:, cols] = (Yi @ Q[:, cols].to(self.acc)).to(self.bdtype)
         return out
 
     def release_basis(self) -> None:

@@ -25,6 +25,7 @@ basis round more than float32 and are not covered by it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -49,6 +50,15 @@ def residual_floor(norm_est: float, dtype: torch.dtype) -> float:
     float32), ``norm_est`` an estimate of ``||A||`` (0 for the zero operator: floor 0)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     return RESIDUAL_FLOOR_C * torch.finfo(work).eps * max(float(norm_est), 0.0)
+
+
+def operator_floor(A: Any, norm_est: float) -> float:
+    """The smallest residual a run on ``A`` can show: the working precision's
+    (:func:`residual_floor`) or the products' own error times ``||A||_est``
+    (:attr:`~hessfast.LinearOperator.product_error` of a finite-difference operator, read
+    each time: it may be measured with the first product), the larger."""
+    err = getattr(A, "product_error", None) or 0.0
+    return max(residual_floor(norm_est, A.dtype), float(err) * norm_est)
 
 
 def converge_threshold(vals: torch.Tensor, tol: float, norm_est: float, floor: float

@@ -9,7 +9,7 @@ import torch
 from ..errors import NonFiniteError
 from .basis import select
 from .checkpoint import _user_stacklevel
-from .run import CHUNK_BYTES, Run
+from .run import Run, column_chunks
 
 __all__ = ["wanted_pairs"]
 
@@ -20,9 +20,8 @@ def _converted(V: torch.Tensor, acc: torch.dtype, dtype: torch.dtype,
     ``device``, through the working precision ``acc``, in column chunks (no whole-block
     intermediate copies)."""
     out = torch.empty(V.shape, dtype=dtype, device=device)
-    step = max(1, CHUNK_BYTES // (8 * max(V.shape[0], 1)))
-    for c in range(0, V.shape[1], step):
-        out[:, c : c + step] = V[:, c : c + step].to(acc).to(dtype)
+    for cols in column_chunks(V):
+        out[:, cols] = V[:, cols].to(acc).to(dtype)
     return out
 
 
@@ -31,9 +30,8 @@ def _orthogonality(V: torch.Tensor) -> float:
     if not V.numel():
         return 0.0
     gram = torch.zeros(V.shape[0], V.shape[0], dtype=torch.float64, device=V.device)
-    step = max(1, CHUNK_BYTES // (8 * V.shape[0]))
-    for c in range(0, V.shape[1], step):
-        Vc = V[:, c : c + step].double()
+    for cols in column_chunks(V):
+        Vc = V[:, cols].double()
         gram += Vc @ Vc.T
     eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
     return float((gram - eye).abs().max())
