@@ -82,6 +82,16 @@ class Report(JsonResult):
             exceeds ``REL_STDERR_FLAG`` (10%) of its magnitude: ``"trace"`` and
             ``"per_layer.<group>.trace"``; computed from the fields (not an argument to fill).
         hessfast_version, created: provenance (ISO time, UTC).
+        provenance: where the numbers came from, so that two reports can be told apart:
+            ``hessfast``/``torch`` versions, ``curvature``, ``loss`` (the loss's class or
+            function name and reduction), ``model`` (class), ``params`` (the selection:
+            ``"all"`` or its tensor names, with ``num_params``), ``data`` (samples and
+            batches); the command line adds ``command``, ``model_spec``, ``data_spec``,
+            ``loss_spec`` and ``checkpoint`` (``path``, ``sha256``), a batch run
+            (:func:`hessfast.analyze_checkpoints`) the checkpoint and its ``step``.
+        top_eigenvectors: the ``[k, n]`` top eigenvectors of the run (a tensor; None for a
+            report read back from JSON): a warm start for the next call's ``v0``. Not part of
+            the JSON record and not compared by ``==``.
     """
 
     curvature: str
@@ -116,6 +126,8 @@ class Report(JsonResult):
     hessfast_version: str = ""
     created: str = ""
     uncertain: dict[str, float | None] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    top_eigenvectors: Any = field(default=None, compare=False)
 
     _REPR_FIELDS: ClassVar[tuple[str, ...]] = (
         "curvature", "n", "lambda_max", "lambda_min", "trace", "definiteness", "status",
@@ -125,7 +137,8 @@ class Report(JsonResult):
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            setattr(self, f.name, jsonable(getattr(self, f.name)))
+            if f.name != "top_eigenvectors":  # a tensor, kept out of the record
+                setattr(self, f.name, jsonable(getattr(self, f.name)))
         # a report of 0.1 counted each part's data passes as "data_passes"
         self.parts = [{("num_passes" if key == "data_passes" else key): v for key, v in p.items()}
                       if isinstance(p, dict) else p for p in self.parts]
@@ -163,7 +176,13 @@ class Report(JsonResult):
         """``"kind"`` and all fields as a JSON-safe dict (a deep copy). ``vectors``: the
         result interface's flag (a report holds no ``[n]`` arrays)."""
         check_vectors(vectors)
-        return {"kind": type(self).__name__, **asdict(self)}
+        vecs, self.top_eigenvectors = self.top_eigenvectors, None  # asdict deep-copies
+        try:
+            d = asdict(self)
+        finally:
+            self.top_eigenvectors = vecs
+        del d["top_eigenvectors"]
+        return {"kind": type(self).__name__, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
