@@ -42,9 +42,10 @@ from ..estimators import trace as hutch
 from ..estimators.session import renamed_arg
 from ..linop import LinearOperator
 from ..progress import track
-from ..spectrum import EigshResult, eigsh
+from ..spectrum import EigshResult, default_block_size, eigsh
 from .blocks import block_spectra
 from .report import Report
+from .tracking import _fold as fold_start
 
 __all__ = ["analyze"]
 
@@ -54,7 +55,7 @@ CURVATURES = ("hessian", "ggn")
 TRACE_RTOL = 0.1
 #: analyze's own keywords (an unknown keyword is compared with these and the operator's).
 _OWN = ("curvature", "k", "num_probes", "num_steps", "per_layer", "groups", "tol", "seed", "lr",
-        "lr_scale", "progress")
+        "lr_scale", "progress", "v0")
 
 
 def analyze(
@@ -73,6 +74,7 @@ def analyze(
     lr: float | None = None,
     lr_scale: float | None = None,
     progress: bool | None = None,
+    v0: torch.Tensor | None = None,
     probes: int | None = None,
     steps: int | None = None,
     **operator_kwargs: Any,
@@ -152,6 +154,12 @@ def analyze(
             report says which scale it used (``lr_curvature_scale``, its reason, a summary
             line).
         progress: progress bars per part (``hessfast.progress.track``; None: automatic).
+        v0: a warm start for ``top_k``: ``[j, n]`` vectors, typically the previous report's
+            :attr:`~hessfast.analysis.report.Report.top_eigenvectors` at nearby weights (a
+            checkpoint earlier in training). They are folded into the block size as
+            :class:`~hessfast.analysis.tracking.SharpnessTracker` folds its previous vectors
+            (row ``i`` sums vectors ``i, i+b, ...``); the ``top_k`` part records
+            ``"warm": True``. Only the products change: the residual test is the same.
         probes: deprecated name of ``num_probes`` (DeprecationWarning; removed next release).
         steps: deprecated name of ``num_steps`` (DeprecationWarning; removed next release).
         operator_kwargs: passed to ``hf.hessian`` / ``hf.ggn`` (``params=``, ``causal_lm=``,
@@ -186,7 +194,7 @@ def analyze(
     lrs = lr_curvature_scale(H, lr_scale, who=WHO)
     if k > n:
         raise ConfigurationError(f"{WHO}: k must be <= n = {n} (the operator's size), got {k}")
-    top = _top_k(H, k, tol, seed, progress, parts)
+    top = _top_k(H, k, tol, seed, progress, parts, _start(v0, H, k))
     lmax = float(top.eigenvalues[0])
     bottom = _lambda_min(H, lmax, tol, seed, num_steps, kind == "GGN", progress, parts)
     lmin, rmin = bottom.value, bottom.residual
@@ -197,11 +205,14 @@ def analyze(
     tr, tr_err = _trace(H, num_probes, seed, spectrum.trace, spectrum.trace_stderr, progress,
                         parts)
     layers = _per_layer(H, groups, tol, num_probes, seed, progress, parts) if per_layer else None
-    return _report(H, kind, n, top, bottom, lmax, lmin, tr, tr_err, condition, definiteness,
-                   note, zero, spectrum, d, layers, parts, lrs, lr, lr_scale,
-                   settings=dict(k=k, num_probes=num_probes, num_steps=num_steps, tol=tol,
-                                 seed=seed, lr_scale=lr_scale, per_layer=per_layer,
-                                 groups=_name(groups)))
+    report = _report(H, kind, n, top, bottom, lmax, lmin, tr, tr_err, condition, definiteness,
+                     note, zero, spectrum, d, layers, parts, lrs, lr, lr_scale,
+                     settings=dict(k=k, num_probes=num_probes, num_steps=num_steps, tol=tol,
+                                   seed=seed, lr_scale=lr_scale, per_layer=per_layer,
+                                   groups=_name(groups)))
+    report.provenance = _provenance(H, kind, loss_fn, operator_kwargs)
+    report.top_eigenvectors = top.eigenvectors
+    return report
 
 
 # -- the parts, in order ----------------------------------------------------------------------
@@ -259,13 +270,37 @@ def _check_operator_kwargs(build: Callable, curvature: str, kwargs: dict[str, An
     )
 
 
+def _start(v0: Any, H: LinearOperator, k: int) -> tuple[torch.Tensor, int] | None:
+    """``(start rows, block size)`` of a warm start ``v0`` (``[j, n]`` or ``[n]``), or None."""
+    if v0 is None:
+        return None
+    n = int(H.shape[0])
+    if not isinstance(v0, torch.Tensor) or v0.dim() not in (1, 2) or v0.shape[-1] != n:
+        got = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
+        raise ConfigurationError(
+            f"{WHO}: v0 must be a tensor [j, n] with n = {n} (the operator's size), e.g. the "
+            f"previous report's top_eigenvectors, got {got}; pass v0=None for a cold start")
+    if not bool(torch.isfinite(v0).all()):
+        raise ConfigurationError(f"{WHO}: v0 holds non-finite values; pass v0=None for a "
+                                 "cold start")
+    b = default_block_size(H, k)
+    rows = fold_start(v0.reshape(-1, n), b).to(device=H.device, dtype=H.dtype)
+    return rows, b
+
+
 def _top_k(H: LinearOperator, k: int, tol: float, seed: int, progress: bool | None,
-           parts: list[dict[str, Any]]) -> EigshResult:
-    """Part ``top_k``: lambda_max, the top-k eigenvalues and their residuals."""
+           parts: list[dict[str, Any]], start: tuple[torch.Tensor, int] | None = None
+           ) -> EigshResult:
+    """Part ``top_k``: lambda_max, the top-k eigenvalues and their residuals (from the warm
+    ``start`` rows and block size when given)."""
+    warm = dict(v0=start[0], block_size=start[1]) if start is not None else {}
     with _Part(H, "top_k", progress) as p:
-        top = eigsh(H, k, which="LA", tol=tol, seed=seed)
-    parts.append(p.record(["lambda_max", "top_eigenvalues", "stable_lr"],
-                          f"eigsh(k={k}, which='LA', tol={tol:g}): {top.method}, {top.status}"))
+        top = eigsh(H, k, which="LA", tol=tol, seed=seed, **warm)
+    part = p.record(["lambda_max", "top_eigenvalues", "stable_lr"],
+                    f"eigsh(k={k}, which='LA', tol={tol:g}"
+                    f"{', warm v0' if start is not None else ''}): {top.method}, {top.status}")
+    part["warm"] = start is not None
+    parts.append(part)
     return top
 
 
@@ -441,6 +476,40 @@ def _part(name: str, quantities: list[str], mv: int, ps: int, t0: float, source:
 
 def _name(groups: Any) -> Any:
     return groups if isinstance(groups, (str, list, dict)) else repr(groups)
+
+
+def _callable_name(fn: Any) -> str | None:
+    """``module.qualname`` of a function, the class name of a loss module (with its
+    ``reduction``), or None."""
+    if fn is None:
+        return None
+    if isinstance(fn, torch.nn.Module):
+        red = getattr(fn, "reduction", None)
+        return type(fn).__name__ + (f"(reduction={red!r})" if isinstance(red, str) else "")
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
+def _provenance(H: Any, kind: str, loss_fn: Any, operator_kwargs: dict[str, Any]
+                ) -> dict[str, Any]:
+    """What :attr:`Report.provenance` records from analyze's own arguments (the command line
+    and a batch run add their specs, checkpoint and step)."""
+    names = list(getattr(H, "param_names", None) or [])
+    selected = "params" in operator_kwargs and operator_kwargs["params"] is not None
+    model = getattr(H, "model", None)
+    return {
+        "hessfast": __version__, "torch": torch.__version__, "curvature": kind,
+        "loss": _callable_name(loss_fn),
+        "model": None if model is None else type(model).__name__,
+        # the first 64 names of a selection: enough to tell two selections apart in a record
+        "params": (names[:64] + ([f"... ({len(names)} tensors)"] if len(names) > 64 else [])
+                   if selected else "all"),
+        "num_params": int(H.shape[0]),
+        "data": {key: getattr(H, key) for key in ("num_samples", "num_batches")
+                 if isinstance(getattr(H, key, None), int)},
+        "operator_options": sorted(key for key in operator_kwargs if key != "params"),
+    }
 
 
 def _describe(H: Any) -> dict[str, Any]:
