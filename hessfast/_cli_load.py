@@ -10,6 +10,8 @@ as ``__cause__`` for ``--debug``).
 from __future__ import annotations
 
 import copy
+import glob
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -20,17 +22,23 @@ from types import ModuleType
 from typing import Any
 
 __all__ = [
+    "WRAPPER_PREFIXES",
     "UsageError",
     "UserCodeError",
     "check_device",
-    "describe",
     "check_numbers",
+    "checkpoint_provenance",
+    "describe",
+    "expand_checkpoints",
+    "file_sha256",
     "load_checkpoint",
     "load_data",
     "load_loss",
     "load_model",
     "load_object",
+    "num_selected",
     "select_params",
+    "strip_wrapper_prefixes",
 ]
 
 
@@ -47,6 +55,11 @@ class UserCodeError(Exception):
 
 
 def describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` of ``exc``.
+
+    Args:
+        exc: the exception.
+    """
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
@@ -57,9 +70,13 @@ def describe(exc: BaseException) -> str:
 
 
 def check_numbers(**values: Any) -> None:
-    """Checks ``seed``, ``steps`` (training steps), ``epochs``, ``tol``, ``k``, ``probes`` and
-    ``slq_steps`` (analyze's ``--num-steps``) when given, each refused with a :class:`UsageError`
-    naming its option."""
+    """Checks ``seed``, ``steps`` (training steps), ``epochs``, ``tol``, ``k``, ``probes``,
+    ``slq_steps`` (analyze's ``--num-steps``), ``density_steps``, ``lr`` and ``workers`` when
+    given (None: not given), each refused with a :class:`UsageError` naming its option.
+
+    Args:
+        values: the numbers by the names above.
+    """
     for name, value in values.items():
         if value is None:
             continue
@@ -77,7 +94,13 @@ def check_numbers(**values: Any) -> None:
                 raise UsageError(
                     arg, f"{name} ({what}) must be a non-negative integer, got {value!r}"
                 )
-        elif name in ("k", "probes", "slq_steps", "density_steps"):
+        elif name == "lr":
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and value > 0)
+            if not ok:
+                raise UsageError(arg, f"lr (the training learning rate) must be a positive "
+                                      f"finite number, got {value!r}")
+        elif name in ("k", "probes", "slq_steps", "density_steps", "workers"):
             arg, label = {
                 "probes": ("--num-probes", "num-probes"),
                 "slq_steps": ("--num-steps", "num-steps (Lanczos steps per probe)"),
@@ -258,9 +281,128 @@ def load_loss(spec: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(model: Any, path: str, device: str) -> None:
+#: What DistributedDataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``) put in
+#: front of every key of a wrapped model's state_dict; named in the note and the hint.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(
+    state: dict[str, Any], model_keys: Any
+) -> tuple[dict[str, Any], list[str]]:
+    """``state`` with the dotted prefixes that ALL its keys share removed, when removing them
+    makes its keys exactly ``model_keys``; else ``state`` unchanged.
+
+    A model saved from inside a wrapper names every tensor with the wrapper's attribute in
+    front: ``module.`` (DistributedDataParallel, DataParallel), ``_orig_mod.``
+    (``torch.compile``), both in either order, or a training module's attribute (Lightning's
+    ``model.``). One leading segment is removed at a time while every key shares it, and the
+    first result whose key set equals ``model_keys`` is taken; a partial match strips nothing,
+    so a checkpoint of another architecture is reported as it was saved.
+
+    Args:
+        state: a state_dict (key -> tensor), not modified.
+        model_keys: the keys of the model's ``state_dict()`` (any iterable of str).
+
+    Returns:
+        ``(state, removed)``: the state_dict to load (a new dict when prefixes were removed,
+        else ``state`` itself) and the removed prefixes in order (``["module.",
+        "_orig_mod."]``), empty when none was.
+    """
+    want = set(model_keys)
+    keys = list(state)
+    if not keys or set(keys) == want:
+        return state, []
+    removed: list[str] = []
+    # a prefix shorter than every key: stripping never leaves an empty name
+    while all("." in k for k in keys):
+        head = keys[0].split(".", 1)[0] + "."
+        if not all(k.startswith(head) for k in keys):
+            break
+        keys = [k[len(head):] for k in keys]
+        removed.append(head)
+        if set(keys) == want:
+            return dict(zip(keys, state.values(), strict=True)), removed
+    return state, []
+
+
+def _shared_prefixes(keys: list[str]) -> list[str]:
+    """The leading dotted segments every key in ``keys`` shares (``["module.", "_orig_mod."]``)."""
+    out: list[str] = []
+    while keys and all("." in k for k in keys):
+        head = keys[0].split(".", 1)[0] + "."
+        if not all(k.startswith(head) for k in keys):
+            break
+        out.append(head)
+        keys = [k[len(head):] for k in keys]
+    return out
+
+
+def _heads(keys: Any, limit: int = 4) -> str:
+    """The distinct first segments of ``keys`` in order, quoted (``'conv1.', 'fc.'``)."""
+    seen: list[str] = []
+    for k in keys:
+        head = k.split(".", 1)[0] + ("." if "." in k else "")
+        if head not in seen:
+            seen.append(head)
+    shown = ", ".join(repr(h) for h in seen[:limit])
+    return shown + (f" and {len(seen) - limit} more" if len(seen) > limit else "")
+
+
+def _mismatch(path: str, state: dict[str, Any], own: dict[str, Any]) -> str | None:
+    """The short message of a checkpoint whose keys or shapes differ from the model's: the
+    counts, a few keys of each kind, and a hint on what the keys suggest; None if it fits."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def few(keys: list[str], limit: int = 5) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)"
+                                          if len(keys) > limit else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {few(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches: {few(shapes, 3)}")
+    counts = (f"{len(state)} tensors in the checkpoint, {len(own)} in the model, "
+              f"{len(set(state) & set(own))} names in common")
+    if shapes and not (missing or unexpected):
+        hint = ("same names, other sizes: does --model build the model with the sizes the "
+                "checkpoint was saved with?")
+    else:
+        shared = _shared_prefixes(list(state))
+        wrapped = [p for p in shared if p in WRAPPER_PREFIXES]
+        hint = (f"the checkpoint's keys start with {_heads(state)}, the model's with "
+                f"{_heads(own)}: does --model build the architecture the checkpoint was "
+                "saved from?")
+        if wrapped:
+            hint += (f" (its shared prefix {''.join(shared)!r} was not removed: without it "
+                     "the keys still differ)")
+    return (f"{path} does not match the model of --model ({counts}; " + "; ".join(parts)
+            + f"). {hint}")
+
+
+def load_checkpoint(model: Any, path: str, device: str) -> list[str]:
     """Loads ``path`` (a state_dict, or a dict holding one under ``state_dict`` or ``model``)
-    into ``model`` (the CLI's own instance); a mismatch lists the missing and unexpected keys."""
+    into ``model`` (the CLI's own instance). A wrapper's prefix on every key (``module.``,
+    ``_orig_mod.``) is removed when that makes the keys the model's
+    (:func:`strip_wrapper_prefixes`); a mismatch is a short :class:`UsageError` (the counts,
+    a few keys, a hint).
+
+    Args:
+        model: the model of ``--model`` (its weights are replaced).
+        path: the checkpoint file.
+        device: where the tensors are loaded (``map_location``).
+
+    Returns:
+        The prefixes removed from the keys, in order (empty when none was).
+    """
     import torch
 
     file = Path(path).expanduser()
@@ -281,24 +423,84 @@ def load_checkpoint(model: Any, path: str, device: str) -> None:
         raise UsageError("--checkpoint", f"{path} holds no state_dict (expected a dict of "
                                          f"tensors, or a dict with 'state_dict' or 'model')")
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {few(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {few(shapes)}")
-        raise UsageError("--checkpoint", f"{path} does not match the model of --model ("
-                                         + "; ".join(parts) + ")")
+    state, removed = strip_wrapper_prefixes(state, own)
+    problem = _mismatch(path, state, own)
+    if problem is not None:
+        raise UsageError("--checkpoint", problem)
     model.load_state_dict(state)
+    return removed
+
+
+def expand_checkpoints(patterns: list[str]) -> list[str]:
+    """The files of ``--checkpoint PATH [PATH ...]``: a path with ``*``, ``?`` or ``[`` is a
+    glob, replaced by the files it matches (``glob.glob``, sorted); other paths stay as given
+    (a missing one is refused when loaded). A file named twice is kept once, first place.
+
+    Args:
+        patterns: the values given to ``--checkpoint``.
+
+    Raises:
+        UsageError: a glob that matches no file (named).
+    """
+    out: list[str] = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            found = sorted(p for p in glob.glob(os.path.expanduser(pattern))
+                           if os.path.isfile(p))
+            if not found:
+                raise UsageError("--checkpoint", f"{pattern!r} matches no file (a glob, "
+                                                 f"read from {os.getcwd()})")
+            out += found
+        else:
+            out.append(pattern)
+    seen: dict[str, str] = {}
+    for p in out:
+        seen.setdefault(os.path.realpath(os.path.expanduser(p)), p)
+    return list(seen.values())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB chunks.
+
+    Args:
+        path: the file.
+    """
+    digest = hashlib.sha256()
+    with open(os.path.expanduser(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_provenance(path: str, removed: list[str]) -> dict[str, Any]:
+    """``report.provenance["checkpoint"]``: the file's absolute path, its SHA-256 and the
+    prefixes removed from its keys.
+
+    Args:
+        path: the checkpoint file (as given).
+        removed: what :func:`load_checkpoint` returned.
+    """
+    return {"path": str(Path(path).expanduser().resolve()), "sha256": file_sha256(path),
+            "stripped_prefixes": list(removed)}
+
+
+def num_selected(model: Any, names: list[str] | None) -> int:
+    """``n``: the number of scalars in the parameters ``names`` (exact names, as
+    :func:`select_params` returns them), or in every trainable parameter when None: the
+    operator's size, by the one selection rule of ``params=``.
+
+    Args:
+        model: the model.
+        names: the selected parameter names, or None for all trainable ones.
+    """
+    from .curvature.model import select_params as select  # torch: imported when needed
+
+    if names is None:
+        _, tensors = select(model, None)
+    else:  # already selected (and warned about, for a frozen one): count them
+        named = dict(model.named_parameters())
+        tensors = [named[name] for name in names]
+    return sum(int(p.numel()) for p in tensors)
 
 
 def select_params(model: Any, pattern: str) -> list[str]:

@@ -5,17 +5,24 @@ Exit status: 0 success; 1 a hessfast error (its message, e.g. a pre-flight check
 failed); 2 a usage error or a bad argument value (argparse-style message naming the
 argument, no traceback); 3 the user's code failed (importing --model/--data/--loss, a factory,
 the data or the loss raised: one line with the exception's type and text; --debug prints the
-traceback).
+traceback); 130 interrupted (Ctrl-C: one line, ``hessfast analyze: interrupted``; --debug
+prints the traceback); 141 stdout was closed by its reader (``hessfast analyze ... | head``:
+nothing more is printed, no traceback; 141 = 128 + SIGPIPE, what a shell reports for a
+program killed by a closed pipe, so ``set -o pipefail`` sees the cut as for ``yes | head``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shlex
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +30,16 @@ from ._cli_demo import demo
 from ._cli_load import UsageError, UserCodeError, describe
 from .errors import HessfastError, LossCallError
 
-__all__ = ["EXIT_HESSFAST", "EXIT_OK", "EXIT_USAGE", "EXIT_USER_CODE", "demo", "info", "main"]
+__all__ = ["EXIT_HESSFAST", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PIPE", "EXIT_USAGE",
+           "EXIT_USER_CODE", "demo", "info", "main"]
 
 EXIT_OK, EXIT_HESSFAST, EXIT_USAGE, EXIT_USER_CODE = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE: what shells report
 
 _EPILOG = """exit status: 0 success; 1 a hessfast error (its message says the cause and the fix);
 2 a bad argument (the message names it); 3 your code failed (importing --model/--data/--loss,
-a factory, the data or the loss raised; --debug shows the traceback)."""
+a factory, the data or the loss raised; --debug shows the traceback); 130 interrupted
+(Ctrl-C); 141 the reader of stdout closed it (| head)."""
 
 _NO_CUDA = "no CUDA device visible to torch"
 
@@ -209,9 +219,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p_an.add_argument("--loss", default="ce", metavar="ce|mse|MODULE:FN",
                       help="cross-entropy (default), mean squared error, or your loss: "
                            "fn(outputs, targets) or fn(model, batch)")
-    p_an.add_argument("--checkpoint", metavar="PATH",
+    p_an.add_argument("--checkpoint", metavar="PATH", nargs="+",
                       help="weights to load (a state_dict, or a dict with 'state_dict' or "
-                           "'model'; read with torch.load(weights_only=True))")
+                           "'model'; read with torch.load(weights_only=True)); a DDP or "
+                           "torch.compile prefix on every key is removed. Several files or "
+                           "globs (quoted: 'ckpts/*.pt') analyze each checkpoint in turn")
+    p_an.add_argument("--workers", type=int, default=1, metavar="N",
+                      help="processes sharing several checkpoints (default 1)")
+    p_an.add_argument("--lr", type=float, metavar="LR",
+                      help="the training learning rate: the report compares lambda_max with "
+                           "2/LR (the edge of stability)")
     p_an.add_argument("--params", metavar="REGEX",
                       help="only these parameters: the one of this exact name, else the "
                            "trainable ones whose names the regular expression matches "
@@ -280,25 +297,50 @@ def _analyze(args: argparse.Namespace) -> int:
     from ._cli_load import (
         check_device,
         check_numbers,
+        checkpoint_provenance,
+        expand_checkpoints,
         load_checkpoint,
         load_data,
         load_loss,
         load_model,
+        num_selected,
         select_params,
     )
 
     check_numbers(seed=args.seed, tol=args.tol, k=args.k, probes=args.probes,
-                  slq_steps=args.steps)
+                  slq_steps=args.steps, lr=args.lr, workers=args.workers)
     device = check_device(args.device)
+    paths = expand_checkpoints(args.checkpoint) if args.checkpoint else []
+    if args.workers > 1 and not paths:
+        raise UsageError("--workers", "--workers spreads several checkpoints over processes: "
+                                      "give them with --checkpoint PATH [PATH ...]")
+    if len(paths) > 1 or args.workers > 1:
+        from ._cli_batch import run_batch
+
+        return run_batch(args, paths)
     os.environ.setdefault("MPLBACKEND", "Agg")
     loss_fn = load_loss(args.loss)
     model = load_model(args.model, device)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, device)
+    checkpoint: dict[str, Any] | None = None
+    if paths:
+        removed = load_checkpoint(model, paths[0], device)
+        if removed:
+            print(f"hessfast analyze: note: loaded {paths[0]} without the prefix "
+                  f"{''.join(removed)!r} on every key (saved from a wrapped model)",
+                  file=sys.stderr)
+        checkpoint = checkpoint_provenance(paths[0], removed)
     data = load_data(args.data)
     kwargs: dict[str, Any] = {}
-    if args.params:
-        kwargs["params"] = select_params(model, args.params)
+    names = select_params(model, args.params) if args.params else None
+    if names is not None:
+        kwargs["params"] = names
+    n = num_selected(model, names)
+    if args.k > n:  # analyze would refuse it as a ConfigurationError (exit 1) after the set-up
+        what = "parameters --params selects" if names is not None else "model's parameters"
+        raise UsageError("--k", f"k={args.k} is more than the {n} {what} (n); "
+                                f"use --k <= {n}")
+    if args.lr is not None:
+        kwargs["lr"] = args.lr
     from .analysis.analyze import analyze
 
     try:
@@ -312,16 +354,38 @@ def _analyze(args: argparse.Namespace) -> int:
         raise UserCodeError(
             f"the model, loss or data raised during the analysis: {describe(exc)}"
         ) from exc
+    report.provenance.update(_provenance(args, device, checkpoint))
     return _finish(report, args, [])
 
 
+def _provenance(args: argparse.Namespace, device: str,
+                checkpoint: dict[str, Any] | None) -> dict[str, Any]:
+    """What the command line adds to ``report.provenance`` (analyze records the versions,
+    the loss, the model class, the parameter selection and the data itself)."""
+    out: dict[str, Any] = {
+        "command": getattr(args, "command_line", None),
+        "model_spec": args.model,
+        "data_spec": args.data,
+        "loss_spec": args.loss,
+        "params": args.params,
+        "device": device,
+    }
+    if checkpoint is not None:
+        out["checkpoint"] = checkpoint
+    return out
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from ._cli_demo import demo_with_training
+    from ._cli_demo import demo_cnn, demo_with_training
     from ._cli_load import check_device, check_numbers
 
     check_numbers(seed=args.seed, steps=args.steps, tol=args.tol, k=args.k, probes=args.probes,
                   density_steps=args.density_steps)
     check_device(args.device)
+    n = sum(p.numel() for p in demo_cnn(args.seed).parameters())
+    if args.k > n:
+        raise UsageError("--k", f"k={args.k} is more than the demo model's {n} parameters (n); "
+                                f"use --k <= {n}")
     os.environ.setdefault("MPLBACKEND", "Agg")
     report, fig = demo_with_training(seed=args.seed, steps=args.steps, tol=args.tol,
                                      device=args.device, k=args.k, progress=_progress(args),
@@ -334,11 +398,67 @@ def _demo(args: argparse.Namespace) -> int:
     return _finish(report, args, header)
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str, enabled: bool) -> Iterator[None]:
+    """Warnings printed as ``hessfast analyze: warning: ...`` (one message, no file and source
+    line of hessfast's internals) while the command runs from the command line; a caller of
+    :func:`main` with ``argv`` keeps its own warning handling (pytest's capture, filters)."""
+    if not enabled:
+        yield
+        return
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = str(message).removeprefix("hessfast: ")
+        print(f"{prog}: warning: {text}", file=sys.stderr if file is None else file)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader is gone: what is still buffered goes to the null device, so that the
+    interpreter's final flush raises no second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (a test's capture)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessfast`` command; returns the exit status (a usage error exits
-    through argparse with status 2)."""
+    through argparse with status 2).
+
+    Args:
+        argv: the arguments after ``hessfast`` (default ``sys.argv[1:]``; warnings are then
+            printed as one ``hessfast CMD: warning: ...`` line each).
+    """
+    from_shell = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser, subs = _parser()
     args = parser.parse_args(argv)
+    prog = "hessfast" + (f" {args.command}" if args.command else "")
+    args.command_line = shlex.join(["hessfast", *argv])  # report.provenance["command"]
+    try:
+        with _warnings_as_lines(prog, from_shell):
+            code = _run(args, parser, subs)
+            sys.stdout.flush()  # a closed pipe raises here, inside the handler below
+        return code
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_PIPE
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser,
+         subs: dict[str, argparse.ArgumentParser]) -> int:
+    """The parsed command, its failures turned into exit statuses (see the module)."""
     if args.version:
         print(_version())
         return EXIT_OK

@@ -40,7 +40,7 @@ from ..memory import KRYLOV, choose_basis, full_basis_fits
 from ..progress import set_total, track
 from ..results import Status
 from .kpm import KPM_BOUND_STEPS, kpm
-from .result import SpectralDensity
+from .result import SpectralDensity, few_steps_message
 from .slq import LEAN_GROUP, gather_slq, slq_group_size, slq_grouped
 
 __all__ = ["MAX_PRODUCTS", "METHODS", "draw_probes", "spectral_density"]
@@ -315,7 +315,7 @@ def spectral_density(
                 fields = kpm(products, Z, M, bdtype)
         if mesh is not None:
             fields = gather_slq(fields, mesh, total)
-        return SpectralDensity(
+        result = SpectralDensity(
             method=method,
             n=n,
             probe=probe_name,
@@ -329,6 +329,9 @@ def spectral_density(
             krylov=mode,
             **fields,
         )
+    if not result.resolved:  # after the run: a probe whose Krylov space ran out is exact
+        warnings.warn(few_steps_message(result.num_steps, n), UserWarning, stacklevel=2)
+    return result
 
 
 def _warn_products(
