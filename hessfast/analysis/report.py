@@ -236,7 +236,9 @@ class Report(JsonResult):
 
     def summary(self) -> str:
         """A readable table: the numbers, their uncertainty and where each came from; the
-        per-layer table; the cost of each part."""
+        per-layer table; the cost of each part. Lines are at most 100 characters: a long
+        cell (a part's source, a long top-k list, a parameter group's name) and a long note
+        continue on the next lines (``parts`` in the JSON keep each source as one string)."""
         op = self.operator
         head = f"hessfast report: {self.curvature} of {op.get('model', 'an operator')}"
         desc = [f"n = {self.n:,} parameters"]
@@ -245,7 +247,7 @@ class Report(JsonResult):
         desc += [str(op[k]) for k in ("dtype", "device") if op.get(k)]
         if op.get("hvp_mode"):
             desc.append(f"products: {op['hvp_mode']}")
-        lines = [head, "  " + ", ".join(desc), ""]
+        lines = [*_wrap(head, ""), *_wrap(", ".join(desc)), ""]
         src = {q: p["name"] for p in self.parts for q in p.get("quantities", [])}
         rows: list[tuple[str, str, str, str]] = []
 
@@ -274,13 +276,14 @@ class Report(JsonResult):
                 f"{sl}lambda_max " + ("<" if s * (self.lambda_max or 0) < edge else ">=")
                 + " 2/lr", "")
         add("effective rank", _f(self.effective_rank), "", "effective_rank")
-        lines += _table(("quantity", "value", "± stderr / residual", "from part"), rows)
+        lines += _table(("quantity", "value", "± stderr / residual", "from part"), rows,
+                        wrap=(1, 2))
         if self.effective_rank_definition:
-            lines.append(f"  effective rank = {self.effective_rank_definition}")
+            lines += _wrap(f"effective rank = {self.effective_rank_definition}")
         if self.condition_note:
-            lines.append(f"  definiteness: {self.condition_note}")
+            lines += _wrap(f"definiteness: {self.condition_note}")
         if self.lr_curvature_scale_reason:
-            lines.append(f"  learning rates: {self.lr_curvature_scale_reason}")
+            lines += _wrap(f"learning rates: {self.lr_curvature_scale_reason}")
         if self.per_layer:
             lines += ["", "per layer (diagonal blocks):"]
             lines += _table(("group", "size", "lambda_max", "residual", "trace", "± stderr"), [
@@ -289,17 +292,18 @@ class Report(JsonResult):
                  "exact" if g.get("trace_exact") else _pm(g.get("trace_stderr"))
                  + _flag(self.uncertain, f"per_layer.{g.get('name')}.trace"))
                 for g in self.per_layer
-            ])
+            ], wrap=(0, 5))
         if self.uncertain:
-            lines.append(f"  (!) relative stderr above {REL_STDERR_FLAG:.0%}: a rough estimate; "
-                         "raise the probes (analyze's num_probes=) for a tighter one")
+            lines += _wrap(f"(!) relative stderr above {REL_STDERR_FLAG:.0%}: a rough estimate; "
+                           "raise the probes (analyze's num_probes=) for a tighter one")
         lines += ["", "cost:"]
         tot = [sum(p.get(c) or 0 for p in self.parts) for c in ("num_matvecs", "num_passes")]
         secs = sum(p.get("seconds") or 0.0 for p in self.parts)
         prow = [(p["name"], f"{p.get('num_matvecs', 0):,}", f"{p.get('num_passes', 0):,}",
                  f"{p.get('seconds') or 0.0:.2f}", p.get("source", "")) for p in self.parts]
         prow.append(("total", f"{tot[0]:,}", f"{tot[1]:,}", f"{secs:.2f}", ""))
-        lines += _table(("part", "products", "data passes", "seconds", "source"), prow)
+        lines += _table(("part", "products", "data passes", "seconds", "source"), prow,
+                        wrap=(0, 4))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -346,13 +350,46 @@ def _pm(x: float | None) -> str:
     return "exact" if x == 0 else f"± {x:.3g}"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    """Left-aligned columns; the last column is not padded (it may be long)."""
+#: The summary's line width: a terminal's, whatever the length of a part's source.
+_WIDTH = 100
+#: A wrapped column is never narrowed below this (nor below its header).
+_MIN_COLUMN = 12
+
+
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    """``text`` as lines of at most ``_WIDTH`` characters, the first indented by ``indent``,
+    the next ones two spaces further."""
+    import textwrap  # the summary's only use
+
+    return textwrap.wrap(text, _WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False) or [indent.rstrip()]
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]],
+           wrap: tuple[int, ...] = ()) -> list[str]:
+    """Left-aligned columns in at most ``_WIDTH`` characters: the columns ``wrap`` (indices)
+    are narrowed, the widest first, and their long cells continue on the next lines of the
+    row (the other columns are never cut; a table they alone overflow stays wider)."""
+    import textwrap
+
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    floors = {i: max(_MIN_COLUMN, len(header[i])) for i in wrap}
+    excess = 2 + sum(widths) + 2 * (len(widths) - 1) - _WIDTH
+    while excess > 0:
+        narrowable = [i for i in wrap if widths[i] > floors[i]]
+        if not narrowable:
+            break
+        i = max(narrowable, key=lambda j: widths[j])
+        cut = min(excess, widths[i] - floors[i])
+        widths[i] -= cut
+        excess -= cut
     out = []
     for j, r in enumerate([header, *rows]):
-        cells = [c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)]
-        out.append("  " + "  ".join(cells).rstrip())
+        cells = [textwrap.wrap(c, widths[i], break_on_hyphens=False) or [""]
+                 if i in wrap and len(c) > widths[i] else [c] for i, c in enumerate(r)]
+        for h in range(max(len(c) for c in cells)):
+            parts = [c[h] if h < len(c) else "" for c in cells]
+            out.append("  " + "  ".join(p.ljust(widths[i]) for i, p in enumerate(parts)).rstrip())
         if j == 0:
             out.append("  " + "  ".join("-" * w for w in widths))
     return out
