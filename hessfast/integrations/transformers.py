@@ -61,9 +61,10 @@ What it costs, per measurement (the products are counted, in :attr:`TrackPoint.n
 <hessfast.analysis.tracking.TrackPoint>` and the logged ``matvecs``; each product is one
 double-backward pass over every held batch):
 
-* building the operator: its pre-flight (a forward and a gradient graph of held batch 0, one
-  more forward to check the loss is deterministic) and one gradient graph per held batch;
-* eigsh's products for the top ``k`` (fewer when warm-started than a cold start);
+* building the operator: its pre-flight on held batch 0 (``check=`` of
+  :func:`hessfast.hessian`: a few forwards and a gradient graph) and one gradient graph per
+  held batch;
+* eigsh's products for the top ``k``, warm-started from the previous measurement's vectors;
 * for Adam/AdamW, RMSprop and Adagrad: a second eigsh, on the preconditioned operator;
 * with ``num_probes``: a second operator (its graphs, no pre-flight) and ``num_probes``
   products for the Hutch++ trace.
