@@ -284,6 +284,19 @@ def test_ggn_of_a_causal_lm(tmp_path):
     assert entry["ggn/lambda_max"] > 0
 
 
+def test_an_optimizer_without_a_known_threshold_tracks_lambda_max_only(tmp_path):
+    _needs_trainer()
+    cb = HessianCallback(every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _train(tmp_path, [cb], max_steps=2, optim="adafactor")
+    assert any("no edge-of-stability threshold is known for Adafactor" in str(w.message)
+               for w in caught)
+    (entry,) = _entries(trainer).values()
+    assert entry["hessian/lambda_max"] == entry["hessian/sharpness"] == cb.history[0].lambda_max
+    assert "hessian/threshold" not in entry and "hessian/ratio" not in entry
+
+
 # -- driven by hand: no Trainer on the call stack -----------------------------------------------
 def _drive(cb: HessianCallback, model: nn.Module, step: int):
     # the callback reads no argument when data= is given (TrainingArguments needs accelerate)
