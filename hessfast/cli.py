@@ -336,9 +336,9 @@ def _analyze(args: argparse.Namespace) -> int:
         kwargs["params"] = names
     n = num_selected(model, names)
     if args.k > n:  # analyze would refuse it as a ConfigurationError (exit 1) after the set-up
-        what = "parameters --params selects" if names is not None else "model's parameters"
-        raise UsageError("--k", f"k={args.k} is more than the {n} {what} (n); "
-                                f"use --k <= {n}")
+        what = (f"the {n} parameters --params selects" if names is not None
+                else f"the model's {n} parameters")
+        raise UsageError("--k", f"k={args.k} is more than {what} (n); use --k <= {n}")
     if args.lr is not None:
         kwargs["lr"] = args.lr
     from .analysis.analyze import analyze

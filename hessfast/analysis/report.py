@@ -370,8 +370,6 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]],
     """Left-aligned columns in at most ``_WIDTH`` characters: the columns ``wrap`` (indices)
     are narrowed, the widest first, and their long cells continue on the next lines of the
     row (the other columns are never cut; a table they alone overflow stays wider)."""
-    import textwrap
-
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     floors = {i: max(_MIN_COLUMN, len(header[i])) for i in wrap}
     excess = 2 + sum(widths) + 2 * (len(widths) - 1) - _WIDTH
@@ -385,11 +383,35 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]],
         excess -= cut
     out = []
     for j, r in enumerate([header, *rows]):
-        cells = [textwrap.wrap(c, widths[i], break_on_hyphens=False) or [""]
-                 if i in wrap and len(c) > widths[i] else [c] for i, c in enumerate(r)]
+        cells = [_cell_lines(c, widths[i]) if i in wrap and len(c) > widths[i] else [c]
+                 for i, c in enumerate(r)]
         for h in range(max(len(c) for c in cells)):
             parts = [c[h] if h < len(c) else "" for c in cells]
             out.append("  " + "  ".join(p.ljust(widths[i]) for i, p in enumerate(parts)).rstrip())
         if j == 0:
             out.append("  " + "  ".join("-" * w for w in widths))
     return out
+
+
+def _cell_lines(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at spaces; a word longer
+    than ``width`` (a parameter name) breaks after a ``.``, ``_`` or ``/`` inside it, and a
+    run without one is cut at ``width``."""
+    import re  # the summary's only use
+
+    pieces: list[str] = []
+    for word in re.findall(r"\S+\s*", text):
+        pieces += [word] if len(word.rstrip()) <= width else [
+            p for p in re.findall(r"[^._/]*[._/]?\s*", word) if p]
+    lines, cur = [], ""
+    for piece in pieces:
+        if cur and len(cur) + len(piece.rstrip()) > width:
+            lines.append(cur.rstrip())
+            cur = ""
+        cur += piece
+        while len(cur.rstrip()) > width:
+            lines.append(cur[:width])
+            cur = cur[width:]
+    if cur.strip():
+        lines.append(cur.rstrip())
+    return lines or [""]
