@@ -139,9 +139,9 @@ def plot_evolution(runs: Any, path: str | os.PathLike | None = None, lr: float |
     (d) the spectral density as a heatmap (x: step, y: eigenvalue, color: density, log
     scale), each checkpoint's SLQ quadrature broadened by its own ``sigma`` on one grid.
 
-    The x axis is the step when every checkpoint has one, else the checkpoint's place in the
-    order. From a file holding lines of several settings, the settings of its last ok line are
-    drawn; of several lines of one checkpoint, the last.
+    The x axis is the step when every checkpoint has a step of its own, else the
+    checkpoint's place in the order. From a file holding lines of several settings, the
+    settings of its last ok line are drawn; of several lines of one checkpoint, the last.
 
     Args:
         runs: the ``runs.jsonl`` path (or its folder), or a list of its line dicts.
@@ -161,7 +161,9 @@ def plot_evolution(runs: Any, path: str | os.PathLike | None = None, lr: float |
         raise ConfigurationError(f"plot_evolution: {str(path)!r} has no suffix; name the file "
                                  "e.g. 'evolution.png' (the suffix picks the format)")
     reps = [r["report"] for r in recs]
-    stepped = all(r.get("step") is not None for r in recs)
+    steps = [r.get("step") for r in recs]
+    # the heatmap's columns need distinct positions: two files of one step take their order
+    stepped = None not in steps and len(set(steps)) == len(steps)
     x = [float(r["step"]) if stepped else float(i) for i, r in enumerate(recs)]
     xlabel = "training step" if stepped else "checkpoint (in step order)"
     fig = new_figure("plot_evolution", figsize=(12, 8.5))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import batch_models as bm
@@ -19,7 +20,7 @@ from hessfast.analysis.batch import (
     checkpoint_step,
     find_checkpoints,
 )
-from hessfast.analysis.evolution import plot_evolution, read_runs
+from hessfast.analysis.evolution import append_line, plot_evolution, read_runs
 from hessfast.cli import main
 from hessfast.errors import ArgumentTypeError, ConfigurationError
 from hessfast.testing import dense_hessian_reference
@@ -173,6 +174,25 @@ def test_an_exception_is_recorded_on_its_line_and_the_others_complete(ckpts, env
     assert len(edge) == 1 and edge[0].get_ydata()[0] == pytest.approx(4.0)
     assert sorted(ln.get_label() for ln in cx.get_lines()) == ["fc1", "fc2"]
     assert list(cx.get_lines()[0].get_xdata()) == [0.0, 5.0]
+    heat = fig.axes[3].collections[0].get_array()  # [eigenvalue grid, checkpoints]
+    assert heat.shape == (300, 2) and float(heat.min()) > 0
+
+
+def test_cli_names_a_failed_checkpoint_and_exits_1(ckpts, env, tmp_path, capsys):
+    env["marker"].write_text("raise 0")
+    out = tmp_path / "cli"
+    argv = ["analyze", "--model", f"{HELPER}:make_model", "--data", f"{HELPER}:make_data",
+            "--loss", f"{HELPER}:loss", "--checkpoint", str(ckpts[1]), str(ckpts[0]),
+            "--k", "2", "--num-probes", "2", "--num-steps", "24", "--no-per-layer", "--quiet",
+            "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"1 of 2 checkpoints failed:\n  {ckpts[0]}: LossCallError" in err
+    assert "raised ValueError: the marked checkpoint (tag 0)" in err
+    assert "rerun the same command to retry them" in err
+    env["marker"].unlink()
+    assert main(argv) == 0
+    assert [ln["status"] for ln in read_runs(out)] == ["error", "ok", "ok"]
 
 
 # -- warm starts, resume rules, ranks ---------------------------------------------------------
@@ -300,3 +320,43 @@ class _Doubled(Loader):
 
 def _twice(model, batch):
     return 2 * bm.loss(model, batch)
+
+
+def test_a_worker_that_cannot_rebuild_the_problem_is_explained(ckpts, env, tmp_path):
+    with pytest.raises(ConfigurationError, match="could not start: worker 0: unpickling the "
+                                                 "problem raised RuntimeError: not here.*"
+                                                 "module level"):
+        analyze_checkpoints(_Unpicklable(), None, None, ckpts[:1], out=tmp_path, workers=2,
+                            progress=False, **FAST)
+    assert bm.count(env["counter"]) == 0
+    assert read_runs(tmp_path) == []
+
+
+class _Unpicklable(_Doubled):
+    """Pickles, but does not unpickle (as a function of an interactive session's __main__)."""
+
+    def __reduce__(self):
+        return _refuse, ()
+
+
+def _refuse():
+    raise RuntimeError("not here")
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    body = "x" * 65536  # larger than a pipe's atomic write
+
+    def write(worker: int) -> None:
+        for i in range(25):
+            append_line(path, {"worker": worker, "i": i, "body": body})
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = read_runs(path)  # a torn line would be skipped with a warning
+    assert sorted((ln["worker"], ln["i"]) for ln in lines) == [
+        (w, i) for w in range(4) for i in range(25)]
+    assert all(ln["body"] == body for ln in lines)
