@@ -36,7 +36,7 @@ from ..condition import (
     zero_threshold,
 )
 from ..curvature import GGNOperator, HessianOperator, ggn, hessian
-from ..density import SpectralDensity, spectral_density
+from ..density import MIN_STEPS, SpectralDensity, spectral_density
 from ..errors import ArgumentTypeError, ConfigurationError
 from ..estimators import trace as hutch
 from ..estimators.session import renamed_arg
@@ -330,6 +330,7 @@ class _Spectrum:
     trace_stderr: float
     negative_mass: float
     effective_rank: float
+    unresolved: dict[str, str]
 
 
 def _density(H: LinearOperator, num_probes: int, num_steps: int, seed: int, zero: float,
@@ -343,12 +344,17 @@ def _density(H: LinearOperator, num_probes: int, num_steps: int, seed: int, zero
     tr, tr_err = d.trace(lambda x: x), d.trace_stderr(lambda x: x)
     neg = float((d.weights * (d.nodes < -zero)).sum(dim=1).mean())
     erank = d.trace(torch.abs) / norm if norm > 0 else 0.0
+    unresolved = {} if d.resolved else {
+        q: f"{min(num_steps, n)} Lanczos steps per probe are too few for the density's shape, "
+           f"the effective rank and the negative mass; use num_steps >= {min(MIN_STEPS, n)}"
+           f" (hessfast analyze --num-steps {min(MIN_STEPS, n)})"
+        for q in ("density", "effective_rank", "negative_mass")}
     parts.append(p.record(
         ["density", "trace", "negative_mass", "effective_rank"],
         f"SLQ, {num_probes} Rademacher probes x {min(num_steps, n)} Lanczos steps; trace = mean "
         "of the probes' n u^T H u (exact per probe), negative mass = quadrature weight below "
         "-zero_threshold, tr|H| by the same quadrature"))
-    return d, _Spectrum(tr, tr_err, neg, erank)
+    return d, _Spectrum(tr, tr_err, neg, erank, unresolved)
 
 
 def _trace(H: LinearOperator, num_probes: int, seed: int, tr: float, tr_err: float,
@@ -414,6 +420,7 @@ def _report(H: LinearOperator, kind: str, n: int, top: EigshResult, bottom: Smal
         effective_rank_definition="tr|H| / max(|lambda_max|, |lambda_min|), tr|H| from the "
         "SLQ quadrature (= tr(H) / lambda_max for a PSD operator)",
         density={**density, "sigma": d.default_sigma}, per_layer=layers, parts=parts,
+        unresolved=spectrum.unresolved,
         settings=settings,
         lr=lr, lr_curvature_scale=lrs.scale, lr_curvature_scale_reason=lrs.reason,
         residual_floor=top.residual_floor, hessfast_version=__version__,

@@ -81,13 +81,18 @@ class Report(JsonResult):
         uncertain: ``{quantity: relative stderr}`` for every estimate whose standard error
             exceeds ``REL_STDERR_FLAG`` (10%) of its magnitude: ``"trace"`` and
             ``"per_layer.<group>.trace"``; computed from the fields (not an argument to fill).
+        unresolved: ``{quantity: why}`` for the quantities the run's settings cannot resolve
+            whatever the probes: ``density``, ``effective_rank`` and ``negative_mass`` from an
+            SLQ density of fewer than :data:`hessfast.density.result.MIN_STEPS` Lanczos steps
+            per probe (the summary marks them ``(!)`` and names the fix).
         hessfast_version, created: provenance (ISO time, UTC).
         provenance: where the numbers came from, so that two reports can be told apart:
             ``hessfast``/``torch`` versions, ``curvature``, ``loss`` (the loss's class or
             function name and reduction), ``model`` (class), ``params`` (the selection:
             ``"all"`` or its tensor names, with ``num_params``), ``data`` (samples and
             batches); the command line adds ``command``, ``model_spec``, ``data_spec``,
-            ``loss_spec`` and ``checkpoint`` (``path``, ``sha256``), a batch run
+            ``loss_spec`` and ``checkpoint`` (``path``, ``sha256``, ``stripped_prefixes``: the
+            DDP/compile wrapper prefixes removed from its keys), a batch run
             (:func:`hessfast.analyze_checkpoints`) the checkpoint and its ``step``.
         top_eigenvectors: the ``[k, n]`` top eigenvectors of the run (a tensor; None for a
             report read back from JSON): a warm start for the next call's ``v0``. Not part of
@@ -127,6 +132,7 @@ class Report(JsonResult):
     created: str = ""
     uncertain: dict[str, float | None] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    unresolved: dict[str, str] = field(default_factory=dict)
     top_eigenvectors: Any = field(default=None, compare=False)
 
     _REPR_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -265,7 +271,8 @@ class Report(JsonResult):
         add("condition number", "inf (not PD)" if self.condition is None else _f(self.condition),
             "", "condition")
         add("negative mass", "n/a" if self.negative_mass is None
-            else f"{100 * self.negative_mass:.3g} %", "", "negative_mass")
+            else f"{100 * self.negative_mass:.3g} %", _unres(self.unresolved, "negative_mass"),
+            "negative_mass")
         s = self.lr_curvature_scale
         sl = "" if s == 1 else f"{s:g} "
         add(f"stable lr 2/({sl}lambda_max)" if sl else "stable lr 2/lambda_max",
@@ -275,7 +282,8 @@ class Report(JsonResult):
             add("lr (given); 2/lr", f"{self.lr:.4g}; {edge:.4g}",
                 f"{sl}lambda_max " + ("<" if s * (self.lambda_max or 0) < edge else ">=")
                 + " 2/lr", "")
-        add("effective rank", _f(self.effective_rank), "", "effective_rank")
+        add("effective rank", _f(self.effective_rank), _unres(self.unresolved, "effective_rank"),
+            "effective_rank")
         lines += _table(("quantity", "value", "± stderr / residual", "from part"), rows,
                         wrap=(1, 2))
         if self.effective_rank_definition:
@@ -293,6 +301,8 @@ class Report(JsonResult):
                  + _flag(self.uncertain, f"per_layer.{g.get('name')}.trace"))
                 for g in self.per_layer
             ], wrap=(0, 5))
+        if self.unresolved:
+            lines += _wrap("(!) unresolved: " + "; ".join(sorted(set(self.unresolved.values()))))
         if self.uncertain:
             lines += _wrap(f"(!) relative stderr above {REL_STDERR_FLAG:.0%}: a rough estimate; "
                            "raise the probes (analyze's num_probes=) for a tighter one")
@@ -329,6 +339,11 @@ def _rel(value: float | None, stderr: float | None) -> float | None:
     if value is None or stderr is None or stderr == 0:
         return None
     return stderr / abs(value) if value != 0 else float("inf")
+
+
+def _unres(unresolved: dict[str, str], key: str) -> str:
+    """``(!) unresolved`` when ``key`` is one of the report's unresolved quantities."""
+    return "(!) unresolved" if key in unresolved else ""
 
 
 def _flag(uncertain: dict[str, float | None], key: str) -> str:

@@ -30,6 +30,6 @@ Modules: :mod:`.api` (the entry point :func:`spectral_density`, :func:`draw_prob
 from __future__ import annotations
 
 from .api import METHODS, draw_probes, spectral_density
-from .result import SpectralDensity
+from .result import MIN_STEPS, SpectralDensity
 
-__all__ = ["METHODS", "SpectralDensity", "draw_probes", "spectral_density"]
+__all__ = ["METHODS", "MIN_STEPS", "SpectralDensity", "draw_probes", "spectral_density"]

@@ -118,3 +118,14 @@ def test_analyze_with_one_step_warns() -> None:
         r = hf.analyze(model, nn.CrossEntropyLoss(), [(X, y)], k=1, num_probes=2,
                        num_steps=1, per_layer=False)
     assert r.settings["num_steps"] == 1
+    # the report carries it: the three quantities marked, the fix named, through JSON
+    assert set(r.unresolved) == {"density", "effective_rank", "negative_mass"}
+    assert all("num_steps >= 24" in why for why in r.unresolved.values())
+    summary = r.summary()
+    assert summary.count("(!) unresolved") >= 2 and "--num-steps 24" in summary
+    assert hf.Report.from_json(r.to_json()).unresolved == r.unresolved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ok = hf.analyze(model, nn.CrossEntropyLoss(), [(X, y)], k=1, num_probes=2,
+                        num_steps=24, per_layer=False)
+    assert ok.unresolved == {} and "unresolved" not in ok.summary()
