@@ -365,8 +365,17 @@ def _sha256(path: str) -> str:
 
 def load_weights(model: torch.nn.Module, path: str, device: str) -> None:
     """Load ``path`` (a state_dict, or a dict holding one under ``state_dict`` or ``model``,
-    read with ``torch.load(weights_only=True)``) into ``model``; a mismatch is a
-    ConfigurationError naming the differing keys."""
+    read with ``torch.load(weights_only=True)``) into ``model``.
+
+    Args:
+        model: the model whose weights are replaced.
+        path: the checkpoint file.
+        device: the ``map_location``.
+
+    Raises:
+        ConfigurationError: no state_dict in the file, or keys that differ from the model's
+            (named, with the hint for a wrapped model's prefixes).
+    """
     state = torch.load(path, weights_only=True, map_location=device)
     if isinstance(state, dict):
         for key in ("state_dict", "model"):

@@ -26,7 +26,8 @@ from ..errors import ArgumentTypeError, ConfigurationError
 from ..results import jsonable
 from .plot import new_figure
 
-__all__ = ["RUNS", "append_line", "plot_evolution", "read_runs"]
+__all__ = ["RUNS", "append_line", "best_lines", "draw_atomically", "plot_evolution", "read_runs",
+           "settings_key"]
 
 RUNS = "runs.jsonl"
 #: The heatmap's colors start at this fraction of its largest density.
@@ -91,14 +92,23 @@ def read_runs(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def settings_key(settings: Any) -> str:
-    """The canonical text of a line's ``settings`` (lines compare equal by it)."""
+    """The canonical text of a line's ``settings`` (lines compare equal by it).
+
+    Args:
+        settings: a line's ``settings`` dict.
+    """
     return json.dumps(settings, sort_keys=True)
 
 
 def best_lines(lines: list[dict[str, Any]], settings: Any
                ) -> dict[tuple[Any, Any], dict[str, Any]]:
     """``(path, sha256) -> line`` among the lines of ``settings``: the latest ``"ok"`` line,
-    else the latest error line."""
+    else the latest error line.
+
+    Args:
+        lines: the lines of a ``runs.jsonl`` (:func:`read_runs`).
+        settings: the settings the lines must have.
+    """
     key = settings_key(settings)
     best: dict[tuple[Any, Any], dict[str, Any]] = {}
     for line in lines:
@@ -114,7 +124,14 @@ def draw_atomically(path: Path, lines: list[dict[str, Any]], lr: float | None, w
                     ) -> None:
     """Redraw the figure of the ok ``lines`` at ``path``: written to a temporary file and
     moved into place (``os.replace``), and only when its bytes change, so a call that
-    computed nothing changes nothing. No ok line: nothing drawn; no matplotlib: a warning."""
+    computed nothing changes nothing. No ok line: nothing drawn; no matplotlib: a warning.
+
+    Args:
+        path: the figure's file (PNG).
+        lines: the ok lines to draw.
+        lr: the learning rate for ``2/lr`` (None: the reports').
+        who: the caller, named in the warning.
+    """
     if not lines:
         return
     try:
