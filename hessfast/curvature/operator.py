@@ -13,6 +13,7 @@ replaced by the next one (auto).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -24,6 +25,7 @@ from .._digest import digest_text, tensor_digest, tensors_digest
 from ..errors import (
     ArgumentTypeError,
     BatchError,
+    ConfigurationError,
     HessfastError,
     LossCallError,
 )
@@ -175,6 +177,9 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             self._buffers = BufferCopies(list(model.named_buffers()))
             self._buffer_keys = {n: id(b) for n, b in model.named_buffers()}
             self._slots = tensor_slots(model)
+            # the modules' modes the checks ran under (bn_mode="as_is" keeps them: refreshed())
+            self._modes = [m.training for m in model.modules()]
+            self._param_facts = [_param_facts(p) for p in self._params]
             fixed_chunk = None if options.chunk_size is None else int(options.chunk_size)
             self._planner = Planner(
                 options.hvp_mode, fixed_chunk, options.reuse_graph, self._data.num_batches,
@@ -412,6 +417,80 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         self._ranks.check_symmetry(self._symmetry, V, out)
         return out
 
+    def refreshed(self) -> CurvatureOperator:
+        """The same operator at the model's CURRENT parameter values: a new snapshot that
+        reuses this one's checked structure, for a measurement repeated along training
+        (:class:`~hessfast.analysis.tracking.SharpnessTracker` refreshes its operator at
+        every point).
+
+        Skipped, because it depends on the model's structure, modes, loss and data and not
+        on the parameters' values: the pre-flight (the loss call and its form, the custom
+        ``autograd.Function`` and graph-structure checks with their warnings, the
+        repeatability check's second forward, forward-over-reverse's agreement), the data's
+        first pass (the refreshed operator shares this one's batches and their recorded
+        fingerprints: every pass is still verified against them, so changed data raises
+        :class:`~hessfast.errors.DataChangedError`) and the planner's decisions (the
+        product path and chunk sizes, timed or measured once). Taken afresh: the
+        parameters' fingerprint (checked before every product, as always), the buffers'
+        values, the graphs (built by the first product), the counters, and the symmetry
+        probe of the first two products (no extra product). Every product is still checked
+        finite, so a parameter or loss that became NaN/Inf raises
+        :class:`~hessfast.errors.NonFiniteError` on the first product.
+
+        Returns:
+            a new operator of the same class, model, loss, data and options.
+
+        Raises:
+            ConfigurationError: more than the values changed since this operator was built
+                (a parameter or buffer added, removed or replaced, its dtype, device, shape
+                or ``requires_grad``; the modules' modes under ``bn_mode="as_is"``), or the
+                operator cannot be refreshed (finite-difference products, whose step and
+                error are measured per snapshot; a process group, whose ranks agree on
+                every snapshot): build a new operator with ``hf.hessian`` / ``hf.ggn``.
+        """
+        why = self._refresh_refusal()
+        if why is not None:
+            raise ConfigurationError(
+                f"{type(self).__name__}.refreshed: {why}; build a new operator instead "
+                f"(hf.{'ggn' if self._kind == 'GGN' else 'hessian'}(model, loss_fn, data, "
+                "...), which runs the pre-flight again)")
+        new = copy.copy(self)
+        new.num_matvecs = new.num_passes = 0
+        new._fingerprint = ParamFingerprint(self.model)
+        new._buffers = BufferCopies(list(self.model.named_buffers()))
+        new._buffers.written = list(self._buffers.written)  # its warning stays once
+        new._graph_cache = {}
+        new._fd_leaf_buffers = None
+        new.__dict__.pop("_theta_norm_cache", None)
+        planner = copy.copy(self._planner)
+        planner.plans, planner.failures = dict(planner.plans), dict(planner.failures)
+        planner.unavailable = dict(planner.unavailable)
+        new._planner = planner
+        new._proven = set(self._proven)
+        if self._symmetry is not None:
+            new._symmetry = SymmetryProbe(self._kind, self.compute_dtype)
+        return new
+
+    def _refresh_refusal(self) -> str | None:
+        """Why :meth:`refreshed` cannot reuse this operator's checks (None: it can)."""
+        if self._ranks.active:
+            return "a process group's ranks agree on every snapshot"
+        if (self._planner.requested == FD_MODE or self._planner.fallback is not None
+                or self.hvp_mode == FD_MODE):
+            return "finite-difference products measure their step and error per snapshot"
+        if tensor_slots(self.model) != self._slots:
+            return "the model's parameters or buffers were added, removed or replaced"
+        if [_param_facts(p) for p in self._params] != self._param_facts:
+            return "a selected parameter's dtype, device, shape or requires_grad changed"
+        buffers = dict(self.model.named_buffers())
+        for name, saved in self._buffers.saved.items():
+            now = buffers.get(name)
+            if now is None or now.shape != saved.shape or now.dtype != saved.dtype:
+                return f"buffer {name!r} changed its shape or dtype"
+        if self.bn_mode == "as_is" and [m.training for m in self.model.modules()] != self._modes:
+            return "the modules' train/eval modes changed (bn_mode='as_is' keeps them)"
+        return None
+
     def state_fingerprint(self) -> dict[str, str]:
         """What the curvature is a function of, for a checkpoint to bind to
         (:meth:`LinearOperator.state_fingerprint`): ``parameter:<name>`` for every parameter
@@ -480,6 +559,11 @@ class CurvatureOperator(BatchProducts, LinearOperator):
             f"samples={self.num_samples}, batches={self.num_batches}, "
             f"hvp_mode={self.hvp_mode!r}, dtype={self.dtype}, device={self.device})"
         )
+
+
+def _param_facts(p: torch.Tensor) -> tuple:
+    """What a parameter's curvature rows depend on besides its values."""
+    return (p.dtype, p.device, tuple(p.shape), p.requires_grad)
 
 
 class _CheckedView:
