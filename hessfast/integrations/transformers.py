@@ -32,9 +32,14 @@ Logged values (every logger of the trainer gets them, and ``trainer.state.log_hi
 the prefix ``"hessian/"`` (``"ggn/"`` for the GGN): ``lambda_max`` and ``lambda_2`` ...
 ``lambda_k`` (the operator's top eigenvalues); ``sharpness`` and ``threshold`` (the governing
 pair: the preconditioned sharpness for adaptive optimizers, ``lambda_max`` otherwise);
-``ratio`` (sharpness over threshold) and ``at_edge`` (1.0 when ``ratio >= 0.9``);
-``trace`` (with ``num_probes``); ``matvecs`` (the measurement's eigsh products). A value
-that does not exist (no threshold at lr 0) is left out.
+``ratio`` (sharpness over threshold) and ``at_edge`` (1.0 when ``ratio >= 0.9`` past the
+warm-up); ``warmup`` (adaptive optimizers: 1.0 while the preconditioner is still in its first
+steps, whose sharpness is a one-step artefact, never at the edge); ``diverged`` (1.0 when the
+weights or the curvature were not finite: the point is recorded, training goes on);
+``trace`` (with ``num_probes``); ``matvecs`` (the measurement's eigsh products). A value that
+does not exist (no threshold at lr 0, no eigenvalue when diverged) is left out. Each point
+also gets the training loss the trainer logs at its step (``TrackPoint.loss``), when it logs
+there.
 
 How it logs. A callback gets no reference to its trainer, and the ``logs`` dict that
 ``on_log`` receives reaches the reporting callbacks (wandb, TensorBoard, ...) BEFORE a user's
@@ -61,13 +66,14 @@ What it costs, per measurement (the products are counted, in :attr:`TrackPoint.n
 <hessfast.analysis.tracking.TrackPoint>` and the logged ``matvecs``; each product is one
 double-backward pass over every held batch):
 
-* building the operator: its pre-flight on held batch 0 (``check=`` of
-  :func:`hessfast.hessian`: a few forwards and a gradient graph) and one gradient graph per
-  held batch;
+* the operator: the first measurement builds it with its pre-flight on held batch 0
+  (``check=`` of :func:`hessfast.hessian`: a few forwards and a gradient graph), later ones
+  refresh it at the new weights (``CurvatureOperator.refreshed``: no pre-flight, the same
+  plan); each builds one gradient graph per held batch;
 * eigsh's products for the top ``k``, warm-started from the previous measurement's vectors;
 * for Adam/AdamW, RMSprop and Adagrad: a second eigsh, on the preconditioned operator;
-* with ``num_probes``: a second operator (its graphs, no pre-flight) and ``num_probes``
-  products for the Hutch++ trace.
+* with ``num_probes``: a second operator, refreshed the same way (its graphs, never a
+  pre-flight), and ``num_probes`` products for the Hutch++ trace.
 
 The held batches stay on the model's device for the whole run, and the eigsh basis holds a
 few ``[k, n]`` vectors of the parameters' size while it runs.
@@ -199,6 +205,9 @@ class HessianCallback(transformers.TrainerCallback):
         loss_fn: as for :func:`hessfast.hessian`; default ``model(**batch).loss``.
         seed: eigsh's private seed (measurement i uses ``seed + i``; the trace too).
         trainer: the ``Trainer`` to log through; default: found when training starts.
+        warmup: an adaptive optimizer's first steps whose points are marked ``warmup`` and
+            never at the edge (:class:`~hessfast.analysis.tracking.SharpnessTracker`; default
+            :func:`~hessfast.analysis.tracking.default_warmup`).
         block_size: eigsh's block size (default: the tracker's).
         max_matvecs: eigsh's product budget per solve (default: eigsh's).
         **operator_kwargs: options of :func:`hessfast.hessian` / :func:`hessfast.ggn`
@@ -214,8 +223,9 @@ class HessianCallback(transformers.TrainerCallback):
     def __init__(self, *, every: int, k: int = 1, curvature: str = "hessian",
                  num_probes: int = 0, data: Any = None, num_batches: int = 1,
                  tol: float = 1e-3, loss_fn: Callable | None = None, seed: int = 0,
-                 trainer: Any = None, block_size: int | None = None,
-                 max_matvecs: int | None = None, **operator_kwargs: Any) -> None:
+                 trainer: Any = None, warmup: int | None = None,
+                 block_size: int | None = None, max_matvecs: int | None = None,
+                 **operator_kwargs: Any) -> None:
         self.every = check_int("every", every, 1, who=_WHO)
         self.k = check_int("k", k, 1, who=_WHO)
         self.curvature = check_choice("curvature", curvature, _CURVATURES, who=_WHO)
@@ -244,15 +254,16 @@ class HessianCallback(transformers.TrainerCallback):
             raise ConfigurationError(f"{_WHO}: data must be a batch (a dict) or a list of "
                                      f"batches, got a {type(data).__name__}")
         self.data, self.loss_fn, self.trainer = data, loss_fn, trainer
-        self.block_size, self.max_matvecs = block_size, max_matvecs
+        if warmup is not None:
+            check_int("warmup", warmup, 0, who=_WHO)
+        self.warmup, self.block_size, self.max_matvecs = warmup, block_size, max_matvecs
         self.operator_kwargs = dict(operator_kwargs)
         self.prefix = f"{self.curvature}/"
         self.tracker: SharpnessTracker | None = None
         self.traces: dict[int, tuple[float, float]] = {}
         self._batches: list[Any] | None = None
         self._operator_args: tuple[Callable, dict[str, Any]] | None = None
-        self._new_step_api = {"loss", "step"} <= set(
-            inspect.signature(SharpnessTracker.step).parameters)
+        self._trace_op: Any = None
         self._warned_no_logger = False
 
     # -- what it has -------------------------------------------------------------------------
@@ -312,13 +323,12 @@ class HessianCallback(transformers.TrainerCallback):
             return
         with _global_rng_kept():
             point = self._measure(step)
-        if point is not None:
-            self._emit(self.metrics(point), state, control)
+        self._emit(self.metrics(point), state, control)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                **kwargs: Any) -> None:
-        """Record the trainer's logged training loss on the point of the same step (when
-        the tracker's points carry a loss and none was set).
+        """Record the trainer's logged training loss on the point of the same step (the
+        mean over the logging interval, as the trainer logs it).
 
         Args:
             args: the ``TrainingArguments``.
@@ -330,7 +340,7 @@ class HessianCallback(transformers.TrainerCallback):
         h = self.history
         if not logs or "loss" not in logs or not h or h[-1].step != state.global_step:
             return
-        if hasattr(h[-1], "loss") and h[-1].loss is None:
+        if h[-1].loss is None:
             h[-1].loss = float(logs["loss"])
 
     # -- measuring ---------------------------------------------------------------------------
@@ -381,42 +391,42 @@ class HessianCallback(transformers.TrainerCallback):
         self._operator_args = (loss_fn, kw)
         return SharpnessTracker(
             model, loss_fn, self._batches, every=1, k=self.k, optimizer=optimizer,
-            curvature=self.curvature, tol=self.tol, seed=self.seed,
+            curvature=self.curvature, tol=self.tol, seed=self.seed, warmup=self.warmup,
             block_size=self.block_size, max_matvecs=self.max_matvecs, **kw)
 
-    def _measure(self, step: int) -> TrackPoint | None:
-        """One tracker point at optimizer step ``step`` (and the trace); a non-finite
-        curvature is warned about and recorded by the tracker when it can, never raised:
-        training goes on."""
-        tracker, index = self.tracker, len(self.history)
-        try:
-            if self._new_step_api:
-                point = tracker.step(loss=None, step=step)
-            else:  # a tracker that counts its own calls: the step is set here
-                point = tracker.step()
-                if point is not None:
-                    point.step = step
-            if point is not None and self.num_probes:
-                loss_fn, kw = self._operator_args
-                build = hessian if self.curvature == "hessian" else ggn
-                # the tracker's operator ran the pre-flight on this model, data and weights
-                H = build(tracker.model, loss_fn, self._batches, **{"check": False, **kw})
-                tr = trace(H, max_matvecs=self.num_probes, seed=self.seed + index)
+    def _measure(self, step: int) -> TrackPoint:
+        """One tracker point at optimizer step ``step``, and the trace. A diverged run is
+        recorded by the tracker (``diverged``, with its warning), never raised into
+        training; it gets no trace."""
+        index = len(self.history)
+        # the loss of this step is logged by the trainer after this event: on_log adds it
+        point = self.tracker.step(loss=None, step=step)
+        if self.num_probes and not point.diverged:
+            try:
+                tr = trace(self._trace_operator(), max_matvecs=self.num_probes,
+                           seed=self.seed + index)
+            except NonFiniteError as exc:
+                warnings.warn(f"hessfast: {_WHO}: no trace at step {step}: {exc}",
+                              RuntimeWarning, stacklevel=3)
+            else:
                 self.traces[step] = (tr.value, tr.stderr)
-        except NonFiniteError as exc:
-            warnings.warn(f"hessfast: {_WHO}: the curvature at step {step} is not finite "
-                          f"(has training diverged?): {exc}", stacklevel=3)
-            return None
         return point
 
-    def _governing(self, point: TrackPoint) -> tuple[float | None, float | None]:
-        """The sharpness and threshold that decide the edge: the preconditioned pair for
-        adaptive optimizers, lambda_max and its threshold otherwise."""
-        if hasattr(point, "governing_threshold"):
-            return point.sharpness, point.governing_threshold
-        if self.tracker is not None and self.tracker.precond:
-            return point.preconditioned_lambda_max, point.preconditioned_threshold
-        return point.lambda_max, point.threshold
+    def _trace_operator(self) -> Any:
+        """The trace's operator at the current weights: the last one refreshed (no pre-flight,
+        the same batches and plan), else a new one; its first build skips the pre-flight,
+        which the tracker's operator ran on the same model, loss and batches."""
+        if self._trace_op is not None:
+            try:
+                self._trace_op = self._trace_op.refreshed()
+                return self._trace_op
+            except ConfigurationError:  # more than the weights changed: build it anew
+                pass
+        loss_fn, kw = self._operator_args
+        build = hessian if self.curvature == "hessian" else ggn
+        self._trace_op = build(self.tracker.model, loss_fn, self._batches,
+                               **{"check": False, **kw})
+        return self._trace_op
 
     def metrics(self, point: TrackPoint) -> dict[str, float]:
         """The values logged for ``point`` (module docstring), None ones left out.
@@ -431,10 +441,13 @@ class HessianCallback(transformers.TrainerCallback):
         out: dict[str, float | None] = {f"{p}lambda_max": point.lambda_max}
         for i, v in enumerate(point.eigenvalues[1:], start=2):
             out[f"{p}lambda_{i}"] = v
-        sharp, thr = self._governing(point)
-        out[f"{p}sharpness"], out[f"{p}threshold"] = sharp, thr
+        out[f"{p}sharpness"], out[f"{p}threshold"] = point.sharpness, point.governing_threshold
         if point.ratio is not None:
             out[f"{p}ratio"], out[f"{p}at_edge"] = point.ratio, float(point.at_edge)
+        if self.tracker is not None and self.tracker.precond:
+            out[f"{p}warmup"] = float(point.warmup)
+        if point.diverged:
+            out[f"{p}diverged"] = 1.0
         if point.step in self.traces:
             out[f"{p}trace"] = self.traces[point.step][0]
         out[f"{p}matvecs"] = float(point.num_matvecs)

@@ -170,8 +170,10 @@ def test_the_values_are_logged_at_the_measured_steps(runs):
         assert e["hessian/lambda_max"] == p.lambda_max
         assert e["hessian/trace"] == cb.traces[p.step][0]
         assert e["hessian/matvecs"] == p.num_matvecs
-        # AdamW: the governing pair is the preconditioned one
+        # AdamW: the governing pair is the preconditioned one; its first steps are warm-up
         assert e["hessian/sharpness"] == p.preconditioned_lambda_max
+        assert p.warmup and e["hessian/warmup"] == 1.0 and not p.at_edge
+        assert e.get("hessian/at_edge", 0.0) == 0.0  # absent at lr 0 (step 6)
         assert "epoch" in e
     # the trainer's own logs at the measured steps are still there
     assert sorted(s for s, _ in _losses(trainer)) == [1, 2, 3, 4, 5, 6]
@@ -315,6 +317,20 @@ def test_without_a_trainer_the_values_go_to_log_history_with_a_warning():
         state = _drive(cb, _model(), 4)
     assert [e["step"] for e in state.log_history] == [4]
     assert state.log_history[0]["hessian/lambda_max"] == cb.history[0].lambda_max
+
+
+def test_a_diverged_model_is_recorded_and_logged_not_raised():
+    model = _model()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    cb = HessianCallback(every=1, data=_batch(0), num_probes=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracker's divergence warning, the lost logger
+        state = _drive(cb, model, 3)
+    (point,) = cb.history
+    assert point.diverged and point.lambda_max is None and 3 not in cb.traces
+    (entry,) = state.log_history
+    assert entry["hessian/diverged"] == 1.0 and "hessian/lambda_max" not in entry
 
 
 def test_batches_without_labels_are_refused_naming_the_labels():
