@@ -17,7 +17,9 @@ from .analysis import (
     Report,
     SharpnessTracker,
     analyze,
+    analyze_checkpoints,
     block_spectra,
+    plot_evolution,
     preconditioned,
 )
 from .condition import ConditionResult, condition_number
@@ -47,10 +49,13 @@ __all__ = [
     "diagonal",
     "spectral_density",
     "trace",
-    # analysis: one-call reports, per-layer spectra, preconditioned curvature, training
+    # analysis: one-call reports, per-layer spectra, preconditioned curvature, training,
+    # many checkpoints (trainer callbacks: hessfast.integrations, imported on use)
     "SharpnessTracker",
     "analyze",
+    "analyze_checkpoints",
     "block_spectra",
+    "plot_evolution",
     "preconditioned",
     # results: every one has num_matvecs, num_passes, status, to_dict and to_json
     "BlockSpectra",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import hashlib
 import importlib
 import importlib.util
 import math
@@ -20,6 +19,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from .analysis.weights import WRAPPER_PREFIXES, file_sha256, strip_wrapper_prefixes
 
 __all__ = [
     "WRAPPER_PREFIXES",
@@ -277,123 +278,16 @@ def load_loss(spec: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoint and parameters
+# checkpoint and parameters (the weights' rule: analysis/weights.py, re-exported here)
 # ---------------------------------------------------------------------------------------------
 
 
-#: What DistributedDataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``) put in
-#: front of every key of a wrapped model's state_dict; named in the note and the hint.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_wrapper_prefixes(
-    state: dict[str, Any], model_keys: Any
-) -> tuple[dict[str, Any], list[str]]:
-    """``state`` with the dotted prefixes that ALL its keys share removed, when removing them
-    makes its keys exactly ``model_keys``; else ``state`` unchanged.
-
-    A model saved from inside a wrapper names every tensor with the wrapper's attribute in
-    front: ``module.`` (DistributedDataParallel, DataParallel), ``_orig_mod.``
-    (``torch.compile``), both in either order, or a training module's attribute (Lightning's
-    ``model.``). One leading segment is removed at a time while every key shares it, and the
-    first result whose key set equals ``model_keys`` is taken; a partial match strips nothing,
-    so a checkpoint of another architecture is reported as it was saved.
-
-    Args:
-        state: a state_dict (key -> tensor), not modified.
-        model_keys: the keys of the model's ``state_dict()`` (any iterable of str).
-
-    Returns:
-        ``(state, removed)``: the state_dict to load (a new dict when prefixes were removed,
-        else ``state`` itself) and the removed prefixes in order (``["module.",
-        "_orig_mod."]``), empty when none was.
-    """
-    want = set(model_keys)
-    keys = list(state)
-    if not keys or set(keys) == want:
-        return state, []
-    removed: list[str] = []
-    # a prefix shorter than every key: stripping never leaves an empty name
-    while all("." in k for k in keys):
-        head = keys[0].split(".", 1)[0] + "."
-        if not all(k.startswith(head) for k in keys):
-            break
-        keys = [k[len(head):] for k in keys]
-        removed.append(head)
-        if set(keys) == want:
-            return dict(zip(keys, state.values(), strict=True)), removed
-    return state, []
-
-
-def _shared_prefixes(keys: list[str]) -> list[str]:
-    """The leading dotted segments every key in ``keys`` shares (``["module.", "_orig_mod."]``)."""
-    out: list[str] = []
-    while keys and all("." in k for k in keys):
-        head = keys[0].split(".", 1)[0] + "."
-        if not all(k.startswith(head) for k in keys):
-            break
-        out.append(head)
-        keys = [k[len(head):] for k in keys]
-    return out
-
-
-def _heads(keys: Any, limit: int = 4) -> str:
-    """The distinct first segments of ``keys`` in order, quoted (``'conv1.', 'fc.'``)."""
-    seen: list[str] = []
-    for k in keys:
-        head = k.split(".", 1)[0] + ("." if "." in k else "")
-        if head not in seen:
-            seen.append(head)
-    shown = ", ".join(repr(h) for h in seen[:limit])
-    return shown + (f" and {len(seen) - limit} more" if len(seen) > limit else "")
-
-
-def _mismatch(path: str, state: dict[str, Any], own: dict[str, Any]) -> str | None:
-    """The short message of a checkpoint whose keys or shapes differ from the model's: the
-    counts, a few keys of each kind, and a hint on what the keys suggest; None if it fits."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if not (missing or unexpected or shapes):
-        return None
-
-    def few(keys: list[str], limit: int = 5) -> str:
-        keys = sorted(keys)
-        return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)"
-                                          if len(keys) > limit else "")
-
-    parts = []
-    if missing:
-        parts.append(f"missing keys: {few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {few(unexpected)}")
-    if shapes:
-        parts.append(f"shape mismatches: {few(shapes, 3)}")
-    counts = (f"{len(state)} tensors in the checkpoint, {len(own)} in the model, "
-              f"{len(set(state) & set(own))} names in common")
-    if shapes and not (missing or unexpected):
-        hint = ("same names, other sizes: does --model build the model with the sizes the "
-                "checkpoint was saved with?")
-    else:
-        shared = _shared_prefixes(list(state))
-        wrapped = [p for p in shared if p in WRAPPER_PREFIXES]
-        hint = (f"the checkpoint's keys start with {_heads(state)}, the model's with "
-                f"{_heads(own)}: does --model build the architecture the checkpoint was "
-                "saved from?")
-        if wrapped:
-            hint += (f" (its shared prefix {''.join(shared)!r} was not removed: without it "
-                     "the keys still differ)")
-    return (f"{path} does not match the model of --model ({counts}; " + "; ".join(parts)
-            + f"). {hint}")
-
-
 def load_checkpoint(model: Any, path: str, device: str) -> list[str]:
-    """Loads ``path`` (a state_dict, or a dict holding one under ``state_dict`` or ``model``)
-    into ``model`` (the CLI's own instance). A wrapper's prefix on every key (``module.``,
-    ``_orig_mod.``) is removed when that makes the keys the model's
-    (:func:`strip_wrapper_prefixes`); a mismatch is a short :class:`UsageError` (the counts,
-    a few keys, a hint).
+    """Loads ``path`` into ``model`` (the CLI's own instance) by the one rule of
+    :func:`hessfast.analysis.weights.load_weights`: a state_dict, or a dict holding one under
+    ``state_dict`` or ``model``; a wrapper's prefix on every key (``module.``, ``_orig_mod.``)
+    removed when that makes the keys the model's; a mismatch is a short :class:`UsageError`
+    (the counts, a few keys, a hint).
 
     Args:
         model: the model of ``--model`` (its weights are replaced).
@@ -403,32 +297,13 @@ def load_checkpoint(model: Any, path: str, device: str) -> list[str]:
     Returns:
         The prefixes removed from the keys, in order (empty when none was).
     """
-    import torch
+    from .analysis.weights import load_weights
+    from .errors import ConfigurationError
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UsageError("--checkpoint", f"{path!r}: no such file")
     try:
-        state = torch.load(file, weights_only=True, map_location=device)
-    except Exception as exc:
-        raise UsageError("--checkpoint", f"{path} could not be read as a weights-only torch "
-                                         f"checkpoint: {describe(exc)}") from exc
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise UsageError("--checkpoint", f"{path} holds no state_dict (expected a dict of "
-                                         f"tensors, or a dict with 'state_dict' or 'model')")
-    own = model.state_dict()
-    state, removed = strip_wrapper_prefixes(state, own)
-    problem = _mismatch(path, state, own)
-    if problem is not None:
-        raise UsageError("--checkpoint", problem)
-    model.load_state_dict(state)
-    return removed
+        return load_weights(model, path, device, name="the model of --model")
+    except ConfigurationError as exc:
+        raise UsageError("--checkpoint", str(exc)) from None
 
 
 def expand_checkpoints(patterns: list[str]) -> list[str]:
@@ -457,19 +332,6 @@ def expand_checkpoints(patterns: list[str]) -> list[str]:
     for p in out:
         seen.setdefault(os.path.realpath(os.path.expanduser(p)), p)
     return list(seen.values())
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 hex digest of a file's bytes, read in 1 MiB chunks.
-
-    Args:
-        path: the file.
-    """
-    digest = hashlib.sha256()
-    with open(os.path.expanduser(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_provenance(path: str, removed: list[str]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ when its bytes change.
 from __future__ import annotations
 
 import glob
-import hashlib
 import inspect
 import multiprocessing as mp
 import os
@@ -45,9 +44,9 @@ from ..progress import check_progress, progress_enabled
 from ..results import jsonable
 from .analyze import analyze
 from .evolution import RUNS, append_line, best_lines, draw_atomically, read_runs
+from .weights import file_sha256, load_weights
 
-__all__ = ["Checkpoint", "Loader", "analyze_checkpoints", "checkpoint_step", "find_checkpoints",
-           "load_weights"]
+__all__ = ["Checkpoint", "Loader", "analyze_checkpoints", "checkpoint_step", "find_checkpoints"]
 
 WHO = "hessfast.analyze_checkpoints"
 FIGURE = "evolution.png"
@@ -106,7 +105,7 @@ class Loader:
             path: the checkpoint file.
             device: the ``map_location``.
         """
-        load_weights(model, path, device)
+        load_weights(model, path, device, name="make_model()'s model")
 
     def operator_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
         """Extra keywords of :func:`hessfast.analyze` that depend on the model (default none).
@@ -285,7 +284,7 @@ def find_checkpoints(paths: Any) -> list[Checkpoint]:
         ArgumentTypeError: ``paths`` of another type.
     """
     files = _expand(paths)
-    found = [Checkpoint(f, checkpoint_step(f), _sha256(f)) for f in files]
+    found = [Checkpoint(f, checkpoint_step(f), file_sha256(f)) for f in files]
     return sorted(found, key=lambda c: (c.step is None, c.step or 0, c.path))
 
 
@@ -353,48 +352,6 @@ def _peek(path: str) -> Any:
         except Exception:  # noqa: BLE001 - an old format refuses mmap; the worker reports
             continue
     return None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_weights(model: torch.nn.Module, path: str, device: str) -> None:
-    """Load ``path`` (a state_dict, or a dict holding one under ``state_dict`` or ``model``,
-    read with ``torch.load(weights_only=True)``) into ``model``.
-
-    Args:
-        model: the model whose weights are replaced.
-        path: the checkpoint file.
-        device: the ``map_location``.
-
-    Raises:
-        ConfigurationError: no state_dict in the file, or keys that differ from the model's
-            (named, with the hint for a wrapped model's prefixes).
-    """
-    state = torch.load(path, weights_only=True, map_location=device)
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise ConfigurationError(f"{path} holds no state_dict (expected a dict of tensors, or "
-                                 "a dict with 'state_dict' or 'model')")
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ConfigurationError(
-            f"{path} does not match make_model()'s model: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]} ({len(missing)} and {len(unexpected)} in all); "
-            "a model saved from inside DistributedDataParallel or torch.compile names its "
-            "tensors 'module.' or '_orig_mod.' first: save model.module / model._orig_mod")
-    model.load_state_dict(state)
 
 
 # -- one checkpoint ---------------------------------------------------------------------------

@@ -429,7 +429,7 @@ def test_checkpoint_mismatch_is_short_with_a_hint(work: Path) -> None:
     assert "60 tensors in the checkpoint, 4 in the model, 0 names in common" in err
     assert "(60 in all)" in err and len(re.findall(r"encoder\.layers\.\d+\.weight", err)) == 5
     assert "the checkpoint's keys start with 'module.', the model's with '0.', '2.'" in err
-    assert "does --model build the architecture the checkpoint was saved from?" in err
+    assert "does the model of --model build the architecture the checkpoint was saved from?" in err
     assert "shared prefix 'module.encoder.layers.' was not removed" in err
     assert len(err) < 700
 
