@@ -67,9 +67,10 @@ Divergence. A point whose ``loss`` (as given) or parameters are not finite, or w
 raises :class:`~hessfast.errors.NonFiniteError` (a NaN/Inf loss, gradient or product), is
 recorded with ``diverged=True``, ``lambda_max`` and ``sharpness`` None, no eigenvalues and the
 ``reason``, instead of raising into the training loop; the first one warns (a
-``RuntimeWarning`` naming the step). Later calls go on: a point with non-finite parameters
-costs no product (checked before any), and a run that recovers (a grad scaler's skipped step)
-is measured again.
+``RuntimeWarning`` naming the step). Later calls go on: a non-finite ``loss`` costs nothing
+(no operator is built), non-finite parameters about one gradient (the operator's first
+product finds them), and a run that recovers (a grad scaler's skipped step) is measured
+again.
 
 Warm starts and their cost. Each measurement starts Lanczos from a prediction of the new
 eigenvectors made from the last two measurements' (per operator: H and the preconditioned
@@ -98,13 +99,14 @@ Fixed cost per point. The first point builds the operator with its pre-flight
 :meth:`~hessfast.curvature.operator.CurvatureOperator.refreshed` of the previous one: a new
 snapshot at the current parameters that skips what depends only on the model's structure,
 modes, loss and data (the pre-flight's loss-call, repeatability and graph-structure checks and
-their forward, the data's first pass, the product path's planning), re-checking that the
-structure is unchanged first (parameters and buffers present, of the same dtype, device, shape
-and ``requires_grad``; modes under ``bn_mode="as_is"``) and falling back to a full build with
-its pre-flight when it is not, or when the data changed. Every product is still checked finite
-and the parameters before every product; the first two products of each snapshot still go
-through the symmetry probe. The operator's graphs are freed after every point (no memory is
-held between points beyond the vectors).
+their forward, the symmetry probe, the data's first pass, the product path's planning): they
+run once per tracker, on the first point. It re-checks that the structure is unchanged first
+(parameters and buffers present, of the same dtype, device, shape and ``requires_grad``; the
+modes under ``bn_mode="as_is"``) and falls back to a full build with its pre-flight when it is
+not, or when the data changed in place (the refreshed operator verifies every pass against the
+first build's record of the data). Every product is still checked finite, and the parameters
+before every product. The operator's graphs are freed after every point (no memory is held
+between points beyond the vectors).
 
 The tracker never modifies the model, its modes, buffers or ``.grad``, the optimizer's state,
 or the global RNG (eigsh draws from a private generator seeded with ``seed``).
@@ -124,7 +126,6 @@ from typing import Any
 import torch
 from torch import nn, optim
 
-from .._checks import all_finite
 from ..condition import lr_curvature_scale
 from ..curvature import ggn, hessian
 from ..errors import ArgumentTypeError, ConfigurationError, DataChangedError, NonFiniteError
@@ -542,15 +543,12 @@ class SharpnessTracker:
         return point
 
     def _not_finite(self, loss: float | None) -> str | None:
-        """Why this step is diverged before any product (None: the loss as given and the
-        parameters are finite)."""
+        """Why this step is diverged before any product (None: the loss given, if any, is
+        finite). Non-finite parameters are found by the operator (its loss, gradient or
+        first product: NonFiniteError), at the cost of one gradient, not by a read of every
+        parameter at every point."""
         if loss is not None and not math.isfinite(loss):
             return f"the loss given to step() is {loss}"
-        bad = [n for n, p in self.model.named_parameters()
-               if p.is_floating_point() and not all_finite(p.detach())]
-        if bad:
-            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-            return f"the parameters hold NaN/Inf ({shown})"
         return None
 
     def _diverged(self, base: dict[str, Any], reason: str, spent: int,

@@ -430,11 +430,13 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         first pass (the refreshed operator shares this one's batches and their recorded
         fingerprints: every pass is still verified against them, so changed data raises
         :class:`~hessfast.errors.DataChangedError`) and the planner's decisions (the
-        product path and chunk sizes, timed or measured once). Taken afresh: the
-        parameters' fingerprint (checked before every product, as always), the buffers'
-        values, the graphs (built by the first product), the counters, and the symmetry
-        probe of the first two products (no extra product). Every product is still checked
-        finite, so a parameter or loss that became NaN/Inf raises
+        product path and chunk sizes, timed or measured once) and the symmetry probe of the
+        first two products (``u.(Hv) == v.(Hu)``: what it catches, a loss that is not a
+        fixed function of the parameters, is a property of the model and loss, probed once
+        on the operator this one descends from). Taken afresh: the parameters' fingerprint
+        (checked before every product, as always), the buffers' values, the graphs (built
+        by the first product) and the counters. Every product is still checked finite, so a
+        parameter or loss that became NaN/Inf raises
         :class:`~hessfast.errors.NonFiniteError` on the first product.
 
         Returns:
@@ -467,8 +469,7 @@ class CurvatureOperator(BatchProducts, LinearOperator):
         planner.unavailable = dict(planner.unavailable)
         new._planner = planner
         new._proven = set(self._proven)
-        if self._symmetry is not None:
-            new._symmetry = SymmetryProbe(self._kind, self.compute_dtype)
+        new._symmetry = None  # probed on this operator's first products: the same function
         return new
 
     def _refresh_refusal(self) -> str | None:
