@@ -348,8 +348,12 @@ class _Starts:
                 self.extrapolate = _outside(linear, V) < _outside(self.last, V)
             # rotate the last vectors onto the new ones (orthogonal Procrustes; a sign for
             # k = 1), so that the difference of the two sets is their drift, not a flip
-            u, _, vh = torch.linalg.svd((V @ self.last.T).double())
-            self.before = (u @ vh).to(V.dtype) @ self.last
+            overlap = V @ self.last.T  # [k, k]
+            if overlap.shape[0] == 1:
+                self.before = self.last if float(overlap) >= 0 else -self.last
+            else:
+                u, _, vh = torch.linalg.svd(overlap.double())
+                self.before = (u @ vh).to(V.dtype) @ self.last
         else:
             self.before = None
         self.last = V

@@ -113,9 +113,15 @@ class Run:
         rows used; None: none) completed by random rows; start vectors that are duplicate
         or zero are perturbed by random ones instead of dividing by zero."""
         n, acc = self.n, self.acc
+        v = None if v0 is None else v0.reshape(-1, n).to(device=self.bdev,
+                                                          dtype=self.wdtype)[:b]  # [j, n]
+        if v is not None and b == 1:
+            # a warm start's one row: its norm is its QR (no random row drawn to be replaced)
+            norm = float(torch.linalg.vector_norm(v.to(acc)))
+            if math.isfinite(norm) and norm > 0.0:
+                return (v.to(acc) / norm).to(self.wdtype)
         X0 = self.random_rows(b)
-        if v0 is not None:
-            v = v0.reshape(-1, n).to(device=self.bdev, dtype=self.wdtype)[:b]  # [j, n]
+        if v is not None:
             X0[: v.shape[0]] = v
         Qh, R = torch.linalg.qr(X0.T.to(acc))
         diag = torch.diagonal(R).abs()
