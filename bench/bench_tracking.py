@@ -5,7 +5,9 @@ per point and in fixed time per point beyond its products. One JSON line per rec
   (k = 1, tol 1e-3, block 1: the CPU default) against two eigsh runs at the same parameters
   and tolerance: a cold start (random vector) and the start the tracker used before issue 19
   (the previous point's vector, ``prev_products``). Correctness first: every point's
-  ``lambda_max`` must agree with the cold run's within the tolerance (``correct``). Phases:
+  ``lambda_max`` must agree within the tolerance with a reference (the top of ``eigsh(k=3,
+  block 3, tol 1e-6)``: ``correct``); ``cold_misses`` counts the cold k = 1 runs that missed
+  it (a random start nearly orthogonal to the top eigenvector). Phases:
   ``transient`` starts at the initialisation (the loss falls fast, the top eigenvector turns
   by a relative residual of 1-2e-2 per step), ``steady`` after ``--pre`` steps of training.
   ``steady_products`` is the mean over the phase's points after the first two (the first is
@@ -85,18 +87,22 @@ def _phase(name: str, phase: str, steps: int, pre: int, samples: int | None
     for _ in range(pre if phase == "steady" else 0):
         _train(model, loss_fn, data, opt)
     tracker = hf.SharpnessTracker(model, loss_fn, data, optimizer=opt, tol=TOL, block_size=1)
-    cold, prev, prev_vec, worst = [], [], None, 0.0
+    cold, prev, prev_vec, worst, cold_misses = [], [], None, 0.0, 0
     for t in range(steps):
         loss = _train(model, loss_fn, data, opt)
         point = tracker.step(loss)
-        c = hf.eigsh(hf.hessian(model, loss_fn, data), 1, tol=TOL, block_size=1, seed=t)
-        p = hf.eigsh(hf.hessian(model, loss_fn, data), 1, tol=TOL, block_size=1, seed=t,
-                     v0=prev_vec)
+        H = hf.hessian(model, loss_fn, data)
+        c = hf.eigsh(H, 1, tol=TOL, block_size=1, seed=t)
+        p = hf.eigsh(H, 1, tol=TOL, block_size=1, seed=t, v0=prev_vec)
+        # the reference: top 3 in a block of 3 to 1e-6, from its own seeds (a k = 1 cold start
+        # can miss lambda_max when its random vector barely meets the top eigenvector: seen
+        # once here, an overlap of 1e-5 converging to the second eigenvalue)
+        ref = float(hf.eigsh(H, 3, tol=1e-6, block_size=3, seed=10_000 + t).eigenvalues[0])
         prev_vec = p.eigenvectors
         cold.append(c.num_matvecs)
         prev.append(p.num_matvecs)
-        worst = max(worst, abs(point.lambda_max - float(c.eigenvalues[0]))
-                    / abs(float(c.eigenvalues[0])))
+        cold_misses += abs(float(c.eigenvalues[0]) - ref) > 2 * TOL * abs(ref)
+        worst = max(worst, abs(point.lambda_max - ref) / abs(ref))
     mv = [p.num_matvecs for p in tracker.history]
     after = mv[2:] or mv
     return dict(
@@ -107,7 +113,7 @@ def _phase(name: str, phase: str, steps: int, pre: int, samples: int | None
         cold_mean=round(statistics.mean(cold[2:] or cold), 3),
         prev_mean=round(statistics.mean(prev[2:] or prev), 3),
         warm_over_cold=round(sum(after) / sum(cold[2:] or cold), 3),
-        correct=worst <= 2 * TOL, worst_rel_diff=worst,
+        correct=worst <= 2 * TOL, worst_rel_diff=worst, cold_misses=int(cold_misses),
         run_seconds=[round(p.seconds, 6) for p in tracker.history],
     ), (model, loss_fn, data, opt, tracker)
 
