@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from .analysis.weights import WRAPPER_PREFIXES, file_sha256, strip_wrapper_prefixes
+from .errors import describe
 
 __all__ = [
     "WRAPPER_PREFIXES",
@@ -53,16 +54,6 @@ class UsageError(Exception):
 
 class UserCodeError(Exception):
     """The user's code raised; the message says where, the cause is the exception."""
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: first line of the message`` of ``exc``.
-
-    Args:
-        exc: the exception.
-    """
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------

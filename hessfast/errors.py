@@ -122,3 +122,17 @@ class OutOfMemoryPlanError(HessfastError, MemoryError):
 
 
 __all__ += ["OutOfMemoryPlanError"]
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` of ``exc`` (``Type`` alone for an empty message):
+    how a message that reports someone else's exception names it in one line.
+
+    Args:
+        exc: the exception.
+    """
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+__all__ += ["describe"]

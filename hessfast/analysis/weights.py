@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, describe
 
 __all__ = ["WRAPPER_PREFIXES", "file_sha256", "load_weights", "mismatch_message",
            "read_state_dict", "strip_wrapper_prefixes"]
@@ -167,9 +167,8 @@ def read_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu"
     try:
         state = torch.load(file, weights_only=True, map_location=device)
     except Exception as exc:  # noqa: BLE001 - any reader failure is the file's
-        first = (str(exc).strip().splitlines() or [""])[0]
         raise ConfigurationError(f"{path} could not be read as a weights-only torch checkpoint: "
-                                 f"{type(exc).__name__}: {first}") from exc
+                                 f"{describe(exc)}") from exc
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
