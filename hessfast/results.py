@@ -39,6 +39,7 @@ __all__ = [
     "jsonable",
     "short",
     "t_value",
+    "write_atomically",
     "write_json",
     "z_value",
 ]
@@ -225,18 +226,31 @@ def write_json(record: dict[str, Any], path: str | os.PathLike | None = None, *,
     ``strict``: NaN/Infinity are refused (ValueError) instead of written as ``NaN``."""
     text = json.dumps(record, indent=indent, allow_nan=not strict, ensure_ascii=False)
     if path is not None:
-        target = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(target))
-        fd, tmp = tempfile.mkstemp(prefix=".hessfast-", suffix=".json.tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, text.encode("utf-8"), suffix=".json.tmp")
     return text
+
+
+def write_atomically(path: str | os.PathLike, data: bytes, *, suffix: str = ".tmp") -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder moved into place
+    (``os.replace``): a reader sees the old file or the new one, never a part; the temporary
+    file is removed if the write fails.
+
+    Args:
+        path: the file to write.
+        data: its new bytes.
+        suffix: the temporary file's suffix.
+    """
+    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(prefix=".hessfast-", suffix=suffix, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def short(value: Any, *, width: int = 40) -> str:

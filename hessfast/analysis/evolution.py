@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - Windows: O_APPEND alone
 
 from ..density.result import SpectralDensity
 from ..errors import ArgumentTypeError, ConfigurationError
-from ..results import jsonable
+from ..results import jsonable, write_atomically
 from .plot import new_figure
 
 __all__ = ["RUNS", "append_line", "best_lines", "draw_atomically", "plot_evolution", "read_runs",
@@ -143,9 +143,7 @@ def draw_atomically(path: Path, lines: list[dict[str, Any]], lr: float | None, w
     fig.savefig(buf, format="png", dpi=120)
     if path.is_file() and path.read_bytes() == buf.getvalue():
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    write_atomically(path, buf.getvalue(), suffix=".png.tmp")
 
 
 def plot_evolution(runs: Any, path: str | os.PathLike | None = None, lr: float | None = None,
