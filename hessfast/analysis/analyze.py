@@ -44,6 +44,7 @@ from ..linop import LinearOperator
 from ..progress import track
 from ..spectrum import EigshResult, default_block_size, eigsh
 from .blocks import block_spectra
+from .provenance import describe_operator, provenance
 from .report import Report
 from .tracking import _fold as fold_start
 
@@ -210,7 +211,7 @@ def analyze(
                      settings=dict(k=k, num_probes=num_probes, num_steps=num_steps, tol=tol,
                                    seed=seed, lr_scale=lr_scale, per_layer=per_layer,
                                    groups=_name(groups)))
-    report.provenance = _provenance(H, kind, loss_fn, operator_kwargs)
+    report.provenance = provenance(H, kind, loss_fn, operator_kwargs)
     report.top_eigenvectors = top.eigenvectors
     return report
 
@@ -407,7 +408,7 @@ def _report(H: LinearOperator, kind: str, n: int, top: EigshResult, bottom: Smal
     density = d.to_dict()
     del density["kind"]  # a dict of the density's fields, as Report.density documents
     return Report(
-        curvature=kind, n=n, operator=_describe(H),
+        curvature=kind, n=n, operator=describe_operator(H),
         lambda_max=lmax, lambda_max_residual=float(top.residuals[0]),
         top_eigenvalues=top.eigenvalues.tolist(), top_residuals=top.residuals.tolist(),
         top_converged=bool(top.converged.all()),
@@ -483,53 +484,3 @@ def _part(name: str, quantities: list[str], mv: int, ps: int, t0: float, source:
 
 def _name(groups: Any) -> Any:
     return groups if isinstance(groups, (str, list, dict)) else repr(groups)
-
-
-def _callable_name(fn: Any) -> str | None:
-    """``module.qualname`` of a function, the class name of a loss module (with its
-    ``reduction``), or None."""
-    if fn is None:
-        return None
-    if isinstance(fn, torch.nn.Module):
-        red = getattr(fn, "reduction", None)
-        return type(fn).__name__ + (f"(reduction={red!r})" if isinstance(red, str) else "")
-    name = getattr(fn, "__qualname__", None) or type(fn).__name__
-    module = getattr(fn, "__module__", None)
-    return f"{module}.{name}" if module else name
-
-
-def _provenance(H: Any, kind: str, loss_fn: Any, operator_kwargs: dict[str, Any]
-                ) -> dict[str, Any]:
-    """What :attr:`Report.provenance` records from analyze's own arguments (the command line
-    and a batch run add their specs, checkpoint and step)."""
-    names = list(getattr(H, "param_names", None) or [])
-    selected = "params" in operator_kwargs and operator_kwargs["params"] is not None
-    model = getattr(H, "model", None)
-    return {
-        "hessfast": __version__, "torch": torch.__version__, "curvature": kind,
-        "loss": _callable_name(loss_fn),
-        "model": None if model is None else type(model).__name__,
-        # the first 64 names of a selection: enough to tell two selections apart in a record
-        "params": (names[:64] + ([f"... ({len(names)} tensors)"] if len(names) > 64 else [])
-                   if selected else "all"),
-        "num_params": int(H.shape[0]),
-        "data": {key: getattr(H, key) for key in ("num_samples", "num_batches")
-                 if isinstance(getattr(H, key, None), int)},
-        "operator_options": sorted(key for key in operator_kwargs if key != "params"),
-    }
-
-
-def _describe(H: Any) -> dict[str, Any]:
-    out: dict[str, Any] = dict(dtype=str(H.dtype), device=str(H.device))
-    model = getattr(H, "model", None)
-    if model is not None:
-        out["model"] = type(model).__name__
-    for key in ("num_samples", "num_batches", "hvp_mode", "loss_head", "loss_form",
-                "loss_reduction", "bn_mode"):
-        v = getattr(H, key, None)
-        if v is not None:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    names = getattr(H, "param_names", None)
-    if names:
-        out["num_param_tensors"] = len(names)
-    return out

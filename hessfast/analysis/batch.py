@@ -44,6 +44,7 @@ from ..progress import check_progress, progress_enabled
 from ..results import jsonable
 from .analyze import analyze
 from .evolution import RUNS, append_line, best_lines, draw_atomically, read_runs
+from .provenance import callable_name
 from .weights import file_sha256, load_weights
 
 __all__ = ["Checkpoint", "Loader", "analyze_checkpoints", "checkpoint_step", "find_checkpoints"]
@@ -147,7 +148,7 @@ class _Objects(Loader):
         return self.data_
 
     def describe(self) -> dict[str, Any]:
-        return {"model": _name(self.make_model), "loss": _name(self.loss_fn)}
+        return {"model": callable_name(self.make_model), "loss": callable_name(self.loss_fn)}
 
 
 @dataclass
@@ -610,12 +611,6 @@ def _plain(v: Any) -> Any:
         return jsonable(v, strict=True)
     except Exception:  # noqa: BLE001 - an object without a JSON form is named by its repr
         return repr(v)
-
-
-def _name(obj: Any) -> str:
-    if isinstance(obj, torch.nn.Module):
-        return type(obj).__name__
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
 def _describe(exc: BaseException) -> str:
