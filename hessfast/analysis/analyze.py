@@ -46,7 +46,7 @@ from ..spectrum import EigshResult, default_block_size, eigsh
 from .blocks import block_spectra
 from .provenance import describe_operator, provenance
 from .report import Report
-from .tracking import _fold as fold_start
+from .tracking import fold_start
 
 __all__ = ["analyze"]
 

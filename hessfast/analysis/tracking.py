@@ -142,7 +142,7 @@ from .plot import new_figure
 from .precond import SUPPORTED_OPTIMIZERS, preconditioned
 
 __all__ = ["EDGE_FRACTION", "WARMUP_CAP", "SharpnessTracker", "TrackPoint", "default_warmup",
-           "stability_thresholds"]
+           "fold_start", "stability_thresholds"]
 
 #: ``at_edge`` is ``ratio >= EDGE_FRACTION``.
 EDGE_FRACTION = 0.9
@@ -296,8 +296,14 @@ def _threshold_label(points: list[TrackPoint], key: str, name: str) -> str:
     return f"{name}: {value}" + (" (varies; last shown)" if len(shown) > 1 else "")
 
 
-def _fold(prev: torch.Tensor, b: int) -> torch.Tensor:
-    """``[k, n]`` vectors to ``[min(b, k), n]`` start rows: row j sums rows j, j+b, ..."""
+def fold_start(prev: torch.Tensor, b: int) -> torch.Tensor:
+    """``[k, n]`` vectors to ``[min(b, k), n]`` start rows: row j sums rows j, j+b, ... (the
+    warm start of the tracker and of ``analyze(v0=)``: module docstring, "Warm start").
+
+    Args:
+        prev: the previous eigenvectors ``[k, n]``.
+        b: the block size of the next run.
+    """
     rows = [prev[j::b].sum(dim=0) for j in range(min(b, prev.shape[0]))]
     return torch.stack(rows)
 
@@ -475,7 +481,7 @@ class SharpnessTracker:
                ) -> tuple[EigshResult, bool]:
         b = self.block_size if self.block_size is not None else default_block_size(A, self.k)
         prev = starts.predict(A.shape[0])
-        v0 = None if prev is None else _fold(prev.to(A.dtype), b)
+        v0 = None if prev is None else fold_start(prev.to(A.dtype), b)
         kw = {} if self.max_matvecs is None else {"max_matvecs": self.max_matvecs}
         res = eigsh(A, self.k, which="LA", tol=self.tol, v0=v0, block_size=b, seed=seed, **kw)
         starts.update(res.eigenvectors)
