@@ -22,6 +22,7 @@ from ._cli_load import (
     load_model,
     load_object,
     select_params,
+    spec_provenance,
 )
 from .analysis.batch import Loader, analyze_checkpoints
 
@@ -47,6 +48,16 @@ class SpecLoader(Loader):
     loss_spec: str = "ce"
     params: str | None = None
     command: str | None = None
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> SpecLoader:
+        """The specs of parsed ``hessfast analyze`` options.
+
+        Args:
+            args: the namespace (model, data, loss, params, and ``command_line`` if set).
+        """
+        return cls(args.model, args.data, args.loss, args.params,
+                   getattr(args, "command_line", None))
 
     def model(self, device: str) -> Any:
         """``--model`` built on ``device``.
@@ -88,10 +99,10 @@ class SpecLoader(Loader):
                 "params": self.params}
 
     def provenance(self) -> dict[str, Any]:
-        """The specs and the command line, as a single run's report records them."""
-        return {"command": self.command, "model_spec": self.model_spec,
-                "data_spec": self.data_spec, "loss_spec": self.loss_spec,
-                "params": self.params}
+        """The specs and the command line, as a single run's report records them
+        (:func:`~hessfast._cli_load.spec_provenance`)."""
+        return spec_provenance(self.model_spec, self.data_spec, self.loss_spec, self.params,
+                               self.command)
 
 
 def run_batch(args: argparse.Namespace, paths: list[str]) -> int:
@@ -117,8 +128,7 @@ def run_batch(args: argparse.Namespace, paths: list[str]) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     if args.quiet:
         os.environ["HESSFAST_PROGRESS"] = "0"
-    loader = SpecLoader(args.model, args.data, args.loss, args.params,
-                        getattr(args, "command_line", None))
+    loader = SpecLoader.of(args)
     for path in paths:
         if not glob.has_magic(path) and not os.path.isfile(os.path.expanduser(path)):
             raise UsageError("--checkpoint", f"{path!r}: no such file")

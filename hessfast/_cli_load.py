@@ -40,6 +40,7 @@ __all__ = [
     "load_object",
     "num_selected",
     "select_params",
+    "spec_provenance",
     "strip_wrapper_prefixes",
 ]
 
@@ -323,6 +324,22 @@ def expand_checkpoints(patterns: list[str]) -> list[str]:
     for p in out:
         seen.setdefault(os.path.realpath(os.path.expanduser(p)), p)
     return list(seen.values())
+
+
+def spec_provenance(model: str, data: str, loss: str, params: str | None,
+                    command: str | None) -> dict[str, Any]:
+    """What the command line's specs add to ``report.provenance``, for a single run and for
+    every checkpoint of a batch alike.
+
+    Args:
+        model: ``--model``'s spec.
+        data: ``--data``'s spec.
+        loss: ``--loss``'s spec.
+        params: ``--params``'s pattern, or None.
+        command: the command line as one shell-quoted string, or None.
+    """
+    return {"command": command, "model_spec": model, "data_spec": data, "loss_spec": loss,
+            "params": params}
 
 
 def checkpoint_provenance(path: str, removed: list[str]) -> dict[str, Any]:

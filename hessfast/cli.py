@@ -362,14 +362,11 @@ def _provenance(args: argparse.Namespace, device: str,
                 checkpoint: dict[str, Any] | None) -> dict[str, Any]:
     """What the command line adds to ``report.provenance`` (analyze records the versions,
     the loss, the model class, the parameter selection and the data itself)."""
-    out: dict[str, Any] = {
-        "command": getattr(args, "command_line", None),
-        "model_spec": args.model,
-        "data_spec": args.data,
-        "loss_spec": args.loss,
-        "params": args.params,
-        "device": device,
-    }
+    from ._cli_load import spec_provenance
+
+    out: dict[str, Any] = {**spec_provenance(args.model, args.data, args.loss, args.params,
+                                             getattr(args, "command_line", None)),
+                           "device": device}
     if checkpoint is not None:
         out["checkpoint"] = checkpoint
     return out
